@@ -1,0 +1,141 @@
+//! Wiring: from a loaded configuration to running listeners, and back down again.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::audit;
+use crate::config::Loaded;
+use crate::identity::htpasswd::Htpasswd;
+use crate::identity::keys::KeyFingerprinter;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Auth, State};
+use crate::upstream::connector::Connector;
+use crate::upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(String),
+    #[error("{0}")]
+    Htpasswd(String),
+}
+
+/// A running proxy.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains (up to the grace period), flushes the audit log.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.done).await;
+    }
+
+    /// Resolves when the proxy has stopped (after `shutdown` was asked elsewhere).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Binds the listeners and starts serving.
+pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
+    let settings = loaded.settings;
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(settings.proxy.listen).await?;
+    let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: settings.proxy.listen,
+        source,
+    })?;
+    let admin = match settings.admin_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+
+    let metrics = Arc::new(Metrics::new());
+    let (sink, writer) = audit::start(
+        settings.audit.path.clone(),
+        settings.audit.queue,
+        metrics.audit_records.clone(),
+        metrics.audit_dropped.clone(),
+    )
+    .map_err(StartError::Audit)?;
+
+    let own: Vec<SocketAddr> = std::iter::once(proxy_addr).chain(admin_addr).collect();
+    let upstream = Arc::new(Upstream::new(&settings.upstream, own).map_err(StartError::UpstreamTls)?);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(settings.upstream.pool_idle_timeout)
+        .pool_max_idle_per_host(settings.upstream.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(Connector::new(upstream.clone()));
+
+    let auth = match &settings.auth {
+        Some(a) => Some(Auth {
+            htpasswd: Htpasswd::load(&a.htpasswd).map_err(|e| StartError::Htpasswd(e.to_string()))?,
+            realm: a.realm.clone(),
+            required: a.required,
+        }),
+        None => None,
+    };
+
+    let state = Arc::new(State {
+        policy: ArcSwap::from_pointee(loaded.policy),
+        settings,
+        upstream,
+        client,
+        audit: sink,
+        metrics,
+        auth,
+        keys: KeyFingerprinter::random(),
+        ready: AtomicBool::new(false),
+        shutdown: proxy::shutdown::Shutdown::default(),
+    });
+
+    let admin_task = admin.map(|l| tokio::spawn(crate::admin::serve(l, state.clone())));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let st = state.clone();
+    let done = tokio::spawn(async move {
+        proxy::server::serve(listener, st.clone(), async {
+            let _ = stop_rx.await;
+        })
+        .await;
+        if let Some(t) = admin_task {
+            t.abort();
+        }
+        let sink = st.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || writer.close(&sink)).await;
+    });
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(proxy = %proxy_addr, admin = ?admin_addr, "portcullis serving");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        state,
+        stop: Some(stop_tx),
+        done,
+    })
+}

@@ -1,0 +1,285 @@
+//! The audit trail: one JSON line per decision, written by a dedicated writer thread behind a
+//! bounded queue so that a slow disk never stalls a request. A full queue drops the record and
+//! counts it (`portcullis_audit_dropped_total`); shutdown drains the queue and flushes.
+
+use std::fs::OpenOptions;
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
+use prometheus::IntCounter;
+
+/// One audit record. Strings the policy owns are shared (`Arc<str>`), not copied.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub ts: SystemTime,
+    pub id: u64,
+    pub client: SocketAddr,
+    pub user: Option<Box<str>>,
+    pub method: http::Method,
+    pub scheme: &'static str,
+    pub host: Box<str>,
+    pub port: u16,
+    /// Already redacted.
+    pub path: Option<Box<str>>,
+    pub vendor: Option<Arc<str>>,
+    pub endpoint: &'static str,
+    pub rule: Option<Arc<str>>,
+    pub action: &'static str,
+    pub mode: &'static str,
+    pub reason: Arc<str>,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    pub tls: &'static str,
+    pub sni: Option<Box<str>>,
+    pub key_id: Option<Box<str>>,
+}
+
+impl Serialize for Record {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(22))?;
+        m.serialize_entry("ts", &humantime::format_rfc3339_millis(self.ts).to_string())?;
+        m.serialize_entry("id", &format_args!("{:016x}", self.id).to_string())?;
+        m.serialize_entry("client", &self.client.to_string())?;
+        m.serialize_entry("user", &self.user)?;
+        m.serialize_entry("method", self.method.as_str())?;
+        m.serialize_entry("scheme", self.scheme)?;
+        m.serialize_entry("host", &self.host)?;
+        m.serialize_entry("port", &self.port)?;
+        m.serialize_entry("path", &self.path)?;
+        m.serialize_entry("vendor", &self.vendor.as_deref())?;
+        m.serialize_entry("endpoint", self.endpoint)?;
+        m.serialize_entry("rule", &self.rule.as_deref())?;
+        m.serialize_entry("action", self.action)?;
+        m.serialize_entry("mode", self.mode)?;
+        m.serialize_entry("reason", &*self.reason)?;
+        m.serialize_entry("status", &self.status)?;
+        m.serialize_entry("bytes_in", &self.bytes_in)?;
+        m.serialize_entry("bytes_out", &self.bytes_out)?;
+        m.serialize_entry("duration_ms", &((self.duration_ms * 1000.0).round() / 1000.0))?;
+        m.serialize_entry("tls", self.tls)?;
+        m.serialize_entry("sni", &self.sni)?;
+        m.serialize_entry("key_id", &self.key_id)?;
+        m.end()
+    }
+}
+
+/// Query parameters whose values are credentials (Google's `?key=`, Baidu's
+/// `?access_token=`, signed URLs): their values never reach the log.
+const SECRET_PARAMS: &[&str] = &[
+    "key",
+    "api_key",
+    "apikey",
+    "api-key",
+    "access_token",
+    "token",
+    "id_token",
+    "refresh_token",
+    "client_secret",
+    "secret",
+    "password",
+    "passwd",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "code",
+    "auth",
+    "authorization",
+];
+
+/// The path and query for the log, with credential-bearing query values replaced.
+pub fn redact_path(path_and_query: &str) -> Box<str> {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.into();
+    };
+    let mut out = String::with_capacity(path_and_query.len());
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let (name, value) = match pair.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (pair, None),
+        };
+        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        let secret = SECRET_PARAMS
+            .iter()
+            .any(|s| decoded.eq_ignore_ascii_case(s));
+        out.push_str(name);
+        match value {
+            Some(_) if secret => out.push_str("=REDACTED"),
+            Some(v) => {
+                out.push('=');
+                out.push_str(v);
+            }
+            None => {}
+        }
+    }
+    out.into_boxed_str()
+}
+
+enum Msg {
+    Record(Box<Record>),
+    /// Close and reopen the file (log rotation).
+    Reopen,
+    /// Everything before this is written; flush and stop.
+    Close,
+}
+
+/// The sending side, cheap to clone into every connection.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: SyncSender<Msg>,
+    dropped: IntCounter,
+    next_id: Arc<AtomicU64>,
+}
+
+impl AuditSink {
+    /// Never blocks: a full queue drops the record and counts it.
+    pub fn send(&self, record: Record) {
+        match self.tx.try_send(Msg::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    pub fn reopen(&self) {
+        let _ = self.tx.try_send(Msg::Reopen);
+    }
+
+    /// Unique per process run: a random-ish start so ids from restarts do not collide.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Owns the writer thread; `close` drains and flushes.
+pub struct AuditWriter {
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Opens the sink (a file, or stdout for `None`) and starts the writer thread.
+pub fn start(
+    path: Option<PathBuf>,
+    queue: usize,
+    written: IntCounter,
+    dropped: IntCounter,
+) -> io::Result<(AuditSink, AuditWriter)> {
+    let out = open(path.as_ref())?;
+    let (tx, rx) = sync_channel(queue);
+    let thread = std::thread::Builder::new()
+        .name("audit-writer".into())
+        .spawn(move || write_loop(rx, out, path, written))?;
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        << 16;
+    Ok((
+        AuditSink {
+            tx,
+            dropped,
+            next_id: Arc::new(AtomicU64::new(seed)),
+        },
+        AuditWriter {
+            thread: Mutex::new(Some(thread)),
+        },
+    ))
+}
+
+impl AuditWriter {
+    /// Writes everything queued so far, flushes and stops the writer. Call it after the last
+    /// request has finished: a record sent later is counted as dropped.
+    pub fn close(&self, sink: &AuditSink) {
+        // A blocking send: at shutdown waiting for queue space is what we want.
+        let _ = sink.tx.send(Msg::Close);
+        let handle = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+fn open(path: Option<&PathBuf>) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        None => Box::new(io::stdout()),
+        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+    })
+}
+
+fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, path: Option<PathBuf>, written: IntCounter) {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        // Flush only when the queue runs dry: batches writes under load, prompt when quiet.
+        let msg = match rx.try_recv() {
+            Ok(m) => m,
+            Err(TryRecvError::Empty) => {
+                if let Err(e) = out.flush() {
+                    tracing::error!(error = %e, "audit log flush failed");
+                }
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
+        match msg {
+            Msg::Record(r) => {
+                line.clear();
+                if serde_json::to_writer(&mut line, &*r).is_ok() {
+                    line.push(b'\n');
+                    match out.write_all(&line) {
+                        Ok(()) => written.inc(),
+                        Err(e) => tracing::error!(error = %e, "audit log write failed"),
+                    }
+                }
+            }
+            Msg::Close => break,
+            Msg::Reopen => {
+                let _ = out.flush();
+                match open(path.as_ref()) {
+                    Ok(f) => out = BufWriter::with_capacity(64 * 1024, f),
+                    Err(e) => tracing::error!(error = %e, "audit log reopen failed; keeping the old file"),
+                }
+            }
+        }
+    }
+    if let Err(e) = out.flush() {
+        tracing::error!(error = %e, "audit log final flush failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials_in_query() {
+        assert_eq!(&*redact_path("/v1/x"), "/v1/x");
+        assert_eq!(
+            &*redact_path("/v1beta/models/m:generateContent?key=AIzaSECRET&alt=sse"),
+            "/v1beta/models/m:generateContent?key=REDACTED&alt=sse"
+        );
+        assert_eq!(
+            &*redact_path("/rpc?ACCESS_TOKEN=abc&%6Bey=zzz&flag"),
+            "/rpc?ACCESS_TOKEN=REDACTED&%6Bey=REDACTED&flag"
+        );
+    }
+}

@@ -1,0 +1,416 @@
+//! The one validation pass: parsed files in, [`Settings`] and an immutable [`Policy`] out.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use ipnet::IpNet;
+use rustc_hash::FxHashMap;
+
+use super::types::{ConfigFile, RuleDef, VendorDef, S};
+use super::{
+    parse_duration, AuditSettings, AuthSettings, ConfigError, Parsed, ProxySettings, Settings,
+    Sources, UpstreamSettings,
+};
+use crate::policy::path::PathPattern;
+use crate::policy::target::{self, Host};
+use crate::policy::{
+    Action, Catalog, DefaultVerdict, Endpoint, HostPattern, Mode, Policy, Rule, RuleIndex, Vendor,
+};
+
+const MAX_GROUPS: usize = 64;
+
+pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy), ConfigError> {
+    for (file, inc) in &parsed.includes {
+        only_policy_sections(src, *file, inc)?;
+    }
+    let main = &parsed.main;
+    let files = parsed
+        .includes
+        .iter()
+        .map(|(f, c)| (*f, c))
+        .chain(std::iter::once((0, main)));
+
+    let mut catalog = Catalog::default();
+    let mut rule_defs: Vec<(usize, &S<RuleDef>)> = Vec::new();
+    for (file, cfg) in files {
+        for v in &cfg.vendor {
+            add_vendor(src, file, v, &mut catalog)?;
+        }
+        rule_defs.extend(cfg.rule.iter().map(|r| (file, r)));
+    }
+
+    let (group_names, user_groups) = groups(src, main)?;
+    let mut rules = Vec::with_capacity(rule_defs.len());
+    let mut index = RuleIndex {
+        by_vendor: vec![Vec::new(); catalog.vendors().len()],
+        ..RuleIndex::default()
+    };
+    let mut seen_ids: FxHashMap<String, ()> = FxHashMap::default();
+    for (file, def) in rule_defs {
+        let n = rules.len() as u32;
+        let id = def.get_ref().id.get_ref();
+        if seen_ids.insert(id.clone(), ()).is_some() {
+            return Err(src.error(src.at(file, &def.get_ref().id), format!("duplicate rule id {id:?}")));
+        }
+        let rule = compile_rule(src, file, def.get_ref(), &catalog, &group_names, n, &mut index)?;
+        rules.push(rule);
+    }
+
+    let (default_action, default_reason) = match &main.defaults {
+        Some(d) => {
+            let d = d.get_ref();
+            let action = match &d.action {
+                Some(a) => parse_action(src, 0, a)?,
+                None => Action::Allow,
+            };
+            (action, d.reason.clone())
+        }
+        None => (Action::Allow, None),
+    };
+
+    let proxy = main.proxy.as_ref().map(|p| p.get_ref());
+    let connect_ports = match proxy.and_then(|p| p.connect_ports.as_ref()) {
+        Some(ports) if ports.get_ref().is_empty() || ports.get_ref().contains(&0) => {
+            return Err(src.error(src.at(0, ports), "connect_ports must list ports 1-65535"))
+        }
+        Some(ports) => ports.get_ref().clone(),
+        None => vec![443],
+    };
+
+    let policy = Policy {
+        catalog,
+        rules,
+        index,
+        default: DefaultVerdict {
+            action: default_action,
+            reason: default_reason
+                .unwrap_or_else(|| "no rule matched; default action".to_string())
+                .into(),
+        },
+        user_groups,
+        group_names,
+        connect_ports,
+    };
+    Ok((settings(src, main)?, policy))
+}
+
+fn only_policy_sections(src: &Sources, file: usize, c: &ConfigFile) -> Result<(), ConfigError> {
+    let misplaced = [
+        c.proxy.as_ref().map(|s| (s.span().start, "proxy")),
+        c.admin.as_ref().map(|s| (s.span().start, "admin")),
+        c.audit.as_ref().map(|s| (s.span().start, "audit")),
+        c.upstream.as_ref().map(|s| (s.span().start, "upstream")),
+        c.auth.as_ref().map(|s| (s.span().start, "auth")),
+        c.defaults.as_ref().map(|s| (s.span().start, "defaults")),
+        c.groups.as_ref().map(|s| (s.span().start, "groups")),
+    ];
+    if let Some((start, name)) = misplaced.into_iter().flatten().next() {
+        return Err(src.error(
+            super::At { file, start },
+            format!("[{name}] belongs in the main config; an included file may hold only vendor and rule entries"),
+        ));
+    }
+    Ok(())
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn add_vendor(src: &Sources, file: usize, v: &S<VendorDef>, catalog: &mut Catalog) -> Result<(), ConfigError> {
+    let def = v.get_ref();
+    let id = def.id.get_ref();
+    if !valid_id(id) || id.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(src.error(src.at(file, &def.id), format!("vendor id {id:?} must be lowercase letters, digits, '-', '_' or '.'")));
+    }
+    if catalog.find_vendor(id).is_some() {
+        return Err(src.error(src.at(file, &def.id), format!("duplicate vendor id {id:?}")));
+    }
+    let mut endpoints = Vec::new();
+    if let Some(eps) = &def.endpoints {
+        for (class, patterns) in eps.get_ref() {
+            let Some(e) = Endpoint::parse(class).filter(|e| *e != Endpoint::App && *e != Endpoint::Unknown) else {
+                return Err(src.error(
+                    src.at(file, eps),
+                    format!("unknown endpoint class {class:?} (known: chat, completions, embeddings, models, files, batches, fine_tuning, images, audio)"),
+                ));
+            };
+            for p in patterns {
+                let pat = PathPattern::parse(p.get_ref()).map_err(|e| src.error(src.at(file, p), e))?;
+                endpoints.push((e, pat));
+            }
+        }
+    }
+    let vid = catalog.push_vendor(Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints));
+    for (hosts, app) in [(&def.hosts, false), (&def.app_hosts, true)] {
+        for h in hosts {
+            let pat = HostPattern::parse(h.get_ref()).map_err(|e| src.error(src.at(file, h), e))?;
+            if let Err(other) = catalog.add_host(&pat, vid, app) {
+                return Err(src.error(
+                    src.at(file, h),
+                    format!("host {:?} already belongs to vendor {other:?}", pat.as_str()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+type Groups = (Vec<Arc<str>>, FxHashMap<Box<str>, u64>);
+
+fn groups(src: &Sources, main: &ConfigFile) -> Result<Groups, ConfigError> {
+    let mut names = Vec::new();
+    let mut users: FxHashMap<Box<str>, u64> = FxHashMap::default();
+    if let Some(g) = &main.groups {
+        if g.get_ref().len() > MAX_GROUPS {
+            return Err(src.error(src.at(0, g), format!("at most {MAX_GROUPS} groups")));
+        }
+        for (i, (name, members)) in g.get_ref().iter().enumerate() {
+            names.push(Arc::from(name.as_str()));
+            for m in members {
+                *users.entry(m.as_str().into()).or_default() |= 1 << i;
+            }
+        }
+    }
+    Ok((names, users))
+}
+
+fn parse_action(src: &Sources, file: usize, a: &S<String>) -> Result<Action, ConfigError> {
+    Action::parse(a.get_ref()).ok_or_else(|| {
+        src.error(
+            src.at(file, a),
+            format!("unknown action {:?} (allow, block, audit)", a.get_ref()),
+        )
+    })
+}
+
+fn compile_rule(
+    src: &Sources,
+    file: usize,
+    def: &RuleDef,
+    catalog: &Catalog,
+    group_names: &[Arc<str>],
+    n: u32,
+    index: &mut RuleIndex,
+) -> Result<Rule, ConfigError> {
+    let err = |s: super::At, m: String| src.error(s, m);
+    if !valid_id(def.id.get_ref()) {
+        return Err(err(src.at(file, &def.id), format!("rule id {:?} must be letters, digits, '-', '_' or '.' (at most 64)", def.id.get_ref())));
+    }
+    let action = parse_action(src, file, &def.action)?;
+    let mode = match &def.mode {
+        None => Mode::Enforce,
+        Some(m) => match m.get_ref().as_str() {
+            "enforce" => Mode::Enforce,
+            "shadow" => Mode::Shadow,
+            other => return Err(err(src.at(file, m), format!("unknown mode {other:?} (enforce, shadow)"))),
+        },
+    };
+    let list = |v: &Option<S<super::types::OneOrMany<String>>>| -> Vec<(super::At, String)> {
+        v.as_ref()
+            .map(|s| s.get_ref().as_slice().iter().map(|x| (src.at(file, s), x.clone())).collect())
+            .unwrap_or_default()
+    };
+
+    let mut vendors = Vec::new();
+    for (at, v) in list(&def.vendor) {
+        match catalog.find_vendor(&v) {
+            Some(id) => vendors.push(id),
+            None => return Err(err(at, format!("unknown vendor {v:?} (not in the catalog)"))),
+        }
+    }
+    let mut endpoints = 0u16;
+    for (at, e) in list(&def.endpoint) {
+        match Endpoint::parse(&e) {
+            Some(e) => endpoints |= e.bit(),
+            None => return Err(err(at, format!("unknown endpoint class {e:?}"))),
+        }
+    }
+    let mut paths = Vec::new();
+    for (at, p) in list(&def.path) {
+        paths.push(PathPattern::parse(&p).map_err(|e| err(at, e.to_string()))?);
+    }
+    let mut methods = Vec::new();
+    for (at, m) in list(&def.method) {
+        let up = m.to_ascii_uppercase();
+        methods.push(Method::from_str(&up).map_err(|_| err(at, format!("invalid method {m:?}")))?);
+    }
+    let mut clients = Vec::new();
+    for (at, c) in list(&def.client) {
+        clients.push(parse_net(&c).map_err(|m| err(at, m))?);
+    }
+    let users = list(&def.user).into_iter().map(|(_, u)| u.into_boxed_str()).collect();
+    let mut groups = 0u64;
+    for (at, g) in list(&def.group) {
+        match group_names.iter().position(|x| **x == *g) {
+            Some(i) => groups |= 1 << i,
+            None => return Err(err(at, format!("unknown group {g:?} (define it under [groups])"))),
+        }
+    }
+    let ports = def.port.as_ref().map(|p| p.get_ref().as_slice().to_vec()).unwrap_or_default();
+
+    let mut hosts = Vec::new();
+    for (at, h) in list(&def.host) {
+        // An address literal is matched by value, so every spelling of it is the same host.
+        if let Ok(Host::Ip(ip)) = Host::parse(h.trim_matches(|c| c == '[' || c == ']')) {
+            index.by_ip.entry(ip).or_default().push(n);
+            hosts.push(ip.to_string().into_boxed_str());
+            continue;
+        }
+        let pat = HostPattern::parse(&h).map_err(|e| err(at, e.to_string()))?;
+        index.by_host.entry(&pat, Vec::new).0.push(n);
+        hosts.push(pat.as_str().into());
+    }
+    if hosts.is_empty() {
+        if vendors.is_empty() {
+            index.generic.push(n);
+        } else {
+            for v in &vendors {
+                index.by_vendor[*v as usize].push(n);
+            }
+        }
+    }
+    let reason = def.reason.clone().unwrap_or_else(|| match action {
+        Action::Block => format!("blocked by rule {}", def.id.get_ref()),
+        _ => format!("matched rule {}", def.id.get_ref()),
+    });
+    Ok(Rule {
+        id: def.id.get_ref().as_str().into(),
+        action,
+        mode,
+        reason: reason.into(),
+        vendors,
+        hosts,
+        endpoints,
+        paths,
+        methods,
+        ports,
+        clients,
+        users,
+        groups,
+    })
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = IpNet::from_str(s) {
+        return Ok(n.trunc());
+    }
+    IpAddr::from_str(s)
+        .map(IpNet::from)
+        .map_err(|_| format!("invalid address or CIDR {s:?}"))
+}
+
+fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
+    let dur = |v: &Option<S<String>>, default: &str| -> Result<Duration, ConfigError> {
+        match v {
+            Some(s) => {
+                let d = parse_duration(s.get_ref()).map_err(|m| src.error(src.at(0, s), m))?;
+                if d.is_zero() {
+                    return Err(src.error(src.at(0, s), "duration must be above zero"));
+                }
+                Ok(d)
+            }
+            None => Ok(parse_duration(default).expect("built-in default")),
+        }
+    };
+    let addr = |v: &Option<S<String>>, default: &str| -> Result<SocketAddr, ConfigError> {
+        match v {
+            Some(s) => SocketAddr::from_str(s.get_ref()).map_err(|_| {
+                src.error(src.at(0, s), format!("invalid listen address {:?} (want ip:port)", s.get_ref()))
+            }),
+            None => Ok(SocketAddr::from_str(default).expect("built-in default")),
+        }
+    };
+    let count = |v: &Option<S<u64>>, default: u64, min: u64| -> Result<usize, ConfigError> {
+        match v {
+            Some(s) if *s.get_ref() < min => Err(src.error(src.at(0, s), format!("must be at least {min}"))),
+            Some(s) => Ok(*s.get_ref() as usize),
+            None => Ok(default as usize),
+        }
+    };
+
+    let p = main.proxy.as_ref().map(|s| s.get_ref());
+    let none = Default::default();
+    let p = p.unwrap_or(&none);
+    let proxy = ProxySettings {
+        listen: addr(&p.listen, "127.0.0.1:3128")?,
+        header_read_timeout: dur(&p.header_read_timeout, "10s")?,
+        idle_timeout: dur(&p.idle_timeout, "60s")?,
+        client_hello_timeout: dur(&p.client_hello_timeout, "10s")?,
+        shutdown_grace: dur(&p.shutdown_grace, "10s")?,
+        max_header_bytes: count(&p.max_header_bytes, 64 * 1024, 8 * 1024)?,
+        max_connections: count(&p.max_connections, 10_000, 1)?,
+        tunnel_require_tls: p.tunnel_require_tls.unwrap_or(true),
+    };
+
+    let admin_listen = match main.admin.as_ref().map(|a| a.get_ref()) {
+        Some(a) => Some(addr(&a.listen, "127.0.0.1:9090")?),
+        None => Some(SocketAddr::from_str("127.0.0.1:9090").expect("built-in default")),
+    };
+
+    let a = main.audit.as_ref().map(|s| s.get_ref());
+    let none_audit = Default::default();
+    let a = a.unwrap_or(&none_audit);
+    let audit = AuditSettings {
+        path: match &a.path {
+            Some(p) if p.get_ref() == "-" => None,
+            Some(p) if p.get_ref().is_empty() => return Err(src.error(src.at(0, p), "audit path is empty (use \"-\" for stdout)")),
+            Some(p) => Some(src.relative(0, p.get_ref())),
+            None => None,
+        },
+        queue: count(&a.queue, 65_536, 1)?,
+    };
+
+    let u = main.upstream.as_ref().map(|s| s.get_ref());
+    let none_up = Default::default();
+    let u = u.unwrap_or(&none_up);
+    let mut resolve = FxHashMap::default();
+    if let Some(map) = &u.resolve {
+        for (k, v) in map.get_ref() {
+            let (host, port) = target::from_connect_authority(k)
+                .map_err(|e| src.error(src.at(0, map), format!("resolve key {k:?}: {e} (want host:port)")))?;
+            let to = SocketAddr::from_str(v.get_ref())
+                .map_err(|_| src.error(src.at(0, v), format!("resolve target {:?} must be ip:port", v.get_ref())))?;
+            resolve.insert((host, port), to);
+        }
+    }
+    let mut allow_private = Vec::new();
+    if let Some(list) = &u.allow_private {
+        for n in list.get_ref() {
+            allow_private.push(parse_net(n.get_ref()).map_err(|m| src.error(src.at(0, n), m))?);
+        }
+    }
+    let upstream = UpstreamSettings {
+        resolve,
+        allow_private,
+        ca_file: u.ca_file.as_ref().map(|c| src.relative(0, c.get_ref())),
+        connect_timeout: dur(&u.connect_timeout, "5s")?,
+        response_timeout: dur(&u.response_timeout, "60s")?,
+        pool_idle_timeout: dur(&u.pool_idle_timeout, "90s")?,
+        pool_max_idle_per_host: count(&u.pool_max_idle_per_host, 64, 0)?,
+    };
+
+    let auth = main.auth.as_ref().map(|a| {
+        let a = a.get_ref();
+        AuthSettings {
+            htpasswd: src.relative(0, a.htpasswd.get_ref()),
+            realm: a.realm.clone().unwrap_or_else(|| "portcullis".to_string()),
+            required: a.required.unwrap_or(true),
+        }
+    });
+
+    Ok(Settings {
+        proxy,
+        admin_listen,
+        audit,
+        upstream,
+        auth,
+    })
+}

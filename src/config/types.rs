@@ -1,0 +1,128 @@
+//! The configuration file as written: serde types only. Unknown keys are errors everywhere, and
+//! every value that validation may reject keeps its span so the error can name line and column.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+/// A string or a list of strings: `vendor = "openai"` or `vendor = ["openai", "anthropic"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            OneOrMany::One(v) => std::slice::from_ref(v),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub include: Vec<S<String>>,
+    pub proxy: Option<S<ProxySection>>,
+    pub admin: Option<S<AdminSection>>,
+    pub audit: Option<S<AuditSection>>,
+    pub upstream: Option<S<UpstreamSection>>,
+    pub auth: Option<S<AuthSection>>,
+    pub defaults: Option<S<DefaultsSection>>,
+    pub groups: Option<S<BTreeMap<String, Vec<String>>>>,
+    #[serde(default)]
+    pub vendor: Vec<S<VendorDef>>,
+    #[serde(default)]
+    pub rule: Vec<S<RuleDef>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    pub listen: Option<S<String>>,
+    pub connect_ports: Option<S<Vec<u16>>>,
+    pub header_read_timeout: Option<S<String>>,
+    pub idle_timeout: Option<S<String>>,
+    pub client_hello_timeout: Option<S<String>>,
+    pub shutdown_grace: Option<S<String>>,
+    pub max_header_bytes: Option<S<u64>>,
+    pub max_connections: Option<S<u64>>,
+    pub tunnel_require_tls: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    pub path: Option<S<String>>,
+    pub queue: Option<S<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub resolve: Option<S<BTreeMap<String, S<String>>>>,
+    pub allow_private: Option<S<Vec<S<String>>>>,
+    pub ca_file: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub response_timeout: Option<S<String>>,
+    pub pool_idle_timeout: Option<S<String>>,
+    pub pool_max_idle_per_host: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub htpasswd: S<String>,
+    pub realm: Option<String>,
+    pub required: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSection {
+    pub action: Option<S<String>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VendorDef {
+    pub id: S<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<S<String>>,
+    #[serde(default)]
+    pub app_hosts: Vec<S<String>>,
+    pub endpoints: Option<S<BTreeMap<String, Vec<S<String>>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDef {
+    pub id: S<String>,
+    pub action: S<String>,
+    pub mode: Option<S<String>>,
+    pub reason: Option<String>,
+    pub vendor: Option<S<OneOrMany<String>>>,
+    pub host: Option<S<OneOrMany<String>>>,
+    pub endpoint: Option<S<OneOrMany<String>>>,
+    pub path: Option<S<OneOrMany<String>>>,
+    pub method: Option<S<OneOrMany<String>>>,
+    pub port: Option<S<OneOrMany<u16>>>,
+    pub client: Option<S<OneOrMany<String>>>,
+    pub user: Option<S<OneOrMany<String>>>,
+    pub group: Option<S<OneOrMany<String>>>,
+}

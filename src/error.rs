@@ -1,0 +1,95 @@
+//! The one error type of the request path. Each variant's [`ProxyError::kind`] is the audit
+//! `reason` prefix and the `portcullis_upstream_errors_total{kind}` label, and decides the
+//! status the client sees.
+
+use http::StatusCode;
+
+use crate::policy::target::TargetError;
+use crate::tls::sni::SniError;
+use crate::upstream::guard::GuardDenied;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request target: {0}")]
+    Target(#[from] TargetError),
+    #[error("origin-form request: this is a proxy, send an absolute URI (http://host/path)")]
+    NotProxyRequest,
+    #[error("proxy authentication required")]
+    AuthRequired,
+    #[error("CONNECT to port {0} is not allowed")]
+    PortNotAllowed(u16),
+    #[error("DNS lookup failed: {0}")]
+    Dns(String),
+    #[error("no address for host")]
+    NoAddress,
+    #[error(transparent)]
+    AddressDenied(#[from] GuardDenied),
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("upstream TLS failed: {0}")]
+    Tls(String),
+    #[error("upstream did not answer in time")]
+    ResponseTimeout,
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+    #[error("TLS ClientHello: {0}")]
+    ClientHello(SniError),
+    #[error("ClientHello did not arrive in time")]
+    ClientHelloTimeout,
+}
+
+impl ProxyError {
+    /// A stable snake_case name: audit reason, metric label, `"error"` in the response body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Target(e) => e.kind(),
+            ProxyError::NotProxyRequest => "not_proxy_request",
+            ProxyError::AuthRequired => "auth_required",
+            ProxyError::PortNotAllowed(_) => "port_not_allowed",
+            ProxyError::Dns(_) => "dns",
+            ProxyError::NoAddress => "dns",
+            ProxyError::AddressDenied(_) => "address_denied",
+            ProxyError::Connect(_) => "connect",
+            ProxyError::ConnectTimeout => "connect_timeout",
+            ProxyError::Tls(_) => "tls",
+            ProxyError::ResponseTimeout => "timeout",
+            ProxyError::Upstream(_) => "upstream",
+            ProxyError::ClientHello(e) => e.kind(),
+            ProxyError::ClientHelloTimeout => "client_hello_timeout",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Target(_) | ProxyError::NotProxyRequest => StatusCode::BAD_REQUEST,
+            ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
+            ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::ClientHello(_) | ProxyError::ClientHelloTimeout => StatusCode::BAD_REQUEST,
+            ProxyError::Dns(_)
+            | ProxyError::NoAddress
+            | ProxyError::Connect(_)
+            | ProxyError::Tls(_)
+            | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Counted in `portcullis_upstream_errors_total`: failures on the way to the origin.
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Dns(_)
+                | ProxyError::NoAddress
+                | ProxyError::AddressDenied(_)
+                | ProxyError::Connect(_)
+                | ProxyError::ConnectTimeout
+                | ProxyError::Tls(_)
+                | ProxyError::ResponseTimeout
+                | ProxyError::Upstream(_)
+        )
+    }
+}

@@ -1,0 +1,230 @@
+//! The `portcullis` command line. Everything else lives in the library.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use portcullis::config::{self, Loaded};
+use portcullis::policy::{self, target, Action};
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Egress proxy that blocks, limits and audits AI services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default); without --config, serves config/portcullis.toml.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration: exit 0 with a summary, exit 2 with FILE:LINE:COL: message.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the decision for one request as JSON. URL may be host:port for a CONNECT.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        client: IpAddr,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        method: Option<String>,
+        url: String,
+    },
+    /// The interception CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create ca.pem and ca.key (mode 0600) in DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "portcullis interception CA")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::Run { config } => run(config.as_deref()),
+        Command::Check { config } => check(&config),
+        Command::Explain {
+            config,
+            client,
+            user,
+            method,
+            url,
+        } => explain(&config, client, user.as_deref(), method.as_deref(), &url),
+        Command::Ca {
+            command: CaCommand::Init { out, name },
+        } => match portcullis::ca::init(&out, &name) {
+            Ok(()) => {
+                println!("wrote {0}/ca.pem and {0}/ca.key (mode 0600)", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Loaded, ExitCode> {
+    let loaded = match path {
+        Some(p) => config::load(p),
+        None => config::load_default(),
+    };
+    loaded.map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn run(path: Option<&Path>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let loaded = match load(path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async {
+        let running = match portcullis::app::start(loaded).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        running.shutdown().await;
+        tracing::info!("stopped; audit log flushed");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load(Some(path)) {
+        Ok(l) => {
+            let p = &l.policy;
+            println!(
+                "{}: ok: {} vendors, {} hosts, {} rules, default {}; proxy {}",
+                path.display(),
+                p.catalog.vendors().len(),
+                p.catalog.host_count(),
+                p.rules.len(),
+                p.default.action.as_str(),
+                l.settings.proxy.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn explain(path: &Path, client: IpAddr, user: Option<&str>, method: Option<&str>, url: &str) -> ExitCode {
+    let loaded = match load(Some(path)) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let p = &loaded.policy;
+    // "host:port" (no scheme) is a CONNECT; anything else must be an absolute URL.
+    let connect = !url.contains("://");
+    let parsed = if connect {
+        target::from_connect_authority(url).map(|(h, port)| (h, port, None, "https"))
+    } else {
+        url.parse::<http::Uri>()
+            .map_err(|_| target::TargetError::NotAbsolute)
+            .and_then(|u| {
+                let t = target::from_uri(&u)?;
+                let pq = u.path_and_query().map_or("/", |p| p.as_str()).to_string();
+                Ok((t.host, t.port, Some(pq), t.scheme.as_str()))
+            })
+    };
+    let (host, port, path_q, scheme) = match parsed {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("portcullis: {url}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let default_method = if connect { "CONNECT" } else { "GET" };
+    let method = match http::Method::from_bytes(method.unwrap_or(default_method).to_ascii_uppercase().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => {
+            eprintln!("portcullis: invalid method");
+            return ExitCode::from(2);
+        }
+    };
+    let d = p.decide(&policy::Request {
+        client,
+        user,
+        method: &method,
+        host: &host,
+        port,
+        path: path_q.as_deref(),
+    });
+    let port_refused = connect && !p.connect_ports.contains(&port);
+    let (action, reason) = if port_refused {
+        (Action::Block.as_str(), "port_not_allowed".to_string())
+    } else {
+        (d.action.as_str(), d.reason.to_string())
+    };
+    let out = json!({
+        "method": method.as_str(),
+        "scheme": scheme,
+        "host": host.to_string(),
+        "port": port,
+        "path": path_q,
+        "vendor": d.vendor_id().map(|v| &**v),
+        "endpoint": d.endpoint.as_str(),
+        "rule": if port_refused { None } else { d.rule_id().map(|r| &**r) },
+        "action": action,
+        "mode": d.mode.as_str(),
+        "enforced": if port_refused { "block" } else { d.enforced().as_str() },
+        "reason": reason,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,178 @@
+//! The vendor catalog: which AI vendor a host belongs to, and which endpoint class a path is.
+//!
+//! It is data (`config/vendors.toml`), compiled here into a [`HostIndex`] so that host → vendor
+//! is a few hash probes, and per-vendor path patterns where the longest match wins.
+
+use std::sync::Arc;
+
+use super::hostmatch::{HostIndex, HostPattern};
+use super::path::PathPattern;
+use super::target::Host;
+
+/// Endpoint classes. A closed set, because rules, audit and metric labels name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+    Models,
+    Files,
+    Batches,
+    FineTuning,
+    Images,
+    Audio,
+    /// A consumer chat/web app host.
+    App,
+    /// A vendor host, but the path is unknown (a tunnel) or matches no class.
+    Unknown,
+    /// Not a vendor in the catalog.
+    None,
+}
+
+impl Endpoint {
+    pub const CLASSES: [Endpoint; 10] = [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Models,
+        Endpoint::Files,
+        Endpoint::Batches,
+        Endpoint::FineTuning,
+        Endpoint::Images,
+        Endpoint::Audio,
+        Endpoint::App,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Models => "models",
+            Endpoint::Files => "files",
+            Endpoint::Batches => "batches",
+            Endpoint::FineTuning => "fine_tuning",
+            Endpoint::Images => "images",
+            Endpoint::Audio => "audio",
+            Endpoint::App => "app",
+            Endpoint::Unknown => "unknown",
+            Endpoint::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Endpoint> {
+        Endpoint::CLASSES
+            .into_iter()
+            .chain([Endpoint::Unknown])
+            .find(|e| e.as_str() == s)
+    }
+
+    /// A bit for rule endpoint sets.
+    pub fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// One vendor of the catalog.
+#[derive(Debug)]
+pub struct Vendor {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    endpoints: Vec<(Endpoint, PathPattern)>,
+}
+
+impl Vendor {
+    pub fn new(id: &str, name: &str, endpoints: Vec<(Endpoint, PathPattern)>) -> Vendor {
+        Vendor {
+            id: id.into(),
+            name: name.into(),
+            endpoints,
+        }
+    }
+}
+
+pub type VendorId = u16;
+
+#[derive(Debug, Clone, Copy)]
+struct HostEntry {
+    vendor: VendorId,
+    app: bool,
+}
+
+/// Where a host was found in the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VendorHit {
+    pub vendor: VendorId,
+    pub app: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Catalog {
+    vendors: Vec<Vendor>,
+    hosts: HostIndex<HostEntry>,
+    host_count: usize,
+}
+
+impl Catalog {
+    pub fn push_vendor(&mut self, v: Vendor) -> VendorId {
+        self.vendors.push(v);
+        (self.vendors.len() - 1) as VendorId
+    }
+
+    /// Registers a host pattern; on a duplicate returns the id of the vendor that has it.
+    pub fn add_host(&mut self, p: &HostPattern, vendor: VendorId, app: bool) -> Result<(), Arc<str>> {
+        let (slot, fresh) = self.hosts.entry(p, || HostEntry { vendor, app });
+        if !fresh {
+            return Err(self.vendors[slot.vendor as usize].id.clone());
+        }
+        self.host_count += 1;
+        Ok(())
+    }
+
+    pub fn vendors(&self) -> &[Vendor] {
+        &self.vendors
+    }
+
+    pub fn vendor(&self, id: VendorId) -> &Vendor {
+        &self.vendors[id as usize]
+    }
+
+    pub fn host_count(&self) -> usize {
+        self.host_count
+    }
+
+    pub fn find_vendor(&self, id: &str) -> Option<VendorId> {
+        self.vendors
+            .iter()
+            .position(|v| &*v.id == id)
+            .map(|i| i as VendorId)
+    }
+
+    /// Vendors are recognised by name only: an IP literal says nothing reliable about the
+    /// vendor (shared CDNs), so rules on addresses use `host` instead.
+    pub fn lookup(&self, host: &Host) -> Option<VendorHit> {
+        let name = host.as_name()?;
+        self.hosts.best(name).map(|e| VendorHit {
+            vendor: e.vendor,
+            app: e.app,
+        })
+    }
+
+    /// The endpoint class of a request to a vendor host; `path` is normalised, `None` for a
+    /// tunnel whose path is not visible.
+    pub fn classify(&self, hit: VendorHit, path: Option<&str>) -> Endpoint {
+        let best = path.and_then(|path| {
+            self.vendor(hit.vendor)
+                .endpoints
+                .iter()
+                .filter(|(_, p)| p.matches(path))
+                .max_by_key(|(_, p)| p.len())
+                .map(|(e, _)| *e)
+        });
+        match best {
+            Some(e) => e,
+            None if hit.app => Endpoint::App,
+            None => Endpoint::Unknown,
+        }
+    }
+}

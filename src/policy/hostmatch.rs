@@ -1,0 +1,313 @@
+//! Host patterns and the index that matches a host name against many of them.
+//!
+//! A lookup is a handful of hash probes (the name, then each parent suffix), never a scan over
+//! every pattern: catalogs and rule sets grow to thousands of hosts and this runs per request.
+//!
+//! Pattern forms, as operators write them:
+//! - `api.example.com`: that name only;
+//! - `.example.com`: the name and every subdomain (squid's `dstdomain` spelling);
+//! - `*.example.com`: every subdomain, not the name itself;
+//! - a `*` inside a label (`*-aiplatform.googleapis.com`, `bedrock.*.amazonaws.com`) matches
+//!   within that one label; such globs are grouped under their last two literal labels.
+
+use rustc_hash::FxHashMap;
+
+/// A host pattern that failed validation; the caller adds file:line:col.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("empty host pattern")]
+    Empty,
+    #[error("host pattern {0:?} has an invalid character (use lowercase a-z, 0-9, '-', '.', '*')")]
+    BadChar(String),
+    #[error("host pattern {0:?} needs at least two literal labels after its last '*'")]
+    GlobTooBroad(String),
+}
+
+/// How specific a match was: exact beats glob beats the longest suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Specificity {
+    Suffix(usize),
+    Glob,
+    Exact,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Exact(Box<str>),
+    /// apex included?
+    Suffix(Box<str>, bool),
+    Glob { key: Box<str>, labels: Vec<Box<str>> },
+}
+
+/// One validated pattern, ready to insert into a [`HostIndex`].
+#[derive(Debug, Clone)]
+pub struct HostPattern {
+    kind: Kind,
+    text: Box<str>,
+}
+
+impl HostPattern {
+    pub fn parse(text: &str) -> Result<HostPattern, PatternError> {
+        let lower = text.trim().to_ascii_lowercase();
+        let t = lower.strip_suffix('.').unwrap_or(&lower);
+        if t.is_empty() || t == "." || t == "*." {
+            return Err(PatternError::Empty);
+        }
+        if !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'*' | b'_' | b':'))
+        {
+            return Err(PatternError::BadChar(text.to_string()));
+        }
+        let kind = if let Some(rest) = t.strip_prefix("*.").filter(|r| !r.contains('*')) {
+            Kind::Suffix(rest.into(), false)
+        } else if let Some(rest) = t.strip_prefix('.').filter(|r| !r.contains('*')) {
+            Kind::Suffix(rest.into(), true)
+        } else if t.contains('*') {
+            let labels: Vec<Box<str>> = t.split('.').map(Into::into).collect();
+            let n = labels.len();
+            if n < 3 || labels[n - 1].contains('*') || labels[n - 2].contains('*') {
+                return Err(PatternError::GlobTooBroad(text.to_string()));
+            }
+            Kind::Glob {
+                key: format!("{}.{}", labels[n - 2], labels[n - 1]).into(),
+                labels,
+            }
+        } else {
+            Kind::Exact(t.into())
+        };
+        if let Kind::Suffix(rest, _) | Kind::Exact(rest) = &kind {
+            if rest.is_empty() || rest.split('.').any(str::is_empty) {
+                return Err(PatternError::Empty);
+            }
+        }
+        Ok(HostPattern {
+            kind,
+            text: t.into(),
+        })
+    }
+
+    /// The pattern as normalised (lowercase, no trailing dot).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Maps host patterns to values of `T`.
+#[derive(Debug, Clone)]
+pub struct HostIndex<T> {
+    exact: FxHashMap<Box<str>, T>,
+    suffix_incl: FxHashMap<Box<str>, T>,
+    suffix_subs: FxHashMap<Box<str>, T>,
+    globs: FxHashMap<Box<str>, Vec<(Vec<Box<str>>, T)>>,
+}
+
+impl<T> Default for HostIndex<T> {
+    fn default() -> Self {
+        HostIndex {
+            exact: FxHashMap::default(),
+            suffix_incl: FxHashMap::default(),
+            suffix_subs: FxHashMap::default(),
+            globs: FxHashMap::default(),
+        }
+    }
+}
+
+impl<T> HostIndex<T> {
+    /// The slot for a pattern, created with `make` on first use; lets callers detect duplicates
+    /// (catalog) or accumulate (rule lists).
+    pub fn entry(&mut self, p: &HostPattern, make: impl FnOnce() -> T) -> (&mut T, bool) {
+        fn slot<'m, T>(
+            map: &'m mut FxHashMap<Box<str>, T>,
+            k: &str,
+            make: impl FnOnce() -> T,
+        ) -> (&'m mut T, bool) {
+            let fresh = !map.contains_key(k);
+            (map.entry(k.into()).or_insert_with(make), fresh)
+        }
+        match &p.kind {
+            Kind::Exact(k) => slot(&mut self.exact, k, make),
+            Kind::Suffix(k, true) => slot(&mut self.suffix_incl, k, make),
+            Kind::Suffix(k, false) => slot(&mut self.suffix_subs, k, make),
+            Kind::Glob { key, labels } => {
+                let list = self.globs.entry(key.clone()).or_default();
+                match list.iter().position(|(l, _)| l == labels) {
+                    Some(i) => (&mut list[i].1, false),
+                    None => {
+                        list.push((labels.clone(), make()));
+                        (&mut list.last_mut().expect("just pushed").1, true)
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty()
+            && self.suffix_incl.is_empty()
+            && self.suffix_subs.is_empty()
+            && self.globs.is_empty()
+    }
+
+    /// Calls `f` for every pattern that matches `host` (lowercase, no trailing dot), most
+    /// specific first; stops when `f` returns false.
+    pub fn for_each_match<'a>(&'a self, host: &str, mut f: impl FnMut(&'a T, Specificity) -> bool) {
+        if let Some(v) = self.exact.get(host) {
+            if !f(v, Specificity::Exact) {
+                return;
+            }
+        }
+        if !self.globs.is_empty() {
+            if let Some(key) = last_two_labels(host) {
+                if let Some(list) = self.globs.get(key) {
+                    for (labels, v) in list {
+                        if glob_labels_match(labels, host) && !f(v, Specificity::Glob) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(v) = self.suffix_incl.get(host) {
+            if !f(v, Specificity::Suffix(host.len())) {
+                return;
+            }
+        }
+        let mut rest = host;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            let spec = Specificity::Suffix(rest.len());
+            if let Some(v) = self.suffix_subs.get(rest) {
+                if !f(v, spec) {
+                    return;
+                }
+            }
+            if let Some(v) = self.suffix_incl.get(rest) {
+                if !f(v, spec) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The most specific match.
+    pub fn best(&self, host: &str) -> Option<&T> {
+        let mut out = None;
+        self.for_each_match(host, |v, _| {
+            out = Some(v);
+            false
+        });
+        out
+    }
+}
+
+fn last_two_labels(host: &str) -> Option<&str> {
+    let last = host.rfind('.')?;
+    Some(match host[..last].rfind('.') {
+        Some(i) => &host[i + 1..],
+        None => host,
+    })
+}
+
+fn glob_labels_match(pattern: &[Box<str>], host: &str) -> bool {
+    let mut labels = host.split('.');
+    let mut n = 0;
+    for p in pattern {
+        match labels.next() {
+            Some(l) if glob_match(p, l) => n += 1,
+            _ => return false,
+        }
+    }
+    labels.next().is_none() && n == pattern.len()
+}
+
+/// `*` matches any run of characters (within one label or one path segment: callers split first).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let Some((head, tail)) = pattern.split_once('*') else {
+        return pattern == text;
+    };
+    let Some(rest) = text.strip_prefix(head) else {
+        return false;
+    };
+    let (mids, last) = tail.rsplit_once('*').unwrap_or(("", tail));
+    if rest.len() < last.len() || !rest.ends_with(last) {
+        return false;
+    }
+    let mut rest = &rest[..rest.len() - last.len()];
+    for mid in mids.split('*').filter(|m| !m.is_empty()) {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(pats: &[(&str, u32)]) -> HostIndex<u32> {
+        let mut ix = HostIndex::default();
+        for (p, v) in pats {
+            *ix.entry(&HostPattern::parse(p).unwrap(), || 0).0 = *v;
+        }
+        ix
+    }
+
+    #[test]
+    fn forms_match_as_documented() {
+        let ix = index(&[
+            ("api.deepseek.com", 1),
+            (".deepseek.com", 2),
+            ("*.openai.azure.com", 3),
+            ("*-aiplatform.googleapis.com", 4),
+            ("bedrock-runtime.*.amazonaws.com", 5),
+        ]);
+        assert_eq!(ix.best("api.deepseek.com"), Some(&1));
+        assert_eq!(ix.best("deepseek.com"), Some(&2));
+        assert_eq!(ix.best("chat.deepseek.com"), Some(&2));
+        assert_eq!(ix.best("a.b.deepseek.com"), Some(&2));
+        assert_eq!(ix.best("notdeepseek.com"), None);
+        assert_eq!(ix.best("openai.azure.com"), None);
+        assert_eq!(ix.best("x.openai.azure.com"), Some(&3));
+        assert_eq!(ix.best("us-central1-aiplatform.googleapis.com"), Some(&4));
+        assert_eq!(ix.best("aiplatform.googleapis.com"), None);
+        assert_eq!(ix.best("x.us-aiplatform.googleapis.com"), None);
+        assert_eq!(ix.best("bedrock-runtime.us-east-1.amazonaws.com"), Some(&5));
+        assert_eq!(ix.best("s3.us-east-1.amazonaws.com"), None);
+        assert_eq!(ix.best("com"), None);
+    }
+
+    #[test]
+    fn all_matches_visited_most_specific_first() {
+        let ix = index(&[("a.b.c", 1), (".b.c", 2), (".c", 3), ("*.a.b.c", 4)]);
+        let mut seen = vec![];
+        ix.for_each_match("a.b.c", |v, _| {
+            seen.push(*v);
+            true
+        });
+        assert_eq!(seen, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn bad_patterns_refused() {
+        assert!(HostPattern::parse("").is_err());
+        assert!(HostPattern::parse("*.com").is_ok());
+        assert!(HostPattern::parse("foo.*").is_err());
+        assert!(HostPattern::parse("a b.com").is_err());
+        assert!(HostPattern::parse("a..com").is_err());
+        assert_eq!(HostPattern::parse("API.Example.COM.").unwrap().as_str(), "api.example.com");
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*:generatecontent", "gemini:generatecontent"));
+        assert!(!glob_match("*:generatecontent", "gemini:streamgeneratecontent2"));
+        assert!(glob_match("a*b*c", "abc"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxbyy"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+}

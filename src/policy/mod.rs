@@ -1,0 +1,182 @@
+//! The compiled, immutable policy and `decide`: a pure function from request facts to a
+//! decision. No I/O, no locks, no allocation on the common path; it is benchmarked.
+//!
+//! Rules are ordered and the first match wins. To avoid scanning every rule, each rule is filed
+//! under the most selective thing it names (its host patterns, else its vendors, else "generic");
+//! a request looks up only the lists it can be in, takes the first full match of each list
+//! (lists are in rule order) and keeps the lowest rule number among them.
+
+pub mod catalog;
+pub mod hostmatch;
+pub mod path;
+pub mod rules;
+pub mod target;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::Method;
+use rustc_hash::FxHashMap;
+
+pub use catalog::{Catalog, Endpoint, Vendor, VendorId};
+pub use hostmatch::{HostIndex, HostPattern};
+pub use rules::{Action, Facts, Mode, Rule};
+pub use target::{Host, Scheme, Target};
+
+/// What happens when no rule matches.
+#[derive(Debug, Clone)]
+pub struct DefaultVerdict {
+    pub action: Action,
+    pub reason: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+pub struct RuleIndex {
+    pub by_host: HostIndex<Vec<u32>>,
+    pub by_ip: FxHashMap<IpAddr, Vec<u32>>,
+    pub by_vendor: Vec<Vec<u32>>,
+    pub generic: Vec<u32>,
+}
+
+/// The compiled policy. Built once per (re)load by `config::compile`, then only read.
+#[derive(Debug)]
+pub struct Policy {
+    pub catalog: Catalog,
+    pub rules: Vec<Rule>,
+    pub index: RuleIndex,
+    pub default: DefaultVerdict,
+    /// user → bit set of groups
+    pub user_groups: FxHashMap<Box<str>, u64>,
+    pub group_names: Vec<Arc<str>>,
+    /// Ports a CONNECT may open.
+    pub connect_ports: Vec<u16>,
+}
+
+/// One request as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub client: IpAddr,
+    pub user: Option<&'a str>,
+    pub method: &'a Method,
+    pub host: &'a Host,
+    pub port: u16,
+    /// Path and query as sent; `None` for a CONNECT, whose path is not visible.
+    pub path: Option<&'a str>,
+}
+
+/// The outcome of `decide`, borrowing names from the policy (no copies per request).
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'p> {
+    pub vendor: Option<&'p Vendor>,
+    pub endpoint: Endpoint,
+    pub rule: Option<&'p Rule>,
+    pub action: Action,
+    pub mode: Mode,
+    pub reason: &'p Arc<str>,
+}
+
+impl Decision<'_> {
+    /// What the proxy actually does: shadow rules never block.
+    pub fn enforced(&self) -> Action {
+        match self.mode {
+            Mode::Enforce => self.action,
+            Mode::Shadow => Action::Allow,
+        }
+    }
+
+    pub fn vendor_id(&self) -> Option<&Arc<str>> {
+        self.vendor.map(|v| &v.id)
+    }
+
+    pub fn rule_id(&self) -> Option<&Arc<str>> {
+        self.rule.map(|r| &r.id)
+    }
+}
+
+impl Policy {
+    pub fn decide<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
+        let hit = self.catalog.lookup(req.host);
+        let path = req.path.map(path::normalize);
+        let endpoint = match hit {
+            Some(h) => self.catalog.classify(h, path.as_deref()),
+            None => Endpoint::None,
+        };
+        let groups = match req.user {
+            Some(u) if !self.user_groups.is_empty() => {
+                self.user_groups.get(u).copied().unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let facts = Facts {
+            client: req.client,
+            user: req.user,
+            groups,
+            method: req.method,
+            port: req.port,
+            path: path.as_deref(),
+            vendor: hit.map(|h| h.vendor),
+            endpoint,
+        };
+
+        let mut best = u32::MAX;
+        let mut consider = |list: &[u32]| {
+            // Lists are in rule order: the first full match is this list's best.
+            for &i in list {
+                if i >= best {
+                    return;
+                }
+                if self.rules[i as usize].matches(&facts) {
+                    best = i;
+                    return;
+                }
+            }
+        };
+        consider(&self.index.generic);
+        if let Some(h) = hit {
+            if let Some(list) = self.index.by_vendor.get(h.vendor as usize) {
+                consider(list);
+            }
+        }
+        match req.host {
+            Host::Name(name) => self.index.by_host.for_each_match(name, |list, _| {
+                consider(list);
+                true
+            }),
+            Host::Ip(ip) => {
+                if let Some(list) = self.index.by_ip.get(ip) {
+                    consider(list);
+                }
+            }
+        }
+
+        let vendor = hit.map(|h| self.catalog.vendor(h.vendor));
+        match self.rules.get(best as usize) {
+            Some(rule) => Decision {
+                vendor,
+                endpoint,
+                rule: Some(rule),
+                action: rule.action,
+                mode: rule.mode,
+                reason: &rule.reason,
+            },
+            None => Decision {
+                vendor,
+                endpoint,
+                rule: None,
+                action: self.default.action,
+                mode: Mode::Enforce,
+                reason: &self.default.reason,
+            },
+        }
+    }
+
+    /// Groups of a user, for the audit record.
+    pub fn groups_of(&self, user: &str) -> impl Iterator<Item = &Arc<str>> {
+        let mask = self.user_groups.get(user).copied().unwrap_or(0);
+        self.group_names
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| mask & (1 << i) != 0)
+            .map(|(_, g)| g)
+    }
+}

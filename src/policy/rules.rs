@@ -1,0 +1,101 @@
+//! Compiled rules and the index that keeps `decide` from scanning all of them.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::Method;
+use ipnet::IpNet;
+
+use super::catalog::{Endpoint, VendorId};
+use super::path::PathPattern;
+
+/// What a rule does with a request it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Block,
+    /// Allow, and flag the record for review.
+    Audit,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Block => "block",
+            Action::Audit => "audit",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Action> {
+        [Action::Allow, Action::Block, Action::Audit]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
+/// `shadow` records what a rule would have done without doing it: how operators trial a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Enforce,
+    Shadow,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        }
+    }
+}
+
+/// One rule, every condition optional; a present condition is any-of its values.
+#[derive(Debug)]
+pub struct Rule {
+    pub id: Arc<str>,
+    pub action: Action,
+    pub mode: Mode,
+    pub reason: Arc<str>,
+    pub vendors: Vec<VendorId>,
+    /// Host patterns; matched through the index, kept here for display.
+    pub hosts: Vec<Box<str>>,
+    /// Bit set of [`Endpoint::bit`]; 0 = any.
+    pub endpoints: u16,
+    pub paths: Vec<PathPattern>,
+    pub methods: Vec<Method>,
+    pub ports: Vec<u16>,
+    pub clients: Vec<IpNet>,
+    pub users: Vec<Box<str>>,
+    /// Bit set of group numbers; 0 = any.
+    pub groups: u64,
+}
+
+/// What a rule may look at. Borrowed from the request so building it costs nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub client: IpAddr,
+    pub user: Option<&'a str>,
+    pub groups: u64,
+    pub method: &'a Method,
+    pub port: u16,
+    /// Normalised path; `None` inside an opaque tunnel.
+    pub path: Option<&'a str>,
+    pub vendor: Option<VendorId>,
+    pub endpoint: Endpoint,
+}
+
+impl Rule {
+    /// Every condition but the host (the index already matched it).
+    pub fn matches(&self, f: &Facts<'_>) -> bool {
+        (self.vendors.is_empty() || f.vendor.is_some_and(|v| self.vendors.contains(&v)))
+            && (self.endpoints == 0 || self.endpoints & f.endpoint.bit() != 0)
+            && (self.paths.is_empty()
+                || f.path.is_some_and(|p| self.paths.iter().any(|pat| pat.matches(p))))
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m == f.method))
+            && (self.ports.is_empty() || self.ports.contains(&f.port))
+            && (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&f.client)))
+            && (self.users.is_empty() || f.user.is_some_and(|u| self.users.iter().any(|x| &**x == u)))
+            && (self.groups == 0 || self.groups & f.groups != 0)
+    }
+}

@@ -1,0 +1,321 @@
+//! CONNECT: decide on host:port before any upstream connection, connect (guarded), answer 200,
+//! peek the ClientHello, refuse a tunnel whose SNI the policy blocks (domain fronting), then
+//! splice bytes and write one audit record at close.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::handler::{authenticate, record, rejected, Seen};
+use super::{respond, Peer, State};
+use crate::audit::Record;
+use crate::error::ProxyError;
+use crate::policy::{self, target, Action, Host, Policy};
+use crate::tls::sni::{peek_client_hello, SniError};
+
+/// A ClientHello larger than this is not a browser or SDK; refuse rather than buffer.
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
+
+pub async fn handle(state: Arc<State>, peer: Peer, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let html = respond::wants_html(req.headers());
+    let realm = state.auth.as_ref().map(|a| a.realm.as_str());
+    let reject = |e: ProxyError| {
+        rejected(&state, peer, req.method(), req.uri(), &e, start);
+        respond::error(&e, realm, html)
+    };
+
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let (host, port) = match target::from_connect_authority(authority) {
+        Ok(hp) => hp,
+        Err(e) => return reject(ProxyError::Target(e)),
+    };
+    let user = match authenticate(&state, req.headers()).await {
+        Ok(u) => u,
+        Err(e) => return reject(e),
+    };
+    let policy = state.policy.load_full();
+    let d = policy.decide(&policy::Request {
+        client: peer.addr.ip(),
+        user: user.as_deref(),
+        method: &Method::CONNECT,
+        host: &host,
+        port,
+        path: None,
+    });
+    let seen = Seen {
+        peer,
+        user: user.as_deref(),
+        method: &Method::CONNECT,
+        scheme: "https",
+        host: &host,
+        port,
+        path: None,
+        tls: "tunnel",
+    };
+    let mut rec = record(&seen, &d, 0, None);
+    rec.id = state.audit.next_id();
+
+    if d.enforced() == Action::Block {
+        rec.status = 403;
+        state.finish(rec, start);
+        return respond::blocked(&d, html);
+    }
+    if !policy.connect_ports.contains(&port) {
+        let e = ProxyError::PortNotAllowed(port);
+        rec.status = 403;
+        rec.action = "block";
+        rec.reason = e.kind().into();
+        rec.rule = None;
+        state.finish(rec, start);
+        return respond::error(&e, realm, html);
+    }
+
+    // Connect before answering 200 so the client gets a real 502/504, as squid does.
+    let upstream = match state.upstream.connect(&host, port).await {
+        Ok((s, _)) => s,
+        Err(e) => {
+            if e.is_upstream() {
+                state.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
+            }
+            rec.status = e.status().as_u16();
+            rec.reason = format!("{}: {}", e.kind(), e).into();
+            state.finish(rec, start);
+            return respond::error(&e, realm, html);
+        }
+    };
+
+    rec.status = 200;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let tunnel = Tunnel {
+        _token: state.shutdown.token(),
+        state: state.clone(),
+        policy,
+        peer,
+        user,
+        host,
+        port,
+        rec,
+        start,
+    };
+    tokio::spawn(tunnel.run(on_upgrade, upstream));
+    let mut resp = Response::new(Either::Left(Full::default()));
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+struct Tunnel {
+    /// Keeps shutdown waiting for this tunnel's audit record.
+    _token: super::shutdown::Token,
+    state: Arc<State>,
+    policy: Arc<Policy>,
+    peer: Peer,
+    user: Option<String>,
+    host: Host,
+    port: u16,
+    rec: Record,
+    start: Instant,
+}
+
+impl Tunnel {
+    async fn run(mut self, on_upgrade: OnUpgrade, upstream: TcpStream) {
+        let metrics = self.state.metrics.clone();
+        metrics.tunnels_active.inc();
+        let _active = scopeguard(move || metrics.tunnels_active.dec());
+        let mut shutdown = self.state.shutdown_signal();
+
+        let mut client = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                self.close(format!("upgrade_failed: {e}"));
+                return;
+            }
+        };
+
+        let mut hello = BytesMut::with_capacity(2048);
+        let settings = &self.state.settings.proxy;
+        let peeked = tokio::time::timeout(
+            settings.client_hello_timeout,
+            peek_client_hello(&mut client, &mut hello, MAX_CLIENT_HELLO),
+        )
+        .await;
+        match peeked {
+            Ok(Ok(info)) => {
+                if let Some(sni) = info.sni {
+                    if let Some(refusal) = self.check_sni(&sni) {
+                        self.rec.sni = Some(sni.into());
+                        self.close(refusal);
+                        return;
+                    }
+                    self.rec.sni = Some(sni.into());
+                }
+            }
+            Ok(Err(SniError::NotTls)) if !settings.tunnel_require_tls => {}
+            Ok(Err(e)) => {
+                let kind = e.kind();
+                self.close(format!("{kind}: {}", ProxyError::ClientHello(e)));
+                return;
+            }
+            Err(_) => {
+                self.close(ProxyError::ClientHelloTimeout.kind().to_string());
+                return;
+            }
+        }
+
+        let stats = Arc::new(Stats::default());
+        let mut upstream = Metered {
+            inner: upstream,
+            stats: stats.clone(),
+            start: self.start,
+        };
+        let idle = self.state.settings.proxy.idle_timeout;
+        let outcome = async {
+            upstream.write_all(&hello).await?;
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 16 * 1024, 16 * 1024).await
+        };
+        tokio::pin!(outcome);
+        let reason = loop {
+            let last = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
+            let deadline = tokio::time::Instant::from_std(self.start + last + idle);
+            tokio::select! {
+                r = &mut outcome => break match r {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("tunnel_error: {e}")),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
+                    if now == last {
+                        break Some("idle_timeout".to_string());
+                    }
+                }
+                _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
+            }
+        };
+        drop(outcome);
+        self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
+        self.rec.bytes_in = stats.inn.load(Ordering::Relaxed);
+        if let Some(r) = reason {
+            self.rec.reason = format!("{}; closed: {r}", self.rec.reason).into();
+        }
+        self.state.finish(self.rec, self.start);
+    }
+
+    /// `Some(reason)` when the SNI names a host the policy blocks.
+    fn check_sni(&mut self, sni: &str) -> Option<String> {
+        let sni_host = match Host::parse(sni) {
+            Ok(h) => h,
+            Err(e) => return Some(format!("sni_invalid: {e}")),
+        };
+        if sni_host == self.host {
+            return None;
+        }
+        let d = self.policy.decide(&policy::Request {
+            client: self.peer.addr.ip(),
+            user: self.user.as_deref(),
+            method: &Method::CONNECT,
+            host: &sni_host,
+            port: self.port,
+            path: None,
+        });
+        if d.enforced() != Action::Block {
+            return None;
+        }
+        self.rec.vendor = d.vendor_id().cloned();
+        self.rec.endpoint = d.endpoint.as_str();
+        self.rec.rule = d.rule_id().cloned();
+        self.rec.action = "block";
+        self.rec.mode = d.mode.as_str();
+        Some(format!("sni_mismatch: SNI {sni} differs from CONNECT host; {}", d.reason))
+    }
+
+    fn close(mut self, reason: String) {
+        if reason.starts_with("sni_mismatch") || reason.starts_with("sni_invalid") {
+            self.rec.action = "block";
+        }
+        self.rec.reason = reason.into();
+        self.state.finish(self.rec, self.start);
+    }
+}
+
+/// Byte counts and last activity of a tunnel, shared with the idle watchdog.
+#[derive(Default)]
+struct Stats {
+    out: AtomicU64,
+    inn: AtomicU64,
+    /// Milliseconds since the tunnel started when bytes last moved.
+    last_ms: AtomicU64,
+}
+
+/// The upstream side of a tunnel, counting bytes each way.
+struct Metered {
+    inner: TcpStream,
+    stats: Arc<Stats>,
+    start: Instant,
+}
+
+impl Metered {
+    fn touch(&self) {
+        self.stats
+            .last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.stats.inn.fetch_add(n as u64, Ordering::Relaxed);
+            this.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.stats.out.fetch_add(*n as u64, Ordering::Relaxed);
+            this.touch();
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+struct ScopeGuard<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for ScopeGuard<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+fn scopeguard<F: FnOnce()>(f: F) -> ScopeGuard<F> {
+    ScopeGuard(Some(f))
+}

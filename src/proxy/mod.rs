@@ -1,0 +1,90 @@
+//! The proxy: accept connections, serve one request at a time through one handler, open and
+//! splice CONNECT tunnels.
+
+pub mod body;
+pub mod connect;
+pub mod handler;
+pub mod respond;
+pub mod server;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+
+use crate::audit::{AuditSink, Record};
+use crate::config::Settings;
+use crate::identity::htpasswd::Htpasswd;
+use crate::identity::keys::KeyFingerprinter;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::upstream::connector::Connector;
+use crate::upstream::Upstream;
+use body::Counted;
+
+/// Proxy users, when `[auth]` is configured.
+pub struct Auth {
+    pub htpasswd: Htpasswd,
+    pub realm: String,
+    pub required: bool,
+}
+
+/// State shared by every connection. The policy is swapped whole on reload; everything else
+/// lives as long as the process.
+pub struct State {
+    pub policy: ArcSwap<Policy>,
+    pub settings: Settings,
+    pub upstream: Arc<Upstream>,
+    pub client: Client<Connector, Counted<Incoming>>,
+    pub audit: AuditSink,
+    pub metrics: Arc<Metrics>,
+    pub auth: Option<Auth>,
+    pub keys: KeyFingerprinter,
+    pub ready: AtomicBool,
+    pub shutdown: shutdown::Shutdown,
+}
+
+impl State {
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.signal()
+    }
+
+    /// Accounts one finished exchange: metrics, then the audit queue (never blocks).
+    pub fn finish(&self, mut rec: Record, start: Instant) {
+        let elapsed = start.elapsed();
+        rec.duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let vendor = rec.vendor.as_deref().unwrap_or("none");
+        // Shadow decisions get their own action label so dashboards of real blocks stay true.
+        let action = match (rec.mode, rec.action) {
+            ("shadow", "block") => "shadow_block",
+            ("shadow", "audit") => "shadow_audit",
+            ("shadow", _) => "shadow_allow",
+            (_, a) => a,
+        };
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[vendor, rec.endpoint, action, rec.rule.as_deref().unwrap_or("default")])
+            .inc();
+        m.duration
+            .with_label_values(&[vendor, action])
+            .observe(elapsed.as_secs_f64());
+        if rec.bytes_out > 0 {
+            m.bytes.with_label_values(&[vendor, "out"]).inc_by(rec.bytes_out);
+        }
+        if rec.bytes_in > 0 {
+            m.bytes.with_label_values(&[vendor, "in"]).inc_by(rec.bytes_in);
+        }
+        self.audit.send(rec);
+    }
+}
+
+/// Who is on the other end of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+}

@@ -1,0 +1,94 @@
+//! Accepting client connections and serving HTTP/1.1 on them, with the connection limits:
+//! max connections, header read timeout (slowloris; it also bounds keep-alive idleness), max
+//! header size (431).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::{handler, Peer, State};
+
+/// Serves until `stop` resolves, then drains: in-flight requests get `shutdown_grace`, after
+/// which connections and tunnels are closed. Returns when every task has finished and written
+/// its audit record.
+pub async fn serve(listener: TcpListener, state: Arc<State>, stop: impl std::future::Future<Output = ()>) {
+    let settings = state.settings.proxy.clone();
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .keep_alive(true)
+        .writev(true);
+
+    tokio::pin!(stop);
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            state.metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = Peer { addr };
+        let st = state.clone();
+        let service = service_fn(move |req| handler::handle(st.clone(), peer, req));
+        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let token = state.shutdown.token();
+        let mut force = state.shutdown_signal();
+        let mut drain = state.shutdown.drain_signal();
+        let metrics = state.metrics.clone();
+        tokio::spawn(async move {
+            let _token = token;
+            let _permit = permit;
+            metrics.connections_active.inc();
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(client = %addr, error = %e, "connection ended with error");
+                        }
+                        break;
+                    }
+                    // Finish the request in flight, then close instead of keeping alive.
+                    _ = drain.wait_for(|s| *s), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = force.wait_for(|s| *s) => break,
+                }
+            }
+            metrics.connections_active.dec();
+        });
+    }
+    drop(listener);
+
+    let grace = settings.shutdown_grace;
+    tracing::info!(grace = ?grace, live = state.shutdown.live(), "draining connections");
+    state.shutdown.start_drain();
+    let drained = tokio::time::timeout(grace, state.shutdown.idle()).await;
+    if drained.is_err() {
+        tracing::warn!(live = state.shutdown.live(), "grace period over; closing what is left");
+    }
+    state.shutdown.stop_now();
+    state.shutdown.idle().await;
+}

@@ -1,0 +1,111 @@
+//! Reaching origins: resolution (with `[upstream] resolve` overrides), the address guard on
+//! every resolved address, and connecting to exactly the address that was checked.
+
+pub mod connector;
+pub mod guard;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamSettings;
+use crate::error::ProxyError;
+use crate::policy::target::Host;
+use guard::AddressGuard;
+
+pub struct Upstream {
+    overrides: FxHashMap<(Host, u16), SocketAddr>,
+    guard: AddressGuard,
+    connect_timeout: Duration,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl Upstream {
+    /// `own` = the proxy's listener addresses, never dialled.
+    pub fn new(s: &UpstreamSettings, own: Vec<SocketAddr>) -> Result<Upstream, String> {
+        Ok(Upstream {
+            overrides: s.resolve.clone(),
+            guard: AddressGuard::new(s.allow_private.clone(), own),
+            connect_timeout: s.connect_timeout,
+            tls: Arc::new(client_tls(s.ca_file.as_deref(), &[b"http/1.1"])?),
+        })
+    }
+
+    /// Resolves, guards and connects; returns the stream and the address dialled.
+    pub async fn connect(&self, host: &Host, port: u16) -> Result<(TcpStream, SocketAddr), ProxyError> {
+        let addrs = self.resolve(host, port).await?;
+        let mut denied = None;
+        let mut last_err = None;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        for addr in addrs {
+            if let Err(d) = self.guard.check(addr) {
+                denied.get_or_insert(d);
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok((s, addr));
+                }
+                Ok(Err(e)) => last_err = Some(ProxyError::Connect(e)),
+                Err(_) => return Err(ProxyError::ConnectTimeout),
+            }
+        }
+        Err(last_err
+            .or(denied.map(ProxyError::AddressDenied))
+            .unwrap_or(ProxyError::NoAddress))
+    }
+
+    async fn resolve(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, ProxyError> {
+        if let Some(a) = self.overrides.get(&(host.clone(), port)) {
+            return Ok(vec![*a]);
+        }
+        match host {
+            Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
+            // getaddrinfo runs on tokio's blocking pool, off the request threads.
+            Host::Name(name) => match tokio::net::lookup_host((&**name, port)).await {
+                Ok(it) => {
+                    let v: Vec<SocketAddr> = it.collect();
+                    if v.is_empty() {
+                        Err(ProxyError::NoAddress)
+                    } else {
+                        Ok(v)
+                    }
+                }
+                Err(e) => Err(ProxyError::Dns(e.to_string())),
+            },
+        }
+    }
+}
+
+/// rustls client config: the platform's Mozilla roots (webpki-roots) plus `ca_file`.
+pub fn client_tls(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!("{}: no certificates found", path.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
