@@ -1,5 +1,7 @@
 //! The admin listener: `/metrics`, `/healthz` (the process is up), `/readyz` (policy loaded and
-//! listeners bound). Loopback by default; it is for Prometheus and probes, not for clients.
+//! listeners bound), `POST /reload`, `/policy` (the compiled policy, no secrets) and
+//! `/proxy.pac`. Loopback by default; with `token_file` set, `/reload` and `/policy` need
+//! `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -26,7 +28,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(route(&st, req)) }
+                async move { Ok::<_, Infallible>(route(&st, req).await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -38,29 +40,127 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
     r
 }
 
-fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+fn authorized(state: &State, req: &Request<Incoming>) -> bool {
+    let Some(token) = &state.admin_token else {
+        return true;
+    };
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant-time compare: the token guards policy changes.
+    got.len() == token.len()
+        && got
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let method = req.method();
+    let protected = matches!(path, "/reload" | "/policy");
+    if protected && !authorized(state, &req) {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "bearer token required\n",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
     }
-    match req.uri().path() {
-        "/metrics" => text(
+    match (method, path) {
+        (&Method::POST, "/reload") => match crate::reload::reload(state).await {
+            Ok(o) => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({
+                    "result": "ok",
+                    "rules": o.rules,
+                    "vendors": o.vendors,
+                    "needs_restart": o.needs_restart,
+                })
+                .to_string(),
+            ),
+            Err(e) => text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "application/json",
+                serde_json::json!({"result": "error", "error": e.to_string()}).to_string(),
+            ),
+        },
+        (&Method::GET | &Method::HEAD, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
             state.metrics.render(),
         ),
-        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" => {
-            if state.ready.load(Ordering::Acquire) && !*state.shutdown_signal().borrow() {
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            if state.ready.load(Ordering::Acquire) && !*state.shutdown.drain_signal().borrow() {
                 text(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
+        (&Method::GET | &Method::HEAD, "/policy") => {
+            let policy = state.policy.load();
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&crate::policy::describe::describe(&policy))
+                    .unwrap_or_default(),
+            )
+        }
+        (&Method::GET | &Method::HEAD, "/proxy.pac") => {
+            let proxy = pac_proxy(state, &req);
+            let policy = state.policy.load();
+            text(
+                StatusCode::OK,
+                "application/x-ns-proxy-autoconfig",
+                crate::policy::describe::pac(
+                    &policy,
+                    &proxy,
+                    state.settings.admin.pac == crate::config::PacMode::All,
+                ),
+            )
+        }
+        (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
+        (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/proxy.pac") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
+}
+
+/// The proxy address to hand clients: configured, else the listen address, with an
+/// unspecified IP replaced by the host the PAC file was fetched from.
+fn pac_proxy(state: &State, req: &Request<Incoming>) -> String {
+    if let Some(p) = &state.settings.admin.pac_proxy {
+        return p.clone();
+    }
+    let listen = state.listen_addr;
+    if !listen.ip().is_unspecified() {
+        return listen.to_string();
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.rsplit_once(':').map_or(Some(h), |(h, _)| Some(h)))
+        .unwrap_or("127.0.0.1");
+    format!("{host}:{}", listen.port())
 }

@@ -23,13 +23,18 @@ use crate::upstream::Upstream;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("audit log: {0}")]
     Audit(std::io::Error),
     #[error("upstream TLS: {0}")]
     UpstreamTls(String),
     #[error("{0}")]
     Htpasswd(String),
+    #[error("{0}")]
+    Secret(String),
 }
 
 /// A running proxy.
@@ -39,6 +44,8 @@ pub struct Running {
     pub state: Arc<State>,
     stop: Option<oneshot::Sender<()>>,
     done: JoinHandle<()>,
+    /// Kept alive for as long as the proxy runs.
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Running {
@@ -59,6 +66,9 @@ impl Running {
 /// Binds the listeners and starts serving.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let settings = loaded.settings;
+    if let Some(a) = &settings.auth {
+        crate::secrets::refuse_world_readable(&a.htpasswd).map_err(StartError::Secret)?;
+    }
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -69,7 +79,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         addr: settings.proxy.listen,
         source,
     })?;
-    let admin = match settings.admin_listen {
+    let admin = match settings.admin.listen {
         Some(a) => Some(bind(a).await?),
         None => None,
     };
@@ -77,15 +87,15 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
 
     let metrics = Arc::new(Metrics::new());
     let (sink, writer) = audit::start(
-        settings.audit.path.clone(),
-        settings.audit.queue,
+        &settings.audit,
         metrics.audit_records.clone(),
         metrics.audit_dropped.clone(),
     )
     .map_err(StartError::Audit)?;
 
     let own: Vec<SocketAddr> = std::iter::once(proxy_addr).chain(admin_addr).collect();
-    let upstream = Arc::new(Upstream::new(&settings.upstream, own).map_err(StartError::UpstreamTls)?);
+    let upstream =
+        Arc::new(Upstream::new(&settings.upstream, own).map_err(StartError::UpstreamTls)?);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.upstream.pool_idle_timeout)
         .pool_max_idle_per_host(settings.upstream.pool_max_idle_per_host)
@@ -93,9 +103,14 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         .timer(TokioTimer::new())
         .build(Connector::new(upstream.clone()));
 
+    let admin_token = match &settings.admin.token_file {
+        Some(p) => Some(crate::secrets::read_secret_file(p).map_err(StartError::Secret)?),
+        None => None,
+    };
     let auth = match &settings.auth {
         Some(a) => Some(Auth {
-            htpasswd: Htpasswd::load(&a.htpasswd).map_err(|e| StartError::Htpasswd(e.to_string()))?,
+            htpasswd: Htpasswd::load(&a.htpasswd)
+                .map_err(|e| StartError::Htpasswd(e.to_string()))?,
             realm: a.realm.clone(),
             required: a.required,
         }),
@@ -113,7 +128,11 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         keys: KeyFingerprinter::random(),
         ready: AtomicBool::new(false),
         shutdown: proxy::shutdown::Shutdown::default(),
+        source: loaded.source,
+        admin_token,
+        listen_addr: proxy_addr,
     });
+    let watcher = crate::reload::watch(state.clone(), loaded.files);
 
     let admin_task = admin.map(|l| tokio::spawn(crate::admin::serve(l, state.clone())));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -137,5 +156,6 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         state,
         stop: Some(stop_tx),
         done,
+        _watcher: watcher,
     })
 }

@@ -16,6 +16,8 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use prometheus::IntCounter;
 
+use crate::config::AuditSettings;
+
 /// One audit record. Strings the policy owns are shared (`Arc<str>`), not copied.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -65,7 +67,10 @@ impl Serialize for Record {
         m.serialize_entry("status", &self.status)?;
         m.serialize_entry("bytes_in", &self.bytes_in)?;
         m.serialize_entry("bytes_out", &self.bytes_out)?;
-        m.serialize_entry("duration_ms", &((self.duration_ms * 1000.0).round() / 1000.0))?;
+        m.serialize_entry(
+            "duration_ms",
+            &((self.duration_ms * 1000.0).round() / 1000.0),
+        )?;
         m.serialize_entry("tls", self.tls)?;
         m.serialize_entry("sni", &self.sni)?;
         m.serialize_entry("key_id", &self.key_id)?;
@@ -173,18 +178,17 @@ pub struct AuditWriter {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Opens the sink (a file, or stdout for `None`) and starts the writer thread.
+/// Opens the sink (a file, or stdout) and starts the writer thread.
 pub fn start(
-    path: Option<PathBuf>,
-    queue: usize,
+    settings: &AuditSettings,
     written: IntCounter,
     dropped: IntCounter,
 ) -> io::Result<(AuditSink, AuditWriter)> {
-    let out = open(path.as_ref())?;
-    let (tx, rx) = sync_channel(queue);
+    let file = FileSink::open(settings)?;
+    let (tx, rx) = sync_channel(settings.queue);
     let thread = std::thread::Builder::new()
         .name("audit-writer".into())
-        .spawn(move || write_loop(rx, out, path, written))?;
+        .spawn(move || write_loop(rx, file, written))?;
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -215,22 +219,87 @@ impl AuditWriter {
     }
 }
 
-fn open(path: Option<&PathBuf>) -> io::Result<Box<dyn Write + Send>> {
+/// The open audit file (or stdout), with what rotation needs to know.
+struct FileSink {
+    out: BufWriter<Box<dyn Write + Send>>,
+    path: Option<PathBuf>,
+    size: u64,
+    max_size: u64,
+    keep: usize,
+}
+
+impl FileSink {
+    fn open(s: &AuditSettings) -> io::Result<FileSink> {
+        let (out, size) = open(s.path.as_ref())?;
+        Ok(FileSink {
+            out: BufWriter::with_capacity(64 * 1024, out),
+            path: s.path.clone(),
+            size,
+            max_size: s.max_size,
+            keep: s.keep,
+        })
+    }
+
+    /// Whole lines only: a rotation happens between records, never inside one.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.max_size > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_size {
+            if let Err(e) = self.rotate() {
+                tracing::error!(error = %e, "audit log rotation failed; writing on");
+            }
+        }
+        self.out.write_all(line)?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// path.N-1 → path.N … path → path.1, then a fresh path.
+    fn rotate(&mut self) -> io::Result<()> {
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        self.out.flush()?;
+        let name = |n: usize| {
+            let mut p = path.clone().into_os_string();
+            p.push(format!(".{n}"));
+            PathBuf::from(p)
+        };
+        let _ = std::fs::remove_file(name(self.keep));
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(name(n), name(n + 1));
+        }
+        std::fs::rename(&path, name(1))?;
+        self.reopen()
+    }
+
+    /// After an external rotation (logrotate + SIGUSR1): write to whatever is at `path` now.
+    fn reopen(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        let (out, size) = open(self.path.as_ref())?;
+        self.out = BufWriter::with_capacity(64 * 1024, out);
+        self.size = size;
+        Ok(())
+    }
+}
+
+fn open(path: Option<&PathBuf>) -> io::Result<(Box<dyn Write + Send>, u64)> {
     Ok(match path {
-        None => Box::new(io::stdout()),
-        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+        None => (Box::new(io::stdout()), 0),
+        Some(p) => {
+            let f = OpenOptions::new().create(true).append(true).open(p)?;
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            (Box::new(f), size)
+        }
     })
 }
 
-fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, path: Option<PathBuf>, written: IntCounter) {
-    let mut out = BufWriter::with_capacity(64 * 1024, out);
+fn write_loop(rx: Receiver<Msg>, mut sink: FileSink, written: IntCounter) {
     let mut line = Vec::with_capacity(1024);
     loop {
         // Flush only when the queue runs dry: batches writes under load, prompt when quiet.
         let msg = match rx.try_recv() {
             Ok(m) => m,
             Err(TryRecvError::Empty) => {
-                if let Err(e) = out.flush() {
+                if let Err(e) = sink.out.flush() {
                     tracing::error!(error = %e, "audit log flush failed");
                 }
                 match rx.recv() {
@@ -245,7 +314,7 @@ fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, path: Option<PathBu
                 line.clear();
                 if serde_json::to_writer(&mut line, &*r).is_ok() {
                     line.push(b'\n');
-                    match out.write_all(&line) {
+                    match sink.write_line(&line) {
                         Ok(()) => written.inc(),
                         Err(e) => tracing::error!(error = %e, "audit log write failed"),
                     }
@@ -253,15 +322,13 @@ fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, path: Option<PathBu
             }
             Msg::Close => break,
             Msg::Reopen => {
-                let _ = out.flush();
-                match open(path.as_ref()) {
-                    Ok(f) => out = BufWriter::with_capacity(64 * 1024, f),
-                    Err(e) => tracing::error!(error = %e, "audit log reopen failed; keeping the old file"),
+                if let Err(e) = sink.reopen() {
+                    tracing::error!(error = %e, "audit log reopen failed; keeping the old file");
                 }
             }
         }
     }
-    if let Err(e) = out.flush() {
+    if let Err(e) = sink.out.flush() {
         tracing::error!(error = %e, "audit log final flush failed");
     }
 }

@@ -5,12 +5,17 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -29,7 +34,11 @@ pub fn init(dir: &Path, common_name: &str) -> Result<(), CaError> {
     dn.push(DnType::OrganizationName, "portcullis");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = std::time::SystemTime::now();
     params.not_before = (now - std::time::Duration::from_secs(3600)).into();
     params.not_after = (now + std::time::Duration::from_secs(5 * 365 * 24 * 3600)).into();
@@ -42,7 +51,8 @@ pub fn init(dir: &Path, common_name: &str) -> Result<(), CaError> {
         .mode(0o600)
         .open(&key_path)
         .map_err(io(&key_path))?;
-    f.write_all(key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+    f.write_all(key.serialize_pem().as_bytes())
+        .map_err(io(&key_path))?;
     let cert_path = dir.join("ca.pem");
     std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
     Ok(())

@@ -66,9 +66,7 @@ impl ProxyError {
             ProxyError::Target(_) | ProxyError::NotProxyRequest => StatusCode::BAD_REQUEST,
             ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
-            ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientHello(_) | ProxyError::ClientHelloTimeout => StatusCode::BAD_REQUEST,
             ProxyError::Dns(_)
             | ProxyError::NoAddress

@@ -16,5 +16,7 @@ pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
+pub mod secrets;
 pub mod tls;
 pub mod upstream;

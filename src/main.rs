@@ -11,7 +11,11 @@ use portcullis::config::{self, Loaded};
 use portcullis::policy::{self, target, Action};
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "Egress proxy that blocks, limits and audits AI services")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Egress proxy that blocks, limits and audits AI services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -98,18 +102,23 @@ fn load(path: Option<&Path>) -> Result<Loaded, ExitCode> {
 }
 
 fn run(path: Option<&Path>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let loaded = match load(path) {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Process logs go to stderr (the audit log may be stdout); RUST_LOG wins over [log] level.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.settings.log_level)),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portcullis: cannot start runtime: {e}");
@@ -124,7 +133,7 @@ fn run(path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        wait_for_signal().await;
+        wait_for_signal(&running).await;
         tracing::info!("shutting down");
         running.shutdown().await;
         tracing::info!("stopped; audit log flushed");
@@ -132,15 +141,31 @@ fn run(path: Option<&Path>) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// SIGHUP reloads the policy, SIGUSR1 reopens the audit file (logrotate), SIGTERM/SIGINT stop.
+async fn wait_for_signal(running: &portcullis::app::Running) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    );
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = signals else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                let _ = portcullis::reload::reload(&running.state).await;
+            }
+            _ = usr1.recv() => {
+                tracing::info!("reopening the audit log");
+                running.state.audit.reopen();
+            }
+        }
     }
 }
 
@@ -163,7 +188,13 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn explain(path: &Path, client: IpAddr, user: Option<&str>, method: Option<&str>, url: &str) -> ExitCode {
+fn explain(
+    path: &Path,
+    client: IpAddr,
+    user: Option<&str>,
+    method: Option<&str>,
+    url: &str,
+) -> ExitCode {
     let loaded = match load(Some(path)) {
         Ok(l) => l,
         Err(code) => return code,
@@ -190,7 +221,12 @@ fn explain(path: &Path, client: IpAddr, user: Option<&str>, method: Option<&str>
         }
     };
     let default_method = if connect { "CONNECT" } else { "GET" };
-    let method = match http::Method::from_bytes(method.unwrap_or(default_method).to_ascii_uppercase().as_bytes()) {
+    let method = match http::Method::from_bytes(
+        method
+            .unwrap_or(default_method)
+            .to_ascii_uppercase()
+            .as_bytes(),
+    ) {
         Ok(m) => m,
         Err(_) => {
             eprintln!("portcullis: invalid method");

@@ -11,8 +11,8 @@ use rustc_hash::FxHashMap;
 
 use super::types::{ConfigFile, RuleDef, VendorDef, S};
 use super::{
-    parse_duration, AuditSettings, AuthSettings, ConfigError, Parsed, ProxySettings, Settings,
-    Sources, UpstreamSettings,
+    parse_duration, parse_size, AdminSettings, AuditSettings, AuthSettings, ConfigError, PacMode,
+    Parsed, ProxySettings, Settings, Sources, UpstreamSettings,
 };
 use crate::policy::path::PathPattern;
 use crate::policy::target::{self, Host};
@@ -53,9 +53,20 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
         let n = rules.len() as u32;
         let id = def.get_ref().id.get_ref();
         if seen_ids.insert(id.clone(), ()).is_some() {
-            return Err(src.error(src.at(file, &def.get_ref().id), format!("duplicate rule id {id:?}")));
+            return Err(src.error(
+                src.at(file, &def.get_ref().id),
+                format!("duplicate rule id {id:?}"),
+            ));
         }
-        let rule = compile_rule(src, file, def.get_ref(), &catalog, &group_names, n, &mut index)?;
+        let rule = compile_rule(
+            src,
+            file,
+            def.get_ref(),
+            &catalog,
+            &group_names,
+            n,
+            &mut index,
+        )?;
         rules.push(rule);
     }
 
@@ -119,16 +130,23 @@ fn only_policy_sections(src: &Sources, file: usize, c: &ConfigFile) -> Result<()
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn add_vendor(src: &Sources, file: usize, v: &S<VendorDef>, catalog: &mut Catalog) -> Result<(), ConfigError> {
+fn add_vendor(
+    src: &Sources,
+    file: usize,
+    v: &S<VendorDef>,
+    catalog: &mut Catalog,
+) -> Result<(), ConfigError> {
     let def = v.get_ref();
     let id = def.id.get_ref();
     if !valid_id(id) || id.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(src.error(src.at(file, &def.id), format!("vendor id {id:?} must be lowercase letters, digits, '-', '_' or '.'")));
+        return Err(src.error(
+            src.at(file, &def.id),
+            format!("vendor id {id:?} must be lowercase letters, digits, '-', '_' or '.'"),
+        ));
     }
     if catalog.find_vendor(id).is_some() {
         return Err(src.error(src.at(file, &def.id), format!("duplicate vendor id {id:?}")));
@@ -136,26 +154,36 @@ fn add_vendor(src: &Sources, file: usize, v: &S<VendorDef>, catalog: &mut Catalo
     let mut endpoints = Vec::new();
     if let Some(eps) = &def.endpoints {
         for (class, patterns) in eps.get_ref() {
-            let Some(e) = Endpoint::parse(class).filter(|e| *e != Endpoint::App && *e != Endpoint::Unknown) else {
+            let Some(e) =
+                Endpoint::parse(class).filter(|e| *e != Endpoint::App && *e != Endpoint::Unknown)
+            else {
                 return Err(src.error(
                     src.at(file, eps),
                     format!("unknown endpoint class {class:?} (known: chat, completions, embeddings, models, files, batches, fine_tuning, images, audio)"),
                 ));
             };
             for p in patterns {
-                let pat = PathPattern::parse(p.get_ref()).map_err(|e| src.error(src.at(file, p), e))?;
+                let pat =
+                    PathPattern::parse(p.get_ref()).map_err(|e| src.error(src.at(file, p), e))?;
                 endpoints.push((e, pat));
             }
         }
     }
-    let vid = catalog.push_vendor(Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints));
+    let vid = catalog.push_vendor(Vendor::new(
+        id,
+        def.name.as_deref().unwrap_or(id),
+        endpoints,
+    ));
     for (hosts, app) in [(&def.hosts, false), (&def.app_hosts, true)] {
         for h in hosts {
             let pat = HostPattern::parse(h.get_ref()).map_err(|e| src.error(src.at(file, h), e))?;
             if let Err(other) = catalog.add_host(&pat, vid, app) {
                 return Err(src.error(
                     src.at(file, h),
-                    format!("host {:?} already belongs to vendor {other:?}", pat.as_str()),
+                    format!(
+                        "host {:?} already belongs to vendor {other:?}",
+                        pat.as_str()
+                    ),
                 ));
             }
         }
@@ -202,7 +230,13 @@ fn compile_rule(
 ) -> Result<Rule, ConfigError> {
     let err = |s: super::At, m: String| src.error(s, m);
     if !valid_id(def.id.get_ref()) {
-        return Err(err(src.at(file, &def.id), format!("rule id {:?} must be letters, digits, '-', '_' or '.' (at most 64)", def.id.get_ref())));
+        return Err(err(
+            src.at(file, &def.id),
+            format!(
+                "rule id {:?} must be letters, digits, '-', '_' or '.' (at most 64)",
+                def.id.get_ref()
+            ),
+        ));
     }
     let action = parse_action(src, file, &def.action)?;
     let mode = match &def.mode {
@@ -210,12 +244,23 @@ fn compile_rule(
         Some(m) => match m.get_ref().as_str() {
             "enforce" => Mode::Enforce,
             "shadow" => Mode::Shadow,
-            other => return Err(err(src.at(file, m), format!("unknown mode {other:?} (enforce, shadow)"))),
+            other => {
+                return Err(err(
+                    src.at(file, m),
+                    format!("unknown mode {other:?} (enforce, shadow)"),
+                ))
+            }
         },
     };
     let list = |v: &Option<S<super::types::OneOrMany<String>>>| -> Vec<(super::At, String)> {
         v.as_ref()
-            .map(|s| s.get_ref().as_slice().iter().map(|x| (src.at(file, s), x.clone())).collect())
+            .map(|s| {
+                s.get_ref()
+                    .as_slice()
+                    .iter()
+                    .map(|x| (src.at(file, s), x.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     };
 
@@ -223,7 +268,12 @@ fn compile_rule(
     for (at, v) in list(&def.vendor) {
         match catalog.find_vendor(&v) {
             Some(id) => vendors.push(id),
-            None => return Err(err(at, format!("unknown vendor {v:?} (not in the catalog)"))),
+            None => {
+                return Err(err(
+                    at,
+                    format!("unknown vendor {v:?} (not in the catalog)"),
+                ))
+            }
         }
     }
     let mut endpoints = 0u16;
@@ -246,15 +296,27 @@ fn compile_rule(
     for (at, c) in list(&def.client) {
         clients.push(parse_net(&c).map_err(|m| err(at, m))?);
     }
-    let users = list(&def.user).into_iter().map(|(_, u)| u.into_boxed_str()).collect();
+    let users = list(&def.user)
+        .into_iter()
+        .map(|(_, u)| u.into_boxed_str())
+        .collect();
     let mut groups = 0u64;
     for (at, g) in list(&def.group) {
         match group_names.iter().position(|x| **x == *g) {
             Some(i) => groups |= 1 << i,
-            None => return Err(err(at, format!("unknown group {g:?} (define it under [groups])"))),
+            None => {
+                return Err(err(
+                    at,
+                    format!("unknown group {g:?} (define it under [groups])"),
+                ))
+            }
         }
     }
-    let ports = def.port.as_ref().map(|p| p.get_ref().as_slice().to_vec()).unwrap_or_default();
+    let ports = def
+        .port
+        .as_ref()
+        .map(|p| p.get_ref().as_slice().to_vec())
+        .unwrap_or_default();
 
     let mut hosts = Vec::new();
     for (at, h) in list(&def.host) {
@@ -323,14 +385,19 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
     let addr = |v: &Option<S<String>>, default: &str| -> Result<SocketAddr, ConfigError> {
         match v {
             Some(s) => SocketAddr::from_str(s.get_ref()).map_err(|_| {
-                src.error(src.at(0, s), format!("invalid listen address {:?} (want ip:port)", s.get_ref()))
+                src.error(
+                    src.at(0, s),
+                    format!("invalid listen address {:?} (want ip:port)", s.get_ref()),
+                )
             }),
             None => Ok(SocketAddr::from_str(default).expect("built-in default")),
         }
     };
     let count = |v: &Option<S<u64>>, default: u64, min: u64| -> Result<usize, ConfigError> {
         match v {
-            Some(s) if *s.get_ref() < min => Err(src.error(src.at(0, s), format!("must be at least {min}"))),
+            Some(s) if *s.get_ref() < min => {
+                Err(src.error(src.at(0, s), format!("must be at least {min}")))
+            }
             Some(s) => Ok(*s.get_ref() as usize),
             None => Ok(default as usize),
         }
@@ -350,9 +417,42 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         tunnel_require_tls: p.tunnel_require_tls.unwrap_or(true),
     };
 
-    let admin_listen = match main.admin.as_ref().map(|a| a.get_ref()) {
-        Some(a) => Some(addr(&a.listen, "127.0.0.1:9090")?),
-        None => Some(SocketAddr::from_str("127.0.0.1:9090").expect("built-in default")),
+    let none_admin = Default::default();
+    let ad: &super::types::AdminSection = main.admin.as_ref().map_or(&none_admin, |a| a.get_ref());
+    let admin = AdminSettings {
+        listen: match &ad.listen {
+            Some(l) if l.get_ref() == "off" => None,
+            _ => Some(addr(&ad.listen, "127.0.0.1:9090")?),
+        },
+        token_file: ad.token_file.as_ref().map(|t| src.relative(0, t.get_ref())),
+        pac: match &ad.pac {
+            None => PacMode::Catalog,
+            Some(p) if p.get_ref() == "catalog" => PacMode::Catalog,
+            Some(p) if p.get_ref() == "all" => PacMode::All,
+            Some(p) => {
+                return Err(src.error(
+                    src.at(0, p),
+                    format!("unknown pac mode {:?} (catalog, all)", p.get_ref()),
+                ))
+            }
+        },
+        pac_proxy: ad.pac_proxy.as_ref().map(|p| p.get_ref().clone()),
+    };
+    let log_level = match main.log.as_ref().and_then(|l| l.get_ref().level.as_ref()) {
+        Some(l) => {
+            let v = l.get_ref().to_ascii_lowercase();
+            if !["error", "warn", "info", "debug", "trace"].contains(&v.as_str()) {
+                return Err(src.error(
+                    src.at(0, l),
+                    format!(
+                        "unknown log level {:?} (error, warn, info, debug, trace)",
+                        l.get_ref()
+                    ),
+                ));
+            }
+            v
+        }
+        None => "info".to_string(),
     };
 
     let a = main.audit.as_ref().map(|s| s.get_ref());
@@ -361,11 +461,18 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
     let audit = AuditSettings {
         path: match &a.path {
             Some(p) if p.get_ref() == "-" => None,
-            Some(p) if p.get_ref().is_empty() => return Err(src.error(src.at(0, p), "audit path is empty (use \"-\" for stdout)")),
+            Some(p) if p.get_ref().is_empty() => {
+                return Err(src.error(src.at(0, p), "audit path is empty (use \"-\" for stdout)"))
+            }
             Some(p) => Some(src.relative(0, p.get_ref())),
             None => None,
         },
         queue: count(&a.queue, 65_536, 1)?,
+        max_size: match &a.max_size {
+            Some(m) => parse_size(m.get_ref()).map_err(|e| src.error(src.at(0, m), e))?,
+            None => 0,
+        },
+        keep: count(&a.keep, 5, 1)?,
     };
 
     let u = main.upstream.as_ref().map(|s| s.get_ref());
@@ -374,10 +481,18 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
     let mut resolve = FxHashMap::default();
     if let Some(map) = &u.resolve {
         for (k, v) in map.get_ref() {
-            let (host, port) = target::from_connect_authority(k)
-                .map_err(|e| src.error(src.at(0, map), format!("resolve key {k:?}: {e} (want host:port)")))?;
-            let to = SocketAddr::from_str(v.get_ref())
-                .map_err(|_| src.error(src.at(0, v), format!("resolve target {:?} must be ip:port", v.get_ref())))?;
+            let (host, port) = target::from_connect_authority(k).map_err(|e| {
+                src.error(
+                    src.at(0, map),
+                    format!("resolve key {k:?}: {e} (want host:port)"),
+                )
+            })?;
+            let to = SocketAddr::from_str(v.get_ref()).map_err(|_| {
+                src.error(
+                    src.at(0, v),
+                    format!("resolve target {:?} must be ip:port", v.get_ref()),
+                )
+            })?;
             resolve.insert((host, port), to);
         }
     }
@@ -408,9 +523,10 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
 
     Ok(Settings {
         proxy,
-        admin_listen,
+        admin,
         audit,
         upstream,
         auth,
+        log_level,
     })
 }

@@ -22,7 +22,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "config/portcullis.toml",
         include_str!("../../config/portcullis.toml"),
     ),
-    ("config/vendors.toml", include_str!("../../config/vendors.toml")),
+    (
+        "config/vendors.toml",
+        include_str!("../../config/vendors.toml"),
+    ),
 ];
 
 /// Includes nest at most this deep; deeper is almost certainly a cycle.
@@ -41,10 +44,29 @@ pub struct ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub proxy: ProxySettings,
-    pub admin_listen: Option<SocketAddr>,
+    pub admin: AdminSettings,
     pub audit: AuditSettings,
     pub upstream: UpstreamSettings,
     pub auth: Option<AuthSettings>,
+    /// `RUST_LOG` wins over this.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PacMode {
+    /// Send only the catalog's vendor hosts to the proxy; everything else goes direct.
+    Catalog,
+    /// Send everything to the proxy.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: Option<SocketAddr>,
+    pub token_file: Option<PathBuf>,
+    pub pac: PacMode,
+    /// host:port clients should use; default: the proxy's listen address.
+    pub pac_proxy: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +86,10 @@ pub struct AuditSettings {
     /// `None` = stdout.
     pub path: Option<PathBuf>,
     pub queue: usize,
+    /// Rotate the file when it grows past this many bytes (0 = never; use SIGUSR1 + logrotate).
+    pub max_size: u64,
+    /// Rotated files kept (`path.1` … `path.N`).
+    pub keep: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +118,8 @@ pub struct Loaded {
     pub policy: Policy,
     /// Every file read, for reload watching.
     pub files: Vec<PathBuf>,
+    /// The main file, `None` when the embedded default was used.
+    pub source: Option<PathBuf>,
 }
 
 /// One file's text, kept so spans can become line and column.
@@ -193,6 +221,7 @@ fn load_with(path: &Path, embedded: bool) -> Result<Loaded, ConfigError> {
         settings,
         policy,
         files,
+        source: (!embedded).then(|| path.to_path_buf()),
     })
 }
 
@@ -242,10 +271,47 @@ fn parse_file(
             return Err(sources.error(at, format!("{} is included twice", target.display())));
         }
         let child = parse_file(sources, &target, Some(at), depth + 1, includes)?;
-        let child_file = sources.files.iter().position(|s| s.path == target).unwrap_or(0);
+        let child_file = sources
+            .files
+            .iter()
+            .position(|s| s.path == target)
+            .unwrap_or(0);
         includes.push((child_file, child));
     }
     Ok(parsed)
+}
+
+/// "500MiB", "1GB", "64KiB", "1024" (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (like \"500MiB\")"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    let v = n * mult as f64;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(format!("size {s:?} out of range"));
+    }
+    Ok(v as u64)
 }
 
 /// "10s", "1m", "24h", "30d", "250ms".

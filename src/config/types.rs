@@ -35,6 +35,7 @@ pub struct ConfigFile {
     pub audit: Option<S<AuditSection>>,
     pub upstream: Option<S<UpstreamSection>>,
     pub auth: Option<S<AuthSection>>,
+    pub log: Option<S<LogSection>>,
     pub defaults: Option<S<DefaultsSection>>,
     pub groups: Option<S<BTreeMap<String, Vec<String>>>>,
     #[serde(default)]
@@ -61,6 +62,15 @@ pub struct ProxySection {
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Option<S<String>>,
+    pub token_file: Option<S<String>>,
+    pub pac: Option<S<String>>,
+    pub pac_proxy: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub level: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +78,8 @@ pub struct AdminSection {
 pub struct AuditSection {
     pub path: Option<S<String>>,
     pub queue: Option<S<u64>>,
+    pub max_size: Option<S<String>>,
+    pub keep: Option<S<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

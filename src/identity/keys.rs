@@ -83,8 +83,15 @@ mod tests {
         let mut h2 = HeaderMap::new();
         h2.insert("x-api-key", "sk-live-abc".parse().unwrap());
         assert_eq!(f.from_request(&h2, None).unwrap(), a);
-        assert_eq!(f.from_request(&HeaderMap::new(), Some("alt=sse&key=sk-live-abc")).unwrap(), a);
+        assert_eq!(
+            f.from_request(&HeaderMap::new(), Some("alt=sse&key=sk-live-abc"))
+                .unwrap(),
+            a
+        );
         assert_eq!(f.from_request(&HeaderMap::new(), Some("alt=sse")), None);
-        assert_ne!(KeyFingerprinter::new(b"other").fingerprint(b"sk-live-abc"), a);
+        assert_ne!(
+            KeyFingerprinter::new(b"other").fingerprint(b"sk-live-abc"),
+            a
+        );
     }
 }

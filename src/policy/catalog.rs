@@ -110,7 +110,8 @@ pub struct VendorHit {
 pub struct Catalog {
     vendors: Vec<Vendor>,
     hosts: HostIndex<HostEntry>,
-    host_count: usize,
+    /// Every host pattern as written (normalised), for /policy and the PAC file.
+    patterns: Vec<(Box<str>, VendorId, bool)>,
 }
 
 impl Catalog {
@@ -120,12 +121,17 @@ impl Catalog {
     }
 
     /// Registers a host pattern; on a duplicate returns the id of the vendor that has it.
-    pub fn add_host(&mut self, p: &HostPattern, vendor: VendorId, app: bool) -> Result<(), Arc<str>> {
+    pub fn add_host(
+        &mut self,
+        p: &HostPattern,
+        vendor: VendorId,
+        app: bool,
+    ) -> Result<(), Arc<str>> {
         let (slot, fresh) = self.hosts.entry(p, || HostEntry { vendor, app });
         if !fresh {
             return Err(self.vendors[slot.vendor as usize].id.clone());
         }
-        self.host_count += 1;
+        self.patterns.push((p.as_str().into(), vendor, app));
         Ok(())
     }
 
@@ -138,7 +144,12 @@ impl Catalog {
     }
 
     pub fn host_count(&self) -> usize {
-        self.host_count
+        self.patterns.len()
+    }
+
+    /// (pattern, vendor, is app host) in catalog order.
+    pub fn patterns(&self) -> impl Iterator<Item = (&str, VendorId, bool)> {
+        self.patterns.iter().map(|(p, v, a)| (&**p, *v, *a))
     }
 
     pub fn find_vendor(&self, id: &str) -> Option<VendorId> {

@@ -36,7 +36,10 @@ enum Kind {
     Exact(Box<str>),
     /// apex included?
     Suffix(Box<str>, bool),
-    Glob { key: Box<str>, labels: Vec<Box<str>> },
+    Glob {
+        key: Box<str>,
+        labels: Vec<Box<str>>,
+    },
 }
 
 /// One validated pattern, ready to insert into a [`HostIndex`].
@@ -87,11 +90,29 @@ impl HostPattern {
         })
     }
 
+    /// Whether `host` (lowercase, no trailing dot) matches; the index does the same with hash
+    /// probes, this is the one-pattern form.
+    pub fn matches(&self, host: &str) -> bool {
+        match &self.kind {
+            Kind::Exact(k) => host == &**k,
+            Kind::Suffix(k, apex) => {
+                (*apex && host == &**k)
+                    || (host.len() > k.len()
+                        && host.ends_with(&**k)
+                        && host.as_bytes()[host.len() - k.len() - 1] == b'.')
+            }
+            Kind::Glob { labels, .. } => glob_labels_match(labels, host),
+        }
+    }
+
     /// The pattern as normalised (lowercase, no trailing dot).
     pub fn as_str(&self) -> &str {
         &self.text
     }
 }
+
+/// Label globs sharing a two-label key, each with its value.
+type GlobList<T> = Vec<(Vec<Box<str>>, T)>;
 
 /// Maps host patterns to values of `T`.
 #[derive(Debug, Clone)]
@@ -99,7 +120,7 @@ pub struct HostIndex<T> {
     exact: FxHashMap<Box<str>, T>,
     suffix_incl: FxHashMap<Box<str>, T>,
     suffix_subs: FxHashMap<Box<str>, T>,
-    globs: FxHashMap<Box<str>, Vec<(Vec<Box<str>>, T)>>,
+    globs: FxHashMap<Box<str>, GlobList<T>>,
 }
 
 impl<T> Default for HostIndex<T> {
@@ -291,20 +312,52 @@ mod tests {
     }
 
     #[test]
+    fn single_pattern_matches_like_the_index() {
+        let hosts = [
+            "deepseek.com",
+            "api.deepseek.com",
+            "x.deepseek.com",
+            "notdeepseek.com",
+            "com",
+        ];
+        for pat in [
+            ".deepseek.com",
+            "*.deepseek.com",
+            "api.deepseek.com",
+            "*.deepseek.*m",
+        ] {
+            let Ok(p) = HostPattern::parse(pat) else {
+                continue;
+            };
+            let mut ix = HostIndex::default();
+            ix.entry(&p, || ());
+            for h in hosts {
+                assert_eq!(p.matches(h), ix.best(h).is_some(), "{pat} vs {h}");
+            }
+        }
+    }
+
+    #[test]
     fn bad_patterns_refused() {
         assert!(HostPattern::parse("").is_err());
         assert!(HostPattern::parse("*.com").is_ok());
         assert!(HostPattern::parse("foo.*").is_err());
         assert!(HostPattern::parse("a b.com").is_err());
         assert!(HostPattern::parse("a..com").is_err());
-        assert_eq!(HostPattern::parse("API.Example.COM.").unwrap().as_str(), "api.example.com");
+        assert_eq!(
+            HostPattern::parse("API.Example.COM.").unwrap().as_str(),
+            "api.example.com"
+        );
     }
 
     #[test]
     fn glob() {
         assert!(glob_match("*", ""));
         assert!(glob_match("*:generatecontent", "gemini:generatecontent"));
-        assert!(!glob_match("*:generatecontent", "gemini:streamgeneratecontent2"));
+        assert!(!glob_match(
+            "*:generatecontent",
+            "gemini:streamgeneratecontent2"
+        ));
         assert!(glob_match("a*b*c", "abc"));
         assert!(glob_match("a*b*c", "axxbyyc"));
         assert!(!glob_match("a*b*c", "axxbyy"));

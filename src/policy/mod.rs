@@ -7,6 +7,7 @@
 //! (lists are in rule order) and keeps the lowest rule number among them.
 
 pub mod catalog;
+pub mod describe;
 pub mod hostmatch;
 pub mod path;
 pub mod rules;

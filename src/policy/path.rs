@@ -63,7 +63,11 @@ fn decode_unreserved(path: &str) -> String {
                     continue;
                 }
                 // Keep other escapes but in one case, so %2f and %2F compare equal.
-                out.extend_from_slice(&[b'%', b[i + 1].to_ascii_uppercase(), b[i + 2].to_ascii_uppercase()]);
+                out.extend_from_slice(&[
+                    b'%',
+                    b[i + 1].to_ascii_uppercase(),
+                    b[i + 2].to_ascii_uppercase(),
+                ]);
                 i += 3;
                 continue;
             }
@@ -101,7 +105,11 @@ impl PathPattern {
             return Err(PathPatternError(text.to_string()));
         }
         let norm = normalize(text);
-        let segs = norm.split('/').filter(|s| !s.is_empty()).map(Into::into).collect();
+        let segs = norm
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(Into::into)
+            .collect();
         Ok(PathPattern {
             segs,
             text: text.into(),
@@ -138,7 +146,10 @@ mod tests {
     #[test]
     fn normal_form() {
         assert_eq!(normalize("/v1/batches"), "/v1/batches");
-        assert!(matches!(normalize("/v1/batches?x=1"), Cow::Borrowed("/v1/batches")));
+        assert!(matches!(
+            normalize("/v1/batches?x=1"),
+            Cow::Borrowed("/v1/batches")
+        ));
         assert_eq!(normalize("/v1//batches"), "/v1/batches");
         assert_eq!(normalize("/v1/./batches"), "/v1/batches");
         assert_eq!(normalize("/v1/x/../batches"), "/v1/batches");

@@ -91,11 +91,13 @@ impl Rule {
         (self.vendors.is_empty() || f.vendor.is_some_and(|v| self.vendors.contains(&v)))
             && (self.endpoints == 0 || self.endpoints & f.endpoint.bit() != 0)
             && (self.paths.is_empty()
-                || f.path.is_some_and(|p| self.paths.iter().any(|pat| pat.matches(p))))
+                || f.path
+                    .is_some_and(|p| self.paths.iter().any(|pat| pat.matches(p))))
             && (self.methods.is_empty() || self.methods.iter().any(|m| m == f.method))
             && (self.ports.is_empty() || self.ports.contains(&f.port))
             && (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&f.client)))
-            && (self.users.is_empty() || f.user.is_some_and(|u| self.users.iter().any(|x| &**x == u)))
+            && (self.users.is_empty()
+                || f.user.is_some_and(|u| self.users.iter().any(|x| &**x == u)))
             && (self.groups == 0 || self.groups & f.groups != 0)
     }
 }

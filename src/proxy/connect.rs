@@ -29,7 +29,11 @@ use crate::tls::sni::{peek_client_hello, SniError};
 /// A ClientHello larger than this is not a browser or SDK; refuse rather than buffer.
 const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
-pub async fn handle(state: Arc<State>, peer: Peer, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    state: Arc<State>,
+    peer: Peer,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let html = respond::wants_html(req.headers());
     let realm = state.auth.as_ref().map(|a| a.realm.as_str());
@@ -89,7 +93,11 @@ pub async fn handle(state: Arc<State>, peer: Peer, mut req: Request<Incoming>) -
         Ok((s, _)) => s,
         Err(e) => {
             if e.is_upstream() {
-                state.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
+                state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
             }
             rec.status = e.status().as_u16();
             rec.reason = format!("{}: {}", e.kind(), e).into();
@@ -184,7 +192,13 @@ impl Tunnel {
         let idle = self.state.settings.proxy.idle_timeout;
         let outcome = async {
             upstream.write_all(&hello).await?;
-            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 16 * 1024, 16 * 1024).await
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                16 * 1024,
+                16 * 1024,
+            )
+            .await
         };
         tokio::pin!(outcome);
         let reason = loop {
@@ -204,7 +218,6 @@ impl Tunnel {
                 _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
             }
         };
-        drop(outcome);
         self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
         self.rec.bytes_in = stats.inn.load(Ordering::Relaxed);
         if let Some(r) = reason {
@@ -238,7 +251,10 @@ impl Tunnel {
         self.rec.rule = d.rule_id().cloned();
         self.rec.action = "block";
         self.rec.mode = d.mode.as_str();
-        Some(format!("sni_mismatch: SNI {sni} differs from CONNECT host; {}", d.reason))
+        Some(format!(
+            "sni_mismatch: SNI {sni} differs from CONNECT host; {}",
+            d.reason
+        ))
     }
 
     fn close(mut self, reason: String) {
@@ -275,7 +291,11 @@ impl Metered {
 }
 
 impl AsyncRead for Metered {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -289,7 +309,11 @@ impl AsyncRead for Metered {
 }
 
 impl AsyncWrite for Metered {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {

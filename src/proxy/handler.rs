@@ -74,14 +74,23 @@ pub fn record(seen: &Seen<'_>, d: &Decision<'_>, status: u16, key_id: Option<Str
 }
 
 /// A record for a request refused before any decision (malformed, unauthenticated).
-pub fn rejected(state: &State, peer: Peer, method: &Method, uri: &Uri, e: &ProxyError, start: Instant) {
+pub fn rejected(
+    state: &State,
+    peer: Peer,
+    method: &Method,
+    uri: &Uri,
+    e: &ProxyError,
+    start: Instant,
+) {
     let rec = Record {
         ts: SystemTime::now(),
         id: state.audit.next_id(),
         client: peer.addr,
         user: None,
         method: method.clone(),
-        scheme: uri.scheme_str().map_or("none", |s| if s == "https" { "https" } else { "http" }),
+        scheme: uri
+            .scheme_str()
+            .map_or("none", |s| if s == "https" { "https" } else { "http" }),
         host: uri.host().unwrap_or("").into(),
         port: uri.port_u16().unwrap_or(0),
         path: uri.path_and_query().map(|p| redact_path(p.as_str())),
@@ -103,11 +112,17 @@ pub fn rejected(state: &State, peer: Peer, method: &Method, uri: &Uri, e: &Proxy
 }
 
 /// The proxy user, when `[auth]` is configured. `Err` = answer 407.
-pub async fn authenticate(state: &State, headers: &HeaderMap) -> Result<Option<String>, ProxyError> {
+pub async fn authenticate(
+    state: &State,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ProxyError> {
     let Some(auth) = &state.auth else {
         return Ok(None);
     };
-    if let Some((user, password)) = headers.get(header::PROXY_AUTHORIZATION).and_then(parse_basic) {
+    if let Some((user, password)) = headers
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(parse_basic)
+    {
         if auth.htpasswd.verify(&user, &password).await {
             return Ok(Some(user));
         }
@@ -174,7 +189,12 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
         return respond::blocked(&d, html);
     }
 
-    let uri = match Uri::try_from(format!("{}://{}{}", target.scheme.as_str(), target.authority(), path_q)) {
+    let uri = match Uri::try_from(format!(
+        "{}://{}{}",
+        target.scheme.as_str(),
+        target.authority(),
+        path_q
+    )) {
         Ok(u) => u,
         Err(_) => {
             let e = ProxyError::Target(target::TargetError::InvalidHost("unrepresentable"));
@@ -204,7 +224,11 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
     match result {
         Err(e) => {
             if e.is_upstream() {
-                state.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
+                state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
             }
             rec.status = e.status().as_u16();
             rec.reason = format!("{}: {}", e.kind(), e).into();
@@ -258,7 +282,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 fn append_via(h: &mut HeaderMap) {
     let v = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {VIA}")).unwrap_or(HeaderValue::from_static(VIA)),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {VIA}"))
+            .unwrap_or(HeaderValue::from_static(VIA)),
         None => HeaderValue::from_static(VIA),
     };
     h.insert(header::VIA, v);
@@ -274,7 +299,9 @@ fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
                 ProxyError::Dns(m) => ProxyError::Dns(m.clone()),
                 ProxyError::NoAddress => ProxyError::NoAddress,
                 ProxyError::AddressDenied(d) => ProxyError::AddressDenied(d.clone()),
-                ProxyError::Connect(io) => ProxyError::Connect(std::io::Error::new(io.kind(), io.to_string())),
+                ProxyError::Connect(io) => {
+                    ProxyError::Connect(std::io::Error::new(io.kind(), io.to_string()))
+                }
                 ProxyError::ConnectTimeout => ProxyError::ConnectTimeout,
                 ProxyError::Tls(m) => ProxyError::Tls(m.clone()),
                 other => ProxyError::Upstream(other.to_string()),

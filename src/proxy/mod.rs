@@ -47,6 +47,12 @@ pub struct State {
     pub keys: KeyFingerprinter,
     pub ready: AtomicBool,
     pub shutdown: shutdown::Shutdown,
+    /// The main config file for reloads; `None` = the embedded default.
+    pub source: Option<std::path::PathBuf>,
+    /// Bearer token for the admin listener's /reload and /policy, when configured.
+    pub admin_token: Option<String>,
+    /// The proxy listener's bound address.
+    pub listen_addr: SocketAddr,
 }
 
 impl State {
@@ -68,16 +74,25 @@ impl State {
         };
         let m = &self.metrics;
         m.requests
-            .with_label_values(&[vendor, rec.endpoint, action, rec.rule.as_deref().unwrap_or("default")])
+            .with_label_values(&[
+                vendor,
+                rec.endpoint,
+                action,
+                rec.rule.as_deref().unwrap_or("default"),
+            ])
             .inc();
         m.duration
             .with_label_values(&[vendor, action])
             .observe(elapsed.as_secs_f64());
         if rec.bytes_out > 0 {
-            m.bytes.with_label_values(&[vendor, "out"]).inc_by(rec.bytes_out);
+            m.bytes
+                .with_label_values(&[vendor, "out"])
+                .inc_by(rec.bytes_out);
         }
         if rec.bytes_in > 0 {
-            m.bytes.with_label_values(&[vendor, "in"]).inc_by(rec.bytes_in);
+            m.bytes
+                .with_label_values(&[vendor, "in"])
+                .inc_by(rec.bytes_in);
         }
         self.audit.send(rec);
     }

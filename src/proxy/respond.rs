@@ -21,9 +21,17 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
         .any(|v| v.to_str().is_ok_and(|s| s.contains("text/html")))
 }
 
-fn build(status: StatusCode, html: bool, body: serde_json::Value, title: &str) -> Response<ProxyBody> {
+fn build(
+    status: StatusCode,
+    html: bool,
+    body: serde_json::Value,
+    title: &str,
+) -> Response<ProxyBody> {
     let (ctype, bytes) = if html {
-        ("text/html; charset=utf-8", Bytes::from(html_page(status, title, &body)))
+        (
+            "text/html; charset=utf-8",
+            Bytes::from(html_page(status, title, &body)),
+        )
     } else {
         let mut v = serde_json::to_vec(&body).unwrap_or_default();
         v.push(b'\n');
@@ -100,7 +108,8 @@ pub fn error(e: &ProxyError, realm: Option<&str>, html: bool) -> Response<ProxyB
     let mut resp = build(status, html, body, title);
     if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         let realm = realm.unwrap_or("portcullis").replace('"', "");
-        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+        {
             resp.headers_mut().insert(PROXY_AUTHENTICATE, v);
         }
     }

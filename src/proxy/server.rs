@@ -16,7 +16,11 @@ use super::{handler, Peer, State};
 /// Serves until `stop` resolves, then drains: in-flight requests get `shutdown_grace`, after
 /// which connections and tunnels are closed. Returns when every task has finished and written
 /// its audit record.
-pub async fn serve(listener: TcpListener, state: Arc<State>, stop: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let settings = state.settings.proxy.clone();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = http1::Builder::new();
@@ -50,7 +54,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: impl std::fut
         let peer = Peer { addr };
         let st = state.clone();
         let service = service_fn(move |req| handler::handle(st.clone(), peer, req));
-        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
         let token = state.shutdown.token();
         let mut force = state.shutdown_signal();
         let mut drain = state.shutdown.drain_signal();
@@ -87,7 +93,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: impl std::fut
     state.shutdown.start_drain();
     let drained = tokio::time::timeout(grace, state.shutdown.idle()).await;
     if drained.is_err() {
-        tracing::warn!(live = state.shutdown.live(), "grace period over; closing what is left");
+        tracing::warn!(
+            live = state.shutdown.live(),
+            "grace period over; closing what is left"
+        );
     }
     state.shutdown.stop_now();
     state.shutdown.idle().await;

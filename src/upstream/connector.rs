@@ -44,7 +44,11 @@ impl Connection for MaybeTls {
 }
 
 impl AsyncRead for MaybeTls {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -53,7 +57,11 @@ impl AsyncRead for MaybeTls {
 }
 
 impl AsyncWrite for MaybeTls {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s).poll_write(cx, buf),
@@ -127,6 +135,8 @@ impl tower_service::Service<Uri> for Connector {
 pub fn server_name(host: &Host) -> Result<ServerName<'static>, ProxyError> {
     match host {
         Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
-        Host::Name(n) => ServerName::try_from(n.to_string()).map_err(|e| ProxyError::Tls(e.to_string())),
+        Host::Name(n) => {
+            ServerName::try_from(n.to_string()).map_err(|e| ProxyError::Tls(e.to_string()))
+        }
     }
 }

@@ -36,7 +36,11 @@ impl Upstream {
     }
 
     /// Resolves, guards and connects; returns the stream and the address dialled.
-    pub async fn connect(&self, host: &Host, port: u16) -> Result<(TcpStream, SocketAddr), ProxyError> {
+    pub async fn connect(
+        &self,
+        host: &Host,
+        port: u16,
+    ) -> Result<(TcpStream, SocketAddr), ProxyError> {
         let addrs = self.resolve(host, port).await?;
         let mut denied = None;
         let mut last_err = None;
