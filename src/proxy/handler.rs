@@ -189,12 +189,8 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
         return respond::blocked(&d, html);
     }
 
-    let uri = match Uri::try_from(format!(
-        "{}://{}{}",
-        target.scheme.as_str(),
-        target.authority(),
-        path_q
-    )) {
+    let authority = target.authority();
+    let uri = match Uri::try_from(format!("{}://{authority}{path_q}", target.scheme.as_str())) {
         Ok(u) => u,
         Err(_) => {
             let e = ProxyError::Target(target::TargetError::InvalidHost("unrepresentable"));
@@ -206,7 +202,7 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
     };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Ok(v) = HeaderValue::from_str(&target.authority()) {
+    if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
     append_via(&mut parts.headers);
