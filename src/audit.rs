@@ -338,6 +338,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn size_rotation_keeps_whole_lines_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let settings = AuditSettings {
+            path: Some(path.clone()),
+            queue: 16,
+            max_size: 100,
+            keep: 2,
+        };
+        let mut sink = FileSink::open(&settings).unwrap();
+        for i in 0..10 {
+            sink.write_line(format!("{{\"n\":{i},\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}}\n").as_bytes())
+                .unwrap();
+        }
+        sink.out.flush().unwrap();
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        let cur = read(&path);
+        let one = read(&dir.path().join("audit.jsonl.1"));
+        let two = read(&dir.path().join("audit.jsonl.2"));
+        assert!(!dir.path().join("audit.jsonl.3").exists(), "keep = 2");
+        for f in [&cur, &one, &two] {
+            assert!(f.len() <= 100 && f.ends_with('\n'), "{f:?}");
+            for l in f.lines() {
+                serde_json::from_str::<serde_json::Value>(l).unwrap();
+            }
+        }
+        // The newest lines survive; the oldest were rotated away.
+        assert!(cur.contains("\"n\":9"));
+    }
+
+    #[test]
     fn redacts_credentials_in_query() {
         assert_eq!(&*redact_path("/v1/x"), "/v1/x");
         assert_eq!(

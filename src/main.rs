@@ -126,6 +126,14 @@ fn run(path: Option<&Path>) -> ExitCode {
         }
     };
     rt.block_on(async {
+        // Handlers first: a signal that lands while listeners start must still drain cleanly.
+        let signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("portcullis: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let running = match portcullis::app::start(loaded).await {
             Ok(r) => r,
             Err(e) => {
@@ -133,7 +141,7 @@ fn run(path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        wait_for_signal(&running).await;
+        signals.serve(&running).await;
         tracing::info!("shutting down");
         running.shutdown().await;
         tracing::info!("stopped; audit log flushed");
@@ -142,28 +150,37 @@ fn run(path: Option<&Path>) -> ExitCode {
 }
 
 /// SIGHUP reloads the policy, SIGUSR1 reopens the audit file (logrotate), SIGTERM/SIGINT stop.
-async fn wait_for_signal(running: &portcullis::app::Running) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let signals = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    );
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = signals else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                let _ = portcullis::reload::reload(&running.state).await;
-            }
-            _ = usr1.recv() => {
-                tracing::info!("reopening the audit log");
-                running.state.audit.reopen();
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+
+    /// Handles reload and reopen until asked to stop.
+    async fn serve(mut self, running: &portcullis::app::Running) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => {
+                    let _ = portcullis::reload::reload(&running.state).await;
+                }
+                _ = self.usr1.recv() => {
+                    tracing::info!("reopening the audit log");
+                    running.state.audit.reopen();
+                }
             }
         }
     }

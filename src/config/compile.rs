@@ -258,7 +258,7 @@ fn compile_rule(
                 s.get_ref()
                     .as_slice()
                     .iter()
-                    .map(|x| (src.at(file, s), x.clone()))
+                    .map(|x| (src.at_item(file, s, x), x.clone()))
                     .collect()
             })
             .unwrap_or_default()

@@ -161,6 +161,22 @@ impl Sources {
         }
     }
 
+    /// Where the string `item` is written inside the value `outer` (an element of a list), so an
+    /// error points at the element rather than at the list's bracket.
+    pub(crate) fn at_item<T>(&self, file: usize, outer: &S<T>, item: &str) -> At {
+        let span = outer.span();
+        let text = &self.files[file].text;
+        let inside = text.get(span.clone()).unwrap_or("");
+        let found = [format!("\"{item}\""), format!("'{item}'")]
+            .iter()
+            .filter_map(|q| inside.find(q.as_str()))
+            .min();
+        At {
+            file,
+            start: span.start + found.unwrap_or(0),
+        }
+    }
+
     /// A path written in `file`, relative to that file's directory.
     pub(crate) fn relative(&self, file: usize, p: &str) -> PathBuf {
         let p = Path::new(p);

@@ -1,0 +1,116 @@
+//! Proxy users from an htpasswd file, rules by user and by group.
+
+mod common;
+
+use common::*;
+
+const PASSWORD: &str = "correct horse";
+
+/// Writes `users.htpasswd` (bcrypt, cost 4) for alice and bob; returns its directory.
+fn htpasswd() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = ["alice", "bob"]
+        .iter()
+        .map(|u| format!("{u}:{}", bcrypt::hash(PASSWORD, 4).unwrap()))
+        .collect();
+    let path = dir.path().join("users.htpasswd");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    // A file of secrets must not be readable by others; the proxy refuses it otherwise.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_groups_are_authenticated_and_matched() {
+    let users = htpasswd();
+    let origin = Origin::http().await;
+    let tail = format!(
+        r#"
+[[rule]]
+id = "alice-no-openai"
+vendor = "openai"
+user = "alice"
+action = "block"
+
+[[rule]]
+id = "eng-no-anthropic"
+vendor = "anthropic"
+group = "eng"
+action = "block"
+
+[auth]
+htpasswd = "{}"
+
+[groups]
+eng = ["bob"]
+"#,
+        users.path().join("users.htpasswd").display()
+    );
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .vendor("api.anthropic.com", origin.addr)
+            .tail(&tail),
+    )
+    .await;
+
+    let anonymous = fetch(proxy.client().get("http://api.openai.com/v1/models")).await;
+    assert_eq!(anonymous.status, 407, "{anonymous:?}");
+    assert!(
+        anonymous
+            .header("proxy-authenticate")
+            .unwrap()
+            .starts_with("Basic"),
+        "{anonymous:?}"
+    );
+    let wrong = fetch(
+        proxy
+            .client_as("alice", "wrong")
+            .get("http://api.openai.com/v1/models"),
+    )
+    .await;
+    assert_eq!(wrong.status, 407);
+    let (status, head, _) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 407, "{head}");
+
+    let alice = proxy.client_as("alice", PASSWORD);
+    let bob = proxy.client_as("bob", PASSWORD);
+    let r = fetch(alice.get("http://api.openai.com/v1/models?who=alice")).await;
+    assert_blocked(&r, "alice-no-openai", "openai");
+    let r = fetch(bob.get("http://api.openai.com/v1/models?who=bob")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = fetch(bob.get("http://api.anthropic.com/v1/messages?who=bob")).await;
+    assert_blocked(&r, "eng-no-anthropic", "anthropic");
+    let r = fetch(alice.get("http://api.anthropic.com/v1/messages?who=alice")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    for (path, user, action) in [
+        ("/v1/models?who=alice", "alice", "block"),
+        ("/v1/models?who=bob", "bob", "allow"),
+        ("/v1/messages?who=bob", "bob", "block"),
+        ("/v1/messages?who=alice", "alice", "allow"),
+    ] {
+        let rec = proxy.audit_path(path).await;
+        assert_eq!(
+            (rec["user"].as_str(), rec["action"].as_str()),
+            (Some(user), Some(action)),
+            "{rec}"
+        );
+    }
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| s.headers.get("proxy-authorization").is_none()),
+        "{seen:?}"
+    );
+
+    let text = proxy.metrics().await;
+    for (name, labels, _) in samples(&text) {
+        assert!(
+            labels.iter().all(|(_, v)| v != "alice" && v != "bob"),
+            "{name} has a user label: {labels:?}"
+        );
+    }
+    assert!(!proxy.audit_text().contains(PASSWORD));
+}

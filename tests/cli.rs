@@ -1,0 +1,152 @@
+//! The command line: check, explain, ca init.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+
+use common::{within, BIN, VENDORS};
+
+async fn portcullis(args: &[&str]) -> Output {
+    within(
+        "portcullis CLI",
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run portcullis")
+}
+
+/// A config file: the catalog include, a listener, then `body`. Lines 1-4 are the preamble.
+fn config(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    let text = format!("include = [\"{VENDORS}\"]\n\n[proxy]\nlisten = \"127.0.0.1:0\"\n{body}");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+const GOOD: &str = r#"
+[[rule]]
+id = "block-deepseek"
+vendor = "deepseek"
+action = "block"
+reason = "DeepSeek is not approved (policy SEC-12)"
+"#;
+
+#[tokio::test]
+async fn check_accepts_a_good_config_with_a_one_line_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "good.toml", GOOD);
+    let out = portcullis(&["check", "--config", &path]).await;
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.contains("ok") && stdout.contains("1 rules"),
+        "{stdout}"
+    );
+}
+
+/// Runs `check` on `body` and returns (line, col, message) of the one error line.
+async fn check_error(dir: &Path, body: &str) -> (usize, usize, String) {
+    let path = config(dir, "bad.toml", body);
+    let out = portcullis(&["check", "--config", &path]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let rest = stderr
+        .trim_end()
+        .strip_prefix(&format!("{path}:"))
+        .unwrap_or_else(|| panic!("error does not start with FILE: {stderr}"));
+    let mut parts = rest.splitn(3, ':');
+    let line = parts
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no line: {stderr}"));
+    let col = parts
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no col: {stderr}"));
+    (line, col, parts.next().unwrap().trim().to_string())
+}
+
+#[tokio::test]
+async fn check_names_file_line_and_column_of_each_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // (body after the 4-line preamble, line, column, words the message must carry)
+    let cases: &[(&str, usize, usize, &str)] = &[
+        ("bogus_key = 1\n", 5, 1, "bogus_key"),
+        ("\n[[rule]]\nid = \"r1\"\nvendor = \"openai\"\naction =  \"explode\"\n", 9, 11, "explode"),
+        ("\n[[rule]]\nid = \"r1\"\nvendor = \"nosuch\"\naction = \"block\"\n", 8, 10, "nosuch"),
+        ("\n[[rule]]\nid = \"r1\"\naction = \"block\"\n\n[[rule]]\n  id = \"r1\"\naction = \"allow\"\n", 11, 8, "r1"),
+        ("\n[upstream]\nresolve_typo = {}\n", 7, 1, "resolve_typo"),
+    ];
+    for &(body, line, col, word) in cases {
+        let (l, c, msg) = check_error(dir.path(), body).await;
+        assert_eq!((l, c), (line, col), "{body:?} -> {msg}");
+        assert!(msg.contains(word), "{body:?} -> {msg}");
+    }
+}
+
+#[tokio::test]
+async fn check_points_at_the_unknown_vendor_inside_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "\n[[rule]]\nid = \"r1\"\nvendor = [\"openai\", \"nosuch\"]\naction = \"block\"\n";
+    let (line, col, msg) = check_error(dir.path(), body).await;
+    assert!(msg.contains("nosuch"), "{msg}");
+    // `vendor = ["openai", "nosuch"]`: the value "nosuch" (its opening quote) is at column 21,
+    // as every string error points at the value's opening quote.
+    assert_eq!((line, col), (8, 21), "{msg}");
+}
+
+#[tokio::test]
+async fn explain_prints_the_decision_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "good.toml", GOOD);
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        &path,
+        "https://api.deepseek.com/chat/completions",
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(j["vendor"], "deepseek");
+    assert_eq!(j["endpoint"], "chat");
+    assert_eq!(j["rule"], "block-deepseek");
+    assert_eq!(j["action"], "block");
+    assert_eq!(j["reason"], "DeepSeek is not approved (policy SEC-12)");
+
+    let out = portcullis(&["explain", "--config", &path, "api.openai.com:443"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(j["vendor"], "openai");
+    assert_eq!(j["method"], "CONNECT");
+    assert_eq!(j["port"], 443);
+    assert_eq!(j["action"], "allow");
+    assert!(j["reason"].is_string());
+}
+
+#[tokio::test]
+async fn ca_init_writes_a_private_key_only_the_owner_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("ca");
+    let out = portcullis(&["ca", "init", "--out", out_dir.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{out:?}");
+    let pem = std::fs::read_to_string(out_dir.join("ca.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let key = out_dir.join("ca.key");
+    assert!(std::fs::read_to_string(&key)
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ca.key mode {mode:o}");
+    // A second init must not overwrite the key.
+    let again = portcullis(&["ca", "init", "--out", out_dir.to_str().unwrap()]).await;
+    assert!(!again.status.success());
+}

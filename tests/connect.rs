@@ -1,0 +1,182 @@
+//! CONNECT tunnels: allow, block, domain fronting by SNI, port and TLS requirements.
+
+mod common;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_tunnel_reaches_tls_origin_and_is_audited_at_close() {
+    let openai = Origin::https().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", openai.addr)).await;
+    let client = proxy.client();
+
+    let r = fetch(client.get("https://api.openai.com/v1/models")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "origin saw 0 bytes");
+    let seen = openai.request("/v1/models").await;
+    assert_eq!(seen.headers["host"], "api.openai.com");
+    assert!(seen.headers.get("proxy-authorization").is_none());
+
+    // The pooled connection keeps the tunnel open; dropping the client closes it.
+    let open = proxy.metrics().await;
+    assert_eq!(
+        metric(&open, "portcullis_tunnels_active", &[]),
+        1.0,
+        "{open}"
+    );
+    drop(client);
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["action"], "allow");
+    assert_eq!(rec["vendor"], "openai");
+    assert_eq!(rec["tls"], "tunnel");
+    assert_eq!(rec["sni"], "api.openai.com");
+    assert_eq!(rec["port"], 443);
+    assert_eq!(rec["status"], 200);
+    assert!(
+        rec["bytes_in"].as_u64().unwrap() > 0 && rec["bytes_out"].as_u64().unwrap() > 0,
+        "{rec}"
+    );
+    let closed = proxy.metrics().await;
+    assert_eq!(metric(&closed, "portcullis_tunnels_active", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_connect_gets_403_before_any_tunnel() {
+    let deepseek = Sink::start().await;
+    let proxy = Proxy::start(Config::new().vendor("api.deepseek.com", deepseek.addr)).await;
+
+    let r = connect_refused(proxy.addr, "api.deepseek.com:443", &[]).await;
+    assert_blocked(&r, "block-deepseek", "deepseek");
+
+    let page = connect_refused(proxy.addr, "api.deepseek.com:443", &["Accept: text/html"]).await;
+    assert_eq!(page.status, 403);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.body.contains("DeepSeek is not approved"), "{page:?}");
+
+    // A real client gives up on the tunnel.
+    let err = within(
+        "reqwest",
+        proxy.client().get("https://api.deepseek.com/").send(),
+    )
+    .await
+    .expect_err("a blocked CONNECT must fail");
+    assert!(
+        format!("{err:?}").contains("403") || err.is_connect(),
+        "{err:?}"
+    );
+
+    if let Some(code) = curl_write_out(&proxy, "%{http_connect}", "https://api.deepseek.com/").await
+    {
+        assert_eq!(code, "403");
+    }
+
+    let rec = proxy.audit_connect("api.deepseek.com").await;
+    assert_eq!(rec["action"], "block");
+    assert_eq!(rec["status"], 403);
+    assert_eq!(rec["tls"], "tunnel");
+    assert_eq!(
+        deepseek.accepted(),
+        0,
+        "a blocked CONNECT dialled the origin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fronting_with_a_blocked_sni_closes_the_tunnel() {
+    let origin = Sink::start().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .vendor("api.deepseek.com", origin.addr)
+            .resolve("127.0.0.1:443", origin.addr),
+    )
+    .await;
+
+    // CONNECT to an allowed name or address, then a ClientHello naming a blocked host.
+    for connect_host in ["api.openai.com", "127.0.0.1"] {
+        let authority = format!("{connect_host}:443");
+        let (status, _, tunnel) = raw_connect(proxy.addr, &authority, &[]).await;
+        assert_eq!(status, 200, "{authority}");
+        let handshake = within(
+            "TLS over a fronted tunnel",
+            tls_handshake(tunnel, "api.deepseek.com"),
+        )
+        .await;
+        assert!(handshake.is_err(), "the fronted handshake completed");
+
+        let rec = proxy.audit_connect(connect_host).await;
+        assert_eq!(rec["action"], "block");
+        assert_eq!(rec["sni"], "api.deepseek.com");
+        assert_eq!(rec["vendor"], "deepseek");
+        assert_eq!(rec["rule"], "block-deepseek");
+        assert_reason(&rec, "sni_mismatch");
+        assert_eq!(origin.received(), 0, "fronted bytes reached the origin");
+    }
+
+    let first = proxy.audit_connect("api.openai.com").await;
+    // The same with curl: --connect-to makes it CONNECT to api.openai.com with SNI deepseek.
+    let ca = ca_file(proxy.dir.path());
+    let Some(out) = curl(&[
+        "-x",
+        &proxy.url(),
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--connect-to",
+        "api.deepseek.com:443:api.openai.com:443",
+        "https://api.deepseek.com/chat/completions",
+    ])
+    .await
+    else {
+        return;
+    };
+    assert!(!out.status.success(), "curl got through: {out:?}");
+    let rec = proxy
+        .audit_where("curl's fronted tunnel", |r| {
+            r["host"] == "api.openai.com" && r["id"] != first["id"]
+        })
+        .await;
+    assert_eq!(
+        (&rec["action"], &rec["sni"]),
+        (&"block".into(), &"api.deepseek.com".into()),
+        "{rec}"
+    );
+    assert_reason(&rec, "sni_mismatch");
+    assert_eq!(origin.received(), 0, "fronted bytes reached the origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_port_not_in_connect_ports_is_403() {
+    let origin = Sink::start().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .resolve("api.openai.com:8443", origin.addr)
+            .loopback(),
+    )
+    .await;
+    let r = connect_refused(proxy.addr, "api.openai.com:8443", &[]).await;
+    assert_error(&r, 403, "port_not_allowed");
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["port"], 8443);
+    assert_eq!(rec["action"], "block");
+    assert_eq!(origin.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_tls_bytes_in_a_tunnel_close_it() {
+    let origin = Sink::start().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let (status, _, mut tunnel) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 200);
+    tunnel
+        .write_all(b"GET / HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_until_closed(&mut tunnel).await, 0);
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_reason(&rec, "not_tls");
+    assert_eq!(origin.received(), 0, "plain bytes were spliced");
+}

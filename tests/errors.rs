@@ -1,0 +1,74 @@
+//! Upstream failures (502/504 naming the kind, in the audit log and the metric) and the limits
+//! on a client connection (431, header read timeout).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_name_their_kind() {
+    let hang = Sink::start().await;
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", closed)
+            .vendor("api.anthropic.com", hang.addr)
+            .upstream("response_timeout = \"1s\""),
+    )
+    .await;
+    let client = proxy.client();
+
+    // (host, path, status, kind); `.invalid` never resolves, so nothing is sent for it.
+    let cases = [
+        ("api.openai.com", "/v1/models", 502, "connect"),
+        ("api.anthropic.com", "/v1/messages", 504, "timeout"),
+        ("something.invalid", "/x", 502, "dns"),
+    ];
+    for (host, path, status, kind) in cases {
+        let r = fetch(client.get(format!("http://{host}{path}"))).await;
+        assert_error(&r, status, kind);
+        let rec = proxy.audit_path(path).await;
+        assert_eq!(rec["status"], status, "{rec}");
+        assert_reason(&rec, kind);
+        assert_eq!(proxy.upstream_errors(kind).await, 1.0, "{kind}");
+    }
+    assert_eq!(hang.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_gets_431() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .proxy("max_header_bytes = 8192"),
+    )
+    .await;
+    let big = format!("X-Big: {}", "a".repeat(16 * 1024));
+    let r = raw_get(proxy.addr, "http://api.openai.com/v1/models", &[&big]).await;
+    assert_eq!(r.status, 431, "{r:?}");
+    // A head under the limit still works.
+    let small = format!("X-Small: {}", "a".repeat(1024));
+    let r = raw_get(proxy.addr, "http://api.openai.com/v1/models", &[&small]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(origin.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_head_is_disconnected() {
+    let proxy = Proxy::start(Config::new().proxy("header_read_timeout = \"1s\"")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://api.openai.com/ HTTP/1.1\r\nHost: api.openai.com\r\nX-Half")
+        .await
+        .unwrap();
+    // The proxy closes the connection (with or without a 408); the test's deadline is the bound.
+    let started = std::time::Instant::now();
+    read_until_closed(&mut s).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout"
+    );
+}

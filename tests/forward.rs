@@ -1,0 +1,150 @@
+//! Plain HTTP through the proxy (absolute-form): block, allow, what the origin sees.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_vendor_gets_403_json_or_html() {
+    let (_openai, deepseek, proxy) = openai_and_deepseek().await;
+    let client = proxy.client();
+
+    let r = fetch(client.get("http://api.deepseek.com/chat/completions")).await;
+    assert_blocked(&r, "block-deepseek", "deepseek");
+    assert_eq!(
+        r.json()["reason"],
+        "DeepSeek is not approved (policy SEC-12)"
+    );
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/json"));
+
+    let page = fetch(
+        client
+            .get("http://api.deepseek.com/html")
+            .header("accept", "text/html,application/xhtml+xml"),
+    )
+    .await;
+    assert_eq!(page.status, 403);
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html"),
+        "{page:?}"
+    );
+    assert_eq!(page.header("x-portcullis-rule"), Some("block-deepseek"));
+    assert!(page.body.contains("<html") && page.body.contains("DeepSeek is not approved"));
+
+    let rec = proxy.audit_path("/chat/completions").await;
+    assert_eq!(rec["action"], "block");
+    assert_eq!(rec["rule"], "block-deepseek");
+    assert_eq!(rec["vendor"], "deepseek");
+    assert_eq!(rec["endpoint"], "chat");
+    assert_eq!(rec["status"], 403);
+    assert!(
+        deepseek.requests().is_empty(),
+        "a blocked request reached the origin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_request_reaches_origin_without_hop_by_hop_headers() {
+    let (openai, _deepseek, proxy) = openai_and_deepseek().await;
+    // Credentials for the proxy that the proxy (without [auth]) must still never forward.
+    let client = proxy.client_as("someone", "proxy-pw");
+    let r = fetch(
+        client
+            .post("http://api.openai.com/v1/embeddings")
+            .header("connection", "x-custom-hop")
+            .header("x-custom-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("x-end-to-end", "kept")
+            .body("0123456789"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "origin saw 10 bytes");
+    assert_eq!(r.header("x-origin"), Some("fake"));
+    assert!(
+        r.header("via").is_some_and(|v| v.contains("portcullis")),
+        "{r:?}"
+    );
+
+    let seen = openai.request("/v1/embeddings").await;
+    let h = &seen.headers;
+    assert_eq!(seen.method, "POST");
+    assert_eq!(h["host"], "api.openai.com");
+    assert!(h.get("via").is_some(), "no Via: {h:?}");
+    assert_eq!(h["x-end-to-end"], "kept");
+    for gone in [
+        "proxy-authorization",
+        "x-custom-hop",
+        "keep-alive",
+        "proxy-connection",
+    ] {
+        assert!(h.get(gone).is_none(), "{gone} reached the origin: {h:?}");
+    }
+    assert!(
+        h.get_all("connection")
+            .iter()
+            .all(|v| !v.to_str().unwrap().contains("x-custom-hop")),
+        "{h:?}"
+    );
+
+    let rec = proxy.audit_path("/v1/embeddings").await;
+    assert_eq!(rec["action"], "allow");
+    assert_eq!(rec["vendor"], "openai");
+    assert_eq!(rec["endpoint"], "embeddings");
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["bytes_out"], 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_sees_block_and_allow() {
+    let (openai, deepseek, proxy) = openai_and_deepseek().await;
+    let Some(blocked) = curl(&["-x", &proxy.url(), "-i", "http://api.deepseek.com/models"]).await
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&blocked.stdout);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-portcullis-rule: block-deepseek"),
+        "{text}"
+    );
+    assert!(text.contains("\"error\":\"blocked_by_policy\""), "{text}");
+
+    let allowed = curl(&["-x", &proxy.url(), "-f", "http://api.openai.com/v1/models"])
+        .await
+        .unwrap();
+    assert!(allowed.status.success(), "{allowed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&allowed.stdout),
+        "origin saw 0 bytes"
+    );
+    assert_eq!(
+        openai.request("/v1/models").await.headers["host"],
+        "api.openai.com"
+    );
+    assert!(deepseek.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_form_request_is_400_and_never_forwarded() {
+    let (openai, _deepseek, proxy) = openai_and_deepseek().await;
+    let r = raw(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_error(&r, 400, "not_proxy_request");
+    let rec = proxy.audit_path("/x").await;
+    assert_eq!(rec["status"], 400);
+    assert!(
+        openai.requests().is_empty(),
+        "an origin-form request was forwarded"
+    );
+}

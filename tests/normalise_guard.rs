@@ -1,0 +1,201 @@
+//! Target normalisation (no spelling of a blocked host escapes its rule) and the upstream
+//! address guard (loopback refused unless allowed; the proxy's own listeners always).
+//!
+//! The blocked-spelling tests run with `[defaults] action = "block"`: if normalisation ever
+//! failed, the request would be refused by the default (rule "default") instead of leaving the
+//! machine, and the assertion on rule "block-deepseek" would catch it.
+
+mod common;
+
+use common::*;
+
+/// Origins for both vendors, everything but the rules blocked by default.
+async fn strict_proxy() -> (Origin, Proxy) {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.deepseek.com", origin.addr)
+            .vendor("api.openai.com", origin.addr)
+            .default_block(),
+    )
+    .await;
+    (origin, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_blocked_host_is_blocked() {
+    let (origin, proxy) = strict_proxy().await;
+    for target in [
+        "http://api.deepseek.com/models",
+        "http://API.DEEPSEEK.COM/models",
+        "http://Api.DeepSeek.Com/models",
+        "http://api.deepseek.com./models",
+        "http://api.deepseek.com:80/models",
+        "http://API.deepseek.com.:080/models",
+        "http://deepseek.com/",
+        "http://CHAT.DEEPSEEK.COM./",
+    ] {
+        let r = raw_get(proxy.addr, target, &[]).await;
+        assert_eq!(r.status, 403, "{target}: {r:?}");
+        assert_eq!(
+            r.header("x-portcullis-rule"),
+            Some("block-deepseek"),
+            "{target}: {r:?}"
+        );
+        assert_eq!(
+            r.header("x-portcullis-vendor"),
+            Some("deepseek"),
+            "{target}"
+        );
+    }
+    for authority in [
+        "API.DEEPSEEK.COM:443",
+        "api.deepseek.com.:443",
+        "api.deepseek.com.:0443",
+    ] {
+        let r = connect_refused(proxy.addr, authority, &[]).await;
+        assert_eq!(
+            r.header("x-portcullis-rule"),
+            Some("block-deepseek"),
+            "{authority}: {r:?}"
+        );
+    }
+    // Full-width "ａｐｉ", the ideographic full stop and percent-encoding: raw UTF-8 and '%' are
+    // not valid in an HTTP/1.1 authority, so they may be refused as malformed or blocked, but
+    // never forwarded.
+    for target in [
+        "http://ａｐｉ.deepseek.com/models",
+        "http://api。deepseek。com/models",
+        "http://%61pi.deepseek.com/models",
+        "http://%EF%BD%81%EF%BD%90%EF%BD%89.deepseek.com/models",
+        "http://api%E3%80%82deepseek%E3%80%82com/models",
+    ] {
+        let r = raw_get(proxy.addr, target, &[]).await;
+        assert!(r.status == 403 || r.status == 400, "{target}: {r:?}");
+        if r.status == 403 {
+            assert_eq!(
+                r.header("x-portcullis-rule"),
+                Some("block-deepseek"),
+                "{target}"
+            );
+        }
+    }
+    assert!(
+        origin.requests().is_empty(),
+        "a spelling reached the origin: {:?}",
+        origin.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userinfo_is_refused_and_never_logged() {
+    let (origin, proxy) = strict_proxy().await;
+    let r = raw_get(
+        proxy.addr,
+        "http://user:pw-Zq81@api.openai.com/v1/models",
+        &[],
+    )
+    .await;
+    assert_error(&r, 400, "userinfo_refused");
+    if let Some(code) = curl_write_out(
+        &proxy,
+        "%{http_code}",
+        "http://user:pw-Zq81@api.openai.com/",
+    )
+    .await
+    {
+        // curl moves userinfo into an Authorization header; the proxy then sees no userinfo.
+        assert!(code == "403" || code == "400", "{code}");
+    }
+    proxy
+        .audit_where("the refusal", |r| r["status"] == 400)
+        .await;
+    assert!(
+        !proxy.audit_text().contains("pw-Zq81"),
+        "a password reached the audit log"
+    );
+    assert!(origin.requests().iter().all(|s| s.uri != "/v1/models"));
+}
+
+/// 127.0.0.1 spelled as a browser's URL parser would accept it.
+fn loopback_spellings(port: u16) -> Vec<String> {
+    [
+        "2130706433",
+        "0x7f.1",
+        "0177.0.0.1",
+        "127.1",
+        "0x7f000001",
+        "127.0.0.1",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+    ]
+    .iter()
+    .map(|h| format!("http://{h}:{port}/ip"))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_literal_forms_reach_loopback_when_allowed() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().loopback()).await;
+    for target in loopback_spellings(origin.addr.port()) {
+        let r = raw_get(proxy.addr, &target, &[]).await;
+        assert_eq!(r.status, 200, "{target}: {r:?}");
+        assert_eq!(r.header("x-origin"), Some("fake"), "{target}");
+    }
+    let n = loopback_spellings(0).len();
+    assert_eq!(origin.requests().len(), n);
+    let records = proxy.audit_at_least(n).await;
+    assert!(
+        records.iter().all(|r| r["host"] == "127.0.0.1"),
+        "{records:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_is_refused_by_default_in_every_spelling() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new()).await;
+    let spellings = loopback_spellings(origin.addr.port());
+    for target in &spellings {
+        let r = raw_get(proxy.addr, target, &[]).await;
+        assert_error(&r, 403, "address_denied");
+    }
+    assert_eq!(
+        proxy.upstream_errors("address_denied").await,
+        spellings.len() as f64
+    );
+    assert!(
+        origin.requests().is_empty(),
+        "the guard let a request through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_override_is_guarded_like_dns() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().resolve("api.openai.com:80", origin.addr)).await;
+    let r = fetch(proxy.client().get("http://api.openai.com/v1/models")).await;
+    assert_error(&r, 403, "address_denied");
+    let rec = proxy.audit_path("/v1/models").await;
+    assert_eq!(rec["status"], 403);
+    assert_reason(&rec, "address_denied");
+    assert_eq!(proxy.upstream_errors("address_denied").await, 1.0);
+    assert!(origin.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_listeners_are_refused_even_with_loopback_allowed() {
+    let proxy = Proxy::start(Config::new().loopback()).await;
+    for target in [
+        format!("http://127.0.0.1:{}/loop", proxy.addr.port()),
+        format!("http://127.1:{}/loop", proxy.addr.port()),
+        format!("http://127.0.0.1:{}/metrics", proxy.admin.port()),
+    ] {
+        let r = raw_get(proxy.addr, &target, &[]).await;
+        assert_error(&r, 403, "address_denied");
+    }
+    // The only requests the proxy ever served are the three above: no loop happened.
+    let records = proxy.audit_at_least(3).await;
+    assert_eq!(records.len(), 3, "{records:?}");
+}

@@ -1,0 +1,289 @@
+//! Operations: hot reload under load (POST /reload, file change, SIGHUP), a broken file keeps
+//! the old policy, audit reopen on SIGUSR1 under load loses no line, the admin endpoints.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const BLOCK_OPENAI: &str = "[[rule]]\nid = \"block-openai\"\nvendor = \"openai\"\naction = \"block\"\nreason = \"paused\"\n";
+
+fn admin_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+async fn post_reload(proxy: &Proxy) -> (u16, String) {
+    let resp = admin_client()
+        .post(format!("http://{}/reload", proxy.admin))
+        .send()
+        .await
+        .expect("POST /reload");
+    (resp.status().as_u16(), resp.text().await.expect("body"))
+}
+
+/// Appends to the proxy's config file in place (as an operator's editor would save it).
+fn edit_config(proxy: &Proxy, f: impl FnOnce(String) -> String) {
+    let path = proxy.dir.path().join("portcullis.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let tmp = proxy.dir.path().join("portcullis.toml.new");
+    std::fs::write(&tmp, f(text)).expect("write config");
+    std::fs::rename(&tmp, &path).expect("replace config");
+}
+
+/// Clients that loop GETs to api.openai.com until stopped; every status is recorded per task.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u16>>>,
+    done: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn start(proxy: &Proxy, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|i| {
+                let client = proxy.client();
+                let stop = stop.clone();
+                let done = done.clone();
+                tokio::spawn(async move {
+                    let mut statuses = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let url = format!("http://api.openai.com/v1/models?c={i}&n={n}");
+                        let resp = client
+                            .get(url)
+                            .send()
+                            .await
+                            .expect("no request may fail during reload");
+                        statuses.push(resp.status().as_u16());
+                        resp.bytes().await.expect("whole body");
+                        done.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        Load { stop, tasks, done }
+    }
+
+    async fn until(&self, n: usize) {
+        eventually("load progress", || {
+            (self.done.load(Ordering::Relaxed) >= n).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> Vec<Vec<u16>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut out = Vec::new();
+        for t in self.tasks {
+            out.push(within("load task", t).await.expect("task"));
+        }
+        out
+    }
+}
+
+/// Within one client's sequence the decision flips once, from allowed to blocked.
+fn assert_switched_once(per_task: &[Vec<u16>]) {
+    for statuses in per_task {
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 403),
+            "{statuses:?}"
+        );
+        let first_block = statuses
+            .iter()
+            .position(|s| *s == 403)
+            .expect("switched to blocked");
+        assert!(first_block > 0, "allowed before the reload");
+        assert!(
+            statuses[first_block..].iter().all(|s| *s == 403),
+            "no allow after the swap: {statuses:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_under_load_switches_decisions_without_failures() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let load = Load::start(&proxy, 4);
+    load.until(40).await;
+
+    // Written without a rename-watch race: the watcher may reload too; either way one swap.
+    edit_config(&proxy, |t| t + BLOCK_OPENAI);
+    let (status, body) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"result\":\"ok\""), "{body}");
+    let after = load.done.load(Ordering::Relaxed);
+    load.until(after + 40).await;
+
+    assert_switched_once(&load.finish().await);
+    let m = proxy.metrics().await;
+    assert!(
+        metric(&m, "portcullis_config_reloads_total", &[("result", "ok")]) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn broken_file_keeps_the_old_policy_and_names_line_and_column() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    edit_config(&proxy, |t| {
+        t + "[[rule]]\nid = \"x\"\nvendor = \"openai\"\naction = \"blok\"\n"
+    });
+
+    let (status, body) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{body}");
+    let lines = std::fs::read_to_string(proxy.dir.path().join("portcullis.toml")).expect("config");
+    let line = lines
+        .lines()
+        .position(|l| l.contains("\"blok\""))
+        .expect("bad line")
+        + 1;
+    assert!(
+        body.contains(&format!("portcullis.toml:{line}:10: unknown action")),
+        "{body}"
+    );
+
+    let resp = proxy
+        .client()
+        .get("http://api.openai.com/v1/models")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200, "old policy still serving");
+    let m = proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "portcullis_config_reloads_total",
+            &[("result", "error")]
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn saving_the_file_reloads() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let client = proxy.client();
+    let get = || client.get("http://api.openai.com/v1/models").send();
+    assert_eq!(get().await.expect("request").status(), 200);
+    edit_config(&proxy, |t| t + BLOCK_OPENAI);
+    for _ in 0..200 {
+        if get().await.expect("request").status() == 403 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the watcher did not reload within 10 s");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_binary() {
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let client = proxy.client();
+    edit_config(&proxy, |t| t + BLOCK_OPENAI);
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let mut blocked = false;
+    for _ in 0..200 {
+        let resp = client
+            .get("http://api.openai.com/v1/models")
+            .send()
+            .await
+            .expect("request");
+        if resp.status() == 403 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(blocked, "SIGHUP did not reload");
+    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopen_under_load_loses_no_line() {
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let load = Load::start(&proxy, 4);
+    load.until(100).await;
+
+    // logrotate's dance: move the file aside, then tell the proxy to reopen.
+    let rotated = proxy.dir.path().join("audit.jsonl.1");
+    std::fs::rename(&proxy.audit, &rotated).expect("rotate");
+    let usr1 = std::process::Command::new("kill")
+        .args(["-USR1", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(usr1.success());
+    eventually("a new audit file", || proxy.audit.exists().then_some(())).await;
+    let now = load.done.load(Ordering::Relaxed);
+    load.until(now + 100).await;
+    let answered: usize = load.finish().await.iter().map(Vec::len).sum();
+    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
+
+    let old = std::fs::read_to_string(&rotated).expect("rotated file");
+    let new = std::fs::read_to_string(&proxy.audit).expect("new file");
+    let mut lines = 0;
+    for l in old.lines().chain(new.lines()) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("split line {l:?}: {e}"));
+        assert_eq!(v["host"], "api.openai.com");
+        lines += 1;
+    }
+    assert!(
+        !old.is_empty() && !new.is_empty(),
+        "both files hold records"
+    );
+    assert_eq!(
+        lines, answered,
+        "one record per answered request, none lost across the reopen"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer() {
+    let proxy = Proxy::start(Config::new()).await;
+    assert_eq!(proxy.admin_get("/healthz").await.0, 200);
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+
+    let (status, policy) = proxy.admin_get("/policy").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&policy).expect("policy JSON");
+    assert_eq!(v["rules"][0]["id"], "block-deepseek");
+    assert_eq!(v["rules"][0]["vendor"][0], "deepseek");
+    assert!(v["vendors"].as_array().expect("vendors").len() >= 25);
+
+    let (status, pac) = proxy.admin_get("/proxy.pac").await;
+    assert_eq!(status, 200);
+    assert!(pac.contains("function FindProxyForURL"), "{pac}");
+    assert!(pac.contains(&format!("PROXY {}", proxy.addr)), "{pac}");
+    assert!(
+        pac.contains("\"api.deepseek.com\"") && pac.contains("\".deepseek.com\""),
+        "{pac}"
+    );
+
+    let resp = admin_client()
+        .get(format!("http://{}/reload", proxy.admin))
+        .send()
+        .await
+        .expect("GET /reload");
+    assert_eq!(resp.status(), 405, "reload is POST only");
+}

@@ -1,0 +1,92 @@
+//! SIGTERM under load: the binary drains, flushes the audit log and exits 0, and every answer a
+//! client received has exactly one audit record.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+
+const CLIENTS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_no_audit_record() {
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .vendor("api.deepseek.com", origin.addr)
+            .proxy("shutdown_grace = \"5s\""),
+    )
+    .await;
+
+    // (path, status) of every answer a client received.
+    let answered = Arc::new(Mutex::new(Vec::<(String, u16)>::new()));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let client = proxy.client();
+        let answered = answered.clone();
+        clients.push(tokio::spawn(async move {
+            for i in 0.. {
+                let vendor = if (c + i) % 3 == 0 {
+                    "deepseek"
+                } else {
+                    "openai"
+                };
+                let path = format!("/slow/{vendor}/{c}/{i}");
+                let Ok(resp) = client
+                    .get(format!("http://api.{vendor}.com{path}"))
+                    .send()
+                    .await
+                else {
+                    return; // the proxy has stopped accepting
+                };
+                let status = resp.status().as_u16();
+                if resp.bytes().await.is_err() {
+                    return;
+                }
+                answered.lock().unwrap().push((path, status));
+            }
+        }));
+    }
+    eventually("load to build up", || {
+        (answered.lock().unwrap().len() >= 40).then_some(())
+    })
+    .await;
+
+    let status = proxy.stop().await.expect("the binary's exit status");
+    assert!(status.success(), "exit status {status:?}");
+    for c in clients {
+        within("clients to notice the shutdown", c).await.unwrap();
+    }
+
+    let answered = answered.lock().unwrap().clone();
+    let statuses: BTreeSet<u16> = answered.iter().map(|(_, s)| *s).collect();
+    assert_eq!(statuses, BTreeSet::from([200, 403]), "{answered:?}");
+    let audited: Vec<String> = proxy
+        .audit_records()
+        .into_iter()
+        .filter_map(|r| r["path"].as_str().map(str::to_string))
+        .filter(|p| p.starts_with("/slow/"))
+        .collect();
+    let answered_paths: BTreeSet<String> = answered.iter().map(|(p, _)| p.clone()).collect();
+    let audited_paths: BTreeSet<String> = audited.iter().cloned().collect();
+    assert_eq!(
+        audited.len(),
+        audited_paths.len(),
+        "a request was audited twice"
+    );
+    assert_eq!(
+        answered_paths
+            .difference(&audited_paths)
+            .collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "answered but not audited"
+    );
+    assert_eq!(
+        audited_paths.len(),
+        answered_paths.len(),
+        "audited but never answered"
+    );
+}
