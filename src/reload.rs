@@ -121,7 +121,11 @@ pub fn watch(state: Arc<State>, files: Vec<PathBuf>) -> Option<notify::Recommend
             if ev.kind.is_access() {
                 return;
             }
-            if ev.paths.iter().any(|p| wanted.contains(&canonical(p))) {
+            // `..data` is the symlink Kubernetes swaps when a mounted ConfigMap changes.
+            let hit = ev.paths.iter().any(|p| {
+                wanted.contains(&canonical(p)) || p.file_name().is_some_and(|n| n == "..data")
+            });
+            if hit {
                 let _ = tx.send(());
             }
         }
@@ -132,9 +136,12 @@ pub fn watch(state: Arc<State>, files: Vec<PathBuf>) -> Option<notify::Recommend
             return None;
         }
     };
+    // Both the directory as written and the one symlinks lead to: an edited file changes in
+    // the latter, a swapped symlink (ConfigMap mounts) in the former.
     let dirs: HashSet<PathBuf> = files
         .iter()
-        .filter_map(|f| canonical(f).parent().map(|p| p.to_path_buf()))
+        .flat_map(|f| [canonical(f), absolute(f)])
+        .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
         .collect();
     for d in dirs {
         if let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive) {
@@ -155,6 +162,10 @@ pub fn watch(state: Arc<State>, files: Vec<PathBuf>) -> Option<notify::Recommend
         }
     });
     Some(watcher)
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn canonical(p: &std::path::Path) -> PathBuf {

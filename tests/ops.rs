@@ -287,3 +287,49 @@ async fn admin_endpoints_answer() {
         .expect("GET /reload");
     assert_eq!(resp.status(), 405, "reload is POST only");
 }
+
+/// A mounted Kubernetes ConfigMap: `portcullis.toml -> ..data/portcullis.toml`, and an update
+/// swaps the `..data` symlink to a new directory. The watcher must follow it.
+#[tokio::test]
+async fn configmap_style_symlink_swap_reloads() {
+    use std::os::unix::fs::symlink;
+    let origin = Origin::http().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let cfg = Config::new().vendor("api.openai.com", origin.addr);
+    let v1 = dir.path().join("..2026_v1");
+    std::fs::create_dir(&v1).expect("v1");
+    let text = std::fs::read_to_string(cfg.write(&v1, any, any)).expect("config");
+    symlink("..2026_v1", dir.path().join("..data")).expect("..data");
+    let mounted = dir.path().join("portcullis.toml");
+    symlink("..data/portcullis.toml", &mounted).expect("mounted");
+
+    let running = portcullis::app::start(portcullis::config::load(&mounted).expect("load"))
+        .await
+        .expect("start");
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(format!("http://{}", running.proxy_addr)).expect("proxy"))
+        .build()
+        .expect("client");
+    let get = || client.get("http://api.openai.com/v1/models").send();
+    assert_eq!(get().await.expect("request").status(), 200);
+
+    // The kubelet's update: a new directory, a temporary symlink, renamed over ..data.
+    let v2 = dir.path().join("..2026_v2");
+    std::fs::create_dir(&v2).expect("v2");
+    std::fs::write(v2.join("portcullis.toml"), text + BLOCK_OPENAI).expect("v2 config");
+    symlink("..2026_v2", dir.path().join("..data_tmp")).expect("tmp link");
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).expect("swap");
+    std::fs::remove_dir_all(&v1).expect("old version removed");
+
+    let mut blocked = false;
+    for _ in 0..200 {
+        if get().await.expect("request").status() == 403 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    within("shutdown", running.shutdown()).await;
+    assert!(blocked, "the symlink swap was not picked up");
+}
