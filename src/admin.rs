@@ -69,7 +69,7 @@ fn authorized(state: &State, req: &Request<Incoming>) -> bool {
 async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
-    let protected = matches!(path, "/reload" | "/policy");
+    let protected = matches!(path, "/reload" | "/policy" | "/top");
     if protected && !authorized(state, &req) {
         let mut r = text(
             StatusCode::UNAUTHORIZED,
@@ -123,6 +123,20 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     .unwrap_or_default(),
             )
         }
+        (&Method::GET | &Method::HEAD, "/top") => {
+            let vendor = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("vendor=")));
+            let body = match &state.bulk {
+                Some(b) => serde_json::to_vec_pretty(&serde_json::json!({
+                    "window_secs": state.settings.bulk.as_ref().map_or(0, |c| c.window.as_secs()),
+                    "vendors": b.top(vendor, std::time::Instant::now()),
+                })),
+                None => serde_json::to_vec(&serde_json::json!({"error": "bulk detection is off"})),
+            };
+            text(StatusCode::OK, "application/json", body.unwrap_or_default())
+        }
         (&Method::GET | &Method::HEAD, "/proxy.pac") => {
             let proxy = pac_proxy(state, &req);
             let policy = state.policy.load();
@@ -137,7 +151,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
-        (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/proxy.pac") => text(
+        (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/proxy.pac" | "/top") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n",

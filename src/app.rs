@@ -66,6 +66,7 @@ impl Running {
 /// Binds the listeners and starts serving.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let settings = loaded.settings;
+    let settings_bulk = settings.bulk.clone();
     if let Some(a) = &settings.auth {
         crate::secrets::refuse_world_readable(&a.htpasswd).map_err(StartError::Secret)?;
     }
@@ -131,6 +132,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         source: loaded.source,
         admin_token,
         listen_addr: proxy_addr,
+        bulk: settings_bulk.map(crate::signals::bulk::BulkDetector::new),
     });
     let watcher = crate::reload::watch(state.clone(), loaded.files);
 

@@ -18,5 +18,6 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod secrets;
+pub mod signals;
 pub mod tls;
 pub mod upstream;

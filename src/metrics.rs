@@ -19,6 +19,7 @@ pub struct Metrics {
     pub audit_records: IntCounter,
     pub audit_dropped: IntCounter,
     pub config_reloads: IntCounterVec,
+    pub bulk_suspected: IntCounterVec,
     pub connections_active: IntGauge,
     pub connections_refused: IntCounter,
     pub build_info: IntGaugeVec,
@@ -114,6 +115,11 @@ impl Metrics {
                 "portcullis_config_reloads_total",
                 "Policy reloads by result.",
                 &["result"],
+            ),
+            bulk_suspected: counter_vec(
+                "portcullis_bulk_suspected_total",
+                "Principals that crossed a bulk-extraction threshold (who: see the audit log).",
+                &["vendor"],
             ),
             connections_active: gauge("portcullis_connections_active", "Client connections open now."),
             connections_refused: counter(

@@ -105,6 +105,9 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
     if format!("{:?}", old.auth) != format!("{:?}", new.auth) {
         out.push("auth");
     }
+    if format!("{:?}", old.bulk) != format!("{:?}", new.bulk) {
+        out.push("bulk");
+    }
     out
 }
 

@@ -521,6 +521,37 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         }
     });
 
+    let none_bulk = Default::default();
+    let b: &super::types::BulkSection = main.bulk.as_ref().map_or(&none_bulk, |b| b.get_ref());
+    let bulk = if b.enabled == Some(false) {
+        None
+    } else {
+        let opt = |v: &Option<S<u64>>| -> Result<Option<u64>, ConfigError> {
+            match v {
+                Some(s) if *s.get_ref() == 0 => Err(src.error(
+                    src.at(0, s),
+                    "threshold must be at least 1 (leave it out to not check it)",
+                )),
+                Some(s) => Ok(Some(*s.get_ref())),
+                None => Ok(None),
+            }
+        };
+        Some(crate::signals::bulk::BulkConfig {
+            window: dur(&b.window, "1h")?,
+            max_requests: opt(&b.max_requests)?.or(Some(5_000)),
+            max_bytes: match &b.max_bytes {
+                Some(m) => Some(parse_size(m.get_ref()).map_err(|e| src.error(src.at(0, m), e))?),
+                None => Some(1 << 30),
+            },
+            max_distinct_keys: opt(&b.max_distinct_keys)?
+                .or(Some(3))
+                .map(|k| k.min(u32::MAX as u64) as u32),
+            max_bulk_requests: opt(&b.max_bulk_requests)?.or(Some(100)),
+            max_principals: count(&b.max_principals, 100_000, 1)?,
+            top_n: count(&b.top_n, 20, 1)?,
+        })
+    };
+
     Ok(Settings {
         proxy,
         admin,
@@ -528,5 +559,6 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         upstream,
         auth,
         log_level,
+        bulk,
     })
 }

@@ -50,6 +50,8 @@ pub struct Settings {
     pub auth: Option<AuthSettings>,
     /// `RUST_LOG` wins over this.
     pub log_level: String,
+    /// Bulk-extraction detection; `None` = off.
+    pub bulk: Option<crate::signals::bulk::BulkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

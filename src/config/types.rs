@@ -36,6 +36,7 @@ pub struct ConfigFile {
     pub upstream: Option<S<UpstreamSection>>,
     pub auth: Option<S<AuthSection>>,
     pub log: Option<S<LogSection>>,
+    pub bulk: Option<S<BulkSection>>,
     pub defaults: Option<S<DefaultsSection>>,
     pub groups: Option<S<BTreeMap<String, Vec<String>>>>,
     #[serde(default)]
@@ -65,6 +66,19 @@ pub struct AdminSection {
     pub token_file: Option<S<String>>,
     pub pac: Option<S<String>>,
     pub pac_proxy: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkSection {
+    pub enabled: Option<bool>,
+    pub window: Option<S<String>>,
+    pub max_requests: Option<S<u64>>,
+    pub max_bytes: Option<S<String>>,
+    pub max_distinct_keys: Option<S<u64>>,
+    pub max_bulk_requests: Option<S<u64>>,
+    pub max_principals: Option<S<u64>>,
+    pub top_n: Option<S<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -53,6 +53,7 @@ pub struct State {
     pub admin_token: Option<String>,
     /// The proxy listener's bound address.
     pub listen_addr: SocketAddr,
+    pub bulk: Option<crate::signals::bulk::BulkDetector>,
 }
 
 impl State {
@@ -94,7 +95,58 @@ impl State {
                 .with_label_values(&[vendor, "in"])
                 .inc_by(rec.bytes_in);
         }
+        if let (Some(bulk), Some(vendor)) = (&self.bulk, rec.vendor.clone()) {
+            self.observe_bulk(bulk, &rec, &vendor);
+        }
         self.audit.send(rec);
+    }
+
+    /// Feeds the bulk-extraction detector; a crossed threshold becomes its own audit record.
+    fn observe_bulk(
+        &self,
+        bulk: &crate::signals::bulk::BulkDetector,
+        rec: &Record,
+        vendor: &Arc<str>,
+    ) {
+        let ip;
+        let principal = match rec.user.as_deref() {
+            Some(u) => u,
+            None => {
+                ip = rec.client.ip().to_string();
+                &ip
+            }
+        };
+        let seen = crate::signals::bulk::Observation {
+            principal,
+            vendor,
+            endpoint: rec.endpoint,
+            key_id: rec.key_id.as_deref(),
+            bytes_in: rec.bytes_in,
+            now: Instant::now(),
+        };
+        if let Some(s) = bulk.observe(&seen) {
+            self.metrics
+                .bulk_suspected
+                .with_label_values(&[vendor])
+                .inc();
+            let mut alert = rec.clone();
+            alert.id = self.audit.next_id();
+            alert.ts = std::time::SystemTime::now();
+            alert.action = "audit";
+            alert.mode = "enforce";
+            alert.rule = None;
+            alert.reason = format!(
+                "bulk_extraction_suspected: {} over {}s: requests={} bytes={} distinct_keys={} bulk_requests={}",
+                s.tripped.join(","),
+                s.window_secs,
+                s.requests,
+                s.bytes,
+                s.distinct_keys,
+                s.bulk_requests
+            )
+            .into();
+            self.audit.send(alert);
+        }
     }
 }
 

@@ -1,0 +1,3 @@
+//! Signals derived from traffic: bulk extraction.
+
+pub mod bulk;

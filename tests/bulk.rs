@@ -1,0 +1,76 @@
+//! Bulk-extraction signals: key sprawl behind one client raises one audit record, a metric
+//! without the principal, and an entry in /top.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn key_sprawl_is_flagged_once_with_figures() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail("[bulk]\nwindow = \"1h\"\nmax_distinct_keys = 2\n"),
+    )
+    .await;
+    let client = proxy.client();
+    for i in 0..5 {
+        let resp = client
+            .get("http://api.openai.com/v1/models")
+            .bearer_auth(format!("sk-test-KEY-NUMBER-{i}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "signals never block");
+    }
+    let alert = proxy
+        .audit_where("bulk alert", |r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("bulk_extraction_suspected"))
+        })
+        .await;
+    assert_eq!(alert["vendor"], "openai");
+    assert_eq!(alert["action"], "audit");
+    let reason = alert["reason"].as_str().expect("reason");
+    assert!(reason.contains("distinct_keys=3"), "{reason}");
+
+    let records = proxy.audit_at_least(6).await;
+    let alerts = records
+        .iter()
+        .filter(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("bulk_extraction"))
+        })
+        .count();
+    assert_eq!(alerts, 1, "one record per episode, not per request");
+
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "portcullis_bulk_suspected_total",
+            &[("vendor", "openai")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(!m.contains("127.0.0.1"), "no principal in a label");
+    assert!(
+        !proxy.audit_text().contains("KEY-NUMBER"),
+        "keys never logged"
+    );
+
+    let (status, top) = proxy.admin_get("/top?vendor=openai").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&top).expect("json");
+    let first = &v["vendors"]["openai"][0];
+    assert_eq!(first["principal"], "127.0.0.1");
+    assert_eq!(first["requests"], 5);
+    assert_eq!(
+        first["distinct_keys"], 3,
+        "counted exactly up to the threshold + 1"
+    );
+}
