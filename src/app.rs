@@ -12,9 +12,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::audit;
-use crate::config::Loaded;
+use crate::config::{LimitStoreSettings, Loaded};
 use crate::identity::htpasswd::Htpasswd;
 use crate::identity::keys::KeyFingerprinter;
+use crate::limits::{Limiter, MemoryConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Auth, State};
 use crate::upstream::connector::Connector;
@@ -35,6 +36,8 @@ pub enum StartError {
     Htpasswd(String),
     #[error("{0}")]
     Secret(String),
+    #[error("limit store: {0}")]
+    Limits(String),
 }
 
 /// A running proxy.
@@ -118,6 +121,28 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         None => None,
     };
 
+    let limiter = Arc::new(match &settings.limit_store {
+        LimitStoreSettings::Memory { max_keys } => Limiter::memory(MemoryConfig {
+            max_keys: *max_keys,
+            ..MemoryConfig::default()
+        }),
+        LimitStoreSettings::Redis {
+            url,
+            on_store_error,
+            timeout,
+        } => Limiter::redis(
+            url,
+            RedisConfig {
+                on_store_error: *on_store_error,
+                timeout: *timeout,
+                errors_metric: Some(metrics.limit_store_errors.clone()),
+                ..RedisConfig::default()
+            },
+        )
+        .await
+        .map_err(|e| StartError::Limits(e.to_string()))?,
+    });
+
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(loaded.policy),
         settings,
@@ -133,6 +158,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         admin_token,
         listen_addr: proxy_addr,
         bulk: settings_bulk.map(crate::signals::bulk::BulkDetector::new),
+        limiter,
     });
     let watcher = crate::reload::watch(state.clone(), loaded.files);
 

@@ -277,6 +277,13 @@ fn explain(
         "mode": d.mode.as_str(),
         "enforced": if port_refused { "block" } else { d.enforced().as_str() },
         "reason": reason,
+        "limits": d.rule.filter(|_| d.action == Action::Limit).map(|r| {
+            r.limits.iter().map(|l| json!({
+                "id": &*l.id,
+                "kind": format!("{:?}", l.kind),
+                "by": l.by.iter().map(|b| format!("{b:?}").to_lowercase()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()
+        }),
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     ExitCode::SUCCESS

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub config_reloads: IntCounterVec,
     pub bulk_suspected: IntCounterVec,
+    pub limit_store_errors: IntCounter,
     pub connections_active: IntGauge,
     pub connections_refused: IntCounter,
     pub build_info: IntGaugeVec,
@@ -120,6 +121,10 @@ impl Metrics {
                 "portcullis_bulk_suspected_total",
                 "Principals that crossed a bulk-extraction threshold (who: see the audit log).",
                 &["vendor"],
+            ),
+            limit_store_errors: counter(
+                "portcullis_limit_store_errors_total",
+                "Limit checks the store (Redis) could not answer; on_store_error applied.",
             ),
             connections_active: gauge("portcullis_connections_active", "Client connections open now."),
             connections_refused: counter(

@@ -108,6 +108,9 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
     if format!("{:?}", old.bulk) != format!("{:?}", new.bulk) {
         out.push("bulk");
     }
+    if old.limit_store != new.limit_store {
+        out.push("limit_store");
+    }
     out
 }
 

@@ -9,11 +9,12 @@ use http::Method;
 use ipnet::IpNet;
 use rustc_hash::FxHashMap;
 
-use super::types::{ConfigFile, RuleDef, VendorDef, S};
+use super::types::{ConfigFile, LimitDef, RuleDef, VendorDef, S};
 use super::{
-    parse_duration, parse_size, AdminSettings, AuditSettings, AuthSettings, ConfigError, PacMode,
-    Parsed, ProxySettings, Settings, Sources, UpstreamSettings,
+    parse_duration, parse_size, AdminSettings, AuditSettings, AuthSettings, ConfigError,
+    LimitStoreSettings, PacMode, Parsed, ProxySettings, Settings, Sources, UpstreamSettings,
 };
+use crate::limits::{KeyPart, LimitKind, LimitSpec, OnStoreError};
 use crate::policy::path::PathPattern;
 use crate::policy::target::{self, Host};
 use crate::policy::{
@@ -43,6 +44,7 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
     }
 
     let (group_names, user_groups) = groups(src, main)?;
+    let named = named_limits(src, main)?;
     let mut rules = Vec::with_capacity(rule_defs.len());
     let mut index = RuleIndex {
         by_vendor: vec![Vec::new(); catalog.vendors().len()],
@@ -64,6 +66,7 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
             def.get_ref(),
             &catalog,
             &group_names,
+            &named,
             n,
             &mut index,
         )?;
@@ -214,17 +217,22 @@ fn parse_action(src: &Sources, file: usize, a: &S<String>) -> Result<Action, Con
     Action::parse(a.get_ref()).ok_or_else(|| {
         src.error(
             src.at(file, a),
-            format!("unknown action {:?} (allow, block, audit)", a.get_ref()),
+            format!(
+                "unknown action {:?} (allow, block, audit, limit)",
+                a.get_ref()
+            ),
         )
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compile_rule(
     src: &Sources,
     file: usize,
     def: &RuleDef,
     catalog: &Catalog,
     group_names: &[Arc<str>],
+    named: &NamedLimits,
     n: u32,
     index: &mut RuleIndex,
 ) -> Result<Rule, ConfigError> {
@@ -317,6 +325,20 @@ fn compile_rule(
         .as_ref()
         .map(|p| p.get_ref().as_slice().to_vec())
         .unwrap_or_default();
+    let limits = match &def.limit {
+        Some(v) => rule_limits(src, file, v, def.id.get_ref(), named)?,
+        None => Vec::new(),
+    };
+    match (action, limits.is_empty()) {
+        (Action::Limit, true) => {
+            return Err(err(src.at(file, &def.action), "action \"limit\" needs limit = { requests = N, per = \"1m\" } (or bytes, concurrent, or a [limits.NAME])".into()))
+        }
+        (a, false) if a != Action::Limit => {
+            let at = def.limit.as_ref().map_or(src.at(file, &def.action), |l| src.at(file, l));
+            return Err(err(at, "limit = … only applies with action = \"limit\"".into()));
+        }
+        _ => {}
+    }
 
     let mut hosts = Vec::new();
     for (at, h) in list(&def.host) {
@@ -357,7 +379,148 @@ fn compile_rule(
         clients,
         users,
         groups,
+        limits,
     })
+}
+
+type NamedLimits = FxHashMap<String, Vec<Arc<LimitSpec>>>;
+
+/// `[limits.NAME]`: rules naming the same limit share its counters (a group budget).
+fn named_limits(src: &Sources, main: &ConfigFile) -> Result<NamedLimits, ConfigError> {
+    let mut out = FxHashMap::default();
+    if let Some(map) = &main.limits {
+        for (name, def) in map {
+            let at = src.find(0, &format!("limits.{name}"));
+            if !valid_id(name) {
+                return Err(src.error(
+                    at,
+                    format!("limit name {name:?} must be letters, digits, '-', '_' or '.'"),
+                ));
+            }
+            out.insert(name.clone(), limit_specs(src, at, name, def)?);
+        }
+    }
+    Ok(out)
+}
+
+/// A rule's `limit`: a table, a name, or a list of either.
+fn rule_limits(
+    src: &Sources,
+    file: usize,
+    v: &S<toml::Value>,
+    rule_id: &str,
+    named: &NamedLimits,
+) -> Result<Vec<Arc<LimitSpec>>, ConfigError> {
+    let at = src.at(file, v);
+    let items: Vec<&toml::Value> = match v.get_ref() {
+        toml::Value::Array(a) => a.iter().collect(),
+        one => vec![one],
+    };
+    let many = items.len() > 1;
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match item {
+            toml::Value::String(name) => match named.get(name) {
+                Some(specs) => out.extend(specs.iter().cloned()),
+                None => return Err(src.error(src.at_item(file, v, name), format!("unknown limit {name:?} (define it as [limits.{name}])"))),
+            },
+            toml::Value::Table(_) => {
+                let def: LimitDef = item
+                    .clone()
+                    .try_into()
+                    .map_err(|e: toml::de::Error| src.error(at, format!("limit: {}", e.message().trim_end())))?;
+                let base = if many { format!("{rule_id}#{i}") } else { rule_id.to_string() };
+                out.extend(limit_specs(src, at, &base, &def)?);
+            }
+            _ => return Err(src.error(at, "limit must be a table like { requests = 50, per = \"1m\" }, a limit name, or a list of them")),
+        }
+    }
+    Ok(out)
+}
+
+/// One limit table → one spec per kind it sets (requests, bytes, concurrent).
+fn limit_specs(
+    src: &Sources,
+    at: super::At,
+    base: &str,
+    def: &LimitDef,
+) -> Result<Vec<Arc<LimitSpec>>, ConfigError> {
+    let e = |m: String| src.error(at, m);
+    let by = match &def.by {
+        None => vec![KeyPart::Client],
+        Some(list) => list
+            .as_slice()
+            .iter()
+            .map(|b| match b.as_str() {
+                "client" => Ok(KeyPart::Client),
+                "user" => Ok(KeyPart::User),
+                "key" => Ok(KeyPart::Key),
+                "vendor" => Ok(KeyPart::Vendor),
+                other => Err(e(format!(
+                    "unknown limit key {other:?} (client, user, key, vendor)"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let per = match &def.per {
+        Some(p) => {
+            let d = parse_duration(p).map_err(&e)?;
+            if d.is_zero() {
+                return Err(e("limit period must be above zero".into()));
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    let mut specs = Vec::new();
+    let mut push = |kind: &str, k: LimitKind| {
+        specs.push(Arc::new(LimitSpec {
+            id: format!("{base}/{kind}").into(),
+            kind: k,
+            by: by.clone(),
+        }))
+    };
+    if let Some(bytes) = &def.bytes {
+        let n = parse_size(bytes).map_err(&e)?;
+        if n == 0 {
+            return Err(e("limit bytes must be above zero".into()));
+        }
+        let per = per.ok_or_else(|| e("limit bytes needs per = \"1h\" (the period)".into()))?;
+        push("bytes", LimitKind::Bytes { bytes: n, per });
+    }
+    if let Some(c) = def.concurrent {
+        if c == 0 || c > u32::MAX as u64 {
+            return Err(e("limit concurrent must be between 1 and 4294967295".into()));
+        }
+        push("concurrent", LimitKind::Concurrent { max: c as u32 });
+    }
+    if let Some(r) = def.requests {
+        if r == 0 {
+            return Err(e("limit requests must be at least 1".into()));
+        }
+        let burst = def.burst.unwrap_or(r);
+        if burst == 0 {
+            return Err(e("limit burst must be at least 1".into()));
+        }
+        let per = per.ok_or_else(|| e("limit requests needs per = \"1m\" (the period)".into()))?;
+        push(
+            "requests",
+            LimitKind::Rate {
+                requests: r,
+                per,
+                burst,
+            },
+        );
+    } else if def.burst.is_some() {
+        return Err(e("burst goes with requests".into()));
+    }
+    if specs.is_empty() {
+        return Err(e("a limit needs requests, bytes or concurrent".into()));
+    }
+    if per.is_some() && def.requests.is_none() && def.bytes.is_none() {
+        return Err(e("per goes with requests or bytes".into()));
+    }
+    Ok(specs)
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
@@ -552,6 +715,57 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         })
     };
 
+    let none_store = Default::default();
+    let ls: &super::types::LimitStoreSection = main
+        .limit_store
+        .as_ref()
+        .map_or(&none_store, |l| l.get_ref());
+    let limit_store = match ls.kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
+        None | Some((_, "memory")) => LimitStoreSettings::Memory {
+            max_keys: count(&ls.max_keys, 1_000_000, 1)?,
+        },
+        Some((k, "redis")) => LimitStoreSettings::Redis {
+            url: match &ls.url {
+                Some(u)
+                    if u.get_ref().starts_with("redis://")
+                        || u.get_ref().starts_with("rediss://") =>
+                {
+                    u.get_ref().clone()
+                }
+                Some(u) => {
+                    return Err(src.error(src.at(0, u), "url must start with redis:// or rediss://"))
+                }
+                None => {
+                    return Err(src.error(
+                        src.at(0, k),
+                        "kind = \"redis\" needs url = \"redis://host:6379\"",
+                    ))
+                }
+            },
+            on_store_error: match ls
+                .on_store_error
+                .as_ref()
+                .map(|o| (o, o.get_ref().as_str()))
+            {
+                None | Some((_, "allow")) => OnStoreError::Allow,
+                Some((_, "deny")) => OnStoreError::Deny,
+                Some((o, other)) => {
+                    return Err(src.error(
+                        src.at(0, o),
+                        format!("unknown on_store_error {other:?} (allow, deny)"),
+                    ))
+                }
+            },
+            timeout: dur(&ls.timeout, "250ms")?,
+        },
+        Some((k, other)) => {
+            return Err(src.error(
+                src.at(0, k),
+                format!("unknown limit store {other:?} (memory, redis)"),
+            ))
+        }
+    };
+
     Ok(Settings {
         proxy,
         admin,
@@ -560,5 +774,6 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         auth,
         log_level,
         bulk,
+        limit_store,
     })
 }

@@ -52,6 +52,20 @@ pub struct Settings {
     pub log_level: String,
     /// Bulk-extraction detection; `None` = off.
     pub bulk: Option<crate::signals::bulk::BulkConfig>,
+    pub limit_store: LimitStoreSettings,
+}
+
+/// Where limit state lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LimitStoreSettings {
+    /// This process only.
+    Memory { max_keys: usize },
+    /// Shared by every replica pointing at the same Redis.
+    Redis {
+        url: String,
+        on_store_error: crate::limits::OnStoreError,
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +190,14 @@ impl Sources {
         At {
             file,
             start: span.start + found.unwrap_or(0),
+        }
+    }
+
+    /// The first place `needle` is written in `file` (start of file when absent).
+    pub(crate) fn find(&self, file: usize, needle: &str) -> At {
+        At {
+            file,
+            start: self.files[file].text.find(needle).unwrap_or(0),
         }
     }
 

@@ -37,6 +37,10 @@ pub struct ConfigFile {
     pub auth: Option<S<AuthSection>>,
     pub log: Option<S<LogSection>>,
     pub bulk: Option<S<BulkSection>>,
+    /// Named limits, reused by rules: `[limits.openai-bulk]`. Not spanned: toml cannot span a
+    /// table that only dotted headers create; errors find the header in the text instead.
+    pub limits: Option<BTreeMap<String, LimitDef>>,
+    pub limit_store: Option<S<LimitStoreSection>>,
     pub defaults: Option<S<DefaultsSection>>,
     pub groups: Option<S<BTreeMap<String, Vec<String>>>>,
     #[serde(default)]
@@ -151,4 +155,31 @@ pub struct RuleDef {
     pub client: Option<S<OneOrMany<String>>>,
     pub user: Option<S<OneOrMany<String>>>,
     pub group: Option<S<OneOrMany<String>>>,
+    /// A table, the name of a `[limits.NAME]`, or a list of either; read by hand (see
+    /// `compile`) so a bad key inside gets a precise message.
+    pub limit: Option<S<toml::Value>>,
+}
+
+/// `{ requests = 50, per = "1m", burst = 10, bytes = "500MiB", concurrent = 4, by = "client" }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitDef {
+    pub requests: Option<u64>,
+    pub per: Option<String>,
+    pub burst: Option<u64>,
+    pub bytes: Option<String>,
+    pub concurrent: Option<u64>,
+    pub by: Option<OneOrMany<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitStoreSection {
+    /// "memory" (default) or "redis"
+    pub kind: Option<S<String>>,
+    pub url: Option<S<String>>,
+    /// "allow" (default) or "deny" while Redis cannot answer
+    pub on_store_error: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub max_keys: Option<S<u64>>,
 }

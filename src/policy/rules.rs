@@ -16,6 +16,8 @@ pub enum Action {
     Block,
     /// Allow, and flag the record for review.
     Audit,
+    /// Allow within the rule's limits; over them, 429.
+    Limit,
 }
 
 impl Action {
@@ -24,11 +26,12 @@ impl Action {
             Action::Allow => "allow",
             Action::Block => "block",
             Action::Audit => "audit",
+            Action::Limit => "limit",
         }
     }
 
     pub fn parse(s: &str) -> Option<Action> {
-        [Action::Allow, Action::Block, Action::Audit]
+        [Action::Allow, Action::Block, Action::Audit, Action::Limit]
             .into_iter()
             .find(|a| a.as_str() == s)
     }
@@ -69,6 +72,8 @@ pub struct Rule {
     pub users: Vec<Box<str>>,
     /// Bit set of group numbers; 0 = any.
     pub groups: u64,
+    /// For `action = "limit"`: checked in the order bytes, concurrent, rate.
+    pub limits: Vec<Arc<crate::limits::LimitSpec>>,
 }
 
 /// What a rule may look at. Borrowed from the request so building it costs nothing.

@@ -25,13 +25,42 @@ pub struct Pending {
     pub start: Instant,
     /// Request body bytes sent upstream, counted by the request body's own [`Counted`].
     pub uploaded: Arc<AtomicU64>,
+    /// In-flight slots of `concurrent` limits, released when the exchange ends.
+    pub permits: Vec<crate::limits::Permit>,
+    /// Byte limits charged as the response streams.
+    pub meter: Option<super::limit::ByteMeter>,
 }
 
 impl Pending {
     fn finish(mut self, downloaded: u64) {
+        if let Some(m) = &mut self.meter {
+            m.flush();
+        }
         self.record.bytes_out = self.uploaded.load(Ordering::Relaxed);
         self.record.bytes_in = downloaded;
         self.state.finish(self.record, self.start);
+    }
+
+    /// True (and the record says why) once a byte limit is overdrawn: the body is cut.
+    fn over_limit(&mut self, n: u64) -> bool {
+        let Some(m) = &mut self.meter else {
+            return false;
+        };
+        m.add(n);
+        if !m.over() {
+            return false;
+        }
+        let limit = m.tripped().unwrap_or_else(|| "bytes".into());
+        let vendor = self.record.vendor.as_deref().unwrap_or("none");
+        let rule = self.record.rule.as_deref().unwrap_or("default");
+        self.state
+            .metrics
+            .rate_limited
+            .with_label_values(&[vendor, rule])
+            .inc();
+        self.record.action = "limit";
+        self.record.reason = format!("byte_limit_exceeded: {limit}; response cut").into();
+        true
     }
 }
 
@@ -79,25 +108,35 @@ impl<B> Drop for Counted<B> {
     }
 }
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl<B> Body for Counted<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let res = Pin::new(&mut this.inner).poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    this.count += d.len() as u64;
+                    let n = d.len() as u64;
+                    this.count += n;
                     if let Some(c) = &this.shared {
-                        c.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        c.fetch_add(n, Ordering::Relaxed);
+                    }
+                    if this.pending.as_mut().is_some_and(|p| p.over_limit(n)) {
+                        this.complete();
+                        // An error frame makes hyper cut the response: the client sees a
+                        // truncated body, as HTTP requires when a response cannot finish.
+                        return Poll::Ready(Some(Err("byte limit exceeded".into())));
                     }
                 }
                 if this.inner.is_end_stream() {
@@ -107,7 +146,7 @@ where
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.complete(),
             Poll::Pending => {}
         }
-        res
+        res.map(|o| o.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

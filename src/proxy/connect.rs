@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use super::handler::{authenticate, record, rejected, Seen};
+use super::handler::{apply_limits, authenticate, record, rejected, Seen};
+use super::limit::ByteMeter;
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
@@ -88,6 +89,15 @@ pub async fn handle(
         return respond::error(&e, realm, html);
     }
 
+    let (permits, meter) = match apply_limits(&state, &d, &mut rec, peer, user.as_deref()).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            rec.status = 429;
+            state.finish(rec, start);
+            return respond::limited(&d, &refused, html);
+        }
+    };
+
     // Connect before answering 200 so the client gets a real 502/504, as squid does.
     let upstream = match state.upstream.connect(&host, port).await {
         Ok((s, _)) => s,
@@ -118,6 +128,8 @@ pub async fn handle(
         port,
         rec,
         start,
+        _permits: permits,
+        meter,
     };
     tokio::spawn(tunnel.run(on_upgrade, upstream));
     let mut resp = Response::new(Either::Left(Full::default()));
@@ -136,6 +148,9 @@ struct Tunnel {
     port: u16,
     rec: Record,
     start: Instant,
+    /// In-flight slots of `concurrent` limits: a tunnel holds one for its whole life.
+    _permits: Vec<crate::limits::Permit>,
+    meter: Option<ByteMeter>,
 }
 
 impl Tunnel {
@@ -188,38 +203,63 @@ impl Tunnel {
             inner: upstream,
             stats: stats.clone(),
             start: self.start,
+            meter: self.meter.take(),
         };
         let idle = self.state.settings.proxy.idle_timeout;
-        let outcome = async {
-            upstream.write_all(&hello).await?;
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                16 * 1024,
-                16 * 1024,
-            )
-            .await
-        };
-        tokio::pin!(outcome);
-        let reason = loop {
-            let last = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
-            let deadline = tokio::time::Instant::from_std(self.start + last + idle);
-            tokio::select! {
-                r = &mut outcome => break match r {
-                    Ok(_) => None,
-                    Err(e) => Some(format!("tunnel_error: {e}")),
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    let now = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
-                    if now == last {
-                        break Some("idle_timeout".to_string());
+        // The copy borrows both ends; its scope ends before the meter is read below.
+        let reason = {
+            let outcome = async {
+                upstream.write_all(&hello).await?;
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    16 * 1024,
+                    16 * 1024,
+                )
+                .await
+            };
+            tokio::pin!(outcome);
+            loop {
+                let last = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
+                let deadline = tokio::time::Instant::from_std(self.start + last + idle);
+                tokio::select! {
+                    r = &mut outcome => break match r {
+                        Ok(_) => None,
+                        Err(e) => Some(format!("tunnel_error: {e}")),
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let now = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
+                        if now == last {
+                            break Some("idle_timeout".to_string());
+                        }
                     }
+                    _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
                 }
-                _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
             }
         };
         self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
         self.rec.bytes_in = stats.inn.load(Ordering::Relaxed);
+        let over = upstream.meter.as_ref().filter(|m| m.over());
+        let reason = match over {
+            Some(m) => {
+                let vendor = self.rec.vendor.as_deref().unwrap_or("none");
+                let rule = self.rec.rule.as_deref().unwrap_or("default");
+                self.state
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&[vendor, rule])
+                    .inc();
+                self.rec.action = "limit";
+                Some(format!(
+                    "byte_limit_exceeded: {}",
+                    m.tripped().as_deref().unwrap_or("bytes")
+                ))
+            }
+            None => reason,
+        };
+        if let Some(m) = &mut upstream.meter {
+            m.flush();
+        }
         if let Some(r) = reason {
             self.rec.reason = format!("{}; closed: {r}", self.rec.reason).into();
         }
@@ -275,14 +315,27 @@ struct Stats {
     last_ms: AtomicU64,
 }
 
-/// The upstream side of a tunnel, counting bytes each way.
+/// The upstream side of a tunnel, counting bytes each way and charging them against the
+/// rule's byte limits; once one is overdrawn every read and write fails, closing the tunnel.
 struct Metered {
     inner: TcpStream,
     stats: Arc<Stats>,
     start: Instant,
+    meter: Option<ByteMeter>,
 }
 
 impl Metered {
+    /// Charges `n` bytes; Err once a byte limit is overdrawn.
+    fn charge(&mut self, n: usize) -> io::Result<()> {
+        if let Some(m) = &mut self.meter {
+            m.add(n as u64);
+            if m.over() {
+                return Err(io::Error::other("byte limit exceeded"));
+            }
+        }
+        Ok(())
+    }
+
     fn touch(&self) {
         self.stats
             .last_ms
@@ -303,6 +356,7 @@ impl AsyncRead for Metered {
         if n > 0 {
             this.stats.inn.fetch_add(n as u64, Ordering::Relaxed);
             this.touch();
+            this.charge(n)?;
         }
         r
     }
@@ -319,6 +373,7 @@ impl AsyncWrite for Metered {
         if let Poll::Ready(Ok(n)) = &r {
             this.stats.out.fetch_add(*n as u64, Ordering::Relaxed);
             this.touch();
+            this.charge(*n)?;
         }
         r
     }

@@ -13,11 +13,13 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::body::{Counted, Pending, ProxyBody};
+use super::limit::{self, ByteMeter, Refused};
 use super::{respond, Peer, State};
 use crate::audit::{redact_path, Record};
 use crate::error::ProxyError;
 use crate::identity::htpasswd::parse_basic;
-use crate::policy::{self, target, Action, Decision, Host};
+use crate::limits::{KeyValues, Permit};
+use crate::policy::{self, target, Action, Decision, Host, Mode};
 
 const VIA: &str = "1.1 portcullis";
 
@@ -111,6 +113,52 @@ pub fn rejected(
     state.finish(rec, start);
 }
 
+/// Limits of a `limit` rule: the permits and byte meter to hold for the exchange, or the
+/// refusal (enforced) — a shadow rule only records what it would have refused.
+pub async fn apply_limits(
+    state: &State,
+    d: &Decision<'_>,
+    rec: &mut Record,
+    peer: Peer,
+    user: Option<&str>,
+) -> Result<(Vec<Permit>, Option<ByteMeter>), Refused> {
+    let Some(rule) = d.rule.filter(|_| d.action == Action::Limit) else {
+        return Ok((Vec::new(), None));
+    };
+    let kv = KeyValues {
+        client: peer.addr.ip(),
+        user,
+        key_id: rec.key_id.as_deref(),
+        vendor: d.vendor_id().map(|v| &**v),
+    };
+    match limit::admit(&state.limiter, rule, &kv).await {
+        Ok(permits) => {
+            // Within its limits the request is simply allowed; "limit" means refused.
+            if d.mode == Mode::Enforce {
+                rec.action = Action::Allow.as_str();
+            }
+            Ok((permits, ByteMeter::for_rule(&state.limiter, rule, &kv)))
+        }
+        Err(refused) => {
+            rec.reason = format!(
+                "rate_limited: {} (retry after {}s); {}",
+                refused.limit, refused.retry_after, rule.reason
+            )
+            .into();
+            if d.mode == Mode::Shadow {
+                return Ok((Vec::new(), None));
+            }
+            let vendor = d.vendor_id().map_or("none", |v| &**v);
+            state
+                .metrics
+                .rate_limited
+                .with_label_values(&[vendor, &rule.id])
+                .inc();
+            Err(refused)
+        }
+    }
+}
+
 /// The proxy user, when `[auth]` is configured. `Err` = answer 407.
 pub async fn authenticate(
     state: &State,
@@ -188,6 +236,14 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
         state.finish(rec, start);
         return respond::blocked(&d, html);
     }
+    let (permits, meter) = match apply_limits(&state, &d, &mut rec, peer, user.as_deref()).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            rec.status = 429;
+            state.finish(rec, start);
+            return respond::limited(&d, &refused, html);
+        }
+    };
 
     let authority = target.authority();
     let uri = match Uri::try_from(format!("{}://{authority}{path_q}", target.scheme.as_str())) {
@@ -242,6 +298,8 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
                 record: rec,
                 start,
                 uploaded,
+                permits,
+                meter,
             };
             Response::from_parts(parts, Either::Right(Counted::finishing(body, pending)))
         }

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod connect;
 pub mod handler;
+pub mod limit;
 pub mod respond;
 pub mod server;
 pub mod shutdown;
@@ -54,6 +55,7 @@ pub struct State {
     /// The proxy listener's bound address.
     pub listen_addr: SocketAddr,
     pub bulk: Option<crate::signals::bulk::BulkDetector>,
+    pub limiter: Arc<crate::limits::Limiter>,
 }
 
 impl State {
@@ -70,6 +72,7 @@ impl State {
         let action = match (rec.mode, rec.action) {
             ("shadow", "block") => "shadow_block",
             ("shadow", "audit") => "shadow_audit",
+            ("shadow", "limit") => "shadow_limit",
             ("shadow", _) => "shadow_allow",
             (_, a) => a,
         };

@@ -100,6 +100,36 @@ pub fn blocked(d: &Decision<'_>, html: bool) -> Response<ProxyBody> {
     resp
 }
 
+/// 429 for a request or CONNECT over one of its rule's limits.
+pub fn limited(
+    d: &Decision<'_>,
+    refused: &super::limit::Refused,
+    html: bool,
+) -> Response<ProxyBody> {
+    let rule = d.rule_id().map(|r| &**r);
+    let vendor = d.vendor_id().map(|v| &**v);
+    let body = json!({
+        "error": "rate_limited",
+        "rule": rule,
+        "vendor": vendor,
+        "limit": &*refused.limit,
+        "retry_after": refused.retry_after,
+        "reason": &**d.reason,
+    });
+    let mut resp = build(
+        StatusCode::TOO_MANY_REQUESTS,
+        html,
+        body,
+        "Rate limited by policy",
+    );
+    add_policy_headers(&mut resp, Some(rule.unwrap_or("default")), vendor);
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(refused.retry_after),
+    );
+    resp
+}
+
 /// The response for a request-path error; 407 carries the challenge.
 pub fn error(e: &ProxyError, realm: Option<&str>, html: bool) -> Response<ProxyBody> {
     let status = e.status();

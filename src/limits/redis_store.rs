@@ -1,0 +1,287 @@
+//! Redis store: limits shared by every replica pointing at the same server.
+//!
+//! Rate/bytes: one Lua script per check (atomic on the server, EVALSHA via `redis::Script`)
+//! runs the same GCRA step as the memory store, in microseconds (Lua numbers are doubles:
+//! epoch microseconds fit their 53 bits, nanoseconds would not). The clock is the server's
+//! `TIME`, so replicas with skewed clocks still agree. Each key expires (`PX`) when its TAT
+//! passes, which is exactly when its state stops mattering.
+//!
+//! Concurrent: `INCR` (undone by `DECR` when over the cap) with a TTL refreshed on every
+//! acquire; the permit's drop spawns the `DECR`. Crash safety: slots held by a replica that
+//! dies (or whose release cannot reach Redis) stay counted until the key has seen no acquire
+//! for `concurrent_ttl`, then the whole counter expires. So `concurrent_ttl` must exceed the
+//! longest exchange you expect to hold a slot (a long tunnel), and bounds how long a crash can
+//! keep slots occupied on a quiet key; a busy key keeps leaked slots until it goes quiet.
+//!
+//! Outages: every call is bounded by `timeout`; an error or a timeout applies
+//! `on_store_error` and is counted. `redis::aio::ConnectionManager` reconnects in the
+//! background.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::gcra::Op;
+use super::key::redis_key;
+use super::{
+    ErrorCount, Gcra, KeyValues, LimitError, LimitSpec, OnStoreError, Permit, Release, Verdict,
+};
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub on_store_error: OnStoreError,
+    /// Longest a check may wait on Redis before `on_store_error` applies.
+    pub timeout: Duration,
+    /// TTL of an in-flight counter, refreshed on each acquire (see the module docs).
+    pub concurrent_ttl: Duration,
+    /// Incremented with every store error (`portcullis_limit_store_errors_total`).
+    pub errors_metric: Option<prometheus::IntCounter>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            on_store_error: OnStoreError::Allow,
+            timeout: Duration::from_millis(250),
+            concurrent_ttl: Duration::from_secs(3600),
+            errors_metric: None,
+        }
+    }
+}
+
+/// ARGV: increment, tolerance (µs), op (r = reserve, c = charge, p = peek).
+/// Returns {allowed 1/0, wait µs}. Mirrors `gcra::step`.
+const GCRA_LUA: &str = r#"
+local inc = tonumber(ARGV[1])
+local tol = tonumber(ARGV[2])
+local op = ARGV[3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+if op == 'p' then
+  local used = tat - now
+  if used >= tol then return {0, used - tol + 1} end
+  return {1, 0}
+end
+local new = tat + inc
+local ahead = new - now
+if op == 'r' and ahead > tol then
+  if inc > tol then return {0, tol} end
+  return {0, ahead - tol}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.max(1, math.ceil(ahead / 1000)))
+if ahead > tol then return {0, ahead - tol} end
+return {1, 0}
+"#;
+
+/// ARGV: max, ttl ms. Returns 1 if a slot was taken.
+const ACQUIRE_LUA: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(ARGV[1]) then
+  redis.call('DECR', KEYS[1])
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Deletes the counter at zero so an expired-then-recreated key never goes negative.
+const RELEASE_LUA: &str = r#"
+local n = redis.call('DECR', KEYS[1])
+if n <= 0 then redis.call('DEL', KEYS[1]) end
+return n
+"#;
+
+struct Shared {
+    conn: ConnectionManager,
+    cfg: RedisConfig,
+    errors: ErrorCount,
+    last_log: AtomicU64,
+    epoch: Instant,
+    gcra: Script,
+    acquire: Script,
+    release: Script,
+}
+
+pub(crate) struct RedisStore {
+    shared: Arc<Shared>,
+    pub(crate) errors: ErrorView,
+}
+
+/// Read access to the error count from `Limiter::store_errors`.
+pub(crate) struct ErrorView(Arc<Shared>);
+
+impl ErrorView {
+    pub(crate) fn get(&self) -> u64 {
+        self.0.errors.get()
+    }
+}
+
+impl RedisStore {
+    pub(crate) async fn connect(url: &str, cfg: RedisConfig) -> Result<RedisStore, LimitError> {
+        let client = redis::Client::open(url).map_err(|source| LimitError::RedisUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        // Bounded waits everywhere: a dead server must cost a check at most `timeout`.
+        let mcfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, mcfg)?;
+        let shared = Arc::new(Shared {
+            conn,
+            errors: ErrorCount::new(cfg.errors_metric.clone()),
+            cfg,
+            last_log: AtomicU64::new(0),
+            epoch: Instant::now(),
+            gcra: Script::new(GCRA_LUA),
+            acquire: Script::new(ACQUIRE_LUA),
+            release: Script::new(RELEASE_LUA),
+        });
+        // Connect now so the first request does not pay for it, but start either way: an
+        // outage at startup is handled like any other (the proxy must keep serving).
+        let mut conn = shared.conn.clone();
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut conn);
+        match tokio::time::timeout(shared.cfg.timeout, ping).await {
+            Ok(Ok(_)) => tracing::info!("limit store: redis reachable"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "limit store: redis unreachable at startup"),
+            Err(_) => tracing::warn!("limit store: redis did not answer at startup"),
+        }
+        Ok(RedisStore {
+            errors: ErrorView(shared.clone()),
+            shared,
+        })
+    }
+
+    pub(crate) async fn gcra(
+        &self,
+        spec: &LimitSpec,
+        keys: &KeyValues<'_>,
+        g: &Gcra,
+        cost: u64,
+        op: Op,
+    ) -> Verdict {
+        let (inc, tol) = g.params(cost, 1_000);
+        let key = redis_key(spec, keys);
+        let mut conn = self.shared.conn.clone();
+        let mut call = self.shared.gcra.key(&key);
+        call.arg(inc).arg(tol).arg(op.code());
+        let res = self
+            .shared
+            .bounded(call.invoke_async::<(i64, i64)>(&mut conn))
+            .await;
+        match res {
+            Some((1, _)) => Verdict::Allowed,
+            Some((_, wait_us)) => {
+                Verdict::denied_after(Duration::from_micros(wait_us.max(0) as u64))
+            }
+            None => self.shared.on_error(),
+        }
+    }
+
+    pub(crate) async fn acquire(
+        &self,
+        spec: &LimitSpec,
+        keys: &KeyValues<'_>,
+        max: u32,
+    ) -> Result<Permit, Verdict> {
+        let key = redis_key(spec, keys);
+        let ttl_ms = self.shared.cfg.concurrent_ttl.as_millis().max(1) as u64;
+        let mut conn = self.shared.conn.clone();
+        let mut call = self.shared.acquire.key(&key);
+        call.arg(max).arg(ttl_ms);
+        match self
+            .shared
+            .bounded(call.invoke_async::<i64>(&mut conn))
+            .await
+        {
+            Some(1) => Ok(Permit {
+                release: tokio::runtime::Handle::try_current().ok().map(|rt| {
+                    Release::Redis(RedisRelease {
+                        shared: self.shared.clone(),
+                        key,
+                        rt,
+                    })
+                }),
+            }),
+            Some(_) => Err(Verdict::denied_after(Duration::ZERO)),
+            None => match self.shared.on_error() {
+                Verdict::Allowed => Ok(Permit::none()),
+                denied => Err(denied),
+            },
+        }
+    }
+}
+
+impl Shared {
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(self.cfg.timeout, fut).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.error(&e);
+                None
+            }
+            Err(_) => {
+                self.error(&"timed out");
+                None
+            }
+        }
+    }
+
+    fn error(&self, e: &dyn std::fmt::Display) {
+        self.errors.inc();
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_log.load(Ordering::Relaxed);
+        // First error, then at most one line per 10 s: an outage must not flood the log.
+        if (last == 0 || now.saturating_sub(last) >= 10_000)
+            && self
+                .last_log
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                error = %e,
+                errors_total = self.errors.get(),
+                on_store_error = ?self.cfg.on_store_error,
+                "limit store error"
+            );
+        }
+    }
+
+    fn on_error(&self) -> Verdict {
+        match self.cfg.on_store_error {
+            OnStoreError::Allow => Verdict::Allowed,
+            OnStoreError::Deny => Verdict::denied_after(Duration::ZERO),
+        }
+    }
+}
+
+/// Gives a slot back when its permit drops. Drop cannot await, so the `DECR` runs on a task
+/// spawned on the runtime that acquired it; if it fails the slot stays counted until the
+/// counter's TTL (see the module docs).
+pub(crate) struct RedisRelease {
+    shared: Arc<Shared>,
+    key: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl RedisRelease {
+    pub(crate) fn release(self) {
+        let RedisRelease { shared, key, rt } = self;
+        rt.spawn(async move {
+            let mut conn = shared.conn.clone();
+            let call = shared.release.key(&key);
+            shared.bounded(call.invoke_async::<i64>(&mut conn)).await;
+        });
+    }
+}
