@@ -73,8 +73,9 @@ impl Naive {
     fn decide(&self, p: &Policy, req: &Request<'_>) -> Action {
         let hit = p.catalog.lookup(req.host);
         let norm = req.path.map(path::normalize);
+        let segs = norm.as_deref().map(path::Segments::new);
         let endpoint = hit.map_or(portcullis::policy::Endpoint::None, |h| {
-            p.catalog.classify(h, norm.as_deref())
+            p.catalog.classify(h, segs.as_ref())
         });
         let facts = portcullis::policy::Facts {
             client: req.client,
@@ -82,7 +83,7 @@ impl Naive {
             groups: 0,
             method: req.method,
             port: req.port,
-            path: norm.as_deref(),
+            path: segs.as_ref(),
             vendor: hit.map(|h| h.vendor),
             endpoint,
         };

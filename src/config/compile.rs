@@ -48,6 +48,7 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
     let mut rules = Vec::with_capacity(rule_defs.len());
     let mut index = RuleIndex {
         by_vendor: vec![Vec::new(); catalog.vendors().len()],
+        by_vendor_pathless: vec![Vec::new(); catalog.vendors().len()],
         ..RuleIndex::default()
     };
     let mut seen_ids: FxHashMap<String, ()> = FxHashMap::default();
@@ -355,9 +356,15 @@ fn compile_rule(
     if hosts.is_empty() {
         if vendors.is_empty() {
             index.generic.push(n);
+            if paths.is_empty() {
+                index.generic_pathless.push(n);
+            }
         } else {
             for v in &vendors {
                 index.by_vendor[*v as usize].push(n);
+                if paths.is_empty() {
+                    index.by_vendor_pathless[*v as usize].push(n);
+                }
             }
         }
     }

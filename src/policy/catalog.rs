@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::hostmatch::{HostIndex, HostPattern};
-use super::path::PathPattern;
+use super::path::{PathPattern, Segments};
 use super::target::Host;
 
 /// Endpoint classes. A closed set, because rules, audit and metric labels name them.
@@ -171,12 +171,12 @@ impl Catalog {
 
     /// The endpoint class of a request to a vendor host; `path` is normalised, `None` for a
     /// tunnel whose path is not visible.
-    pub fn classify(&self, hit: VendorHit, path: Option<&str>) -> Endpoint {
+    pub fn classify(&self, hit: VendorHit, path: Option<&Segments<'_>>) -> Endpoint {
         let best = path.and_then(|path| {
             self.vendor(hit.vendor)
                 .endpoints
                 .iter()
-                .filter(|(_, p)| p.matches(path))
+                .filter(|(_, p)| p.matches_segments(path))
                 .max_by_key(|(_, p)| p.len())
                 .map(|(e, _)| *e)
         });

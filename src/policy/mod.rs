@@ -37,6 +37,9 @@ pub struct RuleIndex {
     pub by_ip: FxHashMap<IpAddr, Vec<u32>>,
     pub by_vendor: Vec<Vec<u32>>,
     pub generic: Vec<u32>,
+    /// The same lists without the rules that name a path, for tunnels.
+    pub by_vendor_pathless: Vec<Vec<u32>>,
+    pub generic_pathless: Vec<u32>,
 }
 
 /// The compiled policy. Built once per (re)load by `config::compile`, then only read.
@@ -98,8 +101,9 @@ impl Policy {
     pub fn decide<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
         let hit = self.catalog.lookup(req.host);
         let path = req.path.map(path::normalize);
+        let segments = path.as_deref().map(path::Segments::new);
         let endpoint = match hit {
-            Some(h) => self.catalog.classify(h, path.as_deref()),
+            Some(h) => self.catalog.classify(h, segments.as_ref()),
             None => Endpoint::None,
         };
         let groups = match req.user {
@@ -114,7 +118,7 @@ impl Policy {
             groups,
             method: req.method,
             port: req.port,
-            path: path.as_deref(),
+            path: segments.as_ref(),
             vendor: hit.map(|h| h.vendor),
             endpoint,
         };
@@ -132,9 +136,14 @@ impl Policy {
                 }
             }
         };
-        consider(&self.index.generic);
+        // Without a visible path (a tunnel) rules that need one cannot match: skip them.
+        let (generic, by_vendor) = match segments {
+            Some(_) => (&self.index.generic, &self.index.by_vendor),
+            None => (&self.index.generic_pathless, &self.index.by_vendor_pathless),
+        };
+        consider(generic);
         if let Some(h) = hit {
-            if let Some(list) = self.index.by_vendor.get(h.vendor as usize) {
+            if let Some(list) = by_vendor.get(h.vendor as usize) {
                 consider(list);
             }
         }

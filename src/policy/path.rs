@@ -87,11 +87,58 @@ fn hex(c: u8) -> Option<u8> {
     }
 }
 
+/// Segments a request path is split into once, on the stack, so that many patterns can be
+/// matched without splitting again. Longer paths keep their first `MAX_SEGMENTS`; a pattern
+/// longer than that (none is) falls back to splitting.
+const MAX_SEGMENTS: usize = 24;
+
+#[derive(Debug)]
+pub struct Segments<'a> {
+    segs: [&'a str; MAX_SEGMENTS],
+    n: usize,
+    path: &'a str,
+}
+
+impl<'a> Segments<'a> {
+    /// `path` must already be [`normalize`]d.
+    pub fn new(path: &'a str) -> Segments<'a> {
+        let mut segs = [""; MAX_SEGMENTS];
+        let mut n = 0;
+        for s in path.split('/').filter(|s| !s.is_empty()) {
+            if n == MAX_SEGMENTS {
+                break;
+            }
+            segs[n] = s;
+            n += 1;
+        }
+        Segments { segs, n, path }
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.path
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Seg {
+    Literal(Box<str>),
+    Glob(Box<str>),
+}
+
+impl Seg {
+    fn matches(&self, s: &str) -> bool {
+        match self {
+            Seg::Literal(l) => **l == *s,
+            Seg::Glob(g) => glob_match(g, s),
+        }
+    }
+}
+
 /// A path pattern matched segment by segment as a prefix at a `/` boundary; `*` matches within
 /// one segment.
 #[derive(Debug, Clone)]
 pub struct PathPattern {
-    segs: Box<[Box<str>]>,
+    segs: Box<[Seg]>,
     text: Box<str>,
 }
 
@@ -108,7 +155,10 @@ impl PathPattern {
         let segs = norm
             .split('/')
             .filter(|s| !s.is_empty())
-            .map(Into::into)
+            .map(|s| match s.contains('*') {
+                true => Seg::Glob(s.into()),
+                false => Seg::Literal(s.into()),
+            })
             .collect();
         Ok(PathPattern {
             segs,
@@ -131,11 +181,23 @@ impl PathPattern {
 
     /// `path` must already be [`normalize`]d.
     pub fn matches(&self, path: &str) -> bool {
-        let mut segs = path.split('/').filter(|s| !s.is_empty());
-        self.segs.iter().all(|p| match segs.next() {
-            Some(s) => glob_match(p, s),
-            None => false,
-        })
+        self.matches_segments(&Segments::new(path))
+    }
+
+    pub fn matches_segments(&self, path: &Segments<'_>) -> bool {
+        if self.segs.len() > MAX_SEGMENTS {
+            let mut segs = path.path.split('/').filter(|s| !s.is_empty());
+            return self
+                .segs
+                .iter()
+                .all(|p| segs.next().is_some_and(|s| p.matches(s)));
+        }
+        self.segs.len() <= path.n
+            && self
+                .segs
+                .iter()
+                .zip(&path.segs[..path.n])
+                .all(|(p, s)| p.matches(s))
     }
 }
 

@@ -7,7 +7,7 @@ use http::Method;
 use ipnet::IpNet;
 
 use super::catalog::{Endpoint, VendorId};
-use super::path::PathPattern;
+use super::path::{PathPattern, Segments};
 
 /// What a rule does with a request it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,8 +84,8 @@ pub struct Facts<'a> {
     pub groups: u64,
     pub method: &'a Method,
     pub port: u16,
-    /// Normalised path; `None` inside an opaque tunnel.
-    pub path: Option<&'a str>,
+    /// The normalised path, split; `None` inside an opaque tunnel.
+    pub path: Option<&'a Segments<'a>>,
     pub vendor: Option<VendorId>,
     pub endpoint: Endpoint,
 }
@@ -97,7 +97,7 @@ impl Rule {
             && (self.endpoints == 0 || self.endpoints & f.endpoint.bit() != 0)
             && (self.paths.is_empty()
                 || f.path
-                    .is_some_and(|p| self.paths.iter().any(|pat| pat.matches(p))))
+                    .is_some_and(|p| self.paths.iter().any(|pat| pat.matches_segments(p))))
             && (self.methods.is_empty() || self.methods.iter().any(|m| m == f.method))
             && (self.ports.is_empty() || self.ports.contains(&f.port))
             && (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&f.client)))
