@@ -453,8 +453,9 @@ async fn two_proxies_share_one_redis_limit_and_survive_its_loss() {
         .tail(&limit_rule(
             "{ requests = 10, per = \"10m\", by = \"vendor\" }",
         ));
-    let a = Proxy::start(cfg.clone()).await;
-    let b = Proxy::start(cfg).await;
+    // Two real processes, as two replicas would be.
+    let a = Proxy::spawn(cfg.clone()).await;
+    let b = Proxy::spawn(cfg).await;
     let (ca, cb) = (a.client(), b.client());
     let mut passed = 0;
     for i in 0..8 {

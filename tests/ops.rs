@@ -333,3 +333,142 @@ async fn configmap_style_symlink_swap_reloads() {
     within("shutdown", running.shutdown()).await;
     assert!(blocked, "the symlink swap was not picked up");
 }
+
+#[tokio::test]
+async fn admin_token_guards_reload_policy_and_top() {
+    let proxy = Proxy::start(Config::new()).await;
+    // A token file the proxy refuses while others can read it, and accepts at 0600.
+    let token = proxy.dir.path().join("admin.token");
+    std::fs::write(&token, "s3cret-admin-token\n").expect("token");
+    let cfg_with = |mode: u32| {
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+        let path = proxy.dir.path().join("portcullis.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        let text = text.replacen(
+            "[admin]\n",
+            &format!("[admin]\ntoken_file = \"{}\"\n", token.display()),
+            1,
+        );
+        let other = proxy.dir.path().join("with-token.toml");
+        std::fs::write(
+            &other,
+            text.replace(&proxy.addr.to_string(), "127.0.0.1:0")
+                .replace(&proxy.admin.to_string(), "127.0.0.1:0"),
+        )
+        .expect("write");
+        portcullis::config::load(&other).expect("config loads")
+    };
+    let refused = portcullis::app::start(cfg_with(0o644)).await;
+    assert!(
+        refused
+            .as_ref()
+            .err()
+            .is_some_and(|e| e.to_string().contains("accessible to other users")),
+        "a world-readable token file is refused at start"
+    );
+    let running = portcullis::app::start(cfg_with(0o600))
+        .await
+        .expect("start");
+    let admin = running.admin_addr.expect("admin");
+    let client = admin_client();
+    for path in ["/policy", "/top"] {
+        let r = client
+            .get(format!("http://{admin}{path}"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 401, "{path} without a token");
+        let r = client
+            .get(format!("http://{admin}{path}"))
+            .bearer_auth("s3cret-admin-token")
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 200, "{path} with the token");
+        assert!(
+            !r.text().await.expect("body").contains("s3cret"),
+            "the token is never echoed"
+        );
+    }
+    let r = client
+        .post(format!("http://{admin}/reload"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(r.status(), 200, "Prometheus and probes need no token");
+    within("shutdown", running.shutdown()).await;
+}
+
+/// While draining after SIGTERM the proxy says it is not ready (so load balancers stop sending),
+/// finishes the request in flight, then exits 0.
+#[tokio::test]
+async fn readyz_turns_503_while_draining() {
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(Config::new().vendor("api.openai.com", origin.addr)).await;
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+    let (release, in_flight) = {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let body = futures_util::stream::once(async move {
+            let _ = rx.await;
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"done"))
+        });
+        let req = proxy
+            .client()
+            .post("http://api.openai.com/v1/files")
+            .body(reqwest::Body::wrap_stream(body));
+        (
+            tx,
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) }),
+        )
+    };
+    // In flight = the proxy has decided and connected to the origin.
+    eventually("the upload to reach the origin", || {
+        (established_to(origin.addr.port()) > 0).then_some(())
+    })
+    .await;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let mut saw_503 = false;
+    for _ in 0..100 {
+        if proxy.admin_get("/readyz").await.0 == 503 {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_503, "/readyz is 503 while draining");
+    release.send(()).expect("release");
+    assert_eq!(
+        within("in-flight request", in_flight)
+            .await
+            .expect("task")
+            .expect("answered"),
+        200
+    );
+    assert_eq!(proxy.wait_exit().await.and_then(|s| s.code()), Some(0));
+}
+
+/// Established TCP connections whose local port is `port` (read from /proc/net/tcp).
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "01"
+        })
+        .count()
+}

@@ -583,6 +583,14 @@ impl Proxy {
             .await
     }
 
+    /// Binary: its exit status once it stops by itself (after a signal the test sent).
+    pub async fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
+        match &mut self.run {
+            Run::Binary(child) => Some(within("binary exit", child.wait()).await.expect("wait")),
+            Run::InProcess(_) => None,
+        }
+    }
+
     /// In-process: stop and drain. Binary: SIGTERM, then the exit status.
     pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
         match &mut self.run {
