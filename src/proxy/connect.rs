@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use super::handler::{apply_limits, authenticate, record, rejected, Seen};
+use super::handler::{admit, authenticate, record, rejected, Admitted, Seen};
 use super::limit::ByteMeter;
 use super::{respond, Peer, State};
 use crate::audit::Record;
@@ -74,12 +74,8 @@ pub async fn handle(
     let mut rec = record(&seen, &d, 0, None);
     rec.id = state.audit.next_id();
 
-    if d.enforced() == Action::Block {
-        rec.status = 403;
-        state.finish(rec, start);
-        return respond::blocked(&d, html);
-    }
-    if !policy.connect_ports.contains(&port) {
+    // A blocked destination is reported as blocked whatever the port.
+    if !policy.connect_ports.contains(&port) && d.enforced() != Action::Block {
         let e = ProxyError::PortNotAllowed(port);
         rec.status = 403;
         rec.action = "block";
@@ -89,13 +85,13 @@ pub async fn handle(
         return respond::error(&e, realm, html);
     }
 
-    let (permits, meter) = match apply_limits(&state, &d, &mut rec, peer, user.as_deref()).await {
-        Ok(admitted) => admitted,
-        Err(refused) => {
-            rec.status = 429;
-            state.finish(rec, start);
-            return respond::limited(&d, &refused, html);
-        }
+    let Admitted {
+        mut rec,
+        permits,
+        meter,
+    } = match admit(&state, &d, rec, peer, user.as_deref(), html, start).await {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
     };
 
     // Connect before answering 200 so the client gets a real 502/504, as squid does.

@@ -113,9 +113,46 @@ pub fn rejected(
     state.finish(rec, start);
 }
 
+/// A decided request the policy lets through, with what it holds while it runs.
+pub struct Admitted {
+    pub rec: Record,
+    pub permits: Vec<Permit>,
+    pub meter: Option<ByteMeter>,
+}
+
+/// Enforces a decision: 403 when blocked, 429 when over a limit (each audited here), else the
+/// request goes on with its limit permits and byte meter. Shared by requests and CONNECTs.
+pub async fn admit(
+    state: &State,
+    d: &Decision<'_>,
+    mut rec: Record,
+    peer: Peer,
+    user: Option<&str>,
+    html: bool,
+    start: Instant,
+) -> Result<Admitted, Response<ProxyBody>> {
+    if d.enforced() == Action::Block {
+        rec.status = 403;
+        state.finish(rec, start);
+        return Err(respond::blocked(d, html));
+    }
+    match apply_limits(state, d, &mut rec, peer, user).await {
+        Ok((permits, meter)) => Ok(Admitted {
+            rec,
+            permits,
+            meter,
+        }),
+        Err(refused) => {
+            rec.status = 429;
+            state.finish(rec, start);
+            Err(respond::limited(d, &refused, html))
+        }
+    }
+}
+
 /// Limits of a `limit` rule: the permits and byte meter to hold for the exchange, or the
 /// refusal (enforced) — a shadow rule only records what it would have refused.
-pub async fn apply_limits(
+async fn apply_limits(
     state: &State,
     d: &Decision<'_>,
     rec: &mut Record,
@@ -231,18 +268,13 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
     let mut rec = record(&seen, &d, 0, key_id);
     rec.id = state.audit.next_id();
 
-    if d.enforced() == Action::Block {
-        rec.status = 403;
-        state.finish(rec, start);
-        return respond::blocked(&d, html);
-    }
-    let (permits, meter) = match apply_limits(&state, &d, &mut rec, peer, user.as_deref()).await {
-        Ok(admitted) => admitted,
-        Err(refused) => {
-            rec.status = 429;
-            state.finish(rec, start);
-            return respond::limited(&d, &refused, html);
-        }
+    let Admitted {
+        mut rec,
+        permits,
+        meter,
+    } = match admit(&state, &d, rec, peer, user.as_deref(), html, start).await {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
     };
 
     let authority = target.authority();
