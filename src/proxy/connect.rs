@@ -107,6 +107,10 @@ pub async fn handle(
             }
             rec.status = e.status().as_u16();
             rec.reason = format!("{}: {}", e.kind(), e).into();
+            if matches!(e, ProxyError::AddressDenied(_)) {
+                // The policy allowed it, the address guard refused it: the request was blocked.
+                rec.action = Action::Block.as_str();
+            }
             state.finish(rec, start);
             return respond::error(&e, realm, html);
         }

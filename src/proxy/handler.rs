@@ -316,6 +316,10 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
             }
             rec.status = e.status().as_u16();
             rec.reason = format!("{}: {}", e.kind(), e).into();
+            if matches!(e, ProxyError::AddressDenied(_)) {
+                // The policy allowed it, the address guard refused it: the request was blocked.
+                rec.action = Action::Block.as_str();
+            }
             rec.bytes_out = uploaded.load(std::sync::atomic::Ordering::Relaxed);
             state.finish(rec, start);
             respond::error(&e, realm, html)
