@@ -34,6 +34,12 @@ pub enum ProxyError {
     ResponseTimeout,
     #[error("upstream failed: {0}")]
     Upstream(String),
+    #[error("more than one Host header (RFC 9112 §3.2)")]
+    DuplicateHost,
+    #[error("transfer coding {0:?} is not supported; only chunked")]
+    UnsupportedTransferCoding(String),
+    #[error("the request body from the client was malformed or cut: {0}")]
+    ClientBody(String),
     #[error("TLS ClientHello: {0}")]
     ClientHello(SniError),
     #[error("ClientHello did not arrive in time")]
@@ -56,6 +62,9 @@ impl ProxyError {
             ProxyError::Tls(_) => "tls",
             ProxyError::ResponseTimeout => "timeout",
             ProxyError::Upstream(_) => "upstream",
+            ProxyError::ClientBody(_) => "bad_request_body",
+            ProxyError::DuplicateHost => "duplicate_host",
+            ProxyError::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             ProxyError::ClientHello(e) => e.kind(),
             ProxyError::ClientHelloTimeout => "client_hello_timeout",
         }
@@ -63,7 +72,11 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Target(_) | ProxyError::NotProxyRequest => StatusCode::BAD_REQUEST,
+            ProxyError::Target(_)
+            | ProxyError::NotProxyRequest
+            | ProxyError::ClientBody(_)
+            | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,

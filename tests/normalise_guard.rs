@@ -179,7 +179,10 @@ async fn resolve_override_is_guarded_like_dns() {
     assert_error(&r, 403, "address_denied");
     let rec = proxy.audit_path("/v1/models").await;
     assert_eq!(rec["status"], 403);
-    assert_eq!(rec["action"], "block", "the guard refused it: blocked, whatever the rules said");
+    assert_eq!(
+        rec["action"], "block",
+        "the guard refused it: blocked, whatever the rules said"
+    );
     assert_reason(&rec, "address_denied");
     assert_eq!(proxy.upstream_errors("address_denied").await, 1.0);
     assert!(origin.requests().is_empty());

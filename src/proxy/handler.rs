@@ -236,6 +236,10 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
             return respond::error(&e, realm, html);
         }
     };
+    if let Err(e) = framing(req.headers()) {
+        rejected(&state, peer, req.method(), req.uri(), &e, start);
+        return respond::error(&e, realm, html);
+    }
     let user = match authenticate(&state, req.headers()).await {
         Ok(u) => u,
         Err(e) => {
@@ -342,6 +346,25 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
     }
 }
 
+/// What hyper's parser lets through but a proxy must not forward as is: two Host fields
+/// (RFC 9112 §3.2: 400), and transfer codings other than chunked, which we would strip (the
+/// field is hop-by-hop) without decoding, changing the content (RFC 9112 §6.1: 501).
+fn framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::DuplicateHost);
+    }
+    for v in headers.get_all(header::TRANSFER_ENCODING) {
+        let text = v.to_str().unwrap_or("?");
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(ProxyError::UnsupportedTransferCoding(coding.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// RFC 9110 §7.6.1: connection-specific fields, and any the Connection header names, are for
 /// one hop only. `Proxy-Authorization` is ours and never goes upstream.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -384,6 +407,14 @@ fn append_via(h: &mut HeaderMap) {
 fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
     let mut src = e.source();
     while let Some(s) = src {
+        // The only body we hand the client is the client's own upload: its failure (a bad
+        // chunk, a cut connection) is the client's fault, not the origin's.
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_user() {
+                let cause = h.source().map_or_else(|| h.to_string(), |c| c.to_string());
+                return ProxyError::ClientBody(cause);
+            }
+        }
         if let Some(p) = s.downcast_ref::<ProxyError>() {
             return match p {
                 ProxyError::Dns(m) => ProxyError::Dns(m.clone()),
