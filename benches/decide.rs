@@ -157,6 +157,7 @@ fn bench(c: &mut Criterion) {
             host,
             port: 443,
             path: *path,
+            body: Default::default(),
         };
         // Both engines must agree, or the comparison means nothing.
         assert_eq!(big.decide(&req).action, naive.decide(&big, &req), "{name}");

@@ -38,6 +38,8 @@ pub enum StartError {
     Secret(String),
     #[error("limit store: {0}")]
     Limits(String),
+    #[error("interception CA: {0}")]
+    Ca(#[from] crate::tls::ca::CaError),
 }
 
 /// A running proxy.
@@ -143,6 +145,26 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         .map_err(|e| StartError::Limits(e.to_string()))?,
     });
 
+    let keys = match &settings.key_secret_file {
+        Some(p) => {
+            let secret = crate::secrets::read_secret_file(p).map_err(StartError::Secret)?;
+            if secret.len() < 16 {
+                return Err(StartError::Secret(format!(
+                    "{}: the key fingerprint secret must be at least 16 bytes",
+                    p.display()
+                )));
+            }
+            KeyFingerprinter::new(secret.as_bytes())
+        }
+        None => KeyFingerprinter::random(),
+    };
+    let interceptor = match &settings.intercept {
+        Some(a) => Some(proxy::intercept::Interceptor::new(Arc::new(
+            crate::tls::ca::Authority::load(a)?,
+        ))),
+        None => None,
+    };
+
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(loaded.policy),
         settings,
@@ -151,7 +173,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         audit: sink,
         metrics,
         auth,
-        keys: KeyFingerprinter::random(),
+        keys,
+        interceptor,
         ready: AtomicBool::new(false),
         shutdown: proxy::shutdown::Shutdown::default(),
         source: loaded.source,

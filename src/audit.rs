@@ -44,11 +44,13 @@ pub struct Record {
     pub tls: &'static str,
     pub sni: Option<Box<str>>,
     pub key_id: Option<Box<str>>,
+    /// The request body's `model`, when inspection read it.
+    pub model: Option<Box<str>>,
 }
 
 impl Serialize for Record {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(22))?;
+        let mut m = s.serialize_map(Some(23))?;
         m.serialize_entry("ts", &humantime::format_rfc3339_millis(self.ts).to_string())?;
         m.serialize_entry("id", &format_args!("{:016x}", self.id).to_string())?;
         m.serialize_entry("client", &self.client.to_string())?;
@@ -74,6 +76,7 @@ impl Serialize for Record {
         m.serialize_entry("tls", self.tls)?;
         m.serialize_entry("sni", &self.sni)?;
         m.serialize_entry("key_id", &self.key_id)?;
+        m.serialize_entry("model", &self.model)?;
         m.end()
     }
 }

@@ -20,14 +20,8 @@ pub enum CaError {
     Rcgen(#[from] rcgen::Error),
 }
 
-/// Writes `ca.pem` and `ca.key` into `dir`; refuses to overwrite an existing key.
-pub fn init(dir: &Path, common_name: &str) -> Result<(), CaError> {
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| CaError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+/// A CA certificate's fields: may sign leaves only (path length 0), valid for five years.
+pub fn params(common_name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
@@ -42,6 +36,18 @@ pub fn init(dir: &Path, common_name: &str) -> Result<(), CaError> {
     let now = std::time::SystemTime::now();
     params.not_before = (now - std::time::Duration::from_secs(3600)).into();
     params.not_after = (now + std::time::Duration::from_secs(5 * 365 * 24 * 3600)).into();
+    params
+}
+
+/// Writes `ca.pem` and `ca.key` into `dir`; refuses to overwrite an existing key.
+pub fn init(dir: &Path, common_name: &str) -> Result<(), CaError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| CaError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let params = params(common_name);
     let cert = params.self_signed(&key)?;
 
     let key_path = dir.join("ca.key");

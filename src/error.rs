@@ -44,6 +44,8 @@ pub enum ProxyError {
     ClientHello(SniError),
     #[error("ClientHello did not arrive in time")]
     ClientHelloTimeout,
+    #[error("misdirected request: {0}")]
+    Misdirected(String),
 }
 
 impl ProxyError {
@@ -67,6 +69,7 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             ProxyError::ClientHello(e) => e.kind(),
             ProxyError::ClientHelloTimeout => "client_hello_timeout",
+            ProxyError::Misdirected(_) => "misdirected",
         }
     }
 
@@ -77,6 +80,7 @@ impl ProxyError {
             | ProxyError::ClientBody(_)
             | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -13,6 +13,7 @@ pub mod ca;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod inspect;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

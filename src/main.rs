@@ -43,6 +43,9 @@ enum Command {
         user: Option<String>,
         #[arg(long)]
         method: Option<String>,
+        /// The request body's `model`, for model-aware rules.
+        #[arg(long)]
+        model: Option<String>,
         url: String,
     },
     /// The interception CA.
@@ -73,8 +76,16 @@ fn main() -> ExitCode {
             client,
             user,
             method,
+            model,
             url,
-        } => explain(&config, client, user.as_deref(), method.as_deref(), &url),
+        } => explain(
+            &config,
+            client,
+            user.as_deref(),
+            method.as_deref(),
+            model.as_deref(),
+            &url,
+        ),
         Command::Ca {
             command: CaCommand::Init { out, name },
         } => match portcullis::ca::init(&out, &name) {
@@ -210,8 +221,10 @@ fn explain(
     client: IpAddr,
     user: Option<&str>,
     method: Option<&str>,
+    model: Option<&str>,
     url: &str,
 ) -> ExitCode {
+    let model_lower = model.map(str::to_ascii_lowercase);
     let loaded = match load(Some(path)) {
         Ok(l) => l,
         Err(code) => return code,
@@ -257,7 +270,14 @@ fn explain(
         host: &host,
         port,
         path: path_q.as_deref(),
+        body: policy::BodyFacts {
+            model: model_lower.as_deref(),
+            dlp: 0,
+        },
     });
+    let intercepted = connect
+        && p.intercept
+            .intercepts(&host, p.catalog.lookup(&host).map(|h| h.vendor));
     let port_refused = connect && !p.connect_ports.contains(&port);
     let (action, reason) = if port_refused {
         (Action::Block.as_str(), "port_not_allowed".to_string())
@@ -277,6 +297,8 @@ fn explain(
         "mode": d.mode.as_str(),
         "enforced": if port_refused { "block" } else { d.enforced().as_str() },
         "reason": reason,
+        "model": model_lower,
+        "intercept": if connect { Some(intercepted) } else { None },
         "limits": d.rule.filter(|_| d.action == Action::Limit).map(|r| {
             r.limits.iter().map(|l| json!({
                 "id": &*l.id,

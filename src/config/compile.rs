@@ -17,8 +17,10 @@ use super::{
 use crate::limits::{KeyPart, LimitKind, LimitSpec, OnStoreError};
 use crate::policy::path::PathPattern;
 use crate::policy::target::{self, Host};
+use crate::inspect::dlp::{DlpError, Scanner};
 use crate::policy::{
-    Action, Catalog, DefaultVerdict, Endpoint, HostPattern, Mode, Policy, Rule, RuleIndex, Vendor,
+    Action, Catalog, DefaultVerdict, Endpoint, HostPattern, Inspection, InterceptLists, Mode,
+    Policy, Rule, RuleIndex, Vendor,
 };
 
 const MAX_GROUPS: usize = 64;
@@ -45,6 +47,7 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
 
     let (group_names, user_groups) = groups(src, main)?;
     let named = named_limits(src, main)?;
+    let scanner = dlp_scanner(src, main)?;
     let mut rules = Vec::with_capacity(rule_defs.len());
     let mut index = RuleIndex {
         by_vendor: vec![Vec::new(); catalog.vendors().len()],
@@ -68,6 +71,7 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
             &catalog,
             &group_names,
             &named,
+            &scanner,
             n,
             &mut index,
         )?;
@@ -96,7 +100,6 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
     };
 
     let policy = Policy {
-        catalog,
         rules,
         index,
         default: DefaultVerdict {
@@ -108,6 +111,14 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
         user_groups,
         group_names,
         connect_ports,
+        intercept: intercept_lists(src, main, &catalog)?,
+        inspection: None,
+        catalog,
+    };
+    let inspection = inspection(src, main, &policy, scanner)?;
+    let policy = Policy {
+        inspection,
+        ..policy
     };
     Ok((settings(src, main)?, policy))
 }
@@ -121,6 +132,9 @@ fn only_policy_sections(src: &Sources, file: usize, c: &ConfigFile) -> Result<()
         c.auth.as_ref().map(|s| (s.span().start, "auth")),
         c.defaults.as_ref().map(|s| (s.span().start, "defaults")),
         c.groups.as_ref().map(|s| (s.span().start, "groups")),
+        c.intercept.as_ref().map(|s| (s.span().start, "intercept")),
+        c.inspect.as_ref().map(|s| (s.span().start, "inspect")),
+        c.keys.as_ref().map(|s| (s.span().start, "keys")),
     ];
     if let Some((start, name)) = misplaced.into_iter().flatten().next() {
         return Err(src.error(
@@ -234,6 +248,7 @@ fn compile_rule(
     catalog: &Catalog,
     group_names: &[Arc<str>],
     named: &NamedLimits,
+    scanner: &Scanner,
     n: u32,
     index: &mut RuleIndex,
 ) -> Result<Rule, ConfigError> {
@@ -341,6 +356,58 @@ fn compile_rule(
         _ => {}
     }
 
+    let models: Vec<Box<str>> = list(&def.model)
+        .into_iter()
+        .map(|(_, m)| m.to_ascii_lowercase().into_boxed_str())
+        .collect();
+    let mut dlp = 0u64;
+    for (at, name) in list(&def.dlp) {
+        if name == "all" {
+            dlp |= match scanner.len() {
+                n @ 0..=63 => (1u64 << n) - 1,
+                _ => u64::MAX,
+            };
+            continue;
+        }
+        match scanner.index(&name) {
+            Some(i) => dlp |= 1 << i,
+            None => {
+                return Err(err(
+                    at,
+                    format!(
+                        "unknown DLP pattern {name:?} (built in: {}; or define it under [inspect.patterns]; or \"all\")",
+                        crate::inspect::dlp::BUILTINS.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    let require_keys = list(&def.require_key)
+        .into_iter()
+        .map(|(_, k)| k.into_boxed_str())
+        .collect();
+    let require_orgs = list(&def.require_org)
+        .into_iter()
+        .map(|(_, k)| k.into_boxed_str())
+        .collect();
+    let mut set_headers = Vec::new();
+    if let Some(map) = &def.set_headers {
+        for (name, value) in map.get_ref() {
+            let n = http::HeaderName::from_str(name)
+                .map_err(|_| err(src.at(file, map), format!("invalid header name {name:?}")))?;
+            if is_hop_by_hop_or_framing(&n) {
+                return Err(err(
+                    src.at(file, map),
+                    format!("set_headers may not set {name:?}: it is hop-by-hop or framing"),
+                ));
+            }
+            let v = http::HeaderValue::from_str(value.get_ref())
+                .map_err(|_| err(src.at(file, value), "invalid header value".into()))?;
+            set_headers.push((n, v));
+        }
+    }
+    let inside = !paths.is_empty() || !models.is_empty() || dlp != 0;
+
     let mut hosts = Vec::new();
     for (at, h) in list(&def.host) {
         // An address literal is matched by value, so every spelling of it is the same host.
@@ -356,13 +423,13 @@ fn compile_rule(
     if hosts.is_empty() {
         if vendors.is_empty() {
             index.generic.push(n);
-            if paths.is_empty() {
+            if !inside {
                 index.generic_pathless.push(n);
             }
         } else {
             for v in &vendors {
                 index.by_vendor[*v as usize].push(n);
-                if paths.is_empty() {
+                if !inside {
                     index.by_vendor_pathless[*v as usize].push(n);
                 }
             }
@@ -387,7 +454,147 @@ fn compile_rule(
         users,
         groups,
         limits,
+        models,
+        dlp,
+        require_keys,
+        require_orgs,
+        set_headers,
     })
+}
+
+fn is_hop_by_hop_or_framing(n: &http::HeaderName) -> bool {
+    use http::header::*;
+    [
+        CONNECTION,
+        CONTENT_LENGTH,
+        HOST,
+        PROXY_AUTHORIZATION,
+        PROXY_AUTHENTICATE,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ]
+    .contains(n)
+        || n == "keep-alive"
+        || n == "proxy-connection"
+}
+
+/// Built-in DLP patterns plus `[inspect.patterns]`; one scanner per policy.
+fn dlp_scanner(src: &Sources, main: &ConfigFile) -> Result<Scanner, ConfigError> {
+    let patterns = main
+        .inspect
+        .as_ref()
+        .and_then(|i| i.get_ref().patterns.as_ref());
+    let mut custom = Vec::new();
+    if let Some(map) = patterns {
+        for (name, re) in map.get_ref() {
+            if !valid_id(name) {
+                return Err(src.error(
+                    src.at(0, map),
+                    format!("DLP pattern name {name:?} must be letters, digits, '-', '_' or '.'"),
+                ));
+            }
+            custom.push((name.clone(), re.get_ref().clone()));
+        }
+    }
+    Scanner::new(&custom).map_err(|e| {
+        // Point at the offending pattern when we can tell which one it is.
+        let at = match (&e, patterns) {
+            (DlpError::BadRegex { name, .. } | DlpError::Duplicate(name), Some(map)) => map
+                .get_ref()
+                .get(name)
+                .map_or(src.at(0, map), |v| src.at(0, v)),
+            (_, Some(map)) => src.at(0, map),
+            (_, None) => super::At { file: 0, start: 0 },
+        };
+        src.error(at, e.to_string())
+    })
+}
+
+/// `[intercept] vendors, hosts, exclude`.
+fn intercept_lists(
+    src: &Sources,
+    main: &ConfigFile,
+    catalog: &Catalog,
+) -> Result<InterceptLists, ConfigError> {
+    let mut lists = InterceptLists {
+        vendors: vec![false; catalog.vendors().len()],
+        ..InterceptLists::default()
+    };
+    let Some(i) = &main.intercept else {
+        return Ok(lists);
+    };
+    let i = i.get_ref();
+    for v in i.vendors.iter().flat_map(|l| l.get_ref()) {
+        match catalog.find_vendor(v.get_ref()) {
+            Some(id) => lists.vendors[id as usize] = true,
+            None => {
+                return Err(src.error(
+                    src.at(0, v),
+                    format!("unknown vendor {:?} (not in the catalog)", v.get_ref()),
+                ))
+            }
+        }
+    }
+    for (list, index) in [(&i.hosts, &mut lists.hosts), (&i.exclude, &mut lists.exclude)] {
+        for h in list.iter().flat_map(|l| l.get_ref()) {
+            let pat = HostPattern::parse(h.get_ref()).map_err(|e| src.error(src.at(0, h), e.to_string()))?;
+            index.entry(&pat, || ());
+        }
+    }
+    Ok(lists)
+}
+
+/// Body inspection, when some rule has a `model` or `dlp` condition.
+fn inspection(
+    src: &Sources,
+    main: &ConfigFile,
+    policy: &Policy,
+    scanner: Scanner,
+) -> Result<Option<Inspection>, ConfigError> {
+    let body_rules: Vec<&Rule> = policy
+        .rules
+        .iter()
+        .filter(|r| !r.models.is_empty() || r.dlp != 0)
+        .collect();
+    let none = Default::default();
+    let sec: &super::types::InspectSection = main.inspect.as_ref().map_or(&none, |s| s.get_ref());
+    let max_body = match &sec.max_body {
+        Some(m) => parse_size(m.get_ref()).map_err(|e| src.error(src.at(0, m), e))?,
+        None => 1 << 20,
+    };
+    if max_body == 0 || max_body > 64 << 20 {
+        let at = sec.max_body.as_ref().map_or(super::At { file: 0, start: 0 }, |m| src.at(0, m));
+        return Err(src.error(at, "max_body must be between 1 byte and 64MiB"));
+    }
+    let timeout = match &sec.timeout {
+        Some(t) => parse_duration(t.get_ref()).map_err(|m| src.error(src.at(0, t), m))?,
+        None => Duration::from_secs(10),
+    };
+    if body_rules.is_empty() {
+        return Ok(None);
+    }
+    let mut vendors = vec![false; policy.catalog.vendors().len()];
+    let mut any_vendor = false;
+    for r in &body_rules {
+        if r.vendors.is_empty() {
+            // A host-only rule: its hosts may belong to any vendor or none.
+            any_vendor = true;
+        }
+        for v in &r.vendors {
+            vendors[*v as usize] = true;
+        }
+    }
+    Ok(Some(Inspection {
+        scanner,
+        max_body: max_body as usize,
+        timeout,
+        models: body_rules.iter().any(|r| !r.models.is_empty()),
+        dlp: body_rules.iter().fold(0, |m, r| m | r.dlp),
+        vendors,
+        any_vendor,
+    }))
 }
 
 type NamedLimits = FxHashMap<String, Vec<Arc<LimitSpec>>>;
@@ -682,6 +889,29 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         pool_max_idle_per_host: count(&u.pool_max_idle_per_host, 64, 0)?,
     };
 
+    let intercept = match &main.intercept {
+        Some(i) => {
+            let i = i.get_ref();
+            let validity = dur(&i.leaf_validity, "24h")?;
+            if validity < Duration::from_secs(600) {
+                let at = i.leaf_validity.as_ref().expect("only a set value can be this short");
+                return Err(src.error(src.at(0, at), "leaf_validity must be at least 10m"));
+            }
+            Some(crate::tls::ca::AuthoritySettings {
+                ca_cert: src.relative(0, i.ca_cert.get_ref()),
+                ca_key: src.relative(0, i.ca_key.get_ref()),
+                leaf_cache: count(&i.leaf_cache, 10_000, 1)?,
+                leaf_validity: validity,
+            })
+        }
+        None => None,
+    };
+    let key_secret_file = main
+        .keys
+        .as_ref()
+        .and_then(|k| k.get_ref().secret_file.as_ref())
+        .map(|f| src.relative(0, f.get_ref()));
+
     let auth = main.auth.as_ref().map(|a| {
         let a = a.get_ref();
         AuthSettings {
@@ -782,5 +1012,7 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         log_level,
         bulk,
         limit_store,
+        intercept,
+        key_secret_file,
     })
 }

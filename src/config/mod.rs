@@ -53,6 +53,10 @@ pub struct Settings {
     /// Bulk-extraction detection; `None` = off.
     pub bulk: Option<crate::signals::bulk::BulkConfig>,
     pub limit_store: LimitStoreSettings,
+    /// The interception CA; `None` = no tunnel is ever opened.
+    pub intercept: Option<crate::tls::ca::AuthoritySettings>,
+    /// HMAC secret for API-key fingerprints; `None` = a random one per process.
+    pub key_secret_file: Option<PathBuf>,
 }
 
 /// Where limit state lives.

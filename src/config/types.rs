@@ -41,6 +41,9 @@ pub struct ConfigFile {
     /// table that only dotted headers create; errors find the header in the text instead.
     pub limits: Option<BTreeMap<String, LimitDef>>,
     pub limit_store: Option<S<LimitStoreSection>>,
+    pub intercept: Option<S<InterceptSection>>,
+    pub inspect: Option<S<InspectSection>>,
+    pub keys: Option<S<KeysSection>>,
     pub defaults: Option<S<DefaultsSection>>,
     pub groups: Option<S<BTreeMap<String, Vec<String>>>>,
     #[serde(default)]
@@ -158,6 +161,16 @@ pub struct RuleDef {
     /// A table, the name of a `[limits.NAME]`, or a list of either; read by hand (see
     /// `compile`) so a bad key inside gets a precise message.
     pub limit: Option<S<toml::Value>>,
+    /// Conditions that need the inside of a request (plain HTTP or intercepted): the JSON
+    /// body's `model` (globs) and DLP pattern names found in the body.
+    pub model: Option<S<OneOrMany<String>>>,
+    pub dlp: Option<S<OneOrMany<String>>>,
+    /// Tenant restriction: a request this rule lets through must carry one of these key
+    /// fingerprints / organisation or project ids, else it is blocked.
+    pub require_key: Option<S<OneOrMany<String>>>,
+    pub require_org: Option<S<OneOrMany<String>>>,
+    /// Headers set (replacing the client's) on requests this rule lets through.
+    pub set_headers: Option<S<BTreeMap<String, S<String>>>>,
 }
 
 /// `{ requests = 50, per = "1m", burst = 10, bytes = "500MiB", concurrent = 4, by = "client" }`
@@ -182,4 +195,36 @@ pub struct LimitStoreSection {
     pub on_store_error: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub max_keys: Option<S<u64>>,
+}
+
+/// TLS interception: tunnels to these vendors and hosts are opened with a leaf from the org CA.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptSection {
+    pub ca_cert: S<String>,
+    pub ca_key: S<String>,
+    pub vendors: Option<S<Vec<S<String>>>>,
+    pub hosts: Option<S<Vec<S<String>>>>,
+    /// Hosts of listed vendors that stay opaque (clients that pin certificates).
+    pub exclude: Option<S<Vec<S<String>>>>,
+    pub leaf_cache: Option<S<u64>>,
+    pub leaf_validity: Option<S<String>>,
+}
+
+/// Request-body inspection for DLP and model rules.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectSection {
+    pub max_body: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    /// User DLP patterns: name = regex.
+    pub patterns: Option<S<BTreeMap<String, S<String>>>>,
+}
+
+/// API-key fingerprints.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// The HMAC secret; without it fingerprints are stable for one process only.
+    pub secret_file: Option<S<String>>,
 }

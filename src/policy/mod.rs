@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod describe;
 pub mod hostmatch;
+pub mod inside;
 pub mod path;
 pub mod rules;
 pub mod target;
@@ -21,6 +22,7 @@ use rustc_hash::FxHashMap;
 
 pub use catalog::{Catalog, Endpoint, Vendor, VendorId};
 pub use hostmatch::{HostIndex, HostPattern};
+pub use inside::{BodyFacts, Inspection, InterceptLists};
 pub use rules::{Action, Facts, Mode, Rule};
 pub use target::{Host, Scheme, Target};
 
@@ -54,6 +56,9 @@ pub struct Policy {
     pub group_names: Vec<Arc<str>>,
     /// Ports a CONNECT may open.
     pub connect_ports: Vec<u16>,
+    pub intercept: InterceptLists,
+    /// `None`: no rule looks inside bodies.
+    pub inspection: Option<Inspection>,
 }
 
 /// One request as the policy sees it.
@@ -66,6 +71,8 @@ pub struct Request<'a> {
     pub port: u16,
     /// Path and query as sent; `None` for a CONNECT, whose path is not visible.
     pub path: Option<&'a str>,
+    /// What body inspection found; default when the body was not inspected.
+    pub body: BodyFacts<'a>,
 }
 
 /// The outcome of `decide`, borrowing names from the policy (no copies per request).
@@ -121,6 +128,8 @@ impl Policy {
             path: segments.as_ref(),
             vendor: hit.map(|h| h.vendor),
             endpoint,
+            model: req.body.model,
+            dlp: req.body.dlp,
         };
 
         let mut best = u32::MAX;

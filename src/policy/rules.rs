@@ -7,6 +7,7 @@ use http::Method;
 use ipnet::IpNet;
 
 use super::catalog::{Endpoint, VendorId};
+use super::hostmatch::glob_match;
 use super::path::{PathPattern, Segments};
 
 /// What a rule does with a request it matches.
@@ -74,6 +75,16 @@ pub struct Rule {
     pub groups: u64,
     /// For `action = "limit"`: checked in the order bytes, concurrent, rate.
     pub limits: Vec<Arc<crate::limits::LimitSpec>>,
+    /// Lowercase globs over the body's `model`; empty = any.
+    pub models: Vec<Box<str>>,
+    /// Bit set of DLP pattern indices; 0 = any body.
+    pub dlp: u64,
+    /// Tenant restriction: key fingerprints and organisation/project ids a request must carry
+    /// to pass this rule (when non-empty).
+    pub require_keys: Vec<Box<str>>,
+    pub require_orgs: Vec<Box<str>>,
+    /// Set on requests this rule lets through, replacing what the client sent.
+    pub set_headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// What a rule may look at. Borrowed from the request so building it costs nothing.
@@ -88,6 +99,10 @@ pub struct Facts<'a> {
     pub path: Option<&'a Segments<'a>>,
     pub vendor: Option<VendorId>,
     pub endpoint: Endpoint,
+    /// The body's `model`, lowercased, when inspected.
+    pub model: Option<&'a str>,
+    /// DLP patterns found in the body.
+    pub dlp: u64,
 }
 
 impl Rule {
@@ -104,5 +119,15 @@ impl Rule {
             && (self.users.is_empty()
                 || f.user.is_some_and(|u| self.users.iter().any(|x| &**x == u)))
             && (self.groups == 0 || self.groups & f.groups != 0)
+            && (self.models.is_empty()
+                || f.model
+                    .is_some_and(|m| self.models.iter().any(|g| glob_match(g, m))))
+            && (self.dlp == 0 || self.dlp & f.dlp != 0)
+    }
+
+    /// Conditions only visible inside a request (path, body): such a rule never matches an
+    /// opaque tunnel.
+    pub fn needs_inside(&self) -> bool {
+        !self.paths.is_empty() || !self.models.is_empty() || self.dlp != 0
     }
 }

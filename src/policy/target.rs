@@ -213,6 +213,11 @@ impl TargetError {
     }
 }
 
+/// "host[:port]" as a Host header or :authority carries it, normalised like any target.
+pub fn split_host_port(authority: &str) -> Result<(Host, Option<u16>), TargetError> {
+    split_authority(authority)
+}
+
 /// Splits "host[:port]" without trusting anything upstream to have done so.
 fn split_authority(authority: &str) -> Result<(Host, Option<u16>), TargetError> {
     // Refused rather than stripped: credentials have no business passing

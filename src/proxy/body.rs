@@ -157,3 +157,69 @@ where
         self.inner.size_hint()
     }
 }
+
+/// A request body on its way upstream: what inspection held back (if anything), then the rest
+/// of the client's body, streamed.
+pub struct RequestBody {
+    held: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Option<Incoming>,
+}
+
+impl RequestBody {
+    pub fn streamed(body: Incoming) -> RequestBody {
+        RequestBody {
+            held: Default::default(),
+            rest: Some(body),
+        }
+    }
+
+    /// `held` frames first, then `rest` (None when the body already ended).
+    pub fn resumed(
+        held: std::collections::VecDeque<Frame<Bytes>>,
+        rest: Option<Incoming>,
+    ) -> RequestBody {
+        RequestBody { held, rest }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(f) = this.held.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        match &mut this.rest {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty() && self.rest.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self
+            .held
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let mut hint = match &self.rest {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        };
+        // Raise the upper bound first: SizeHint asserts lower <= upper at every step.
+        if let Some(u) = hint.upper() {
+            hint.set_upper(u + held);
+        }
+        hint.set_lower(hint.lower() + held);
+        hint
+    }
+}

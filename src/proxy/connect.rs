@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -20,11 +20,13 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::handler::{admit, authenticate, record, rejected, Admitted, Seen};
+use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
 use crate::policy::{self, target, Action, Host, Policy};
+use crate::tls::rewind::Rewind;
 use crate::tls::sni::{peek_client_hello, SniError};
 
 /// A ClientHello larger than this is not a browser or SDK; refuse rather than buffer.
@@ -60,7 +62,14 @@ pub async fn handle(
         host: &host,
         port,
         path: None,
+        body: Default::default(),
     });
+    // Listed vendors and hosts are opened (when a CA is configured); the rest stay opaque.
+    let intercept = state.interceptor.is_some()
+        && !policy.intercept.is_empty()
+        && policy
+            .intercept
+            .intercepts(&host, policy.catalog.lookup(&host).map(|h| h.vendor));
     let seen = Seen {
         peer,
         user: user.as_deref(),
@@ -69,7 +78,7 @@ pub async fn handle(
         host: &host,
         port,
         path: None,
-        tls: "tunnel",
+        tls: if intercept { "intercept" } else { "tunnel" },
     };
     let mut rec = record(&seen, &d, 0, None);
     rec.id = state.audit.next_id();
@@ -85,18 +94,34 @@ pub async fn handle(
         return respond::error(&e, realm, html);
     }
 
+    // An intercepted tunnel's requests are limited one by one; the tunnel itself only needs
+    // to be allowed, so its limits are not charged twice.
+    let admitted = if intercept && d.enforced() != Action::Block {
+        Ok(Admitted {
+            rec,
+            permits: Vec::new(),
+            meter: None,
+        })
+    } else {
+        admit(&state, &d, rec, peer, user.as_deref(), html, start).await
+    };
     let Admitted {
         mut rec,
         permits,
         meter,
-    } = match admit(&state, &d, rec, peer, user.as_deref(), html, start).await {
+    } = match admitted {
         Ok(a) => a,
         Err(refusal) => return refusal,
     };
 
-    // Connect before answering 200 so the client gets a real 502/504, as squid does.
-    let upstream = match state.upstream.connect(&host, port).await {
-        Ok((s, _)) => s,
+    // Connect before answering 200 so the client gets a real 502/504, as squid does. An
+    // intercepted tunnel's requests each go through the pool instead, and get theirs there.
+    let upstream = match intercept {
+        true => Ok(None),
+        false => state.upstream.connect(&host, port).await.map(|(s, _)| Some(s)),
+    };
+    let upstream = match upstream {
+        Ok(s) => s,
         Err(e) => {
             if e.is_upstream() {
                 state
@@ -154,7 +179,7 @@ struct Tunnel {
 }
 
 impl Tunnel {
-    async fn run(mut self, on_upgrade: OnUpgrade, upstream: TcpStream) {
+    async fn run(mut self, on_upgrade: OnUpgrade, upstream: Option<TcpStream>) {
         let metrics = self.state.metrics.clone();
         metrics.tunnels_active.inc();
         let _active = scopeguard(move || metrics.tunnels_active.dec());
@@ -198,6 +223,9 @@ impl Tunnel {
             }
         }
 
+        let Some(upstream) = upstream else {
+            return self.intercept(client, hello.freeze()).await;
+        };
         let stats = Arc::new(Stats::default());
         let mut upstream = Metered {
             inner: upstream,
@@ -282,6 +310,7 @@ impl Tunnel {
             host: &sni_host,
             port: self.port,
             path: None,
+            body: Default::default(),
         });
         if d.enforced() != Action::Block {
             return None;
@@ -295,6 +324,28 @@ impl Tunnel {
             "sni_mismatch: SNI {sni} differs from CONNECT host; {}",
             d.reason
         ))
+    }
+
+    /// Serves the tunnel's requests through the handler over TLS from the org CA, then writes
+    /// the tunnel's own record (each request has written its own).
+    async fn intercept(mut self, client: TokioIo<hyper::upgrade::Upgraded>, hello: Bytes) {
+        let inside = Arc::new(Inside {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.take(),
+            sni: self.rec.sni.clone(),
+            requests: AtomicU64::new(0),
+        });
+        let io = Rewind::new(hello, client);
+        let outcome = intercept::serve(self.state.clone(), self.peer, inside.clone(), io).await;
+        let n = inside.requests.load(Ordering::Relaxed);
+        let mut reason = format!("{}; intercepted, {n} requests", self.rec.reason);
+        if let Err(e) = outcome {
+            reason.push_str("; closed: ");
+            reason.push_str(&e);
+        }
+        self.rec.reason = reason.into();
+        self.state.finish(self.rec, self.start);
     }
 
     fn close(mut self, reason: String) {

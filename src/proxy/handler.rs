@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::error::Error as _;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -12,14 +12,18 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::body::{Counted, Pending, ProxyBody};
+use super::body::{Counted, Pending, ProxyBody, RequestBody};
+use super::inspect::Inspected;
+use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
 use super::{respond, Peer, State};
 use crate::audit::{redact_path, Record};
 use crate::error::ProxyError;
 use crate::identity::htpasswd::parse_basic;
 use crate::limits::{KeyValues, Permit};
-use crate::policy::{self, target, Action, Decision, Host, Mode};
+use crate::policy::{
+    self, target, Action, BodyFacts, Decision, Host, Mode, Policy, Scheme, Target,
+};
 
 const VIA: &str = "1.1 portcullis";
 
@@ -32,7 +36,7 @@ pub async fn handle(
     if req.method() == Method::CONNECT {
         return Ok(super::connect::handle(state, peer, req).await);
     }
-    Ok(forward(state, peer, req).await)
+    Ok(forward(state, peer, None, req).await)
 }
 
 /// Facts about the request that every audit record repeats.
@@ -72,6 +76,7 @@ pub fn record(seen: &Seen<'_>, d: &Decision<'_>, status: u16, key_id: Option<Str
         tls: seen.tls,
         sni: None,
         key_id: key_id.map(Into::into),
+        model: None,
     }
 }
 
@@ -109,6 +114,7 @@ pub fn rejected(
         tls: "none",
         sni: None,
         key_id: None,
+        model: None,
     };
     state.finish(rec, start);
 }
@@ -219,19 +225,69 @@ pub async fn authenticate(
     }
 }
 
-async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Response<ProxyBody> {
-    let start = Instant::now();
-    let html = respond::wants_html(req.headers());
-    let realm = state.auth.as_ref().map(|a| a.realm.as_str());
+/// A request inside an intercepted tunnel: the same path as plain HTTP, scheme https.
+pub async fn inner(
+    state: Arc<State>,
+    peer: Peer,
+    inside: Arc<Inside>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    inside.requests.fetch_add(1, Ordering::Relaxed);
+    Ok(forward(state, peer, Some(&inside), req).await)
+}
 
-    let target = match target::from_uri(req.uri()) {
-        Ok(t) => t,
-        Err(e) => {
-            let e = if req.uri().scheme().is_none() {
+/// The target of a request: from its absolute URI, or (intercepted) the tunnel's, after
+/// checking the request names that same host.
+fn target_of(req: &Request<Incoming>, inside: Option<&Inside>) -> Result<Target, ProxyError> {
+    let Some(inside) = inside else {
+        return target::from_uri(req.uri()).map_err(|e| {
+            if req.uri().scheme().is_none() {
                 ProxyError::NotProxyRequest
             } else {
                 ProxyError::Target(e)
-            };
+            }
+        });
+    };
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::Misdirected(
+            "CONNECT inside an intercepted tunnel".into(),
+        ));
+    }
+    // HTTP/2 carries :authority in the URI; HTTP/1.1 origin-form carries Host.
+    let named = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()),
+    };
+    if let Some(named) = named {
+        let (host, port) = target::split_host_port(named)?;
+        if host != inside.host || port.is_some_and(|p| p != inside.port) {
+            return Err(ProxyError::Misdirected(format!(
+                "request names {named:?} inside a tunnel to {}:{}",
+                inside.host, inside.port
+            )));
+        }
+    }
+    Ok(Target {
+        scheme: Scheme::Https,
+        host: inside.host.clone(),
+        port: inside.port,
+    })
+}
+
+async fn forward(
+    state: Arc<State>,
+    peer: Peer,
+    inside: Option<&Arc<Inside>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let html = respond::wants_html(req.headers());
+    let realm = state.auth.as_ref().map(|a| a.realm.as_str());
+    let tls = if inside.is_some() { "intercept" } else { "none" };
+
+    let target = match target_of(&req, inside.map(|i| &**i)) {
+        Ok(t) => t,
+        Err(e) => {
             rejected(&state, peer, req.method(), req.uri(), &e, start);
             return respond::error(&e, realm, html);
         }
@@ -240,37 +296,79 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
         rejected(&state, peer, req.method(), req.uri(), &e, start);
         return respond::error(&e, realm, html);
     }
-    let user = match authenticate(&state, req.headers()).await {
-        Ok(u) => u,
-        Err(e) => {
-            rejected(&state, peer, req.method(), req.uri(), &e, start);
-            return respond::error(&e, realm, html);
-        }
+    let user = match inside {
+        Some(i) => i.user.clone(),
+        None => match authenticate(&state, req.headers()).await {
+            Ok(u) => u,
+            Err(e) => {
+                rejected(&state, peer, req.method(), req.uri(), &e, start);
+                return respond::error(&e, realm, html);
+            }
+        },
     };
 
     let policy = state.policy.load_full();
-    let path_q = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let (mut parts, body) = req.into_parts();
+    let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let key_id = state.keys.from_request(&parts.headers, parts.uri.query());
+
+    // Body rules need the body before the decision; only read it when one could apply.
+    let wants_body = policy.inspection.as_ref().filter(|ins| {
+        ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor))
+    });
+    let (inspected, body) = match wants_body {
+        Some(ins) => match super::inspect::inspect(ins, &parts.headers, body).await {
+            Ok((i, b)) => (Some(i), b),
+            Err(e) => {
+                rejected(&state, peer, &parts.method, &parts.uri, &e, start);
+                return respond::error(&e, realm, html);
+            }
+        },
+        None => (None, RequestBody::streamed(body)),
+    };
+    let facts = inspected.as_ref().map_or_else(BodyFacts::default, |i| BodyFacts {
+        model: i.model.as_deref(),
+        dlp: i.dlp.0,
+    });
     let d = policy.decide(&policy::Request {
         client: peer.addr.ip(),
         user: user.as_deref(),
-        method: req.method(),
+        method: &parts.method,
         host: &target.host,
         port: target.port,
-        path: Some(path_q),
+        path: Some(&path_q),
+        body: facts,
     });
     let seen = Seen {
         peer,
         user: user.as_deref(),
-        method: req.method(),
+        method: &parts.method,
         scheme: target.scheme.as_str(),
         host: &target.host,
         port: target.port,
-        path: Some(path_q),
-        tls: "none",
+        path: Some(&path_q),
+        tls,
     };
-    let key_id = state.keys.from_request(req.headers(), req.uri().query());
     let mut rec = record(&seen, &d, 0, key_id);
     rec.id = state.audit.next_id();
+    if let Some(i) = inside {
+        rec.sni = i.sni.clone();
+    }
+    if let Some(i) = &inspected {
+        rec.model = i.model.as_deref().map(Into::into);
+        note_inspection(&policy, i, &d, &mut rec);
+    }
+
+    // Tenant restriction and uninspectable bodies refuse what the rule would let through.
+    if d.enforced() != Action::Block {
+        if let Some(why) = refusal(&d, &rec, &parts.headers, inspected.as_ref()) {
+            rec.action = Action::Block.as_str();
+            rec.status = 403;
+            rec.reason = why.clone().into();
+            state.finish(rec, start);
+            return respond::blocked_because(&d, &why, html);
+        }
+    }
 
     let Admitted {
         mut rec,
@@ -292,13 +390,18 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
             return respond::error(&e, realm, html);
         }
     };
-    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
     append_via(&mut parts.headers);
+    if let Some(rule) = d.rule.filter(|_| d.enforced() != Action::Block) {
+        for (name, value) in &rule.set_headers {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+    }
     parts.uri = uri;
+    // The pool speaks HTTP/1.1 or HTTP/2 upstream, whatever the client spoke to us.
     parts.version = Version::HTTP_11;
     let uploaded = Arc::new(AtomicU64::new(0));
     let upstream_req = Request::from_parts(parts, Counted::shared(body, uploaded.clone()));
@@ -324,7 +427,7 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
                 // The policy allowed it, the address guard refused it: the request was blocked.
                 rec.action = Action::Block.as_str();
             }
-            rec.bytes_out = uploaded.load(std::sync::atomic::Ordering::Relaxed);
+            rec.bytes_out = uploaded.load(Ordering::Relaxed);
             state.finish(rec, start);
             respond::error(&e, realm, html)
         }
@@ -344,6 +447,69 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
             Response::from_parts(parts, Either::Right(Counted::finishing(body, pending)))
         }
     }
+}
+
+/// Puts what inspection found into the record: pattern names (never the matched text), and
+/// that the model was not seen when the prefix ran out first.
+fn note_inspection(policy: &Policy, i: &Inspected, d: &Decision<'_>, rec: &mut Record) {
+    let Some(ins) = &policy.inspection else {
+        return;
+    };
+    if i.dlp.0 != 0 {
+        let names: Vec<&str> = ins.scanner.names(i.dlp).collect();
+        rec.reason = format!("{}; dlp: {}", d.reason, names.join(",")).into();
+    }
+}
+
+/// Why a request the policy lets through must still be refused: a rule's tenant restriction
+/// it does not meet, or a body DLP rules should see but cannot (a content coding).
+fn refusal(
+    d: &Decision<'_>,
+    rec: &Record,
+    headers: &HeaderMap,
+    inspected: Option<&Inspected>,
+) -> Option<String> {
+    if let Some(enc) = inspected.and_then(|i| i.encoded.as_deref()) {
+        return Some(format!(
+            "body_not_inspectable: content-encoding {enc:?} hides the body from DLP rules"
+        ));
+    }
+    let rule = d.rule?;
+    if !rule.require_keys.is_empty() {
+        let ok = rec
+            .key_id
+            .as_deref()
+            .is_some_and(|k| rule.require_keys.iter().any(|x| **x == *k));
+        if !ok {
+            return Some(format!(
+                "key_not_allowed: rule {} admits only the organisation's API keys (key_id {})",
+                rule.id,
+                rec.key_id.as_deref().unwrap_or("none")
+            ));
+        }
+    }
+    if !rule.require_orgs.is_empty() {
+        let orgs = ["openai-organization", "openai-project"];
+        let mut seen = orgs
+            .iter()
+            .flat_map(|h| headers.get_all(*h))
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim);
+        let first = seen.next();
+        // Every organisation header present must be allowed, and at least one present.
+        let ok = first.is_some_and(|f| {
+            std::iter::once(f)
+                .chain(seen)
+                .all(|o| rule.require_orgs.iter().any(|x| **x == *o))
+        });
+        if !ok {
+            return Some(format!(
+                "org_not_allowed: rule {} admits only the organisation's accounts",
+                rule.id
+            ));
+        }
+    }
+    None
 }
 
 /// What hyper's parser lets through but a proxy must not forward as is: two Host fields

@@ -4,6 +4,8 @@
 pub mod body;
 pub mod connect;
 pub mod handler;
+pub mod inspect;
+pub mod intercept;
 pub mod limit;
 pub mod respond;
 pub mod server;
@@ -15,7 +17,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
 use crate::audit::{AuditSink, Record};
@@ -41,7 +42,9 @@ pub struct State {
     pub policy: ArcSwap<Policy>,
     pub settings: Settings,
     pub upstream: Arc<Upstream>,
-    pub client: Client<Connector, Counted<Incoming>>,
+    pub client: Client<Connector, Counted<body::RequestBody>>,
+    /// The interception CA, when `[intercept]` is configured.
+    pub interceptor: Option<intercept::Interceptor>,
     pub audit: AuditSink,
     pub metrics: Arc<Metrics>,
     pub auth: Option<Auth>,

@@ -87,13 +87,18 @@ fn add_policy_headers(resp: &mut Response<ProxyBody>, rule: Option<&str>, vendor
 
 /// 403 for a request or CONNECT that the policy blocks.
 pub fn blocked(d: &Decision<'_>, html: bool) -> Response<ProxyBody> {
+    blocked_because(d, d.reason, html)
+}
+
+/// 403 under a decision's rule, for a reason of its own (a tenant restriction not met).
+pub fn blocked_because(d: &Decision<'_>, reason: &str, html: bool) -> Response<ProxyBody> {
     let rule = d.rule_id().map(|r| &**r);
     let vendor = d.vendor_id().map(|v| &**v);
     let body = json!({
         "error": "blocked_by_policy",
         "rule": rule,
         "vendor": vendor,
-        "reason": &**d.reason,
+        "reason": reason,
     });
     let mut resp = build(StatusCode::FORBIDDEN, html, body, "Blocked by policy");
     add_policy_headers(&mut resp, Some(rule.unwrap_or("default")), vendor);

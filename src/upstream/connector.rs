@@ -39,7 +39,13 @@ pub enum MaybeTls {
 
 impl Connection for MaybeTls {
     fn connected(&self) -> Connected {
-        Connected::new()
+        match self {
+            // The pool multiplexes requests over one connection when the origin chose h2.
+            MaybeTls::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                Connected::new().negotiated_h2()
+            }
+            _ => Connected::new(),
+        }
     }
 }
 

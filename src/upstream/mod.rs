@@ -31,7 +31,7 @@ impl Upstream {
             overrides: s.resolve.clone(),
             guard: AddressGuard::new(s.allow_private.clone(), own),
             connect_timeout: s.connect_timeout,
-            tls: Arc::new(client_tls(s.ca_file.as_deref(), &[b"http/1.1"])?),
+            tls: Arc::new(client_tls(s.ca_file.as_deref(), &[b"h2", b"http/1.1"])?),
         })
     }
 

@@ -1,0 +1,3 @@
+//! PLACEHOLDER until the real module lands.
+pub mod dlp;
+pub mod model;

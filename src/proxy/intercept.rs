@@ -1,0 +1,203 @@
+//! An intercepted tunnel: TLS with a leaf from the org CA, then HTTP/1.1 or HTTP/2 inside
+//! (whichever ALPN settles on), each request through the same handler as plain HTTP with
+//! scheme https. Upstream, every request goes through the pooled client, which verifies the
+//! real server's certificate.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsAcceptor;
+
+use super::{handler, Peer, State};
+use crate::policy::Host;
+use crate::tls::ca::Authority;
+
+/// The org CA and the TLS config that presents its leaves, built once at start.
+pub struct Interceptor {
+    pub authority: Arc<Authority>,
+    /// Shared so TLS sessions resume across tunnels; picks the leaf by SNI.
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl Interceptor {
+    pub fn new(authority: Arc<Authority>) -> Interceptor {
+        let tls = Arc::new(authority.server_config(None));
+        Interceptor { authority, tls }
+    }
+}
+
+/// What every request inside one intercepted tunnel shares.
+pub struct Inside {
+    /// The CONNECT target: every inner request goes here, whatever its Host says.
+    pub host: Host,
+    pub port: u16,
+    /// Authenticated on the CONNECT; inner requests carry no proxy credentials.
+    pub user: Option<String>,
+    pub sni: Option<Box<str>>,
+    pub requests: AtomicU64,
+}
+
+/// Serves the client side of an intercepted tunnel until it closes, idles out or shutdown
+/// forces it. `Err` names why the tunnel ended abnormally, for the tunnel's audit record.
+pub async fn serve<S>(
+    state: Arc<State>,
+    peer: Peer,
+    inside: Arc<Inside>,
+    io: S,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(icp) = &state.interceptor else {
+        return Err("intercept_unavailable: no CA configured".into());
+    };
+    let config = match &inside.sni {
+        Some(_) => icp.tls.clone(),
+        // No SNI (an address literal): the leaf is for the CONNECT target.
+        None => {
+            let name = inside.host.to_string();
+            let leaf = icp
+                .authority
+                .leaf(&name)
+                .map_err(|e| format!("leaf_failed: {e}"))?;
+            Arc::new(icp.authority.server_config(Some(leaf)))
+        }
+    };
+    let settings = &state.settings.proxy;
+    let accept = TlsAcceptor::from(config).accept(io);
+    let tls = match tokio::time::timeout(settings.client_hello_timeout, accept).await {
+        Ok(Ok(t)) => t,
+        // Typically a client that does not trust the org CA (or pins): it aborts the handshake.
+        Ok(Err(e)) => return Err(format!("client_tls: {e}")),
+        Err(_) => return Err("client_tls: handshake timed out".into()),
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(Active {
+        inner: tls,
+        last: last.clone(),
+        start,
+    });
+
+    let st = state.clone();
+    let ins = inside.clone();
+    let service = service_fn(move |req| handler::inner(st.clone(), peer, ins.clone(), req));
+    let mut drain = state.shutdown.drain_signal();
+    let mut force = state.shutdown_signal();
+    let idle = settings.idle_timeout;
+
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                let quiet = Duration::from_millis(last.load(Ordering::Relaxed));
+                let deadline = tokio::time::Instant::from_std(start + quiet + idle);
+                tokio::select! {
+                    r = conn.as_mut() => break r.map_err(|e| format!("inner_http: {e}")),
+                    _ = drain.wait_for(|s| *s), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let now = Duration::from_millis(last.load(Ordering::Relaxed));
+                        if now == quiet {
+                            break Err("idle_timeout".to_string());
+                        }
+                    }
+                    _ = force.wait_for(|s| *s) => break Err("shutdown".to_string()),
+                }
+            }
+        }};
+    }
+
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .max_concurrent_streams(256);
+        drive!(b.serve_connection(io, service))
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes.max(8192))
+            .keep_alive(true);
+        drive!(b.serve_connection(io, service))
+    }
+}
+
+/// The client stream of an intercepted tunnel, noting when bytes last moved (idle timeout).
+struct Active<S> {
+    inner: S,
+    last: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<S> Active<S> {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,313 @@
+//! The organisation's interception CA and the leaf certificates it signs for intercepted names.
+//!
+//! Every leaf shares one ECDSA P-256 key generated at start: issuing a leaf then costs one
+//! signature, not a key generation, and the key never leaves memory. Leaves are short-lived,
+//! carry a random serial, and are cached per name in a bounded map so a busy name is signed
+//! once per half-validity rather than once per tunnel.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::{CertifiedKey, SigningKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: not a CA certificate: {source}")]
+    NotCa { path: PathBuf, source: rcgen::Error },
+    #[error("{path}: CA key does not load: {source}")]
+    Key { path: PathBuf, source: rcgen::Error },
+    #[error("issuing a certificate for {name:?}: {message}")]
+    Issue { name: String, message: String },
+}
+
+/// Where the CA lives and how its leaves are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthoritySettings {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// Names whose leaves are kept; beyond this the oldest is dropped.
+    pub leaf_cache: usize,
+    pub leaf_validity: Duration,
+}
+
+struct Cached {
+    key: Arc<CertifiedKey>,
+    /// Reissued after this: half the validity, so a leaf in use never expires mid-session.
+    renew_at: Instant,
+}
+
+pub struct Authority {
+    ca_der: CertificateDer<'static>,
+    /// The CA as rcgen needs it to sign (same name and key as the file; its own signature is
+    /// never used).
+    issuer: rcgen::Certificate,
+    ca_key: KeyPair,
+    leaf_key: KeyPair,
+    leaf_signer: Arc<dyn SigningKey>,
+    cache: DashMap<Box<str>, Cached>,
+    settings: AuthoritySettings,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("Authority")
+            .field("ca_cert", &self.settings.ca_cert)
+            .field("cached", &self.cache.len())
+            .finish()
+    }
+}
+
+impl Authority {
+    /// Loads the CA; the key file must not be readable by other users.
+    pub fn load(settings: &AuthoritySettings) -> Result<Authority, CaError> {
+        let file_err = |path: &Path, message: String| CaError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        crate::secrets::refuse_world_readable(&settings.ca_key)
+            .map_err(|m| file_err(&settings.ca_key, m))?;
+        let cert_pem = std::fs::read_to_string(&settings.ca_cert)
+            .map_err(|e| file_err(&settings.ca_cert, e.to_string()))?;
+        let key_pem = std::fs::read_to_string(&settings.ca_key)
+            .map_err(|e| file_err(&settings.ca_key, e.to_string()))?;
+        let ca_key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Key {
+            path: settings.ca_key.clone(),
+            source,
+        })?;
+        let params =
+            CertificateParams::from_ca_cert_pem(&cert_pem).map_err(|source| CaError::NotCa {
+                path: settings.ca_cert.clone(),
+                source,
+            })?;
+        let issuer = params.self_signed(&ca_key).map_err(|source| CaError::Key {
+            path: settings.ca_key.clone(),
+            source,
+        })?;
+        let ca_der = first_certificate(&cert_pem)
+            .ok_or_else(|| file_err(&settings.ca_cert, "no CERTIFICATE block".into()))?;
+        Authority::new(ca_der, issuer, ca_key, settings.clone())
+    }
+
+    /// A CA made in memory (tests, benchmarks).
+    pub fn generate(settings: AuthoritySettings) -> Result<Authority, CaError> {
+        let err = |e: rcgen::Error| CaError::Issue {
+            name: "CA".into(),
+            message: e.to_string(),
+        };
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let issuer = crate::ca::params("portcullis test CA")
+            .self_signed(&ca_key)
+            .map_err(err)?;
+        Authority::new(issuer.der().clone(), issuer, ca_key, settings)
+    }
+
+    fn new(
+        ca_der: CertificateDer<'static>,
+        issuer: rcgen::Certificate,
+        ca_key: KeyPair,
+        settings: AuthoritySettings,
+    ) -> Result<Authority, CaError> {
+        let err = |message: String| CaError::Issue {
+            name: "leaf key".into(),
+            message,
+        };
+        let leaf_key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let leaf_signer = rustls::crypto::ring::sign::any_supported_type(&der)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Authority {
+            ca_der,
+            issuer,
+            ca_key,
+            leaf_key,
+            leaf_signer,
+            cache: DashMap::new(),
+            settings,
+        })
+    }
+
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The leaf for `name` (a DNS name or an address literal), from the cache when fresh.
+    pub fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, CaError> {
+        let now = Instant::now();
+        if let Some(c) = self.cache.get(name) {
+            if now < c.renew_at {
+                return Ok(c.key.clone());
+            }
+        }
+        let key = Arc::new(self.issue(name)?);
+        if self.cache.len() >= self.settings.leaf_cache.max(1) && !self.cache.contains_key(name) {
+            self.evict_oldest();
+        }
+        self.cache.insert(
+            name.into(),
+            Cached {
+                key: key.clone(),
+                renew_at: now + self.settings.leaf_validity / 2,
+            },
+        );
+        Ok(key)
+    }
+
+    /// Only runs when a new name arrives at a full cache, so a linear scan is cheaper than
+    /// keeping an LRU list up to date on every hit.
+    fn evict_oldest(&self) {
+        let oldest = self
+            .cache
+            .iter()
+            .min_by_key(|e| e.value().renew_at)
+            .map(|e| e.key().clone());
+        if let Some(k) = oldest {
+            self.cache.remove(&k);
+        }
+    }
+
+    /// A fresh leaf, not cached: SAN and CN = `name`, random serial, short validity.
+    pub fn issue(&self, name: &str) -> Result<CertifiedKey, CaError> {
+        let err = |message: String| CaError::Issue {
+            name: name.to_string(),
+            message,
+        };
+        let mut params = CertificateParams::default();
+        let san = match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.try_into().map_err(|e: rcgen::Error| err(e.to_string()))?),
+        };
+        params.subject_alt_names = vec![san];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        let mut serial = [0u8; 16];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut serial)
+            .map_err(|_| err("no randomness for a serial".into()))?;
+        serial[0] &= 0x7f; // a positive INTEGER, as RFC 5280 asks
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        // Clocks of clients drift; an hour of slack on the start avoids "not yet valid".
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(3600)).into();
+        params.not_after = (now + self.settings.leaf_validity).into();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&self.leaf_key, &self.issuer, &self.ca_key)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(CertifiedKey::new(
+            vec![cert.der().clone(), self.ca_der.clone()],
+            self.leaf_signer.clone(),
+        ))
+    }
+
+    /// A server config presenting leaves by SNI, ALPN h2 and http/1.1; `fixed` is for clients
+    /// that send no SNI (an address literal), whose leaf is chosen from the CONNECT target.
+    pub fn server_config(
+        self: &Arc<Self>,
+        fixed: Option<Arc<CertifiedKey>>,
+    ) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(LeafResolver {
+                authority: self.clone(),
+                fixed,
+            }));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg
+    }
+}
+
+/// The CA certificate of a PEM file, as DER.
+fn first_certificate(pem: &str) -> Option<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .flatten()
+        .next()
+}
+
+#[derive(Debug)]
+struct LeafResolver {
+    authority: Arc<Authority>,
+    fixed: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for LeafResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(name) => match self.authority.leaf(name) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot issue an interception leaf");
+                    None
+                }
+            },
+            None => self.fixed.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(cache: usize) -> Arc<Authority> {
+        Arc::new(
+            Authority::generate(AuthoritySettings {
+                ca_cert: "mem".into(),
+                ca_key: "mem".into(),
+                leaf_cache: cache,
+                leaf_validity: Duration::from_secs(3600),
+            })
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn leaves_are_cached_and_bounded() {
+        let a = authority(2);
+        let first = a.leaf("api.openai.com").unwrap();
+        let again = a.leaf("api.openai.com").unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(first.cert.len(), 2, "leaf then CA");
+        a.leaf("b.example").unwrap();
+        a.leaf("c.example").unwrap();
+        assert_eq!(a.cached(), 2);
+        a.leaf("127.0.0.1").unwrap();
+    }
+
+    #[test]
+    fn serials_differ() {
+        let a = authority(8);
+        let x = a.issue("x.example").unwrap();
+        let y = a.issue("x.example").unwrap();
+        assert_ne!(x.cert[0], y.cert[0]);
+    }
+
+    #[test]
+    fn rejects_unrepresentable_names() {
+        let a = authority(8);
+        assert!(a.issue("bad name with spaces\u{0}").is_err());
+    }
+}
