@@ -14,10 +14,10 @@ use super::{
     parse_duration, parse_size, AdminSettings, AuditSettings, AuthSettings, ConfigError,
     LimitStoreSettings, PacMode, Parsed, ProxySettings, Settings, Sources, UpstreamSettings,
 };
+use crate::inspect::dlp::{DlpError, Scanner};
 use crate::limits::{KeyPart, LimitKind, LimitSpec, OnStoreError};
 use crate::policy::path::PathPattern;
 use crate::policy::target::{self, Host};
-use crate::inspect::dlp::{DlpError, Scanner};
 use crate::policy::{
     Action, Catalog, DefaultVerdict, Endpoint, HostPattern, Inspection, InterceptLists, Mode,
     Policy, Rule, RuleIndex, Vendor,
@@ -537,9 +537,13 @@ fn intercept_lists(
             }
         }
     }
-    for (list, index) in [(&i.hosts, &mut lists.hosts), (&i.exclude, &mut lists.exclude)] {
+    for (list, index) in [
+        (&i.hosts, &mut lists.hosts),
+        (&i.exclude, &mut lists.exclude),
+    ] {
         for h in list.iter().flat_map(|l| l.get_ref()) {
-            let pat = HostPattern::parse(h.get_ref()).map_err(|e| src.error(src.at(0, h), e.to_string()))?;
+            let pat = HostPattern::parse(h.get_ref())
+                .map_err(|e| src.error(src.at(0, h), e.to_string()))?;
             index.entry(&pat, || ());
         }
     }
@@ -565,7 +569,10 @@ fn inspection(
         None => 1 << 20,
     };
     if max_body == 0 || max_body > 64 << 20 {
-        let at = sec.max_body.as_ref().map_or(super::At { file: 0, start: 0 }, |m| src.at(0, m));
+        let at = sec
+            .max_body
+            .as_ref()
+            .map_or(super::At { file: 0, start: 0 }, |m| src.at(0, m));
         return Err(src.error(at, "max_body must be between 1 byte and 64MiB"));
     }
     let timeout = match &sec.timeout {
@@ -894,7 +901,10 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
             let i = i.get_ref();
             let validity = dur(&i.leaf_validity, "24h")?;
             if validity < Duration::from_secs(600) {
-                let at = i.leaf_validity.as_ref().expect("only a set value can be this short");
+                let at = i
+                    .leaf_validity
+                    .as_ref()
+                    .expect("only a set value can be this short");
                 return Err(src.error(src.at(0, at), "leaf_validity must be at least 10m"));
             }
             Some(crate::tls::ca::AuthoritySettings {

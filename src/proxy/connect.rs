@@ -118,7 +118,11 @@ pub async fn handle(
     // intercepted tunnel's requests each go through the pool instead, and get theirs there.
     let upstream = match intercept {
         true => Ok(None),
-        false => state.upstream.connect(&host, port).await.map(|(s, _)| Some(s)),
+        false => state
+            .upstream
+            .connect(&host, port)
+            .await
+            .map(|(s, _)| Some(s)),
     };
     let upstream = match upstream {
         Ok(s) => s,

@@ -256,7 +256,10 @@ fn target_of(req: &Request<Incoming>, inside: Option<&Inside>) -> Result<Target,
     // HTTP/2 carries :authority in the URI; HTTP/1.1 origin-form carries Host.
     let named = match req.uri().authority() {
         Some(a) => Some(a.as_str()),
-        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
     };
     if let Some(named) = named {
         let (host, port) = target::split_host_port(named)?;
@@ -283,7 +286,11 @@ async fn forward(
     let start = Instant::now();
     let html = respond::wants_html(req.headers());
     let realm = state.auth.as_ref().map(|a| a.realm.as_str());
-    let tls = if inside.is_some() { "intercept" } else { "none" };
+    let tls = if inside.is_some() {
+        "intercept"
+    } else {
+        "none"
+    };
 
     let target = match target_of(&req, inside.map(|i| &**i)) {
         Ok(t) => t,
@@ -309,13 +316,18 @@ async fn forward(
 
     let policy = state.policy.load_full();
     let (mut parts, body) = req.into_parts();
-    let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let path_q = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
     let key_id = state.keys.from_request(&parts.headers, parts.uri.query());
 
     // Body rules need the body before the decision; only read it when one could apply.
-    let wants_body = policy.inspection.as_ref().filter(|ins| {
-        ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor))
-    });
+    let wants_body = policy
+        .inspection
+        .as_ref()
+        .filter(|ins| ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor)));
     let (inspected, body) = match wants_body {
         Some(ins) => match super::inspect::inspect(ins, &parts.headers, body).await {
             Ok((i, b)) => (Some(i), b),
@@ -326,10 +338,12 @@ async fn forward(
         },
         None => (None, RequestBody::streamed(body)),
     };
-    let facts = inspected.as_ref().map_or_else(BodyFacts::default, |i| BodyFacts {
-        model: i.model.as_deref(),
-        dlp: i.dlp.0,
-    });
+    let facts = inspected
+        .as_ref()
+        .map_or_else(BodyFacts::default, |i| BodyFacts {
+            model: i.model.as_deref(),
+            dlp: i.dlp.0,
+        });
     let d = policy.decide(&policy::Request {
         client: peer.addr.ip(),
         user: user.as_deref(),

@@ -123,11 +123,11 @@ impl Authority {
             name: "leaf key".into(),
             message,
         };
-        let leaf_key =
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        let leaf_signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| err(e.to_string()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let leaf_signer =
+            rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| err(e.to_string()))?;
         Ok(Authority {
             ca_der,
             issuer,
@@ -191,7 +191,10 @@ impl Authority {
         let mut params = CertificateParams::default();
         let san = match name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(name.try_into().map_err(|e: rcgen::Error| err(e.to_string()))?),
+            Err(_) => SanType::DnsName(
+                name.try_into()
+                    .map_err(|e: rcgen::Error| err(e.to_string()))?,
+            ),
         };
         params.subject_alt_names = vec![san];
         let mut dn = DistinguishedName::new();
@@ -242,9 +245,7 @@ impl Authority {
 
 /// The CA certificate of a PEM file, as DER.
 fn first_certificate(pem: &str) -> Option<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
-        .flatten()
-        .next()
+    rustls_pemfile::certs(&mut pem.as_bytes()).flatten().next()
 }
 
 #[derive(Debug)]

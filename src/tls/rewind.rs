@@ -70,7 +70,9 @@ mod tests {
     #[tokio::test]
     async fn replays_prefix_then_reads_on() {
         let (mut a, b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b" world").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, b" world")
+            .await
+            .unwrap();
         drop(a);
         let mut r = Rewind::new(Bytes::from_static(b"hello"), b);
         let mut s = String::new();

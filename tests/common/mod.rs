@@ -143,42 +143,63 @@ pub struct Seen {
 pub struct Origin {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// `/sse` sends its first event, then waits for a permit here before the last.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 type OriginBody = BoxBody<Bytes, std::convert::Infallible>;
 
 impl Origin {
     pub async fn http() -> Origin {
-        Origin::start(false).await
+        Origin::start(false, false).await
     }
 
     pub async fn https() -> Origin {
-        Origin::start(true).await
+        Origin::start(true, false).await
     }
 
-    async fn start(tls: bool) -> Origin {
+    /// HTTPS offering ALPN h2 and http/1.1, serving whichever the client picks.
+    pub async fn https_h2() -> Origin {
+        Origin::start(true, true).await
+    }
+
+    /// Lets a waiting `/sse` response send its last event.
+    pub fn release(&self) {
+        self.gate.add_permits(1);
+    }
+
+    async fn start(tls: bool, h2: bool) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("origin addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let log = seen.clone();
-        let acceptor = tls.then(|| tokio_rustls::TlsAcceptor::from(certs().server.clone()));
+        let g = gate.clone();
+        let acceptor = tls.then(|| {
+            let mut cfg = (*certs().server).clone();
+            if h2 {
+                cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            }
+            tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+        });
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let log = log.clone();
+                let gate = g.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     match acceptor {
                         Some(a) => {
                             if let Ok(s) = a.accept(stream).await {
-                                serve_origin(s, log).await
+                                serve_origin(s, log, gate).await
                             }
                         }
-                        None => serve_origin(stream, log).await,
+                        None => serve_origin(stream, log, gate).await,
                     }
                 });
             }
         });
-        Origin { addr, seen }
+        Origin { addr, seen, gate }
     }
 
     /// Every request seen so far, in arrival order.
@@ -195,12 +216,13 @@ impl Origin {
     }
 }
 
-async fn serve_origin<I>(io: I, log: Arc<Mutex<Vec<Seen>>>)
+async fn serve_origin<I>(io: I, log: Arc<Mutex<Vec<Seen>>>, gate: Arc<tokio::sync::Semaphore>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| origin_answer(req, log.clone()));
-    let _ = hyper::server::conn::http1::Builder::new()
+    let svc = service_fn(move |req| origin_answer(req, log.clone(), gate.clone()));
+    // Speaks HTTP/2 when the client starts with its preface (after ALPN h2), else HTTP/1.1.
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(TokioIo::new(io), svc)
         .await;
 }
@@ -208,6 +230,7 @@ where
 async fn origin_answer(
     req: Request<Incoming>,
     log: Arc<Mutex<Vec<Seen>>>,
+    gate: Arc<tokio::sync::Semaphore>,
 ) -> Result<Response<OriginBody>, std::convert::Infallible> {
     static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
     let (parts, mut body) = req.into_parts();
@@ -232,6 +255,26 @@ async fn origin_answer(
     if path.starts_with("/slow") {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if path == "/sse" {
+        // Server-sent events: the first now, the last only once the test has seen the first.
+        let events = futures_util::stream::unfold(0u8, move |n| {
+            let gate = gate.clone();
+            async move {
+                match n {
+                    0 => Some((Ok(Frame::data(Bytes::from_static(b"data: first\n\n"))), 1)),
+                    1 => {
+                        gate.acquire().await.expect("gate").forget();
+                        Some((Ok(Frame::data(Bytes::from_static(b"data: last\n\n"))), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(events)));
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().expect("header"));
+        return Ok(resp);
+    }
     let body: OriginBody = match path.strip_prefix("/download/") {
         Some(n) => {
             let total: u64 = n.parse().expect("download size");
@@ -247,6 +290,9 @@ async fn origin_answer(
     let mut resp = Response::new(body);
     resp.headers_mut()
         .insert("x-origin", "fake".parse().expect("header"));
+    let version = format!("{:?}", parts.version);
+    resp.headers_mut()
+        .insert("x-origin-version", version.parse().expect("header"));
     Ok(resp)
 }
 

@@ -1,0 +1,636 @@
+//! TLS interception end to end: real clients trusting a CA made by `portcullis ca init`,
+//! through the real proxy, to fake vendor origins over HTTP/2 and HTTP/1.1 with their own
+//! test CA (which the proxy trusts through `upstream.ca_file`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An org CA made the way operators make it.
+struct OrgCa {
+    dir: TempDir,
+}
+
+impl OrgCa {
+    fn new() -> OrgCa {
+        let dir = TempDir::new().expect("tempdir");
+        portcullis::ca::init(dir.path(), "portcullis test org CA").expect("ca init");
+        OrgCa { dir }
+    }
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("ca.key")
+    }
+    fn pem(&self) -> String {
+        std::fs::read_to_string(self.cert()).expect("ca.pem")
+    }
+    /// `[intercept]` with these extra lines.
+    fn section(&self, lines: &str) -> String {
+        format!(
+            "[intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\n{lines}\n",
+            self.cert().display(),
+            self.key().display()
+        )
+    }
+}
+
+/// The origins' CA, for the proxy's upstream verification.
+fn upstream_roots(dir: &Path) -> String {
+    format!("ca_file = \"{}\"", ca_file(dir).display())
+}
+
+struct Setup {
+    ca: OrgCa,
+    origin: Origin,
+    proxy: Proxy,
+    _roots: TempDir,
+}
+
+/// api.openai.com (h2 + http/1.1) intercepted; `rules` before the `[intercept]` section.
+async fn setup(rules: &str, intercept: &str) -> Setup {
+    let ca = OrgCa::new();
+    let origin = Origin::https_h2().await;
+    let roots = TempDir::new().expect("tempdir");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail(rules)
+            .tail(&ca.section(intercept)),
+    )
+    .await;
+    Setup {
+        ca,
+        origin,
+        proxy,
+        _roots: roots,
+    }
+}
+
+/// reqwest through the proxy trusting only the org CA; `h1` pins HTTP/1.1 inside the tunnel.
+fn client(s: &Setup, h1: bool) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(s.proxy.url()).expect("proxy"))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(s.ca.pem().as_bytes()).expect("pem"))
+        .timeout(DEADLINE);
+    if h1 {
+        b = b.http1_only();
+    }
+    b.build().expect("client")
+}
+
+async fn intercepted_record(proxy: &Proxy, path: &str) -> Value {
+    proxy
+        .audit_where(path, |r| r["path"] == path && r["tls"] == "intercept")
+        .await
+}
+
+#[tokio::test]
+async fn requests_inside_the_tunnel_are_seen_over_h2_and_http1() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    for (h1, path, version) in [
+        (false, "/v1/models?via=h2", "HTTP/2.0"),
+        (true, "/v1/models?via=h1", "HTTP/1.1"),
+    ] {
+        let r = client(&s, h1)
+            .get(format!("https://api.openai.com{path}"))
+            .header("authorization", "Bearer sk-test-interception-0001")
+            .send()
+            .await
+            .expect("request through interception");
+        assert_eq!(r.status(), 200);
+        // The client spoke `version` to the proxy; the proxy spoke h2 to the origin (which
+        // offers it) whatever the client used.
+        assert_eq!(
+            r.version(),
+            if h1 {
+                reqwest::Version::HTTP_11
+            } else {
+                reqwest::Version::HTTP_2
+            }
+        );
+        assert_eq!(r.headers()["x-origin-version"], "HTTP/2.0", "{version}");
+        let rec = intercepted_record(&s.proxy, path).await;
+        assert_eq!(rec["scheme"], "https");
+        assert_eq!(rec["host"], "api.openai.com");
+        assert_eq!(rec["vendor"], "openai");
+        assert_eq!(rec["sni"], "api.openai.com");
+        assert_eq!(rec["status"], 200);
+        let key_id = rec["key_id"].as_str().expect("key_id");
+        assert!(key_id.starts_with("k_"), "{rec}");
+    }
+    let seen = s.origin.request("/v1/models?via=h2").await;
+    assert!(seen.headers.get("proxy-authorization").is_none());
+    assert_eq!(
+        seen.headers["authorization"],
+        "Bearer sk-test-interception-0001"
+    );
+}
+
+#[tokio::test]
+async fn a_path_rule_blocks_inside_an_allowed_vendor() {
+    let s = setup(
+        "[[rule]]\nid = \"no-files\"\nvendor = \"openai\"\npath = \"/v1/files/**\"\naction = \"block\"\nreason = \"uploads are not allowed\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let c = client(&s, false);
+    let r = c
+        .post("https://api.openai.com/v1/files/upload")
+        .body("secret spreadsheet")
+        .send()
+        .await
+        .expect("blocked request");
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-portcullis-rule"], "no-files");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"], "blocked_by_policy");
+    // The same tunnel still carries allowed requests.
+    let ok = c
+        .get("https://api.openai.com/v1/models")
+        .send()
+        .await
+        .expect("allowed");
+    assert_eq!(ok.status(), 200);
+    let rec = intercepted_record(&s.proxy, "/v1/files/upload").await;
+    assert_eq!(rec["action"], "block");
+    assert_eq!(rec["rule"], "no-files");
+    s.origin.request("/v1/models").await;
+    assert!(
+        s.origin
+            .requests()
+            .iter()
+            .all(|r| !r.uri.starts_with("/v1/files")),
+        "a blocked request reached the origin"
+    );
+}
+
+#[tokio::test]
+async fn limits_count_each_request_in_one_tunnel() {
+    let s = setup(
+        "[[rule]]\nid = \"batches\"\nvendor = \"openai\"\nendpoint = \"batches\"\naction = \"limit\"\nlimit = { requests = 2, per = \"1h\", by = \"client\" }\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    // One client, one pooled connection: all three go through the same tunnel.
+    let c = client(&s, true);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = c
+            .post("https://api.openai.com/v1/batches")
+            .body("{}")
+            .send()
+            .await
+            .expect("batch");
+        statuses.push(r.status().as_u16());
+        let _ = r.bytes().await;
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    let tunnels = s
+        .proxy
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["method"] == "CONNECT")
+        .count();
+    assert!(
+        tunnels <= 1,
+        "requests should share a tunnel; saw {tunnels} CONNECTs"
+    );
+}
+
+#[tokio::test]
+async fn the_leaf_is_for_the_name_and_chains_to_the_org_ca() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut s.ca.pem().as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let mut leaves = Vec::new();
+    for _ in 0..2 {
+        let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+        let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+        // rustls verifies the chain to our root and the name against the SAN.
+        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(name, stream)
+            .await
+            .expect("handshake with a leaf from the org CA");
+        let chain = tls.get_ref().1.peer_certificates().expect("chain").to_vec();
+        assert_eq!(chain.len(), 2, "leaf then CA");
+        leaves.push(chain[0].clone());
+    }
+    assert_eq!(leaves[0], leaves[1], "the leaf is cached and reused");
+
+    // A client that trusts only the origin's CA sees the org CA's leaf and refuses it.
+    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let refused = tls_handshake(stream, "api.openai.com").await;
+    assert!(
+        refused.is_err(),
+        "the intercepted leaf must not chain to the origin's CA"
+    );
+}
+
+/// A raw CONNECT; returns the stream after the 200.
+async fn tunnel(proxy: std::net::SocketAddr, authority: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.expect("connect proxy");
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write CONNECT");
+    let (status, _) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+    s
+}
+
+#[tokio::test]
+async fn an_untrusted_upstream_certificate_is_a_502_naming_tls() {
+    let ca = OrgCa::new();
+    let origin = Origin::https_h2().await;
+    // No upstream.ca_file: the origin's certificate chains to nothing the proxy trusts.
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&ca.section("vendors = [\"openai\"]")),
+    )
+    .await;
+    let s = Setup {
+        ca,
+        origin,
+        proxy,
+        _roots: TempDir::new().expect("tempdir"),
+    };
+    let r = client(&s, false)
+        .get("https://api.openai.com/v1/models")
+        .send()
+        .await
+        .expect("answer from the proxy");
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"], "tls");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("certificate"),
+        "{body}"
+    );
+    let rec = intercepted_record(&s.proxy, "/v1/models").await;
+    assert_eq!(rec["status"], 502);
+    assert_reason(&rec, "tls");
+    assert!(s.proxy.upstream_errors("tls").await >= 1.0);
+    assert!(s.origin.requests().is_empty());
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_as_they_are_sent() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    for h1 in [false, true] {
+        let mut r = client(&s, h1)
+            .get("https://api.openai.com/sse")
+            .send()
+            .await
+            .expect("sse");
+        assert_eq!(r.status(), 200);
+        // The origin holds the last event until we have seen the first: a proxy that
+        // buffered would never show it, and this would time out.
+        let first = within("the first event", r.chunk())
+            .await
+            .expect("body")
+            .expect("first chunk");
+        assert_eq!(&first[..], b"data: first\n\n");
+        s.origin.release();
+        let mut rest = Vec::new();
+        while let Some(c) = within("the last event", r.chunk()).await.expect("body") {
+            rest.extend_from_slice(&c);
+        }
+        assert_eq!(&rest[..], b"data: last\n\n");
+    }
+}
+
+const PEM_KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\\nMIIEowIBAAKCAQEAzT3stVeryPrivateMaterialDoNotLeak0123456789abcdef\\n-----END RSA PRIVATE KEY-----";
+
+#[tokio::test]
+async fn dlp_blocks_a_private_key_and_the_audit_names_only_the_pattern() {
+    let s = setup(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"openai\"\ndlp = [\"private_key\", \"aws_access_key\"]\naction = \"block\"\nreason = \"secrets may not be sent to AI vendors\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let c = client(&s, false);
+    let prompt = format!(
+        "{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"fix my server: {PEM_KEY}\"}}]}}"
+    );
+    let r = c
+        .post("https://api.openai.com/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(prompt)
+        .send()
+        .await
+        .expect("dlp");
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-portcullis-rule"], "no-secrets");
+    // A clean prompt passes, body intact.
+    let clean = "{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}";
+    let ok = c
+        .post("https://api.openai.com/v1/chat/completions?clean=1")
+        .body(clean)
+        .send()
+        .await
+        .expect("clean");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.text().await.expect("text"),
+        format!("origin saw {} bytes", clean.len())
+    );
+
+    let rec = intercepted_record(&s.proxy, "/v1/chat/completions").await;
+    assert_eq!(rec["action"], "block");
+    let reason = rec["reason"].as_str().expect("reason");
+    assert!(reason.contains("dlp: private_key"), "{reason}");
+    let audit = s.proxy.audit_text();
+    assert!(
+        !audit.contains("MIIE") && !audit.contains("PrivateMaterial"),
+        "key text in the audit log"
+    );
+    assert!(s
+        .origin
+        .requests()
+        .iter()
+        .all(|r| r.uri == "/v1/chat/completions?clean=1"));
+}
+
+#[tokio::test]
+async fn dlp_cannot_be_dodged_with_a_compressed_body() {
+    let s = setup(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"openai\"\ndlp = \"all\"\naction = \"block\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let r = client(&s, false)
+        .post("https://api.openai.com/v1/chat/completions")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0])
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 403);
+    let rec = intercepted_record(&s.proxy, "/v1/chat/completions").await;
+    assert_reason(&rec, "body_not_inspectable");
+    assert!(s.origin.requests().is_empty());
+}
+
+#[tokio::test]
+async fn model_rules_match_the_body_model() {
+    let s = setup(
+        "[[rule]]\nid = \"no-gpt4o\"\nvendor = \"openai\"\nmodel = \"gpt-4o*\"\naction = \"block\"\nreason = \"gpt-4o is not approved\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let c = client(&s, false);
+    for (model, status) in [
+        ("gpt-4o-mini", 403),
+        ("GPT-4O", 403),
+        ("gpt-3.5-turbo", 200),
+    ] {
+        let body = format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"content\":\"use model gpt-4o\"}}],\"model\":\"{model}\"}}"
+        );
+        let path = format!("/v1/chat/completions?m={model}");
+        let r = c
+            .post(format!("https://api.openai.com{path}"))
+            .body(body)
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(r.status(), status, "{model}");
+        let rec = intercepted_record(&s.proxy, &path).await;
+        assert_eq!(rec["model"], model.to_ascii_lowercase());
+    }
+}
+
+#[tokio::test]
+async fn tenant_restriction_injects_headers_and_admits_only_company_keys() {
+    let ca = OrgCa::new();
+    let secret_dir = TempDir::new().expect("tempdir");
+    let secret_path = secret_dir.path().join("key-secret");
+    std::fs::write(&secret_path, "a-deployment-secret-of-32-bytes!").expect("secret");
+    std::fs::set_permissions(
+        &secret_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let fp = portcullis::identity::keys::KeyFingerprinter::new(b"a-deployment-secret-of-32-bytes!");
+    let company = fp.fingerprint(b"sk-company-key-0001");
+    let origin = Origin::https_h2().await;
+    let roots = TempDir::new().expect("tempdir");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail(&format!(
+                "[[rule]]\nid = \"company-openai\"\nvendor = \"openai\"\naction = \"allow\"\n\
+                 require_key = [\"{company}\"]\nrequire_org = [\"org-company\"]\n\
+                 set_headers = {{ \"chatgpt-allowed-workspace-id\" = \"ws-company\" }}\n\n\
+                 [keys]\nsecret_file = \"{}\"\n",
+                secret_path.display()
+            ))
+            .tail(&ca.section("vendors = [\"openai\"]")),
+    )
+    .await;
+    let s = Setup {
+        ca,
+        origin,
+        proxy,
+        _roots: roots,
+    };
+    let c = client(&s, false);
+    let send = |key: &'static str, org: &'static str, tag: &'static str| {
+        c.get(format!("https://api.openai.com/v1/models?{tag}"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("openai-organization", org)
+            .header("chatgpt-allowed-workspace-id", "ws-personal")
+            .send()
+    };
+    let ok = send("sk-company-key-0001", "org-company", "ok")
+        .await
+        .expect("company");
+    assert_eq!(ok.status(), 200);
+    let seen = s.origin.request("/v1/models?ok").await;
+    assert_eq!(
+        seen.headers
+            .get_all("chatgpt-allowed-workspace-id")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["ws-company"],
+        "the injected header replaces the client's"
+    );
+
+    let personal = send("sk-personal-key-9999", "org-company", "personal")
+        .await
+        .expect("personal");
+    assert_eq!(personal.status(), 403);
+    let rec = intercepted_record(&s.proxy, "/v1/models?personal").await;
+    assert_reason(&rec, "key_not_allowed");
+    assert_eq!(rec["key_id"], fp.fingerprint(b"sk-personal-key-9999"));
+
+    let other_org = send("sk-company-key-0001", "org-personal", "org")
+        .await
+        .expect("org");
+    assert_eq!(other_org.status(), 403);
+    assert_reason(
+        &intercepted_record(&s.proxy, "/v1/models?org").await,
+        "org_not_allowed",
+    );
+    assert_eq!(s.origin.requests().len(), 1);
+
+    // Nothing the client sent as a credential is in the audit log or the metrics.
+    let metrics = s.proxy.metrics().await;
+    for text in [s.proxy.audit_text(), metrics] {
+        for secret in [
+            "sk-company-key-0001",
+            "sk-personal-key-9999",
+            "a-deployment-secret",
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked");
+        }
+    }
+}
+
+#[tokio::test]
+async fn hosts_not_listed_stay_opaque_and_exclusions_are_honoured() {
+    let ca = OrgCa::new();
+    let openai = Origin::https_h2().await;
+    let anthropic = Origin::https().await;
+    let roots = TempDir::new().expect("tempdir");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", openai.addr)
+            .vendor("api.anthropic.com", anthropic.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail(&ca.section("vendors = [\"openai\"]\nexclude = [\"api.openai.com\"]")),
+    )
+    .await;
+    // Both names: the client sees the origin's own certificate (its test CA), not a leaf.
+    for host in ["api.anthropic.com", "api.openai.com"] {
+        let stream = tunnel(proxy.addr, &format!("{host}:443")).await;
+        let mut tls = tls_handshake(stream, host)
+            .await
+            .expect("origin's own certificate");
+        tls.write_all(
+            format!("GET /opaque HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        let _ = tls.read_to_string(&mut out).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        drop(tls); // the tunnel's record is written when it closes
+        let rec = proxy.audit_connect(host).await;
+        assert_eq!(rec["tls"], "tunnel", "{host} must stay a spliced tunnel");
+    }
+}
+
+#[tokio::test]
+async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut s.ca.pem().as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .expect("handshake");
+    tls.write_all(
+        b"GET /v1/models HTTP/1.1\r\nHost: api.deepseek.com\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    assert!(out.starts_with("HTTP/1.1 421"), "{out}");
+    assert!(s.origin.requests().is_empty());
+}
+
+#[tokio::test]
+async fn curl_through_interception_over_h2_and_http1() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    for flag in ["--http2", "--http1.1"] {
+        let Some(out) = curl(&[
+            flag,
+            "-x",
+            &s.proxy.url(),
+            "--cacert",
+            s.ca.cert().to_str().expect("path"),
+            "-D",
+            "-",
+            &format!("https://api.openai.com/v1/models?curl{flag}"),
+        ])
+        .await
+        else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("origin saw 0 bytes"), "{text}");
+        let want = if flag == "--http2" {
+            "HTTP/2 200"
+        } else {
+            "HTTP/1.1 200"
+        };
+        assert!(text.contains(want), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_world_readable_ca_key_is_refused_at_start() {
+    let ca = OrgCa::new();
+    std::fs::set_permissions(
+        ca.key(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let dir = TempDir::new().expect("tempdir");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let path = Config::new()
+        .tail(&ca.section("vendors = [\"openai\"]"))
+        .write(dir.path(), any, any);
+    let loaded = portcullis::config::load(&path).expect("config parses");
+    let err = portcullis::app::start(loaded).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("ca.key") && msg.contains("other users"),
+        "{msg}"
+    );
+}
