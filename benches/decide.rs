@@ -86,6 +86,8 @@ impl Naive {
             path: segs.as_ref(),
             vendor: hit.map(|h| h.vendor),
             endpoint,
+            model: None,
+            dlp: 0,
         };
         let name = req.host.as_name().unwrap_or("");
         for (hosts, i) in &self.rules {

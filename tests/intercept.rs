@@ -634,3 +634,17 @@ async fn a_world_readable_ca_key_is_refused_at_start() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn a_tenant_restriction_refuses_a_tunnel_it_cannot_see_into() {
+    let s = setup(
+        "[[rule]]\nid = \"anthropic-company\"\nvendor = \"anthropic\"\naction = \"allow\"\nrequire_key = [\"k_000000000000\"]\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let r = connect_refused(s.proxy.addr, "api.anthropic.com:443", &[]).await;
+    assert_eq!(r.status, 403);
+    let rec = s.proxy.audit_connect("api.anthropic.com").await;
+    assert_reason(&rec, "key_not_allowed");
+    assert_eq!(rec["action"], "block");
+}

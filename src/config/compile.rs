@@ -537,11 +537,21 @@ fn intercept_lists(
             }
         }
     }
+    for h in i.hosts.iter().flat_map(|l| l.get_ref()) {
+        if let Ok(Host::Ip(ip)) = Host::parse(h.get_ref().trim_matches(|c| c == '[' || c == ']')) {
+            lists.ips.push(ip);
+        }
+    }
     for (list, index) in [
         (&i.hosts, &mut lists.hosts),
         (&i.exclude, &mut lists.exclude),
     ] {
         for h in list.iter().flat_map(|l| l.get_ref()) {
+            if Host::parse(h.get_ref().trim_matches(|c| c == '[' || c == ']'))
+                .is_ok_and(|h| matches!(h, Host::Ip(_)))
+            {
+                continue;
+            }
             let pat = HostPattern::parse(h.get_ref())
                 .map_err(|e| src.error(src.at(0, h), e.to_string()))?;
             index.entry(&pat, || ());

@@ -14,14 +14,17 @@ pub struct InterceptLists {
     /// Indexed by vendor id.
     pub vendors: Vec<bool>,
     pub hosts: HostIndex<()>,
+    /// Address literals listed under `hosts`.
+    pub ips: Vec<std::net::IpAddr>,
     /// Hosts of listed vendors that stay opaque (clients that pin certificates).
     pub exclude: HostIndex<()>,
 }
 
 impl InterceptLists {
     pub fn intercepts(&self, host: &Host, vendor: Option<VendorId>) -> bool {
-        let Host::Name(name) = host else {
-            return false;
+        let name = match host {
+            Host::Name(name) => name,
+            Host::Ip(ip) => return self.ips.contains(ip),
         };
         if self.exclude.best(name).is_some() {
             return false;
@@ -31,7 +34,7 @@ impl InterceptLists {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.vendors.contains(&true) && self.hosts.is_empty()
+        !self.vendors.contains(&true) && self.hosts.is_empty() && self.ips.is_empty()
     }
 }
 

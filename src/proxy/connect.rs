@@ -94,6 +94,24 @@ pub async fn handle(
         return respond::error(&e, realm, html);
     }
 
+    // A tenant restriction cannot be checked in an opaque tunnel (no key, no headers): fail
+    // closed rather than let any account through.
+    if let Some(rule) = d.rule.filter(|r| {
+        !intercept
+            && d.enforced() != Action::Block
+            && (!r.require_keys.is_empty() || !r.require_orgs.is_empty())
+    }) {
+        let why = format!(
+            "key_not_allowed: rule {} admits only the organisation's accounts, which an opaque tunnel cannot show; intercept this vendor",
+            rule.id
+        );
+        rec.status = 403;
+        rec.action = Action::Block.as_str();
+        rec.reason = why.clone().into();
+        state.finish(rec, start);
+        return respond::blocked_because(&d, &why, html);
+    }
+
     // An intercepted tunnel's requests are limited one by one; the tunnel itself only needs
     // to be allowed, so its limits are not charged twice.
     let admitted = if intercept && d.enforced() != Action::Block {

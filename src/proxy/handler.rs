@@ -316,11 +316,9 @@ async fn forward(
 
     let policy = state.policy.load_full();
     let (mut parts, body) = req.into_parts();
-    let path_q = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // A cheap clone (shared bytes) so the path can be borrowed while the parts change.
+    let uri_in = parts.uri.clone();
+    let path_q = uri_in.path_and_query().map_or("/", |p| p.as_str());
     let key_id = state.keys.from_request(&parts.headers, parts.uri.query());
 
     // Body rules need the body before the decision; only read it when one could apply.
@@ -350,7 +348,7 @@ async fn forward(
         method: &parts.method,
         host: &target.host,
         port: target.port,
-        path: Some(&path_q),
+        path: Some(path_q),
         body: facts,
     });
     let seen = Seen {
@@ -360,7 +358,7 @@ async fn forward(
         scheme: target.scheme.as_str(),
         host: &target.host,
         port: target.port,
-        path: Some(&path_q),
+        path: Some(path_q),
         tls,
     };
     let mut rec = record(&seen, &d, 0, key_id);
