@@ -648,3 +648,68 @@ async fn a_tenant_restriction_refuses_a_tunnel_it_cannot_see_into() {
     assert_reason(&rec, "key_not_allowed");
     assert_eq!(rec["action"], "block");
 }
+
+/// An OpenAI-style client in Python (the standard library, as the `openai` SDK's transport
+/// would behave): HTTPS_PROXY, the org CA as its trust store, a JSON chat request.
+const PY_CLIENT: &str = r#"
+import json, os, ssl, sys, urllib.request, urllib.error
+ctx = ssl.create_default_context(cafile=os.environ["ORG_CA"])
+opener = urllib.request.build_opener(
+    urllib.request.ProxyHandler({"https": os.environ["HTTPS_PROXY"]}),
+    urllib.request.HTTPSHandler(context=ctx))
+def chat(model):
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request("https://api.openai.com/v1/chat/completions?py=" + model,
+        data=body, headers={"Authorization": "Bearer sk-python-0001", "Content-Type": "application/json"})
+    try:
+        with opener.open(req, timeout=20) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+print(json.dumps([chat("gpt-4o-mini"), chat("o1")]))
+"#;
+
+#[tokio::test]
+async fn a_python_client_over_https_proxy() {
+    if std::process::Command::new("python3")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("note: python3 not found; skipping");
+        return;
+    }
+    let s = setup(
+        "[[rule]]\nid = \"no-o1\"\nvendor = \"openai\"\nmodel = \"o1*\"\naction = \"block\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let out = within(
+        "python client",
+        tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(PY_CLIENT)
+            .env("HTTPS_PROXY", s.proxy.url())
+            .env("ORG_CA", s.ca.cert())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(got[0][0], 200, "{got}");
+    assert!(
+        got[0][1].as_str().unwrap_or("").starts_with("origin saw"),
+        "{got}"
+    );
+    assert_eq!(got[1], serde_json::json!([403, "blocked_by_policy"]));
+    let rec = intercepted_record(&s.proxy, "/v1/chat/completions?py=o1").await;
+    assert_eq!(rec["model"], "o1");
+    assert_eq!(rec["rule"], "no-o1");
+}

@@ -58,6 +58,17 @@ pub fn describe(p: &Policy) -> Value {
                 "client": r.clients.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 "user": r.users.iter().map(|u| &**u).collect::<Vec<_>>(),
                 "group": groups,
+                "model": r.models.iter().map(|m| &**m).collect::<Vec<_>>(),
+                "dlp": p.inspection.as_ref().map(|i| {
+                    (0..i.scanner.len())
+                        .filter(|b| r.dlp & (1 << b) != 0)
+                        .map(|b| i.scanner.name(b))
+                        .collect::<Vec<_>>()
+                }),
+                "require_key": r.require_keys.iter().map(|k| &**k).collect::<Vec<_>>(),
+                "require_org": r.require_orgs.iter().map(|k| &**k).collect::<Vec<_>>(),
+                // Names only: values may be tenant ids operators would rather not publish.
+                "set_headers": r.set_headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -77,6 +88,13 @@ pub fn describe(p: &Policy) -> Value {
     json!({
         "default": { "action": p.default.action.as_str(), "reason": &*p.default.reason },
         "connect_ports": &p.connect_ports,
+        "intercept": {
+            "vendors": p.intercept.vendors.iter().enumerate().filter(|(_, on)| **on)
+                .map(|(i, _)| &*p.catalog.vendors()[i].id).collect::<Vec<_>>(),
+            "hosts": p.intercept.hosts.patterns().chain(p.intercept.ips.iter().map(|ip| ip.to_string()))
+                .collect::<Vec<_>>(),
+            "exclude": p.intercept.exclude.patterns().collect::<Vec<_>>(),
+        },
         "groups": groups,
         "rules": rules,
         "vendors": vendors,

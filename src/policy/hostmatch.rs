@@ -163,6 +163,21 @@ impl<T> HostIndex<T> {
         }
     }
 
+    /// The patterns held, spelled as in a config (for display; order unspecified).
+    pub fn patterns(&self) -> impl Iterator<Item = String> + '_ {
+        self.exact
+            .keys()
+            .map(|k| k.to_string())
+            .chain(self.suffix_incl.keys().map(|k| format!(".{k}")))
+            .chain(self.suffix_subs.keys().map(|k| format!("*.{k}")))
+            .chain(
+                self.globs
+                    .values()
+                    .flatten()
+                    .map(|(labels, _)| labels.join(".")),
+            )
+    }
+
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty()
             && self.suffix_incl.is_empty()

@@ -86,10 +86,15 @@ impl Upstream {
     }
 }
 
-/// rustls client config: the platform's Mozilla roots (webpki-roots) plus `ca_file`.
+/// rustls client config: the system's trust store (the Mozilla bundle compiled in when the
+/// system has none, as in a distroless container) plus `ca_file`. Read once, at start.
 pub fn client_tls(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let system = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(system.certs);
+    if added == 0 {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut n = 0;
