@@ -7,7 +7,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -74,9 +73,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         crate::secrets::refuse_world_readable(&a.htpasswd).map_err(StartError::Secret)?;
     }
     let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
+        proxy::server::bind(addr).map_err(|source| StartError::Bind { addr, source })
     };
     let listener = bind(settings.proxy.listen).await?;
     let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {

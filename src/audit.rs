@@ -355,6 +355,8 @@ mod tests {
             queue: 16,
             max_size: 100,
             keep: 2,
+            on_full: crate::config::OnFull::Drop,
+            key_id_secret_file: None,
         };
         let mut sink = FileSink::open(&settings).unwrap();
         for i in 0..10 {

@@ -5,9 +5,11 @@ pub mod body;
 pub mod connect;
 pub mod handler;
 pub mod limit;
+pub mod per_client;
 pub mod respond;
 pub mod server;
 pub mod shutdown;
+pub mod stall;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
