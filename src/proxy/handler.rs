@@ -223,6 +223,9 @@ async fn forward(state: Arc<State>, peer: Peer, req: Request<Incoming>) -> Respo
     let start = Instant::now();
     let html = respond::wants_html(req.headers());
     let realm = state.auth.as_ref().map(|a| a.realm.as_str());
+    if let Err(e) = state.audit_admits() {
+        return respond::error(&e, realm, html);
+    }
 
     let target = match target::from_uri(req.uri()) {
         Ok(t) => t,

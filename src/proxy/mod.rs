@@ -6,6 +6,7 @@ pub mod connect;
 pub mod handler;
 pub mod limit;
 pub mod per_client;
+pub mod pressure;
 pub mod respond;
 pub mod server;
 pub mod shutdown;
