@@ -108,6 +108,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         Some(p) => Some(crate::secrets::read_secret_file(p).map_err(StartError::Secret)?),
         None => None,
     };
+    let keys = KeyFingerprinter::configured(settings.audit.key_id_secret_file.as_deref())
+        .map_err(StartError::Secret)?;
     let auth = match &settings.auth {
         Some(a) => Some(Auth {
             htpasswd: Htpasswd::load(&a.htpasswd)
@@ -148,7 +150,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         audit: sink,
         metrics,
         auth,
-        keys: KeyFingerprinter::random(),
+        keys,
         ready: AtomicBool::new(false),
         shutdown: proxy::shutdown::Shutdown::default(),
         source: loaded.source,

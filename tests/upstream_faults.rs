@@ -109,25 +109,44 @@ async fn faults_after_connect_are_answered_audited_and_counted() {
     // Mid-body: the client got a 200 head, then the connection is cut short of the length.
     for (path, kind) in [("/reset", "upstream_body"), ("/hang-body", "body_timeout")] {
         let started = Instant::now();
-        let (status, got) = within(path, hit(proxy.addr, &format!("http://api.openai.com{path}")))
-            .await
-            .expect("a response head");
+        let (status, got) = within(
+            path,
+            hit(proxy.addr, &format!("http://api.openai.com{path}")),
+        )
+        .await
+        .expect("a response head");
         assert_eq!(status, 200, "{path}");
         assert!(got < ANNOUNCED, "{path}: the whole body arrived");
         let rec = proxy.audit_path(path).await;
         assert_eq!(rec["status"], 200, "{rec}");
         assert_reason(&rec, kind);
-        assert!(rec["bytes_in"].as_u64().unwrap() < ANNOUNCED as u64, "{rec}");
+        assert!(
+            rec["bytes_in"].as_u64().unwrap() < ANNOUNCED as u64,
+            "{rec}"
+        );
         assert_eq!(proxy.upstream_errors(kind).await, 1.0, "{kind}");
         if kind == "body_timeout" {
-            assert!(started.elapsed() >= Duration::from_millis(900), "cut before body_timeout");
+            assert!(
+                started.elapsed() >= Duration::from_millis(900),
+                "cut before body_timeout"
+            );
         }
     }
 
     // Before any byte reached the client: an error answer naming the kind.
     let cases = [
-        ("http://api.openai.com/big-head", "/big-head", 502, "response_head_too_large"),
-        ("https://api.anthropic.com/v1/messages", "/v1/messages", 502, "tls"),
+        (
+            "http://api.openai.com/big-head",
+            "/big-head",
+            502,
+            "response_head_too_large",
+        ),
+        (
+            "https://api.anthropic.com/v1/messages",
+            "/v1/messages",
+            502,
+            "tls",
+        ),
     ];
     for (url, path, status, kind) in cases {
         let r = raw_get(proxy.addr, url, &[]).await;

@@ -313,6 +313,7 @@ pub struct Config {
     upstream: Vec<String>,
     audit: Vec<String>,
     audit_path: Option<PathBuf>,
+    admin: Vec<String>,
     default_action: &'static str,
     tail: String,
 }
@@ -326,6 +327,7 @@ impl Default for Config {
             upstream: Vec::new(),
             audit: Vec::new(),
             audit_path: None,
+            admin: Vec::new(),
             default_action: "allow",
             tail: String::new(),
         }
@@ -366,6 +368,12 @@ impl Config {
     /// A line in `[upstream]`.
     pub fn upstream(mut self, line: &str) -> Config {
         self.upstream.push(line.to_string());
+        self
+    }
+
+    /// A line in `[admin]`, e.g. `token_file = "..."`.
+    pub fn admin(mut self, line: &str) -> Config {
+        self.admin.push(line.to_string());
         self
     }
 
@@ -418,7 +426,7 @@ impl Config {
         };
         let text = format!(
             "include = [\"{VENDORS}\"]\n\n[proxy]\nlisten = \"{listen}\"\n{proxy}\n\n\
-             [admin]\nlisten = \"{admin}\"\n\n[audit]\npath = \"{audit}\"\n{audit_lines}\n\n\
+             [admin]\nlisten = \"{admin}\"\n{admin_lines}\n\n[audit]\npath = \"{audit}\"\n{audit_lines}\n\n\
              [upstream]\nresolve = {{ {resolve} }}\nallow_private = [{allow}]\n{upstream}\n\n\
              [defaults]\naction = \"{default}\"\n\n\
              [[rule]]\nid = \"block-deepseek\"\nvendor = \"deepseek\"\naction = \"block\"\n\
@@ -426,6 +434,7 @@ impl Config {
             proxy = self.proxy.join("\n"),
             audit = self.audit_file(dir).display(),
             audit_lines = self.audit.join("\n"),
+            admin_lines = self.admin.join("\n"),
             upstream = self.upstream.join("\n"),
             default = self.default_action,
             tail = self.tail,
