@@ -150,7 +150,9 @@ enum Msg {
     Close,
 }
 
-/// What the request path and the writer thread share.
+/// What the request path and the writer thread share. (The overflow keeps the records boxed
+/// as they came off the queue's messages: no copy of a large struct under the lock.)
+#[allow(clippy::vec_box)]
 struct Shared {
     /// False while new requests must be refused (`on_full = "block"` only).
     admitting: AtomicBool,
@@ -164,6 +166,7 @@ struct Shared {
 }
 
 impl Shared {
+    #[allow(clippy::vec_box)]
     fn overflow(&self) -> std::sync::MutexGuard<'_, Vec<Box<Record>>> {
         self.overflow.lock().unwrap_or_else(|p| p.into_inner())
     }

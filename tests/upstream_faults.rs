@@ -49,7 +49,7 @@ async fn misbehave(mut s: TcpStream) {
     };
     if path.starts_with("/reset") {
         if partial(&mut s).await.is_ok() {
-            let _ = s.set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
         }
     } else if path.starts_with("/hang-body") {
         if partial(&mut s).await.is_ok() {

@@ -13,6 +13,10 @@ pub struct ClientCap {
     open: DashMap<IpAddr, usize>,
 }
 
+/// The address already holds `max_connections_per_client` connections.
+#[derive(Debug)]
+pub struct AtCapacity;
+
 /// One open connection of one client address.
 pub struct ClientSlot {
     cap: Arc<ClientCap>,
@@ -30,13 +34,13 @@ impl ClientCap {
 
     /// A slot for one more connection from `ip`, `Ok(None)` when there is no cap, `Err` when
     /// the address already holds `max`.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Option<ClientSlot>, ()> {
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Option<ClientSlot>, AtCapacity> {
         if self.max == 0 {
             return Ok(None);
         }
         let mut n = self.open.entry(ip).or_insert(0);
         if *n >= self.max {
-            return Err(());
+            return Err(AtCapacity);
         }
         *n += 1;
         Ok(Some(ClientSlot {
