@@ -7,7 +7,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -76,9 +75,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         crate::secrets::refuse_world_readable(&a.htpasswd).map_err(StartError::Secret)?;
     }
     let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
+        proxy::server::bind(addr).map_err(|source| StartError::Bind { addr, source })
     };
     let listener = bind(settings.proxy.listen).await?;
     let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -113,6 +110,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         Some(p) => Some(crate::secrets::read_secret_file(p).map_err(StartError::Secret)?),
         None => None,
     };
+    let keys = KeyFingerprinter::configured(settings.key_secret_file.as_deref())
+        .map_err(StartError::Secret)?;
     let auth = match &settings.auth {
         Some(a) => Some(Auth {
             htpasswd: Htpasswd::load(&a.htpasswd)
@@ -145,19 +144,6 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         .map_err(|e| StartError::Limits(e.to_string()))?,
     });
 
-    let keys = match &settings.key_secret_file {
-        Some(p) => {
-            let secret = crate::secrets::read_secret_file(p).map_err(StartError::Secret)?;
-            if secret.len() < 16 {
-                return Err(StartError::Secret(format!(
-                    "{}: the key fingerprint secret must be at least 16 bytes",
-                    p.display()
-                )));
-            }
-            KeyFingerprinter::new(secret.as_bytes())
-        }
-        None => KeyFingerprinter::random(),
-    };
     let interceptor = match &settings.intercept {
         Some(a) => Some(proxy::intercept::Interceptor::new(Arc::new(
             crate::tls::ca::Authority::load(a)?,

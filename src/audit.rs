@@ -1,22 +1,26 @@
 //! The audit trail: one JSON line per decision, written by a dedicated writer thread behind a
-//! bounded queue so that a slow disk never stalls a request. A full queue drops the record and
-//! counts it (`portcullis_audit_dropped_total`); shutdown drains the queue and flushes.
+//! bounded queue so that a slow disk never stalls a request. What a full queue means is
+//! `[audit] on_full`: `drop` drops the record and counts it (`portcullis_audit_dropped_total`);
+//! `block` keeps it (records of exchanges already served are never dropped) and stops
+//! admitting new requests until the writer has caught up. A sink that fails (disk full, EIO, a
+//! FIFO whose reader went away) is retried, holding its records, until it takes them again;
+//! with `block` new requests are refused meanwhile. Shutdown drains the queue and flushes.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use prometheus::IntCounter;
 
-use crate::config::AuditSettings;
+use crate::config::{AuditSettings, OnFull};
 
 /// One audit record. Strings the policy owns are shared (`Arc<str>`), not copied.
 #[derive(Debug, Clone)]
@@ -149,21 +153,61 @@ enum Msg {
     Close,
 }
 
+/// What the request path and the writer thread share. (The overflow keeps the records boxed
+/// as they came off the queue's messages: no copy of a large struct under the lock.)
+#[allow(clippy::vec_box)]
+struct Shared {
+    /// False while new requests must be refused (`on_full = "block"` only).
+    admitting: AtomicBool,
+    block: bool,
+    /// Block mode: records of exchanges already served that found the queue full. The writer
+    /// takes them after the queue; bounded by `overflow_max` (beyond it: dropped, counted).
+    overflow: Mutex<Vec<Box<Record>>>,
+    overflow_max: usize,
+    /// Set by `close`: a failing sink is no longer waited for.
+    closing: AtomicBool,
+}
+
+impl Shared {
+    #[allow(clippy::vec_box)]
+    fn overflow(&self) -> std::sync::MutexGuard<'_, Vec<Box<Record>>> {
+        self.overflow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The sending side, cheap to clone into every connection.
 #[derive(Clone)]
 pub struct AuditSink {
     tx: SyncSender<Msg>,
     dropped: IntCounter,
     next_id: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
 impl AuditSink {
-    /// Never blocks: a full queue drops the record and counts it.
+    /// Never blocks. A full queue drops the record and counts it, or with `on_full = "block"`
+    /// keeps it aside and stops admission until the writer catches up.
     pub fn send(&self, record: Record) {
         match self.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+            Err(TrySendError::Full(Msg::Record(r))) if self.shared.block => {
+                self.shared.admitting.store(false, Ordering::Relaxed);
+                let mut spill = self.shared.overflow();
+                if spill.len() < self.shared.overflow_max {
+                    spill.push(r);
+                } else {
+                    drop(spill);
+                    self.dropped.inc();
+                }
+            }
+            Err(_) => self.dropped.inc(),
         }
+    }
+
+    /// False while requests must be refused because the audit log cannot take their records
+    /// (`on_full = "block"` and a full queue or a failing sink). One atomic load.
+    pub fn admitting(&self) -> bool {
+        self.shared.admitting.load(Ordering::Relaxed)
     }
 
     pub fn reopen(&self) {
@@ -181,6 +225,9 @@ pub struct AuditWriter {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The longest `close` waits for a stalled sink before giving up on it.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
 /// Opens the sink (a file, or stdout) and starts the writer thread.
 pub fn start(
     settings: &AuditSettings,
@@ -189,9 +236,24 @@ pub fn start(
 ) -> io::Result<(AuditSink, AuditWriter)> {
     let file = FileSink::open(settings)?;
     let (tx, rx) = sync_channel(settings.queue);
+    let shared = Arc::new(Shared {
+        admitting: AtomicBool::new(true),
+        block: settings.on_full == OnFull::Block,
+        overflow: Mutex::new(Vec::new()),
+        overflow_max: settings.queue.max(1024),
+        closing: AtomicBool::new(false),
+    });
+    let writer = Writer {
+        sink: file,
+        shared: shared.clone(),
+        written,
+        dropped: dropped.clone(),
+        line: Vec::with_capacity(1024),
+        failing: false,
+    };
     let thread = std::thread::Builder::new()
         .name("audit-writer".into())
-        .spawn(move || write_loop(rx, file, written))?;
+        .spawn(move || write_loop(rx, writer))?;
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -202,6 +264,7 @@ pub fn start(
             tx,
             dropped,
             next_id: Arc::new(AtomicU64::new(seed)),
+            shared,
         },
         AuditWriter {
             thread: Mutex::new(Some(thread)),
@@ -211,12 +274,34 @@ pub fn start(
 
 impl AuditWriter {
     /// Writes everything queued so far, flushes and stops the writer. Call it after the last
-    /// request has finished: a record sent later is counted as dropped.
+    /// request has finished: a record sent later is counted as dropped. A sink that fails is
+    /// not retried any more (what it refuses is counted as dropped); one that blocks (a FIFO
+    /// nobody reads) is waited for up to [`CLOSE_WAIT`].
     pub fn close(&self, sink: &AuditSink) {
-        // A blocking send: at shutdown waiting for queue space is what we want.
-        let _ = sink.tx.send(Msg::Close);
+        sink.shared.closing.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + CLOSE_WAIT;
+        let mut msg = Msg::Close;
+        loop {
+            match sink.tx.try_send(msg) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(TrySendError::Full(_)) => break,
+            }
+        }
         let handle = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
         if let Some(h) = handle {
+            while !h.is_finished() {
+                if Instant::now() >= deadline {
+                    tracing::error!(
+                        "audit sink still blocked after {CLOSE_WAIT:?}; exiting without the records it holds"
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = h.join();
         }
     }
@@ -299,12 +384,104 @@ fn open(path: Option<&PathBuf>) -> io::Result<(Box<dyn Write + Send>, u64)> {
 /// when traffic is quiet.
 const IDLE_POLL_MAX: Duration = Duration::from_millis(20);
 const BUSY_POLL: Duration = Duration::from_millis(2);
+/// Retry interval of a failing sink: doubling from the first to the second.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// The writer thread's side: the sink and what it reports.
+struct Writer {
+    sink: FileSink,
+    shared: Arc<Shared>,
+    written: IntCounter,
+    dropped: IntCounter,
+    line: Vec<u8>,
+    /// The last write or flush failed.
+    failing: bool,
+}
+
+impl Writer {
+    /// Writes one record, retrying while the sink fails: a record the writer has taken is
+    /// lost only if the process shuts down while the sink still fails.
+    fn write(&mut self, r: &Record) {
+        self.line.clear();
+        if serde_json::to_writer(&mut self.line, r).is_err() {
+            return;
+        }
+        self.line.push(b'\n');
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.sink.write_line(&self.line) {
+                Ok(()) => {
+                    self.written.inc();
+                    return;
+                }
+                Err(e) => {
+                    if !self.wait_for_sink(&e, &mut backoff) {
+                        self.dropped.inc();
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes, retrying while the sink fails (the buffer keeps what was not written).
+    fn flush(&mut self) {
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.sink.out.flush() {
+                Ok(()) => {
+                    if self.failing {
+                        self.failing = false;
+                        tracing::warn!("audit log writable again");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if !self.wait_for_sink(&e, &mut backoff) {
+                        tracing::error!(error = %e, "audit log: giving up on buffered records at shutdown");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sink failed: say so (once), stop admission in block mode, wait before the retry.
+    /// False when shutting down: give up instead.
+    fn wait_for_sink(&mut self, e: &io::Error, backoff: &mut Duration) -> bool {
+        if !self.failing {
+            self.failing = true;
+            tracing::error!(error = %e, "audit log write failed; holding records and retrying");
+        }
+        if self.shared.block {
+            self.shared.admitting.store(false, Ordering::Relaxed);
+        }
+        if self.shared.closing.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(RETRY_MAX);
+        true
+    }
+
+    /// The queue was just found empty: in block mode, admit again once nothing is held back.
+    fn caught_up(&self) {
+        if self.shared.block
+            && !self.failing
+            && !self.shared.admitting.load(Ordering::Relaxed)
+            && self.shared.overflow().is_empty()
+        {
+            self.shared.admitting.store(true, Ordering::Relaxed);
+            tracing::warn!("audit log caught up; admitting requests again");
+        }
+    }
+}
 
 /// The writer polls instead of blocking in `recv`: a blocking receiver makes every `send`
 /// wake it (a futex call and a context switch per record, on the request path's core).
 /// Polling lets records pile up and be written, and flushed, in batches.
-fn write_loop(rx: Receiver<Msg>, mut sink: FileSink, written: IntCounter) {
-    let mut line = Vec::with_capacity(1024);
+fn write_loop(rx: Receiver<Msg>, mut w: Writer) {
     let mut idle = BUSY_POLL;
     'outer: loop {
         let mut got = false;
@@ -312,37 +489,41 @@ fn write_loop(rx: Receiver<Msg>, mut sink: FileSink, written: IntCounter) {
             match rx.try_recv() {
                 Ok(Msg::Record(r)) => {
                     got = true;
-                    line.clear();
-                    if serde_json::to_writer(&mut line, &*r).is_ok() {
-                        line.push(b'\n');
-                        match sink.write_line(&line) {
-                            Ok(()) => written.inc(),
-                            Err(e) => tracing::error!(error = %e, "audit log write failed"),
-                        }
-                    }
+                    w.write(&r);
                 }
                 Ok(Msg::Reopen) => {
-                    if let Err(e) = sink.reopen() {
+                    if let Err(e) = w.sink.reopen() {
                         tracing::error!(error = %e, "audit log reopen failed; keeping the old file");
                     }
                 }
                 Ok(Msg::Close) | Err(TryRecvError::Disconnected) => break 'outer,
-                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Empty) => {
+                    // Then what overflowed while the queue was full (block mode).
+                    let spilled = std::mem::take(&mut *w.shared.overflow());
+                    if spilled.is_empty() {
+                        break;
+                    }
+                    got = true;
+                    for r in spilled {
+                        w.write(&r);
+                    }
+                }
             }
         }
         if got {
-            if let Err(e) = sink.out.flush() {
-                tracing::error!(error = %e, "audit log flush failed");
-            }
+            w.flush();
             idle = BUSY_POLL;
         } else {
             idle = (idle * 2).min(IDLE_POLL_MAX);
         }
+        w.caught_up();
         std::thread::sleep(idle);
     }
-    if let Err(e) = sink.out.flush() {
-        tracing::error!(error = %e, "audit log final flush failed");
+    let spilled = std::mem::take(&mut *w.shared.overflow());
+    for r in spilled {
+        w.write(&r);
     }
+    w.flush();
 }
 
 #[cfg(test)]
@@ -358,6 +539,7 @@ mod tests {
             queue: 16,
             max_size: 100,
             keep: 2,
+            on_full: OnFull::Drop,
         };
         let mut sink = FileSink::open(&settings).unwrap();
         for i in 0..10 {

@@ -46,6 +46,16 @@ pub enum ProxyError {
     ClientHelloTimeout,
     #[error("misdirected request: {0}")]
     Misdirected(String),
+    #[error("the request body stalled: no bytes from the client for body_timeout")]
+    ClientBodyTimeout,
+    #[error("the response head from the origin is too large")]
+    ResponseHeadTooLarge,
+    #[error("the response body stalled: no bytes from the origin for body_timeout")]
+    UpstreamBodyTimeout,
+    #[error("the response body from the origin failed mid-way: {0}")]
+    UpstreamBody(String),
+    #[error("the audit log cannot take records now; refusing rather than serving unaudited")]
+    AuditUnavailable,
 }
 
 impl ProxyError {
@@ -70,6 +80,11 @@ impl ProxyError {
             ProxyError::ClientHello(e) => e.kind(),
             ProxyError::ClientHelloTimeout => "client_hello_timeout",
             ProxyError::Misdirected(_) => "misdirected",
+            ProxyError::ClientBodyTimeout => "client_body_timeout",
+            ProxyError::ResponseHeadTooLarge => "response_head_too_large",
+            ProxyError::UpstreamBodyTimeout => "body_timeout",
+            ProxyError::UpstreamBody(_) => "upstream_body",
+            ProxyError::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -85,7 +100,12 @@ impl ProxyError {
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientHello(_) | ProxyError::ClientHelloTimeout => StatusCode::BAD_REQUEST,
-            ProxyError::Dns(_)
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UpstreamBodyTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ResponseHeadTooLarge
+            | ProxyError::UpstreamBody(_)
+            | ProxyError::Dns(_)
             | ProxyError::NoAddress
             | ProxyError::Connect(_)
             | ProxyError::Tls(_)
@@ -105,6 +125,9 @@ impl ProxyError {
                 | ProxyError::Tls(_)
                 | ProxyError::ResponseTimeout
                 | ProxyError::Upstream(_)
+                | ProxyError::ResponseHeadTooLarge
+                | ProxyError::UpstreamBodyTimeout
+                | ProxyError::UpstreamBody(_)
         )
     }
 }

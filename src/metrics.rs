@@ -23,6 +23,8 @@ pub struct Metrics {
     pub limit_store_errors: IntCounter,
     pub connections_active: IntGauge,
     pub connections_refused: IntCounter,
+    pub connections_refused_per_client: IntCounter,
+    pub audit_refused: IntCounter,
     pub build_info: IntGaugeVec,
 }
 
@@ -130,6 +132,14 @@ impl Metrics {
             connections_refused: counter(
                 "portcullis_connections_refused_total",
                 "Client connections closed at accept because max_connections was reached.",
+            ),
+            connections_refused_per_client: counter(
+                "portcullis_connections_refused_per_client_total",
+                "Client connections closed at accept because their address held max_connections_per_client.",
+            ),
+            audit_refused: counter(
+                "portcullis_audit_refused_total",
+                "Requests and CONNECTs answered 503 because the audit log could not take records (on_full = block).",
             ),
             build_info,
             registry,

@@ -28,3 +28,49 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
     }
     Ok(t.to_string())
 }
+
+/// A URL for a log line or error: the password in its userinfo (`redis://:pw@host`,
+/// `redis://user:pw@host`) replaced.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let (userinfo, host) = authority.split_at(at);
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let redacted = if userinfo.contains(':') {
+        format!("{user}:REDACTED")
+    } else {
+        "REDACTED".to_string()
+    };
+    format!("{scheme}://{redacted}{host}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_redacted() {
+        assert_eq!(
+            redact_url_password("redis://:hunter2@10.0.0.1:6379/0"),
+            "redis://:REDACTED@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url_password("rediss://app:hunter2@redis:bad"),
+            "rediss://app:REDACTED@redis:bad"
+        );
+        assert_eq!(
+            redact_url_password("redis://tokenonly@redis"),
+            "redis://REDACTED@redis"
+        );
+        assert_eq!(
+            redact_url_password("redis://redis:6379"),
+            "redis://redis:6379"
+        );
+    }
+}

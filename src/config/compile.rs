@@ -12,7 +12,8 @@ use rustc_hash::FxHashMap;
 use super::types::{ConfigFile, LimitDef, RuleDef, VendorDef, S};
 use super::{
     parse_duration, parse_size, AdminSettings, AuditSettings, AuthSettings, ConfigError,
-    LimitStoreSettings, PacMode, Parsed, ProxySettings, Settings, Sources, UpstreamSettings,
+    LimitStoreSettings, OnFull, PacMode, Parsed, ProxySettings, Settings, Sources,
+    UpstreamSettings,
 };
 use crate::inspect::dlp::{DlpError, Scanner};
 use crate::limits::{KeyPart, LimitKind, LimitSpec, OnStoreError};
@@ -809,6 +810,9 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         max_header_bytes: count(&p.max_header_bytes, 64 * 1024, 8 * 1024)?,
         max_connections: count(&p.max_connections, 10_000, 1)?,
         tunnel_require_tls: p.tunnel_require_tls.unwrap_or(true),
+        max_connections_per_client: count(&p.max_connections_per_client, 256, 0)?,
+        body_timeout: dur(&p.body_timeout, "60s")?,
+        send_timeout: dur(&p.send_timeout, "60s")?,
     };
 
     let none_admin = Default::default();
@@ -867,6 +871,17 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
             None => 0,
         },
         keep: count(&a.keep, 5, 1)?,
+        on_full: match &a.on_full {
+            None => OnFull::Drop,
+            Some(o) if o.get_ref() == "drop" => OnFull::Drop,
+            Some(o) if o.get_ref() == "block" => OnFull::Block,
+            Some(o) => {
+                return Err(src.error(
+                    src.at(0, o),
+                    format!("unknown on_full {:?} (drop, block)", o.get_ref()),
+                ))
+            }
+        },
     };
 
     let u = main.upstream.as_ref().map(|s| s.get_ref());

@@ -99,6 +99,12 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub tunnel_require_tls: bool,
+    /// Connections one client address may hold open at once; 0 = no cap.
+    pub max_connections_per_client: usize,
+    /// Longest gap between two chunks of a request or response body.
+    pub body_timeout: Duration,
+    /// Longest a write to a client may wait for the client to read.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +116,19 @@ pub struct AuditSettings {
     pub max_size: u64,
     /// Rotated files kept (`path.1` … `path.N`).
     pub keep: usize,
+    /// What to do when records cannot be written as fast as they come.
+    pub on_full: OnFull,
+}
+
+/// `[audit] on_full`: a full queue (or a failing sink) either refuses new requests until the
+/// writer catches up (fail closed) or drops records and counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFull {
+    /// Serve on; count what cannot be queued in `portcullis_audit_dropped_total`.
+    #[default]
+    Drop,
+    /// Answer 503 `audit_unavailable` to new requests and CONNECTs until the sink recovers.
+    Block,
 }
 
 #[derive(Debug, Clone)]

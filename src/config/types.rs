@@ -64,6 +64,9 @@ pub struct ProxySection {
     pub max_header_bytes: Option<S<u64>>,
     pub max_connections: Option<S<u64>>,
     pub tunnel_require_tls: Option<bool>,
+    pub max_connections_per_client: Option<S<u64>>,
+    pub body_timeout: Option<S<String>>,
+    pub send_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +104,7 @@ pub struct AuditSection {
     pub queue: Option<S<u64>>,
     pub max_size: Option<S<String>>,
     pub keep: Option<S<u64>>,
+    pub on_full: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -20,6 +20,24 @@ impl KeyFingerprinter {
         }
     }
 
+    /// The secret in `[keys] secret_file` (refused when other users can read it, or
+    /// shorter than 16 bytes), or a random one when none is configured. With a file,
+    /// fingerprints agree across restarts and replicas (audit logs correlate; `by = "key"`
+    /// limits in a shared store count one key once).
+    pub fn configured(path: Option<&std::path::Path>) -> Result<KeyFingerprinter, String> {
+        let Some(path) = path else {
+            return Ok(KeyFingerprinter::random());
+        };
+        let secret = crate::secrets::read_secret_file(path)?;
+        if secret.len() < 16 {
+            return Err(format!(
+                "{}: key_id secret is shorter than 16 bytes",
+                path.display()
+            ));
+        }
+        Ok(KeyFingerprinter::new(secret.as_bytes()))
+    }
+
     /// A fresh random secret: fingerprints are then stable for this process only.
     pub fn random() -> KeyFingerprinter {
         let mut secret = [0u8; 32];

@@ -124,7 +124,7 @@ impl ErrorView {
 impl RedisStore {
     pub(crate) async fn connect(url: &str, cfg: RedisConfig) -> Result<RedisStore, LimitError> {
         let client = redis::Client::open(url).map_err(|source| LimitError::RedisUrl {
-            url: url.to_owned(),
+            url: crate::secrets::redact_url_password(url),
             source,
         })?;
         // Bounded waits everywhere: a dead server must cost a check at most `timeout`.

@@ -12,8 +12,10 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use super::stall::{ClientBodyStalled, IdleTimer};
 use super::State;
 use crate::audit::Record;
+use crate::error::ProxyError;
 
 /// What the proxy answers with: a small generated body, or an origin's body streamed through.
 pub type ProxyBody = Either<Full<Bytes>, Counted<Incoming>>;
@@ -39,6 +41,16 @@ impl Pending {
         self.record.bytes_out = self.uploaded.load(Ordering::Relaxed);
         self.record.bytes_in = downloaded;
         self.state.finish(self.record, self.start);
+    }
+
+    /// The origin's body failed or stalled mid-way: the record and the metric say which.
+    fn upstream_failed(&mut self, e: &ProxyError) {
+        self.state
+            .metrics
+            .upstream_errors
+            .with_label_values(&[e.kind()])
+            .inc();
+        self.record.reason = format!("{}: {e}; response cut", e.kind()).into();
     }
 
     /// True (and the record says why) once a byte limit is overdrawn: the body is cut.
@@ -72,6 +84,8 @@ pub struct Counted<B> {
     /// Where a request body publishes its count for the response side to read.
     shared: Option<Arc<AtomicU64>>,
     pending: Option<Pending>,
+    /// `[proxy] body_timeout`: the longest wait for the next chunk.
+    idle: Option<IdleTimer>,
 }
 
 impl<B> Counted<B> {
@@ -82,16 +96,26 @@ impl<B> Counted<B> {
             count: 0,
             shared: Some(counter),
             pending: None,
+            idle: None,
         }
     }
 
+    /// Fails the body once the next chunk has been awaited for `timeout`.
+    pub fn idle_timeout(mut self, timeout: std::time::Duration) -> Counted<B> {
+        self.idle = Some(IdleTimer::new(timeout));
+        self
+    }
+
     /// A response body that writes `pending` when it ends.
+    /// The origin's body is cut once it stalls for `[proxy] body_timeout`.
     pub fn finishing(inner: B, pending: Pending) -> Counted<B> {
+        let idle = IdleTimer::new(pending.state.settings.proxy.body_timeout);
         Counted {
             inner,
             count: 0,
             shared: None,
             pending: Some(pending),
+            idle: Some(idle),
         }
     }
 
@@ -123,7 +147,26 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        let res: Poll<Option<Result<Frame<Bytes>, BoxError>>> = Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map(|o| o.map(|r| r.map_err(Into::into)));
+        if let Some(idle) = &mut this.idle {
+            if res.is_pending() {
+                if idle.waiting(cx) {
+                    // A stalled request body is the client's; a stalled response, the origin's.
+                    return Poll::Ready(Some(Err(match this.pending.as_mut() {
+                        Some(p) => {
+                            p.upstream_failed(&ProxyError::UpstreamBodyTimeout);
+                            this.complete();
+                            "body_timeout".into()
+                        }
+                        None => Box::new(ClientBodyStalled),
+                    })));
+                }
+            } else {
+                idle.progressed();
+            }
+        }
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
@@ -143,10 +186,16 @@ where
                     this.complete();
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.complete(),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(p) = this.pending.as_mut() {
+                    p.upstream_failed(&ProxyError::UpstreamBody(e.to_string()));
+                }
+                this.complete();
+            }
+            Poll::Ready(None) => this.complete(),
             Poll::Pending => {}
         }
-        res.map(|o| o.map(|r| r.map_err(Into::into)))
+        res
     }
 
     fn is_end_stream(&self) -> bool {

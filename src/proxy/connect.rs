@@ -45,6 +45,9 @@ pub async fn handle(
         respond::error(&e, realm, html)
     };
 
+    if let Err(e) = state.audit_admits() {
+        return respond::error(&e, realm, html);
+    }
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     let (host, port) = match target::from_connect_authority(authority) {
         Ok(hp) => hp,

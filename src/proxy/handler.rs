@@ -291,6 +291,10 @@ async fn forward(
     } else {
         "none"
     };
+    // Fail closed when the audit log cannot take records (`on_full = "block"`).
+    if let Err(e) = state.audit_admits() {
+        return respond::error(&e, realm, html);
+    }
 
     let target = match target_of(&req, inside.map(|i| &**i)) {
         Ok(t) => t,
@@ -416,7 +420,9 @@ async fn forward(
     // The pool speaks HTTP/1.1 or HTTP/2 upstream, whatever the client spoke to us.
     parts.version = Version::HTTP_11;
     let uploaded = Arc::new(AtomicU64::new(0));
-    let upstream_req = Request::from_parts(parts, Counted::shared(body, uploaded.clone()));
+    let body =
+        Counted::shared(body, uploaded.clone()).idle_timeout(state.settings.proxy.body_timeout);
+    let upstream_req = Request::from_parts(parts, body);
 
     let timeout = state.settings.upstream.response_timeout;
     let result = match tokio::time::timeout(timeout, state.client.request(upstream_req)).await {
@@ -588,9 +594,8 @@ fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
         // The only body we hand the client is the client's own upload: its failure (a bad
         // chunk, a cut connection) is the client's fault, not the origin's.
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_user() {
-                let cause = h.source().map_or_else(|| h.to_string(), |c| c.to_string());
-                return ProxyError::ClientBody(cause);
+            if let Some(e) = super::stall::classify_hyper(h) {
+                return e;
             }
         }
         if let Some(p) = s.downcast_ref::<ProxyError>() {

@@ -7,9 +7,12 @@ pub mod handler;
 pub mod inspect;
 pub mod intercept;
 pub mod limit;
+pub mod per_client;
+pub mod pressure;
 pub mod respond;
 pub mod server;
 pub mod shutdown;
+pub mod stall;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;

@@ -1,6 +1,7 @@
 //! Accepting client connections and serving HTTP/1.1 on them, with the connection limits:
-//! max connections, header read timeout (slowloris; it also bounds keep-alive idleness), max
-//! header size (431).
+//! max connections, max connections per client address, header read timeout (slowloris; it
+//! also bounds keep-alive idleness), send timeout (a client that stops reading), max header
+//! size (431).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,27 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::per_client::ClientCap;
+use super::stall::SendTimeout;
 use super::{handler, Peer, State};
+
+/// Pending connections the kernel holds for `accept` (capped by `net.core.somaxconn`). The
+/// common default of 128 overflows in a burst of new clients: the kernel then drops SYNs
+/// (a second's delay for a real client) or the handshake's last ACK (a client that thinks it
+/// is connected and is not).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Serves until `stop` resolves, then drains: in-flight requests get `shutdown_grace`, after
 /// which connections and tunnels are closed. Returns when every task has finished and written
@@ -23,6 +44,7 @@ pub async fn serve(
 ) {
     let settings = state.settings.proxy.clone();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let per_client = ClientCap::new(settings.max_connections_per_client);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -45,6 +67,12 @@ pub async fn serve(
             },
             _ = &mut stop => break,
         };
+        let Ok(client_slot) = per_client.acquire(addr.ip()) else {
+            state.metrics.connections_refused_per_client.inc();
+            tracing::debug!(client = %addr, "connection refused: max_connections_per_client");
+            drop(stream);
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             state.metrics.connections_refused.inc();
             drop(stream);
@@ -55,7 +83,10 @@ pub async fn serve(
         let st = state.clone();
         let service = service_fn(move |req| handler::handle(st.clone(), peer, req));
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(
+                TokioIo::new(SendTimeout::new(stream, settings.send_timeout)),
+                service,
+            )
             .with_upgrades();
         let token = state.shutdown.token();
         let mut force = state.shutdown_signal();
@@ -64,6 +95,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _token = token;
             let _permit = permit;
+            let _client_slot = client_slot;
             metrics.connections_active.inc();
             tokio::pin!(conn);
             let mut draining = false;

@@ -357,6 +357,9 @@ pub struct Config {
     allow_loopback: bool,
     proxy: Vec<String>,
     upstream: Vec<String>,
+    audit: Vec<String>,
+    audit_path: Option<PathBuf>,
+    admin: Vec<String>,
     default_action: &'static str,
     tail: String,
 }
@@ -368,6 +371,9 @@ impl Default for Config {
             allow_loopback: false,
             proxy: Vec::new(),
             upstream: Vec::new(),
+            audit: Vec::new(),
+            audit_path: None,
+            admin: Vec::new(),
             default_action: "allow",
             tail: String::new(),
         }
@@ -411,6 +417,32 @@ impl Config {
         self
     }
 
+    /// A line in `[admin]`, e.g. `token_file = "..."`.
+    pub fn admin(mut self, line: &str) -> Config {
+        self.admin.push(line.to_string());
+        self
+    }
+
+    /// A line in `[audit]`, e.g. `on_full = "block"`.
+    pub fn audit(mut self, line: &str) -> Config {
+        self.audit.push(line.to_string());
+        self
+    }
+
+    /// The audit sink at `path` (a FIFO, `/dev/full`) instead of `audit.jsonl` in the test's
+    /// directory; `Proxy::audit` then names it.
+    pub fn audit_path(mut self, path: &Path) -> Config {
+        self.audit_path = Some(path.to_path_buf());
+        self
+    }
+
+    /// Where the audit log goes for a proxy whose directory is `dir`.
+    pub fn audit_file(&self, dir: &Path) -> PathBuf {
+        self.audit_path
+            .clone()
+            .unwrap_or_else(|| dir.join("audit.jsonl"))
+    }
+
     /// `[defaults] action = "block"`: nothing unexpected leaves the machine even if a test
     /// finds a bug.
     pub fn default_block(mut self) -> Config {
@@ -440,13 +472,15 @@ impl Config {
         };
         let text = format!(
             "include = [\"{VENDORS}\"]\n\n[proxy]\nlisten = \"{listen}\"\n{proxy}\n\n\
-             [admin]\nlisten = \"{admin}\"\n\n[audit]\npath = \"{audit}\"\n\n\
+             [admin]\nlisten = \"{admin}\"\n{admin_lines}\n\n[audit]\npath = \"{audit}\"\n{audit_lines}\n\n\
              [upstream]\nresolve = {{ {resolve} }}\nallow_private = [{allow}]\n{upstream}\n\n\
              [defaults]\naction = \"{default}\"\n\n\
              [[rule]]\nid = \"block-deepseek\"\nvendor = \"deepseek\"\naction = \"block\"\n\
              reason = \"DeepSeek is not approved (policy SEC-12)\"\n\n{tail}",
             proxy = self.proxy.join("\n"),
-            audit = dir.join("audit.jsonl").display(),
+            audit = self.audit_file(dir).display(),
+            audit_lines = self.audit.join("\n"),
+            admin_lines = self.admin.join("\n"),
             upstream = self.upstream.join("\n"),
             default = self.default_action,
             tail = self.tail,
@@ -486,25 +520,33 @@ impl Proxy {
         Proxy {
             addr: running.proxy_addr,
             admin: running.admin_addr.expect("admin listener"),
-            audit: dir.path().join("audit.jsonl"),
+            audit: cfg.audit_file(dir.path()),
             dir,
             run: Run::InProcess(Some(running)),
         }
     }
 
     /// The real binary (`portcullis run --config`), on ports picked free for it; returns once
-    /// both listeners accept.
+    /// both listeners accept. Its stdout and stderr go to `stdout.log` and `stderr.log` in
+    /// its directory.
     pub async fn spawn(cfg: Config) -> Proxy {
+        Proxy::spawn_with(cfg, &[]).await
+    }
+
+    /// [`Proxy::spawn`] with extra environment variables (e.g. `RUST_LOG`).
+    pub async fn spawn_with(cfg: Config, env: &[(&str, &str)]) -> Proxy {
         let dir = TempDir::new().expect("tempdir");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = cfg.write(dir.path(), addr, admin);
+        let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
         let child = tokio::process::Command::new(BIN)
             .arg("run")
             .arg("--config")
             .arg(&path)
-            .stdout(std::process::Stdio::null())
+            .envs(env.iter().copied())
+            .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
@@ -512,7 +554,7 @@ impl Proxy {
         let proxy = Proxy {
             addr,
             admin,
-            audit: dir.path().join("audit.jsonl"),
+            audit: cfg.audit_file(dir.path()),
             dir,
             run: Run::Binary(child),
         };
@@ -525,6 +567,12 @@ impl Proxy {
         })
         .await;
         proxy
+    }
+
+    /// What the binary wrote on stdout and stderr so far.
+    pub fn output(&self) -> String {
+        let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
+        format!("{}{}", read("stdout.log"), read("stderr.log"))
     }
 
     pub fn url(&self) -> String {
@@ -804,6 +852,34 @@ pub async fn connect_refused(addr: SocketAddr, authority: &str, headers: &[&str]
         .expect("refusal body");
     r.body = String::from_utf8_lossy(&body).into_owned();
     r
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (127.0.0.2, …): another
+/// client address as far as the proxy can tell.
+pub async fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.bind(SocketAddr::new(from, 0))?;
+    sock.connect(addr).await
+}
+
+/// Resident memory of a process, in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
 }
 
 /// Reads until the peer closes (cleanly or by reset); returns the bytes read.
