@@ -112,6 +112,25 @@ fn load(path: Option<&Path>) -> Result<Loaded, ExitCode> {
     })
 }
 
+/// Every client connection and tunnel holds one or two descriptors: take the hard limit
+/// rather than the (often 1024) soft one, as nginx and squid do.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(soft, "cannot raise the open-files limit");
+            }
+        }
+    }
+}
+
 fn run(path: Option<&Path>) -> ExitCode {
     let loaded = match load(path) {
         Ok(l) => l,
@@ -126,6 +145,7 @@ fn run(path: Option<&Path>) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.settings.log_level)),
         )
         .init();
+    raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -263,13 +263,9 @@ impl Tunnel {
         let reason = {
             let outcome = async {
                 upstream.write_all(&hello).await?;
-                tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    16 * 1024,
-                    16 * 1024,
-                )
-                .await
+                // An idle tunnel keeps no buffers: not the peeked hello, not copy buffers.
+                drop(hello);
+                super::splice::splice(&mut client, &mut upstream, 16 * 1024).await
             };
             tokio::pin!(outcome);
             loop {

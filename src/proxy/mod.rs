@@ -12,6 +12,7 @@ pub mod pressure;
 pub mod respond;
 pub mod server;
 pub mod shutdown;
+pub mod splice;
 pub mod stall;
 
 use std::net::SocketAddr;

@@ -1,0 +1,197 @@
+//! Memory per idle tunnel: opens N CONNECT tunnels through the release binary to a loopback
+//! sink (each sends a real ClientHello, so it is past the SNI check and spliced, as a browser's
+//! idle keep-alive tunnel is), then reads the proxy's VmRSS from /proc.
+//!
+//!   cargo bench --bench tunnels                 # 10,000 tunnels
+//!   TUNNELS=2000 cargo bench --bench tunnels
+//!
+//! Needs ~2 descriptors per tunnel in each process: as root it raises its own limit.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// Raises the open-files limit as far as allowed; returns the soft limit now in force.
+fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_max = lim.rlim_max.max(want);
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A ClientHello as rustls sends it for `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), server).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("hello");
+    }
+    out
+}
+
+async fn open_tunnel(proxy: SocketAddr, hello: &[u8]) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.write_all(b"CONNECT tunnel.test:443 HTTP/1.1\r\nHost: tunnel.test:443\r\n\r\n")
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::other("closed before 200"));
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&head).to_string(),
+        ));
+    }
+    s.write_all(hello).await?;
+    Ok(s)
+}
+
+async fn settle(pid: u32) -> u64 {
+    let mut last = rss_kib(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = rss_kib(pid);
+        if now.abs_diff(last) < 64 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+#[tokio::main]
+async fn main() {
+    let want: usize = std::env::var("TUNNELS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    // Each process holds two descriptors per tunnel; a container may cap the hard limit.
+    let limit = raise_nofile(2 * want as u64 + 1024);
+    let n = want.min((limit.saturating_sub(512) / 2) as usize);
+    if n < want {
+        println!("tunnels: open-files limit {limit} allows {n} tunnels, not {want}");
+    }
+
+    let sink = TcpListener::bind("127.0.0.1:0").await.expect("sink");
+    let sink_addr = sink.local_addr().expect("sink addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = sink.accept().await {
+            held.push(s); // never read, never answer: an idle tunnel
+        }
+    });
+
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let proxy_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = dir.path().join("portcullis.toml");
+    let mut f = std::fs::File::create(&cfg).expect("config");
+    write!(
+        f,
+        "include = [\"{vendors}\"]\n\
+         [proxy]\nlisten = \"{proxy_addr}\"\nmax_connections = {max}\nmax_connections_per_client = 0\nidle_timeout = \"600s\"\n\
+         [admin]\nlisten = \"off\"\n\
+         [audit]\npath = \"{audit}\"\n\
+         [upstream]\nresolve = {{ \"tunnel.test:443\" = \"{sink_addr}\" }}\nallow_private = [\"127.0.0.0/8\"]\n\
+         [[rule]]\nid = \"block-deepseek\"\nvendor = \"deepseek\"\naction = \"block\"\n",
+        vendors = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendors.toml"),
+        max = n + 100,
+        audit = dir.path().join("audit.jsonl").display(),
+    )
+    .expect("write config");
+    drop(f);
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn portcullis");
+    let pid = child.id().expect("pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(proxy_addr).await.is_err() {
+        assert!(Instant::now() < deadline, "proxy did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let hello = Arc::new(client_hello("tunnel.test"));
+    // Warm up the allocator and runtime, then measure from there.
+    let mut warm = Vec::new();
+    for _ in 0..100 {
+        warm.push(open_tunnel(proxy_addr, &hello).await.expect("warm tunnel"));
+    }
+    let before = settle(pid).await;
+
+    let start = Instant::now();
+    let mut tunnels = Vec::with_capacity(n);
+    let mut opened = 0;
+    while opened < n {
+        let batch: Vec<_> = (0..(n - opened).min(200))
+            .map(|_| {
+                let h = hello.clone();
+                tokio::spawn(async move { open_tunnel(proxy_addr, &h).await })
+            })
+            .collect();
+        for t in batch {
+            tunnels.push(t.await.expect("join").expect("tunnel"));
+            opened += 1;
+        }
+    }
+    let after = settle(pid).await;
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+    println!(
+        "tunnels: {n} idle tunnels opened in {:.1}s; proxy RSS {before} KiB -> {after} KiB; {:.1} KiB per tunnel ({per:.0} bytes)",
+        start.elapsed().as_secs_f64(),
+        per / 1024.0
+    );
+    drop(tunnels);
+    drop(warm);
+    let _ = child.kill().await;
+}
