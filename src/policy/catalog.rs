@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::hostmatch::{HostIndex, HostPattern};
-use super::path::{PathPattern, Segments};
+use super::path::{PathPattern, PathTrie, Segments};
 use super::target::Host;
 
 /// Endpoint classes. A closed set, because rules, audit and metric labels name them.
@@ -79,14 +79,21 @@ pub struct Vendor {
     pub id: Arc<str>,
     pub name: Arc<str>,
     endpoints: Vec<(Endpoint, PathPattern)>,
+    /// The same patterns, for classifying a path in one walk.
+    trie: PathTrie<Endpoint>,
 }
 
 impl Vendor {
     pub fn new(id: &str, name: &str, endpoints: Vec<(Endpoint, PathPattern)>) -> Vendor {
+        let mut trie = PathTrie::default();
+        for (e, p) in &endpoints {
+            trie.insert(p, *e);
+        }
         Vendor {
             id: id.into(),
             name: name.into(),
             endpoints,
+            trie,
         }
     }
 }
@@ -173,12 +180,17 @@ impl Catalog {
     /// tunnel whose path is not visible.
     pub fn classify(&self, hit: VendorHit, path: Option<&Segments<'_>>) -> Endpoint {
         let best = path.and_then(|path| {
-            self.vendor(hit.vendor)
-                .endpoints
-                .iter()
-                .filter(|(_, p)| p.matches_segments(path))
-                .max_by_key(|(_, p)| p.len())
-                .map(|(e, _)| *e)
+            let v = self.vendor(hit.vendor);
+            match path.is_splittable() {
+                true => v.trie.longest(path),
+                // A path too long to split on the stack: try each pattern.
+                false => v
+                    .endpoints
+                    .iter()
+                    .filter(|(_, p)| p.matches_segments(path))
+                    .max_by_key(|(_, p)| p.len())
+                    .map(|(e, _)| *e),
+            }
         });
         match best {
             Some(e) => e,

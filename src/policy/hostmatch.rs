@@ -114,21 +114,38 @@ impl HostPattern {
 /// Label globs sharing a two-label key, each with its value.
 type GlobList<T> = Vec<(Vec<Box<str>>, T)>;
 
+/// What the patterns naming one domain hold: `example.com`, `.example.com`, `*.example.com`.
+/// Kept together so a lookup probes the table once per suffix, not once per form.
+#[derive(Debug, Clone)]
+struct Slots<T> {
+    exact: Option<T>,
+    /// The name and its subdomains.
+    incl: Option<T>,
+    /// Subdomains only.
+    subs: Option<T>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            exact: None,
+            incl: None,
+            subs: None,
+        }
+    }
+}
+
 /// Maps host patterns to values of `T`.
 #[derive(Debug, Clone)]
 pub struct HostIndex<T> {
-    exact: FxHashMap<Box<str>, T>,
-    suffix_incl: FxHashMap<Box<str>, T>,
-    suffix_subs: FxHashMap<Box<str>, T>,
+    names: FxHashMap<Box<str>, Slots<T>>,
     globs: FxHashMap<Box<str>, GlobList<T>>,
 }
 
 impl<T> Default for HostIndex<T> {
     fn default() -> Self {
         HostIndex {
-            exact: FxHashMap::default(),
-            suffix_incl: FxHashMap::default(),
-            suffix_subs: FxHashMap::default(),
+            names: FxHashMap::default(),
             globs: FxHashMap::default(),
         }
     }
@@ -138,18 +155,16 @@ impl<T> HostIndex<T> {
     /// The slot for a pattern, created with `make` on first use; lets callers detect duplicates
     /// (catalog) or accumulate (rule lists).
     pub fn entry(&mut self, p: &HostPattern, make: impl FnOnce() -> T) -> (&mut T, bool) {
-        fn slot<'m, T>(
-            map: &'m mut FxHashMap<Box<str>, T>,
-            k: &str,
-            make: impl FnOnce() -> T,
-        ) -> (&'m mut T, bool) {
-            let fresh = !map.contains_key(k);
-            (map.entry(k.into()).or_insert_with(make), fresh)
+        fn slot<T>(s: &mut Option<T>, make: impl FnOnce() -> T) -> (&mut T, bool) {
+            let fresh = s.is_none();
+            (s.get_or_insert_with(make), fresh)
         }
         match &p.kind {
-            Kind::Exact(k) => slot(&mut self.exact, k, make),
-            Kind::Suffix(k, true) => slot(&mut self.suffix_incl, k, make),
-            Kind::Suffix(k, false) => slot(&mut self.suffix_subs, k, make),
+            Kind::Exact(k) => slot(&mut self.names.entry(k.clone()).or_default().exact, make),
+            Kind::Suffix(k, true) => slot(&mut self.names.entry(k.clone()).or_default().incl, make),
+            Kind::Suffix(k, false) => {
+                slot(&mut self.names.entry(k.clone()).or_default().subs, make)
+            }
             Kind::Glob { key, labels } => {
                 let list = self.globs.entry(key.clone()).or_default();
                 match list.iter().position(|(l, _)| l == labels) {
@@ -165,11 +180,16 @@ impl<T> HostIndex<T> {
 
     /// The patterns held, spelled as in a config (for display; order unspecified).
     pub fn patterns(&self) -> impl Iterator<Item = String> + '_ {
-        self.exact
-            .keys()
-            .map(|k| k.to_string())
-            .chain(self.suffix_incl.keys().map(|k| format!(".{k}")))
-            .chain(self.suffix_subs.keys().map(|k| format!("*.{k}")))
+        self.names
+            .iter()
+            .flat_map(|(k, s)| {
+                [
+                    s.exact.as_ref().map(|_| k.to_string()),
+                    s.incl.as_ref().map(|_| format!(".{k}")),
+                    s.subs.as_ref().map(|_| format!("*.{k}")),
+                ]
+            })
+            .flatten()
             .chain(
                 self.globs
                     .values()
@@ -179,16 +199,14 @@ impl<T> HostIndex<T> {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.exact.is_empty()
-            && self.suffix_incl.is_empty()
-            && self.suffix_subs.is_empty()
-            && self.globs.is_empty()
+        self.names.is_empty() && self.globs.is_empty()
     }
 
     /// Calls `f` for every pattern that matches `host` (lowercase, no trailing dot), most
     /// specific first; stops when `f` returns false.
     pub fn for_each_match<'a>(&'a self, host: &str, mut f: impl FnMut(&'a T, Specificity) -> bool) {
-        if let Some(v) = self.exact.get(host) {
+        let own = self.names.get(host);
+        if let Some(v) = own.and_then(|s| s.exact.as_ref()) {
             if !f(v, Specificity::Exact) {
                 return;
             }
@@ -204,21 +222,20 @@ impl<T> HostIndex<T> {
                 }
             }
         }
-        if let Some(v) = self.suffix_incl.get(host) {
+        if let Some(v) = own.and_then(|s| s.incl.as_ref()) {
             if !f(v, Specificity::Suffix(host.len())) {
                 return;
             }
         }
         let mut rest = host;
-        while let Some(dot) = rest.find('.') {
+        // A byte scan: host labels are short and `str::find` costs more to set up than this.
+        while let Some(dot) = rest.bytes().position(|c| c == b'.') {
             rest = &rest[dot + 1..];
+            let Some(s) = self.names.get(rest) else {
+                continue;
+            };
             let spec = Specificity::Suffix(rest.len());
-            if let Some(v) = self.suffix_subs.get(rest) {
-                if !f(v, spec) {
-                    return;
-                }
-            }
-            if let Some(v) = self.suffix_incl.get(rest) {
+            for v in [&s.subs, &s.incl].into_iter().flatten() {
                 if !f(v, spec) {
                     return;
                 }
@@ -238,8 +255,8 @@ impl<T> HostIndex<T> {
 }
 
 fn last_two_labels(host: &str) -> Option<&str> {
-    let last = host.rfind('.')?;
-    Some(match host[..last].rfind('.') {
+    let last = host.bytes().rposition(|c| c == b'.')?;
+    Some(match host[..last].bytes().rposition(|c| c == b'.') {
         Some(i) => &host[i + 1..],
         None => host,
     })

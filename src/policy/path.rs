@@ -12,11 +12,30 @@ use super::hostmatch::glob_match;
 /// The path without its query, normalised for matching. Borrows when already normal, which is
 /// the common case, so the hot path does not allocate.
 pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
-    let path = match path_and_query.find(['?', '#']) {
-        Some(i) => &path_and_query[..i],
-        None => path_and_query,
-    };
-    if !needs_work(path) {
+    // One pass finds both the end of the path and whether it is already normal.
+    let b = path_and_query.as_bytes();
+    let mut end = b.len();
+    let mut work = b.first() != Some(&b'/');
+    let mut after_slash = false;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'?' | b'#' => {
+                end = i;
+                break;
+            }
+            b'/' => {
+                work |= after_slash;
+                after_slash = true;
+                continue;
+            }
+            b'%' => work = true,
+            b'.' => work |= after_slash,
+            _ => {}
+        }
+        after_slash = false;
+    }
+    let path = &path_and_query[..end];
+    if !work || path.is_empty() {
         return Cow::Borrowed(if path.is_empty() { "/" } else { path });
     }
     let decoded = decode_unreserved(path);
@@ -39,14 +58,6 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
         s.push('/');
     }
     Cow::Owned(s)
-}
-
-fn needs_work(path: &str) -> bool {
-    let b = path.as_bytes();
-    if b.first() != Some(&b'/') {
-        return true;
-    }
-    b.windows(2).any(|w| w == b"//" || w == b"/.") || b.contains(&b'%')
 }
 
 fn decode_unreserved(path: &str) -> String {
@@ -89,12 +100,14 @@ fn hex(c: u8) -> Option<u8> {
 
 /// Segments a request path is split into once, on the stack, so that many patterns can be
 /// matched without splitting again. Longer paths keep their first `MAX_SEGMENTS`; a pattern
-/// longer than that (none is) falls back to splitting.
-const MAX_SEGMENTS: usize = 24;
+/// longer than that (none is) falls back to splitting. Offsets, not slices: the struct is
+/// built per request and small is fast.
+const MAX_SEGMENTS: usize = 16;
 
 #[derive(Debug)]
 pub struct Segments<'a> {
-    segs: [&'a str; MAX_SEGMENTS],
+    /// (start, end) byte offsets into `path`.
+    spans: [(u16, u16); MAX_SEGMENTS],
     n: usize,
     path: &'a str,
 }
@@ -102,20 +115,159 @@ pub struct Segments<'a> {
 impl<'a> Segments<'a> {
     /// `path` must already be [`normalize`]d.
     pub fn new(path: &'a str) -> Segments<'a> {
-        let mut segs = [""; MAX_SEGMENTS];
+        let mut spans = [(0u16, 0u16); MAX_SEGMENTS];
         let mut n = 0;
-        for s in path.split('/').filter(|s| !s.is_empty()) {
-            if n == MAX_SEGMENTS {
-                break;
+        // A path too long for u16 offsets is matched by splitting (see `matches_segments`).
+        if path.len() <= u16::MAX as usize {
+            let bytes = path.as_bytes();
+            let mut start = 0;
+            for i in 0..=bytes.len() {
+                if i == bytes.len() || bytes[i] == b'/' {
+                    if i > start {
+                        if n == MAX_SEGMENTS {
+                            break;
+                        }
+                        spans[n] = (start as u16, i as u16);
+                        n += 1;
+                    }
+                    start = i + 1;
+                }
             }
-            segs[n] = s;
-            n += 1;
         }
-        Segments { segs, n, path }
+        Segments { spans, n, path }
     }
 
     pub fn as_str(&self) -> &'a str {
         self.path
+    }
+
+    fn get(&self, i: usize) -> &'a str {
+        let (a, b) = self.spans[i];
+        &self.path[a as usize..b as usize]
+    }
+
+    /// The offsets hold this path (it is under 64 KiB); otherwise matching splits it again.
+    fn complete(&self) -> bool {
+        self.path.len() <= u16::MAX as usize
+    }
+
+    pub fn is_splittable(&self) -> bool {
+        self.complete()
+    }
+}
+
+/// Maps path patterns to values; finds the longest pattern a path matches by walking its
+/// segments once, instead of trying every pattern.
+#[derive(Debug, Clone)]
+pub struct PathTrie<T> {
+    root: TrieNode<T>,
+    /// Patterns longer than the stack split holds: tried one by one.
+    long: Vec<(PathPattern, T, usize)>,
+    inserted: usize,
+}
+
+#[derive(Debug, Clone)]
+struct TrieNode<T> {
+    /// The value and its insertion order (later wins a tie, like `max_by_key`).
+    value: Option<(T, usize)>,
+    /// Few children per node (a vendor's API paths): a scan beats hashing.
+    lits: Vec<(Box<str>, TrieNode<T>)>,
+    globs: Vec<(Box<str>, TrieNode<T>)>,
+}
+
+impl<T> Default for TrieNode<T> {
+    fn default() -> Self {
+        TrieNode {
+            value: None,
+            lits: Vec::new(),
+            globs: Vec::new(),
+        }
+    }
+}
+
+impl<T> Default for PathTrie<T> {
+    fn default() -> Self {
+        PathTrie {
+            root: TrieNode::default(),
+            long: Vec::new(),
+            inserted: 0,
+        }
+    }
+}
+
+impl<T: Copy> PathTrie<T> {
+    pub fn insert(&mut self, p: &PathPattern, v: T) {
+        let order = self.inserted;
+        self.inserted += 1;
+        if p.segs.len() > MAX_SEGMENTS {
+            self.long.push((p.clone(), v, order));
+            return;
+        }
+        let mut node = &mut self.root;
+        for seg in p.segs.iter() {
+            let (list, text) = match seg {
+                Seg::Literal(l) => (&mut node.lits, l),
+                Seg::Glob(g) => (&mut node.globs, g),
+            };
+            let i = match list.iter().position(|(k, _)| k == text) {
+                Some(i) => i,
+                None => {
+                    list.push((text.clone(), TrieNode::default()));
+                    list.len() - 1
+                }
+            };
+            node = &mut list[i].1;
+        }
+        node.value = Some((v, order));
+    }
+
+    /// The value of the longest pattern `path` matches (segment count; a tie goes to the one
+    /// inserted last).
+    pub fn longest(&self, path: &Segments<'_>) -> Option<T> {
+        let mut best: Option<(usize, usize, T)> = None;
+        if path.complete() {
+            Self::walk(&self.root, path, 0, &mut best);
+        } else {
+            // Offsets could not hold this path: fall back to per-pattern matching.
+            return None;
+        }
+        for (p, v, order) in &self.long {
+            if p.matches_segments(path) {
+                let cand = (p.segs.len(), *order, *v);
+                if best.is_none_or(|b| (cand.0, cand.1) > (b.0, b.1)) {
+                    best = Some(cand);
+                }
+            }
+        }
+        best.map(|(_, _, v)| v)
+    }
+
+    fn walk(
+        node: &TrieNode<T>,
+        path: &Segments<'_>,
+        depth: usize,
+        best: &mut Option<(usize, usize, T)>,
+    ) {
+        if let Some((v, order)) = node.value {
+            if best.is_none_or(|b| (depth, order) > (b.0, b.1)) {
+                *best = Some((depth, order, v));
+            }
+        }
+        if depth >= path.n {
+            return;
+        }
+        let seg = path.get(depth);
+        for (k, child) in &node.lits {
+            if k.len() == seg.len() && **k == *seg {
+                Self::walk(child, path, depth + 1, best);
+                break;
+            }
+        }
+        for (g, child) in &node.globs {
+            if glob_match(g, seg) {
+                Self::walk(child, path, depth + 1, best);
+            }
+        }
     }
 }
 
@@ -185,7 +337,7 @@ impl PathPattern {
     }
 
     pub fn matches_segments(&self, path: &Segments<'_>) -> bool {
-        if self.segs.len() > MAX_SEGMENTS {
+        if self.segs.len() > MAX_SEGMENTS || !path.complete() {
             let mut segs = path.path.split('/').filter(|s| !s.is_empty());
             return self
                 .segs
@@ -196,8 +348,8 @@ impl PathPattern {
             && self
                 .segs
                 .iter()
-                .zip(&path.segs[..path.n])
-                .all(|(p, s)| p.matches(s))
+                .enumerate()
+                .all(|(i, p)| p.matches(path.get(i)))
     }
 }
 
@@ -237,5 +389,51 @@ mod tests {
         assert!(!g.matches("/v1beta/models/gemini:streamGenerateContent"));
         assert!(PathPattern::parse("/").unwrap().matches("/anything"));
         assert!(PathPattern::parse("v1").is_err());
+    }
+
+    #[test]
+    fn trie_agrees_with_trying_every_pattern() {
+        let pats = [
+            "/",
+            "/v1",
+            "/v1/chat/completions",
+            "/v1/files",
+            "/v1/files/*/content",
+            "/v1beta/models/*:generateContent",
+            "/v1beta/models/*:streamGenerateContent",
+            "/v1beta/models",
+            "/v1/*/completions",
+        ];
+        let mut trie = PathTrie::default();
+        let parsed: Vec<PathPattern> = pats
+            .iter()
+            .map(|p| PathPattern::parse(p).unwrap())
+            .collect();
+        for (i, p) in parsed.iter().enumerate() {
+            trie.insert(p, i);
+        }
+        for path in [
+            "/",
+            "/v1",
+            "/v1/chat/completions",
+            "/v1/chat/completions/x",
+            "/v1/x/completions",
+            "/v1/files/abc/content",
+            "/v1/files/abc",
+            "/v1beta/models/gemini:generateContent",
+            "/v1beta/models/gemini:streamGenerateContent",
+            "/v1beta/models",
+            "/v2/other",
+            "/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s",
+        ] {
+            let segs = Segments::new(path);
+            let linear = parsed
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.matches_segments(&segs))
+                .max_by_key(|(_, p)| p.len())
+                .map(|(i, _)| i);
+            assert_eq!(trie.longest(&segs), linear, "{path}");
+        }
     }
 }
