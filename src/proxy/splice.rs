@@ -8,6 +8,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -16,7 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// One direction's state.
 struct Half {
     size: usize,
-    buf: Option<Box<[u8]>>,
+    /// Uninitialised: a buffer is taken per burst of bytes, so zero-filling it each time would
+    /// cost more than the copy. `buf[..cap]` is initialised.
+    buf: Option<Box<[MaybeUninit<u8>]>>,
     pos: usize,
     cap: usize,
     read_done: bool,
@@ -52,10 +55,8 @@ impl Half {
         loop {
             if self.pos == self.cap && !self.read_done {
                 let size = self.size;
-                let buf = self
-                    .buf
-                    .get_or_insert_with(|| vec![0u8; size].into_boxed_slice());
-                let mut rb = ReadBuf::new(buf);
+                let buf = self.buf.get_or_insert_with(|| Box::new_uninit_slice(size));
+                let mut rb = ReadBuf::uninit(buf);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
@@ -82,7 +83,11 @@ impl Half {
 
             while self.pos < self.cap {
                 let buf = self.buf.as_ref().expect("bytes pending imply a buffer");
-                let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.cap]))?;
+                // SAFETY: the reader initialised `buf[..cap]` (ReadBuf::filled) and nothing
+                // has written to the buffer since.
+                let filled: &[u8] =
+                    unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), self.cap) };
+                let n = ready!(writer.as_mut().poll_write(cx, &filled[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
