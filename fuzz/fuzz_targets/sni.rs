@@ -3,13 +3,25 @@
 //! Beyond "never panics": a name it returns is lowercase printable ASCII (what the policy
 //! matcher assumes), an accepted hello is accepted identically when its handshake is re-framed
 //! into one-byte records, and `Incomplete` really means a longer input could still parse.
+//! The async peek the proxy uses, fed the same bytes in small reads, agrees with the parser,
+//! never buffers past its limit and keeps every byte it read for forwarding.
 #![no_main]
 
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use portcullis::tls::sni::{parse_client_hello, SniError};
+use portcullis::tls::sni::{parse_client_hello, peek_client_hello, SniError};
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// A limit small enough that fuzzed inputs reach it (the proxy's is larger).
+const PEEK_MAX: usize = 2048;
 
 fuzz_target!(|data: &[u8]| {
     let res = parse_client_hello(data);
+    peek(data, &res);
     if let Ok(info) = &res {
         if let Some(sni) = &info.sni {
             assert!(!sni.is_empty());
@@ -79,5 +91,63 @@ fn hello_end(data: &[u8]) -> Option<usize> {
             }
         }
         pos = body + len;
+    }
+}
+
+/// Delivers `data` in reads of `chunk` bytes, then end of stream.
+struct Chunked<'a> {
+    data: &'a [u8],
+    chunk: usize,
+}
+
+impl AsyncRead for Chunked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let n = self.chunk.min(self.data.len()).min(out.remaining());
+        let (head, tail) = self.data.split_at(n);
+        out.put_slice(head);
+        self.data = tail;
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    })
+}
+
+fn peek(data: &[u8], parsed: &Result<portcullis::tls::sni::ClientHelloInfo, SniError>) {
+    let chunk = 1 + usize::from(data.last().copied().unwrap_or(0) % 64);
+    let mut io = Chunked { data, chunk };
+    let mut buf = BytesMut::new();
+    let peeked = runtime().block_on(peek_client_hello(&mut io, &mut buf, PEEK_MAX));
+    assert!(buf.len() <= PEEK_MAX, "buffered {} > {PEEK_MAX}", buf.len());
+    assert_eq!(
+        &buf[..],
+        &data[..buf.len()],
+        "peek must keep the bytes it read, in order"
+    );
+    match (&peeked, parsed) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Ok(_), Err(e)) => panic!("peek accepted what the parser refused: {e:?}"),
+        // A hello that fits the limit is never refused by the peek.
+        (Err(e), Ok(_)) => {
+            let end = hello_end(data).expect("an accepted hello has an end");
+            assert!(
+                end > PEEK_MAX && *e == SniError::TooLarge,
+                "peek refused ({e:?}) a {end}-byte hello the parser accepts"
+            );
+        }
+        // Both refuse; the peek may say so sooner (TooLarge as soon as the declared length
+        // cannot fit), but it reports end of stream only when it has read everything.
+        (Err(SniError::Eof), Err(_)) => assert_eq!(buf.len(), data.len()),
+        (Err(_), Err(_)) => {}
     }
 }
