@@ -226,9 +226,11 @@ fn check_hash(hash: &str) -> Result<(), String> {
             && cost[..2]
                 .parse::<u32>()
                 .is_ok_and(|c| (4..=31).contains(&c));
-        let alphabet_ok = hash[prefix.len() + 3..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
+        // `get`: a truncated hash ("$2y$0") is shorter than the prefix and cost.
+        let alphabet_ok = hash.get(prefix.len() + 3..).is_some_and(|rest| {
+            rest.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+        });
         if hash.len() != BCRYPT_HASH_LEN || !cost_ok || !alphabet_ok {
             return Err(
                 "malformed bcrypt hash (expected $2y$NN$ followed by 53 characters)".to_owned(),
