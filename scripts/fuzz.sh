@@ -25,7 +25,7 @@ case $secs in '' | *[!0-9]*) echo "usage: $0 [SECONDS] [TARGET...]" >&2; exit 2 
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "installing cargo-fuzz" >&2
-  cargo install cargo-fuzz --locked
+  cargo install cargo-fuzz --locked --version "^0.13.2"
 fi
 
 flags=(--sanitizer none --debug-assertions)
