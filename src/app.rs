@@ -171,6 +171,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     });
     let watcher = crate::reload::watch(state.clone(), loaded.files);
 
+    // Ready before the admin listener answers: both listeners are bound, so a probe that
+    // connects from here on reaches a proxy that will serve it (the accept loop starts next).
+    state.ready.store(true, Ordering::Release);
     let admin_task = admin.map(|l| tokio::spawn(crate::admin::serve(l, state.clone())));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let st = state.clone();
@@ -185,7 +188,6 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         let sink = st.audit.clone();
         let _ = tokio::task::spawn_blocking(move || writer.close(&sink)).await;
     });
-    state.ready.store(true, Ordering::Release);
     tracing::info!(proxy = %proxy_addr, admin = ?admin_addr, "portcullis serving");
     Ok(Running {
         proxy_addr,
