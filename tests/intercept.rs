@@ -33,6 +33,21 @@ impl OrgCa {
     fn pem(&self) -> String {
         std::fs::read_to_string(self.cert()).expect("ca.pem")
     }
+    /// A rustls client trusting only this CA.
+    fn client_config(&self) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut self.pem().as_bytes()) {
+            roots.add(c.expect("pem")).expect("root");
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    }
+
     /// `[intercept]` with these extra lines.
     fn section(&self, lines: &str) -> String {
         format!(
@@ -211,19 +226,7 @@ async fn limits_count_each_request_in_one_tunnel() {
 #[tokio::test]
 async fn the_leaf_is_for_the_name_and_chains_to_the_org_ca() {
     let s = setup("", "vendors = [\"openai\"]").await;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut s.ca.pem().as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let cfg = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let cfg = Arc::new(s.ca.client_config());
     let mut leaves = Vec::new();
     for _ in 0..2 {
         let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
@@ -551,17 +554,7 @@ async fn hosts_not_listed_stay_opaque_and_exclusions_are_honoured() {
 async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
     let s = setup("", "vendors = [\"openai\"]").await;
     let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut s.ca.pem().as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut cfg = s.ca.client_config();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
