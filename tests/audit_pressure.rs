@@ -104,18 +104,30 @@ async fn counter(proxy: &Proxy, name: &str) -> f64 {
     metric(&proxy.metrics().await, name, &[])
 }
 
-/// GETs `/v1/models?{tag}-{i}` until one is answered 503 (the answer's status) or `max` have
-/// been served. Returns the paths served 200.
+/// GETs `/v1/models?{tag}-{i}` until refusal is steady (several 503s in a row, a little apart)
+/// or `max` have been served. Returns the paths served 200.
+///
+/// The first 503 can come while the writer still has room in its own buffer (it polls the
+/// queue every few milliseconds, and a 16-record queue fills between polls); it then admits
+/// again. Once the pipe and that buffer are full the writer blocks and refusal holds.
 async fn until_refused(client: &reqwest::Client, tag: &str, max: usize) -> (Vec<String>, bool) {
     let mut served = Vec::new();
+    let mut in_a_row = 0;
     for i in 0..max {
         let path = format!("/v1/models?{tag}-{i}");
         let r = fetch(client.get(format!("http://api.openai.com{path}"))).await;
         match r.status {
-            200 => served.push(path),
+            200 => {
+                served.push(path);
+                in_a_row = 0;
+            }
             503 => {
                 assert_error(&r, 503, "audit_unavailable");
-                return (served, true);
+                in_a_row += 1;
+                if in_a_row == 5 {
+                    return (served, true);
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
             }
             s => panic!("{path}: unexpected {s}: {r:?}"),
         }
