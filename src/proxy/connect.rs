@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::activity::Activity;
 use super::body::ProxyBody;
 use super::handler::{admit, authenticate, record, rejected, Admitted, Seen};
 use super::intercept::{self, Inside};
@@ -251,11 +252,14 @@ impl Tunnel {
         let Some(upstream) = upstream else {
             return self.intercept(client, hello.freeze()).await;
         };
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats {
+            out: AtomicU64::new(0),
+            inn: AtomicU64::new(0),
+            activity: Activity::new(self.start),
+        });
         let mut upstream = Metered {
             inner: upstream,
             stats: stats.clone(),
-            start: self.start,
             meter: self.meter.take(),
         };
         let idle = self.state.settings.proxy.idle_timeout;
@@ -267,23 +271,13 @@ impl Tunnel {
                 drop(hello);
                 super::splice::splice(&mut client, &mut upstream, 16 * 1024).await
             };
-            tokio::pin!(outcome);
-            loop {
-                let last = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
-                let deadline = tokio::time::Instant::from_std(self.start + last + idle);
-                tokio::select! {
-                    r = &mut outcome => break match r {
-                        Ok(_) => None,
-                        Err(e) => Some(format!("tunnel_error: {e}")),
-                    },
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let now = Duration::from_millis(stats.last_ms.load(Ordering::Relaxed));
-                        if now == last {
-                            break Some("idle_timeout".to_string());
-                        }
-                    }
-                    _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
-                }
+            tokio::select! {
+                r = outcome => match r {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("tunnel_error: {e}")),
+                },
+                _ = stats.activity.idle(idle) => Some("idle_timeout".to_string()),
+                _ = shutdown.wait_for(|stop| *stop) => Some("shutdown".to_string()),
             }
         };
         self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
@@ -379,12 +373,10 @@ impl Tunnel {
 }
 
 /// Byte counts and last activity of a tunnel, shared with the idle watchdog.
-#[derive(Default)]
 struct Stats {
     out: AtomicU64,
     inn: AtomicU64,
-    /// Milliseconds since the tunnel started when bytes last moved.
-    last_ms: AtomicU64,
+    activity: Activity,
 }
 
 /// The upstream side of a tunnel, counting bytes each way and charging them against the
@@ -392,7 +384,6 @@ struct Stats {
 struct Metered {
     inner: TcpStream,
     stats: Arc<Stats>,
-    start: Instant,
     meter: Option<ByteMeter>,
 }
 
@@ -406,12 +397,6 @@ impl Metered {
             }
         }
         Ok(())
-    }
-
-    fn touch(&self) {
-        self.stats
-            .last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -427,7 +412,7 @@ impl AsyncRead for Metered {
         let n = buf.filled().len() - before;
         if n > 0 {
             this.stats.inn.fetch_add(n as u64, Ordering::Relaxed);
-            this.touch();
+            this.stats.activity.touch();
             this.charge(n)?;
         }
         r
@@ -444,7 +429,7 @@ impl AsyncWrite for Metered {
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             this.stats.out.fetch_add(*n as u64, Ordering::Relaxed);
-            this.touch();
+            this.stats.activity.touch();
             this.charge(*n)?;
         }
         r

@@ -5,16 +5,17 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
+use super::activity::Activity;
 use super::{handler, Peer, State};
 use crate::policy::Host;
 use crate::tls::ca::Authority;
@@ -79,12 +80,10 @@ where
         Err(_) => return Err("client_tls: handshake timed out".into()),
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
+    let activity = Arc::new(Activity::new(Instant::now()));
     let io = TokioIo::new(Active {
         inner: tls,
-        last: last.clone(),
-        start,
+        activity: activity.clone(),
     });
 
     let st = state.clone();
@@ -100,20 +99,13 @@ where
             tokio::pin!(conn);
             let mut draining = false;
             loop {
-                let quiet = Duration::from_millis(last.load(Ordering::Relaxed));
-                let deadline = tokio::time::Instant::from_std(start + quiet + idle);
                 tokio::select! {
                     r = conn.as_mut() => break r.map_err(|e| format!("inner_http: {e}")),
                     _ = drain.wait_for(|s| *s), if !draining => {
                         draining = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let now = Duration::from_millis(last.load(Ordering::Relaxed));
-                        if now == quiet {
-                            break Err("idle_timeout".to_string());
-                        }
-                    }
+                    _ = activity.idle(idle) => break Err("idle_timeout".to_string()),
                     _ = force.wait_for(|s| *s) => break Err("shutdown".to_string()),
                 }
             }
@@ -139,15 +131,7 @@ where
 /// The client stream of an intercepted tunnel, noting when bytes last moved (idle timeout).
 struct Active<S> {
     inner: S,
-    last: Arc<AtomicU64>,
-    start: Instant,
-}
-
-impl<S> Active<S> {
-    fn touch(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
+    activity: Arc<Activity>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
@@ -160,7 +144,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.touch();
+            this.activity.touch();
         }
         r
     }
@@ -175,7 +159,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
+            this.activity.touch();
         }
         r
     }
@@ -193,7 +177,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
+            this.activity.touch();
         }
         r
     }

@@ -1,6 +1,7 @@
 //! The proxy: accept connections, serve one request at a time through one handler, open and
 //! splice CONNECT tunnels.
 
+pub mod activity;
 pub mod body;
 pub mod connect;
 pub mod handler;
