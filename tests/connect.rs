@@ -180,3 +180,28 @@ async fn non_tls_bytes_in_a_tunnel_close_it() {
     assert_reason(&rec, "not_tls");
     assert_eq!(origin.received(), 0, "plain bytes were spliced");
 }
+
+/// A tunnel past its first bytes that then goes quiet both ways is closed by `idle_timeout`,
+/// and its record says so.
+#[tokio::test]
+async fn a_quiet_tunnel_is_closed_by_the_idle_timeout() {
+    let sink = Sink::start().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .resolve("quiet.test:443", sink.addr)
+            .loopback()
+            .proxy("idle_timeout = \"1s\"")
+            .proxy("tunnel_require_tls = false"),
+    )
+    .await;
+    let (status, _, mut s) = raw_connect(proxy.addr, "quiet.test:443", &[]).await;
+    assert_eq!(status, 200);
+    s.write_all(b"not TLS, then nothing").await.expect("write");
+    let started = std::time::Instant::now();
+    within("the idle tunnel to close", read_until_closed(&mut s)).await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    let rec = proxy.audit_connect("quiet.test").await;
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("closed: idle_timeout"), "{rec}");
+    assert_eq!(rec["bytes_out"], 21);
+}
