@@ -55,9 +55,9 @@ pub struct Record {
 impl Serialize for Record {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(23))?;
-        m.serialize_entry("ts", &humantime::format_rfc3339_millis(self.ts).to_string())?;
-        m.serialize_entry("id", &format_args!("{:016x}", self.id).to_string())?;
-        m.serialize_entry("client", &self.client.to_string())?;
+        m.serialize_entry("ts", &Shown(humantime::format_rfc3339_millis(self.ts)))?;
+        m.serialize_entry("id", &Shown(format_args!("{:016x}", self.id)))?;
+        m.serialize_entry("client", &Shown(self.client))?;
         m.serialize_entry("user", &self.user)?;
         m.serialize_entry("method", self.method.as_str())?;
         m.serialize_entry("scheme", self.scheme)?;
@@ -82,6 +82,16 @@ impl Serialize for Record {
         m.serialize_entry("key_id", &self.key_id)?;
         m.serialize_entry("model", &self.model)?;
         m.end()
+    }
+}
+
+/// A `Display` value serialised as a JSON string straight into the line, with no `String` in
+/// between: the writer thread formats every record.
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
     }
 }
 

@@ -3,13 +3,61 @@
 //! Labels are bounded by the policy (vendor ids, endpoint classes, actions, rule ids, error
 //! kinds): never a client address, a user, a key or a path. Those live in the audit log.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use rustc_hash::FxHashMap;
+
+/// The labels of one finished exchange, as the audit record holds them.
+pub struct Exchange<'a> {
+    pub vendor: Option<&'a Arc<str>>,
+    pub endpoint: &'static str,
+    pub action: &'static str,
+    pub rule: Option<&'a Arc<str>>,
+}
+
+/// The series one label combination updates, resolved once per thread. `with_label_values`
+/// hashes every label string and takes the vector's read lock; an exchange would pay that up
+/// to four times.
+struct Handles {
+    requests: IntCounter,
+    duration: Histogram,
+    bytes_out: Option<IntCounter>,
+    bytes_in: Option<IntCounter>,
+    // Held so the addresses in the key cannot be reused by other strings while cached.
+    _vendor: Option<Arc<str>>,
+    _rule: Option<Arc<str>>,
+}
+
+/// Keyed by identity, not content: the registry instance, then the vendor and rule strings
+/// (shared `Arc`s from the policy) and the static endpoint and action names.
+type HandleKey = (
+    u64,
+    Option<*const str>,
+    *const str,
+    *const str,
+    Option<*const str>,
+);
+
+/// Bounded by the policy's vendors × endpoints × actions × rules; cleared whole when reloads
+/// have left too many stale entries behind.
+const HANDLE_CACHE_MAX: usize = 4096;
+
+thread_local! {
+    static HANDLES: RefCell<FxHashMap<HandleKey, Handles>> = RefCell::default();
+}
+
+static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(0);
 
 pub struct Metrics {
     registry: Registry,
+    /// Distinguishes registries in the per-thread handle cache (tests run several).
+    instance: u64,
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub tunnels_active: IntGauge,
@@ -143,7 +191,52 @@ impl Metrics {
             ),
             build_info,
             registry,
+            instance: NEXT_REGISTRY.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Counts one finished exchange: requests, duration and the bytes each way.
+    pub fn exchange(&self, x: &Exchange<'_>, seconds: f64, bytes_out: u64, bytes_in: u64) {
+        let key: HandleKey = (
+            self.instance,
+            x.vendor.map(Arc::as_ptr),
+            x.endpoint,
+            x.action,
+            x.rule.map(Arc::as_ptr),
+        );
+        let vendor = x.vendor.map_or("none", |v| &**v);
+        HANDLES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if !cache.contains_key(&key) && cache.len() >= HANDLE_CACHE_MAX {
+                cache.clear();
+            }
+            let h = cache.entry(key).or_insert_with(|| Handles {
+                requests: self.requests.with_label_values(&[
+                    vendor,
+                    x.endpoint,
+                    x.action,
+                    x.rule.map_or("default", |r| &**r),
+                ]),
+                duration: self.duration.with_label_values(&[vendor, x.action]),
+                bytes_out: None,
+                bytes_in: None,
+                _vendor: x.vendor.cloned(),
+                _rule: x.rule.cloned(),
+            });
+            h.requests.inc();
+            h.duration.observe(seconds);
+            // Byte series appear on first use, as they did when looked up per exchange.
+            if bytes_out > 0 {
+                h.bytes_out
+                    .get_or_insert_with(|| self.bytes.with_label_values(&[vendor, "out"]))
+                    .inc_by(bytes_out);
+            }
+            if bytes_in > 0 {
+                h.bytes_in
+                    .get_or_insert_with(|| self.bytes.with_label_values(&[vendor, "in"]))
+                    .inc_by(bytes_in);
+            }
+        });
     }
 
     pub fn registry(&self) -> &Registry {
@@ -157,5 +250,70 @@ impl Metrics {
         // Encoding into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&families, &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn cached_handles_count_under_the_right_labels_per_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let vendor: Arc<str> = "openai".into();
+        let rule: Arc<str> = "cap-openai".into();
+        let x = Exchange {
+            vendor: Some(&vendor),
+            endpoint: "chat",
+            action: "allow",
+            rule: Some(&rule),
+        };
+        a.exchange(&x, 0.001, 0, 10);
+        a.exchange(&x, 0.001, 5, 10);
+        let none = Exchange {
+            vendor: None,
+            endpoint: "none",
+            action: "allow",
+            rule: None,
+        };
+        b.exchange(&none, 0.001, 0, 0);
+
+        let ta = text(&a);
+        assert!(ta.contains(
+            r#"portcullis_requests_total{action="allow",endpoint="chat",rule="cap-openai",vendor="openai"} 2"#
+        ));
+        assert!(ta.contains(r#"portcullis_bytes_total{direction="in",vendor="openai"} 20"#));
+        assert!(ta.contains(r#"portcullis_bytes_total{direction="out",vendor="openai"} 5"#));
+        assert!(!ta.contains(r#"vendor="none""#));
+        // The second registry shares the thread's cache but none of the first one's series.
+        let tb = text(&b);
+        assert!(tb.contains(
+            r#"portcullis_requests_total{action="allow",endpoint="none",rule="default",vendor="none"} 1"#
+        ));
+        assert!(!tb.contains("openai"));
+        assert!(!tb.contains("portcullis_bytes_total{"));
+    }
+
+    #[test]
+    fn equal_strings_from_different_policies_share_a_series() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            // A reload builds new `Arc`s with the same text: new cache keys, same series.
+            let vendor: Arc<str> = "deepseek".into();
+            let x = Exchange {
+                vendor: Some(&vendor),
+                endpoint: "other",
+                action: "block",
+                rule: None,
+            };
+            m.exchange(&x, 0.0, 0, 0);
+        }
+        assert!(text(&m).contains(
+            r#"portcullis_requests_total{action="block",endpoint="other",rule="default",vendor="deepseek"} 3"#
+        ));
     }
 }

@@ -7,7 +7,11 @@ use http::HeaderMap;
 use sha2::Sha256;
 
 /// Headers vendors read API keys from, in the order they are tried.
-const KEY_HEADERS: &[&str] = &["x-api-key", "x-goog-api-key", "api-key"];
+const KEY_HEADERS: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-api-key"),
+    http::HeaderName::from_static("x-goog-api-key"),
+    http::HeaderName::from_static("api-key"),
+];
 
 pub struct KeyFingerprinter {
     mac: Hmac<Sha256>,
@@ -71,8 +75,8 @@ impl KeyFingerprinter {
                 }
             }
         }
-        for h in KEY_HEADERS {
-            if let Some(v) = headers.get(*h) {
+        for h in &KEY_HEADERS {
+            if let Some(v) = headers.get(h) {
                 let key = v.as_bytes().trim_ascii();
                 if !key.is_empty() {
                     return Some(self.fingerprint(key));

@@ -282,7 +282,10 @@ fn parse_domain_or_ipv4(input: &str) -> Result<Host, TargetError> {
     // UTS-46 mapping lowercases, folds full-width forms and maps the
     // ideographic full stop to '.', so it must run before the dot handling
     // and IPv4 detection below ("１２７。０。０。１" is loopback).
-    let ascii = idna::domain_to_ascii(&decoded).map_err(|_| TargetError::Idna)?;
+    // The borrowing form: a name that is already lowercase ASCII (nearly every request) is
+    // checked in place, not copied.
+    let ascii = idna::domain_to_ascii_cow(decoded.as_bytes(), idna::AsciiDenyList::EMPTY)
+        .map_err(|_| TargetError::Idna)?;
     // Exactly one trailing dot is the fully-qualified spelling of the same
     // name; more than one is an empty label and is caught by validation.
     let name = ascii.strip_suffix('.').unwrap_or(&ascii);

@@ -396,7 +396,15 @@ async fn forward(
     };
 
     let authority = target.authority();
-    let uri = match Uri::try_from(format!("{}://{authority}{path_q}", target.scheme.as_str())) {
+    // An absolute URI already in normal form (the usual case) is forwarded as it came.
+    let unchanged = uri_in.scheme_str() == Some(target.scheme.as_str())
+        && uri_in.authority().map(|a| a.as_str()) == Some(authority.as_str());
+    let uri = if unchanged {
+        Ok(uri_in.clone())
+    } else {
+        Uri::try_from(format!("{}://{authority}{path_q}", target.scheme.as_str()))
+    };
+    let uri = match uri {
         Ok(u) => u,
         Err(_) => {
             let e = ProxyError::Target(target::TargetError::InvalidHost("unrepresentable"));
@@ -551,30 +559,51 @@ fn framing(headers: &HeaderMap) -> Result<(), ProxyError> {
 
 /// RFC 9110 §7.6.1: connection-specific fields, and any the Connection header names, are for
 /// one hop only. `Proxy-Authorization` is ours and never goes upstream.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes [`HOP_BY_HOP`] fields and those the Connection header names. Runs twice per
+/// exchange, so it looks before it removes: one pass over the names present, then a removal
+/// (a hash and a probe each) only for what is there.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    let mut present = 0u16;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+            present |= 1 << i;
+        }
     }
-    for n in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        h.remove(n);
+    if present == 0 {
+        return;
     }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
+    if present & 1 != 0 {
+        // Only names actually present are kept, so the usual `keep-alive` / `close` allocate
+        // nothing.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n) && h.contains_key(n))
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
+    }
 }
 
 fn append_via(h: &mut HeaderMap) {
@@ -637,5 +666,25 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn hop_by_hop_strip_leaves_end_to_end_fields_and_handles_every_listed_name() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("x-request-id", "7".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before, "nothing hop-by-hop: untouched");
+
+        h.append("connection", "keep-alive".parse().unwrap());
+        h.append("connection", " X-Request-Id ,upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("trailer", "x-sum".parse().unwrap());
+        h.insert("proxy-authenticate", "Basic".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
     }
 }

@@ -75,7 +75,6 @@ impl State {
     pub fn finish(&self, mut rec: Record, start: Instant) {
         let elapsed = start.elapsed();
         rec.duration_ms = elapsed.as_secs_f64() * 1000.0;
-        let vendor = rec.vendor.as_deref().unwrap_or("none");
         // Shadow decisions get their own action label so dashboards of real blocks stay true.
         let action = match (rec.mode, rec.action) {
             ("shadow", "block") => "shadow_block",
@@ -84,28 +83,17 @@ impl State {
             ("shadow", _) => "shadow_allow",
             (_, a) => a,
         };
-        let m = &self.metrics;
-        m.requests
-            .with_label_values(&[
-                vendor,
-                rec.endpoint,
+        self.metrics.exchange(
+            &crate::metrics::Exchange {
+                vendor: rec.vendor.as_ref(),
+                endpoint: rec.endpoint,
                 action,
-                rec.rule.as_deref().unwrap_or("default"),
-            ])
-            .inc();
-        m.duration
-            .with_label_values(&[vendor, action])
-            .observe(elapsed.as_secs_f64());
-        if rec.bytes_out > 0 {
-            m.bytes
-                .with_label_values(&[vendor, "out"])
-                .inc_by(rec.bytes_out);
-        }
-        if rec.bytes_in > 0 {
-            m.bytes
-                .with_label_values(&[vendor, "in"])
-                .inc_by(rec.bytes_in);
-        }
+                rule: rec.rule.as_ref(),
+            },
+            elapsed.as_secs_f64(),
+            rec.bytes_out,
+            rec.bytes_in,
+        );
         if let (Some(bulk), Some(vendor)) = (&self.bulk, rec.vendor.clone()) {
             self.observe_bulk(bulk, &rec, &vendor);
         }
