@@ -85,6 +85,58 @@ impl Serialize for Record {
     }
 }
 
+impl Record {
+    /// The record as one JSON object, in the order of the `Serialize` impl (the contract's),
+    /// appended to `out`. The writer thread formats every record, so the keys go in as
+    /// constant bytes; strings still go through serde_json's escaping. The timestamp, id and
+    /// client address are digits and punctuation and need none.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        fn text(out: &mut Vec<u8>, key: &[u8], v: Option<&str>) {
+            out.extend_from_slice(key);
+            match v {
+                // Writing to a Vec cannot fail.
+                Some(v) => drop(serde_json::to_writer(&mut *out, v)),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        fn number(out: &mut Vec<u8>, key: &[u8], v: u64) {
+            out.extend_from_slice(key);
+            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        }
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            r#"{{"ts":"{}","id":"{:016x}","client":"{}""#,
+            humantime::format_rfc3339_millis(self.ts),
+            self.id,
+            self.client
+        );
+        text(out, br#","user":"#, self.user.as_deref());
+        text(out, br#","method":"#, Some(self.method.as_str()));
+        text(out, br#","scheme":"#, Some(self.scheme));
+        text(out, br#","host":"#, Some(&self.host));
+        number(out, br#","port":"#, self.port.into());
+        text(out, br#","path":"#, self.path.as_deref());
+        text(out, br#","vendor":"#, self.vendor.as_deref());
+        text(out, br#","endpoint":"#, Some(self.endpoint));
+        text(out, br#","rule":"#, self.rule.as_deref());
+        text(out, br#","action":"#, Some(self.action));
+        text(out, br#","mode":"#, Some(self.mode));
+        text(out, br#","reason":"#, Some(&self.reason));
+        number(out, br#","status":"#, self.status.into());
+        number(out, br#","bytes_in":"#, self.bytes_in);
+        number(out, br#","bytes_out":"#, self.bytes_out);
+        out.extend_from_slice(br#","duration_ms":"#);
+        let _ = serde_json::to_writer(&mut *out, &((self.duration_ms * 1000.0).round() / 1000.0));
+        text(out, br#","tls":"#, Some(self.tls));
+        text(out, br#","sni":"#, self.sni.as_deref());
+        text(out, br#","key_id":"#, self.key_id.as_deref());
+        text(out, br#","model":"#, self.model.as_deref());
+        out.push(b'}');
+    }
+}
+
 /// A `Display` value serialised as a JSON string straight into the line, with no `String` in
 /// between: the writer thread formats every record.
 struct Shown<T>(T);
@@ -414,9 +466,7 @@ impl Writer {
     /// lost only if the process shuts down while the sink still fails.
     fn write(&mut self, r: &Record) {
         self.line.clear();
-        if serde_json::to_writer(&mut self.line, r).is_err() {
-            return;
-        }
+        r.write_json(&mut self.line);
         self.line.push(b'\n');
         let mut backoff = RETRY_MIN;
         loop {
@@ -570,6 +620,68 @@ mod tests {
         }
         // The newest lines survive; the oldest were rotated away.
         assert!(cur.contains("\"n\":9"));
+    }
+
+    fn sample() -> Record {
+        Record {
+            ts: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
+            id: 0xabc,
+            client: "127.0.0.1:40000".parse().unwrap(),
+            user: None,
+            method: http::Method::GET,
+            scheme: "http",
+            host: "api.openai.com".into(),
+            port: 80,
+            path: Some("/v1/models".into()),
+            vendor: Some("openai".into()),
+            endpoint: "models",
+            rule: None,
+            action: "allow",
+            mode: "enforce",
+            reason: "default".into(),
+            status: 200,
+            bytes_in: 128,
+            bytes_out: 0,
+            duration_ms: 0.4567,
+            tls: "none",
+            sni: None,
+            key_id: None,
+            model: None,
+        }
+    }
+
+    #[test]
+    fn hand_written_json_is_byte_for_byte_the_serde_form() {
+        let mut odd = sample();
+        odd.client = "[fe80::1%2]:8443".parse().unwrap();
+        odd.user = Some("ann \"the\" admin\\\u{1}".into());
+        odd.method = http::Method::from_bytes(b"PROPFIND").unwrap();
+        odd.host = "xn--bcher-kva.example".into();
+        odd.port = 65535;
+        odd.path = Some("/a\"b\\c?q=\u{7f}é\n".into());
+        odd.rule = Some("cap-\"x\"".into());
+        odd.reason = "rate_limited: 10/min; <script>\t".into();
+        odd.status = 429;
+        odd.bytes_in = u64::MAX;
+        odd.bytes_out = 1 << 40;
+        odd.duration_ms = 12345.0;
+        odd.tls = "intercept";
+        odd.sni = Some("api.openai.com".into());
+        odd.key_id = Some("k_0123456789ab".into());
+        odd.model = Some("gpt-4o\u{2028}".into());
+        let mut tiny = sample();
+        tiny.duration_ms = 0.0;
+        tiny.path = None;
+        tiny.vendor = None;
+        for r in [sample(), odd, tiny] {
+            let mut ours = Vec::new();
+            r.write_json(&mut ours);
+            let serde = serde_json::to_vec(&r).unwrap();
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                String::from_utf8(serde).unwrap()
+            );
+        }
     }
 
     #[test]

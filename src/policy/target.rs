@@ -274,6 +274,11 @@ fn parse_ipv6(input: &str) -> Result<Host, TargetError> {
 }
 
 fn parse_domain_or_ipv4(input: &str) -> Result<Host, TargetError> {
+    // Canonical dotted decimal (no leading zeros, four octets) means the same to every parser
+    // and skips decoding and UTS-46; every other spelling takes the WHATWG path below.
+    if let Ok(v4) = input.parse::<Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(v4)));
+    }
     // Decoding comes first, as in the WHATWG host parser: "%61pi" is "api"
     // to every browser, so it must be "api" to the rules too.
     let decoded: Cow<'_, str> = percent_decode_str(input)
