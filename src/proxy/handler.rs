@@ -142,7 +142,16 @@ pub async fn admit(
         state.finish(rec, start);
         return Err(respond::blocked(d, html));
     }
-    match apply_limits(state, d, &mut rec, peer, user).await {
+    if d.rule.is_none() || d.action != Action::Limit {
+        return Ok(Admitted {
+            rec,
+            permits: Vec::new(),
+            meter: None,
+        });
+    }
+    // Boxed: the limiter's future (the Redis round trip) is ~2 KiB, and held inline it would
+    // be built and moved on every request, limited or not.
+    match Box::pin(apply_limits(state, d, &mut rec, peer, user)).await {
         Ok((permits, meter)) => Ok(Admitted {
             rec,
             permits,
@@ -307,9 +316,12 @@ async fn forward(
         rejected(&state, peer, req.method(), req.uri(), &e, start);
         return respond::error(&e, realm, html);
     }
+    // The slow paths (a bcrypt check, reading a body prefix) are boxed so that the request
+    // future, built and moved on every request, stays small when they do not run.
     let user = match inside {
         Some(i) => i.user.clone(),
-        None => match authenticate(&state, req.headers()).await {
+        None if state.auth.is_none() => None,
+        None => match Box::pin(authenticate(&state, req.headers())).await {
             Ok(u) => u,
             Err(e) => {
                 rejected(&state, peer, req.method(), req.uri(), &e, start);
@@ -331,7 +343,7 @@ async fn forward(
         .as_ref()
         .filter(|ins| ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor)));
     let (inspected, body) = match wants_body {
-        Some(ins) => match super::inspect::inspect(ins, &parts.headers, body).await {
+        Some(ins) => match Box::pin(super::inspect::inspect(ins, &parts.headers, body)).await {
             Ok((i, b)) => (Some(i), b),
             Err(e) => {
                 rejected(&state, peer, &parts.method, &parts.uri, &e, start);
