@@ -148,6 +148,73 @@ async fn fronting_with_a_blocked_sni_closes_the_tunnel() {
     assert_eq!(origin.received(), 0, "fronted bytes reached the origin");
 }
 
+/// `CONNECT <bare IP>` (or another allowed name) then the SNI of a vendor under a `limit` or
+/// tenant rule: the tunnel was admitted on the other name's decision, so it never charged the
+/// vendor's limits nor met its tenant restriction. It must be refused, not spliced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fronting_a_limited_or_tenant_restricted_vendor_closes_the_tunnel() {
+    let origin = Origin::https().await;
+    let rules = [
+        (
+            "openai-bulk",
+            "action = \"limit\"\nlimit = { requests = 100, per = \"1h\" }\n",
+            "limits",
+        ),
+        (
+            "openai-company",
+            "action = \"allow\"\nrequire_key = [\"k_000000000000\"]\n",
+            "tenant restriction",
+        ),
+    ];
+    for (id, body, needs) in rules {
+        let proxy = Proxy::start(
+            Config::new()
+                .vendor("api.openai.com", origin.addr)
+                .resolve("127.0.0.1:443", origin.addr)
+                .tail(&format!(
+                    "[[rule]]\nid = \"{id}\"\nvendor = \"openai\"\nreason = \"r\"\n{body}"
+                )),
+        )
+        .await;
+        let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
+        assert_eq!(status, 200, "{id}: a bare IP is no vendor");
+        let handshake = within(
+            "TLS with a vendor SNI",
+            tls_handshake(tunnel, "api.openai.com"),
+        )
+        .await;
+        assert!(handshake.is_err(), "{id}: the fronted handshake completed");
+        let rec = proxy.audit_connect("127.0.0.1").await;
+        assert_eq!(rec["action"], "block", "{rec}");
+        assert_eq!(rec["vendor"], "openai", "{rec}");
+        assert_eq!(rec["rule"], id, "{rec}");
+        assert_eq!(rec["sni"], "api.openai.com", "{rec}");
+        assert_reason(&rec, "sni_mismatch");
+        assert!(rec["reason"].as_str().unwrap().contains(needs), "{rec}");
+    }
+
+    // Control: with no rule of its own the vendor's SNI passes, and the tunnel is attributed
+    // to the vendor it reaches.
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .resolve("127.0.0.1:443", origin.addr),
+    )
+    .await;
+    let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
+    assert_eq!(status, 200);
+    let tls = within(
+        "TLS with a vendor SNI",
+        tls_handshake(tunnel, "api.openai.com"),
+    )
+    .await
+    .expect("an allowed SNI completes its handshake");
+    drop(tls);
+    let rec = proxy.audit_connect("127.0.0.1").await;
+    assert_eq!(rec["action"], "allow", "{rec}");
+    assert_eq!(rec["vendor"], "openai", "{rec}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_port_not_in_connect_ports_is_403() {
     let origin = Sink::start().await;

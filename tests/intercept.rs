@@ -396,6 +396,22 @@ async fn dlp_cannot_be_dodged_with_a_compressed_body() {
     assert_eq!(r.status(), 403);
     let rec = intercepted_record(&s.proxy, "/v1/chat/completions").await;
     assert_reason(&rec, "body_not_inspectable");
+
+    // `identity` in the first field and gzip in a second is still a gzip body.
+    let path = "/v1/chat/completions?two-fields";
+    let r = client(&s, false)
+        .post(format!("https://api.openai.com{path}"))
+        .header("content-encoding", "identity")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0])
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 403);
+    assert_reason(
+        &intercepted_record(&s.proxy, path).await,
+        "body_not_inspectable",
+    );
     assert!(s.origin.requests().is_empty());
 }
 
@@ -426,6 +442,26 @@ async fn model_rules_match_the_body_model() {
         let rec = intercepted_record(&s.proxy, &path).await;
         assert_eq!(rec["model"], model.to_ascii_lowercase());
     }
+
+    // A second "model" key: Python and JavaScript parsers read the last one, so an approved
+    // model first and a blocked one after must not pass on the first.
+    let path = "/v1/chat/completions?duplicate";
+    let r = c
+        .post(format!("https://api.openai.com{path}"))
+        .body(r#"{"model":"gpt-3.5-turbo","messages":[],"model":"gpt-4o"}"#)
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(r.status(), 403);
+    assert_reason(
+        &intercepted_record(&s.proxy, path).await,
+        "body_not_inspectable",
+    );
+    assert_eq!(
+        s.origin.requests().len(),
+        1,
+        "only gpt-3.5-turbo reached it"
+    );
 }
 
 #[tokio::test]

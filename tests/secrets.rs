@@ -135,6 +135,14 @@ async fn no_secret_in_logs_output_metrics_or_policy() {
     )
     .await;
     assert_eq!(r.status, 200, "{r:?}");
+    let r = fetch(
+        alice
+            .post("http://api.openai.com/v1/chat/completions?one-key")
+            .header("authorization", format!("Bearer {BEARER}"))
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
     let r = fetch(with_keys(
         alice.get(format!("http://api.deepseek.com/chat/completions{q}")),
     ))
@@ -193,14 +201,21 @@ async fn no_secret_in_logs_output_metrics_or_policy() {
 
     // key_id is the HMAC under the configured secret: stable across restarts and replicas.
     let rec = proxy
-        .audit_where("the allowed request", |r| {
-            r["status"] == 200 && r["method"] == "POST"
+        .audit_where("the allowed one-key request", |r| {
+            r["status"] == 200 && r["path"] == "/v1/chat/completions?one-key"
         })
         .await;
     assert_eq!(rec["key_id"], fingerprint(KEY_ID_SECRET, BEARER), "{rec}");
     assert_eq!(rec["user"], "alice");
+    // Three different keys in one request: which one the vendor uses is not ours to guess.
+    let rec = proxy
+        .audit_where("the allowed every-key request", |r| {
+            r["status"] == 200 && r["path"].as_str().is_some_and(|p| p.contains("alt=sse"))
+        })
+        .await;
+    assert_eq!(rec["key_id"], "k_ambiguous", "{rec}");
     proxy.audit_connect("api.openai.com").await;
-    proxy.audit_at_least(7).await;
+    proxy.audit_at_least(8).await;
 
     let metrics = proxy.metrics().await;
     let (_, policy) = proxy.admin_get("/policy").await;

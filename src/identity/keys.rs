@@ -2,8 +2,11 @@
 //! without ever storing a key. HMAC with a deployment secret, so a leaked log cannot be used
 //! to confirm a guessed key offline.
 
+use std::borrow::Cow;
+
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
+use percent_encoding::percent_decode_str;
 use sha2::Sha256;
 
 /// Headers vendors read API keys from, in the order they are tried.
@@ -64,32 +67,58 @@ impl KeyFingerprinter {
         s
     }
 
-    /// The fingerprint of the API key a request carries, if any.
-    pub fn from_request(&self, headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-        if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+    /// The fingerprint of the API key a request carries, if any. Every place a vendor reads a
+    /// key from is looked at (each `Authorization` bearer, each key header, the percent-decoded
+    /// `?key=`): when they name different keys, the request gets [`AMBIGUOUS_KEY`], which no
+    /// `require_key` list admits, rather than the fingerprint of whichever was looked at first
+    /// while the vendor authenticates with another.
+    pub fn from_request<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+    ) -> Option<String> {
+        let mut found: Option<Cow<'a, [u8]>> = None;
+        let mut ambiguous = false;
+        let mut take = |key: Cow<'a, [u8]>| {
+            if key.is_empty() {
+                return;
+            }
+            match &found {
+                None => found = Some(key),
+                Some(f) if **f != *key => ambiguous = true,
+                Some(_) => {}
+            }
+        };
+        for v in headers.get_all(http::header::AUTHORIZATION) {
             let v = v.as_bytes();
             if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-                let key = v[7..].trim_ascii();
-                if !key.is_empty() {
-                    return Some(self.fingerprint(key));
-                }
+                take(Cow::Borrowed(v[7..].trim_ascii()));
             }
         }
         for h in &KEY_HEADERS {
-            if let Some(v) = headers.get(h) {
-                let key = v.as_bytes().trim_ascii();
-                if !key.is_empty() {
-                    return Some(self.fingerprint(key));
-                }
+            for v in headers.get_all(h) {
+                take(Cow::Borrowed(v.as_bytes().trim_ascii()));
             }
         }
-        let query = query?;
-        query.split('&').find_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            (name == "key" && !value.is_empty()).then(|| self.fingerprint(value.as_bytes()))
-        })
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            let Some((name, value)) = pair.split_once('=') else {
+                continue;
+            };
+            // The vendor decodes both: `%6Bey=` is `key=`, `%41Iza…` is `AIza…`.
+            if name == "key" || percent_decode_str(name).eq(*b"key") {
+                take(percent_decode_str(value).into());
+            }
+        }
+        if ambiguous {
+            return Some(AMBIGUOUS_KEY.to_string());
+        }
+        found.map(|k| self.fingerprint(&k))
     }
 }
+
+/// The key id of a request carrying two different keys: never a fingerprint, so never on a
+/// `require_key` list; one shared bucket for `by = "key"` limits.
+pub const AMBIGUOUS_KEY: &str = "k_ambiguous";
 
 #[cfg(test)]
 mod tests {
@@ -111,6 +140,32 @@ mod tests {
             a
         );
         assert_eq!(f.from_request(&HeaderMap::new(), Some("alt=sse")), None);
+        // Percent-encoded spellings of the same key are the same key.
+        for q in [
+            "key=%73k-live-abc",
+            "%6Bey=sk-live-ab%63",
+            "alt=sse&key=sk-live-abc&key=sk-live-abc",
+        ] {
+            assert_eq!(
+                f.from_request(&HeaderMap::new(), Some(q)).unwrap(),
+                a,
+                "{q}"
+            );
+        }
+        // The same key in two places is that key; two different keys are neither.
+        let mut both = h.clone();
+        both.insert("x-api-key", "sk-live-abc".parse().unwrap());
+        assert_eq!(f.from_request(&both, None).unwrap(), a);
+        both.insert("x-api-key", "sk-personal".parse().unwrap());
+        assert_eq!(f.from_request(&both, None).unwrap(), AMBIGUOUS_KEY);
+        assert_eq!(
+            f.from_request(&h, Some("key=sk-personal")).unwrap(),
+            AMBIGUOUS_KEY
+        );
+        let mut twice = HeaderMap::new();
+        twice.append("authorization", "Bearer sk-live-abc".parse().unwrap());
+        twice.append("authorization", "Bearer sk-other".parse().unwrap());
+        assert_eq!(f.from_request(&twice, None).unwrap(), AMBIGUOUS_KEY);
         assert_ne!(
             KeyFingerprinter::new(b"other").fingerprint(b"sk-live-abc"),
             a

@@ -15,12 +15,11 @@
 //! (`"mod\u0065l"` is `model` to every JSON parser), and anything malformed
 //! before the key yields `None` rather than a guess.
 //!
-//! Duplicate top-level `model` keys: the first wins. The verdict has to come
-//! from the buffered prefix, and a later duplicate may lie beyond it, so only
-//! "first" can be decided consistently for every body. Parsers disagree here
-//! (many keep the last), so a caller that needs certainty should treat a
-//! body with duplicate keys as suspicious by other means; this function does
-//! not look past the first one.
+//! Duplicate top-level `model` keys: [`model`] reports the first. Parsers
+//! disagree here (Python's and JavaScript's keep the last), so the proxy also
+//! asks [`duplicate_model`] and refuses such a body rather than guess which
+//! one the vendor will read. A duplicate beyond the buffered prefix cannot be
+//! seen; the prefix cap is the documented limit of body rules.
 
 use std::borrow::Cow;
 
@@ -62,6 +61,47 @@ pub fn model(body: &[u8]) -> Option<Cow<'_, str>> {
         i = skip_ws(body, skip_value(body, i)?);
         if body.get(i) != Some(&b',') {
             return None;
+        }
+        i = skip_ws(body, i + 1);
+    }
+}
+
+/// Whether the top-level object names `model` more than once within `body`
+/// (keys compared after escape decoding, as in [`model`]). Stops, answering
+/// false, at anything malformed or at the end of a truncated prefix.
+pub fn duplicate_model(body: &[u8]) -> bool {
+    let start = if body.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    };
+    let mut i = skip_ws(body, start);
+    if body.get(i) != Some(&b'{') {
+        return false;
+    }
+    i = skip_ws(body, i + 1);
+    let mut seen = false;
+    loop {
+        if body.get(i) != Some(&b'"') {
+            return false;
+        }
+        let Some((is_model, after_key)) = key(body, i + 1) else {
+            return false;
+        };
+        if is_model && seen {
+            return true;
+        }
+        seen |= is_model;
+        i = skip_ws(body, after_key);
+        if body.get(i) != Some(&b':') {
+            return false;
+        }
+        let Some(end) = skip_value(body, skip_ws(body, i + 1)) else {
+            return false;
+        };
+        i = skip_ws(body, end);
+        if body.get(i) != Some(&b',') {
+            return false;
         }
         i = skip_ws(body, i + 1);
     }
@@ -398,6 +438,26 @@ mod tests {
             m(r#"{"model":"first","model":"second"}"#).as_deref(),
             Some("first")
         );
+    }
+
+    #[test]
+    fn duplicate_top_level_model_keys_are_reported() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}"#,
+            r#"{"model":"a","mod\u0065l":"b"}"#,
+            r#"{ "x": {"model":"n"}, "model": "a", "y": [1, "s"], "model": 1 }"#,
+        ] {
+            assert!(duplicate_model(body.as_bytes()), "{body}");
+        }
+        for body in [
+            r#"{"model":"gpt-4o","messages":[{"model":"x"}]}"#,
+            r#"{"model":"gpt-4o","meta":{"model":"x","model":"y"}}"#,
+            r#"{"models":"a","model":"b"}"#,
+            r#"{"model":"a","messages":[1,2"#,
+            r#"[{"model":"a"},{"model":"b"}]"#,
+        ] {
+            assert!(!duplicate_model(body.as_bytes()), "{body}");
+        }
     }
 
     #[test]

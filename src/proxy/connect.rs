@@ -229,7 +229,7 @@ impl Tunnel {
         match peeked {
             Ok(Ok(info)) => {
                 if let Some(sni) = info.sni {
-                    if let Some(refusal) = self.check_sni(&sni) {
+                    if let Some(refusal) = self.check_sni(&sni, upstream.is_some()) {
                         self.rec.sni = Some(sni.into());
                         self.close(refusal);
                         return;
@@ -309,8 +309,11 @@ impl Tunnel {
         self.state.finish(self.rec, self.start);
     }
 
-    /// `Some(reason)` when the SNI names a host the policy blocks.
-    fn check_sni(&mut self, sni: &str) -> Option<String> {
+    /// `Some(reason)` when the SNI names a host the policy blocks, or (in an opaque tunnel) a
+    /// host whose rule asks for more than this tunnel was given: limits it was not charged,
+    /// a tenant restriction or interception it cannot have. Otherwise `CONNECT <allowed or
+    /// bare IP>` with the SNI of a limited vendor would escape that vendor's rules.
+    fn check_sni(&mut self, sni: &str, opaque: bool) -> Option<String> {
         let sni_host = match Host::parse(sni) {
             Ok(h) => h,
             Err(e) => return Some(format!("sni_invalid: {e}")),
@@ -327,7 +330,18 @@ impl Tunnel {
             path: None,
             body: Default::default(),
         });
-        if d.enforced() != Action::Block {
+        let unmet = match d.enforced() {
+            Action::Block => None,
+            // An intercepted tunnel dials the CONNECT host itself and decides each request.
+            _ if !opaque => return None,
+            _ => self.unmet_by_tunnel(&d, &sni_host),
+        };
+        if d.enforced() != Action::Block && unmet.is_none() {
+            if self.rec.vendor.is_none() {
+                // Attribute the tunnel to the vendor it really reaches.
+                self.rec.vendor = d.vendor_id().cloned();
+                self.rec.endpoint = d.endpoint.as_str();
+            }
             return None;
         }
         self.rec.vendor = d.vendor_id().cloned();
@@ -335,10 +349,40 @@ impl Tunnel {
         self.rec.rule = d.rule_id().cloned();
         self.rec.action = "block";
         self.rec.mode = d.mode.as_str();
-        Some(format!(
-            "sni_mismatch: SNI {sni} differs from CONNECT host; {}",
-            d.reason
-        ))
+        Some(match unmet {
+            None => format!(
+                "sni_mismatch: SNI {sni} differs from CONNECT host; {}",
+                d.reason
+            ),
+            Some(what) => format!(
+                "sni_mismatch: SNI {sni} differs from CONNECT host {} and its rule {} needs {what}, which this tunnel did not get",
+                self.host,
+                d.rule_id().map_or("default", |r| &**r),
+            ),
+        })
+    }
+
+    /// What the SNI host's decision requires that a tunnel admitted under the CONNECT host's
+    /// decision did not get. The same rule on both names was already applied at CONNECT.
+    fn unmet_by_tunnel(&self, d: &policy::Decision<'_>, sni_host: &Host) -> Option<&'static str> {
+        let same_rule = d.rule_id().map(|r| &**r) == self.rec.rule.as_deref();
+        if !same_rule {
+            if let Some(rule) = d.rule {
+                if d.enforced() == Action::Limit {
+                    return Some("limits");
+                }
+                if d.mode == policy::Mode::Enforce
+                    && (!rule.require_keys.is_empty() || !rule.require_orgs.is_empty())
+                {
+                    return Some("a tenant restriction");
+                }
+            }
+        }
+        let vendor = self.policy.catalog.lookup(sni_host).map(|h| h.vendor);
+        let intercepted = self.state.interceptor.is_some()
+            && !self.policy.intercept.is_empty()
+            && self.policy.intercept.intercepts(sni_host, vendor);
+        intercepted.then_some("interception")
     }
 
     /// Serves the tunnel's requests through the handler over TLS from the org CA, then writes

@@ -512,6 +512,12 @@ fn refusal(
             "body_not_inspectable: content-encoding {enc:?} hides the body from DLP rules"
         ));
     }
+    if inspected.is_some_and(|i| i.ambiguous) {
+        return Some(
+            "body_not_inspectable: the body names \"model\" more than once; vendors differ on which one counts"
+                .into(),
+        );
+    }
     let rule = d.rule?;
     if !rule.require_keys.is_empty() {
         let ok = rec

@@ -27,6 +27,8 @@ pub struct Inspected {
     pub partial: bool,
     /// A content coding (gzip, br…) we do not decode: the bytes say nothing.
     pub encoded: Option<String>,
+    /// The body names its model twice: vendors' parsers differ on which one counts.
+    pub ambiguous: bool,
 }
 
 /// Reads up to `ins.max_body` of `body` (waiting at most `ins.timeout`), inspects it, and
@@ -37,12 +39,17 @@ pub async fn inspect(
     mut body: Incoming,
 ) -> Result<(Inspected, RequestBody), ProxyError> {
     let mut out = Inspected::default();
-    if let Some(enc) = headers.get(CONTENT_ENCODING) {
-        let enc = enc.to_str().unwrap_or("?").trim();
-        if !enc.eq_ignore_ascii_case("identity") && !enc.is_empty() {
-            out.encoded = Some(enc.chars().take(32).collect());
-            return Ok((out, RequestBody::streamed(body)));
-        }
+    // Every field and every listed coding: `identity` first and `gzip` in a second field
+    // is still gzip.
+    let coded = headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"));
+    if let Some(enc) = coded {
+        out.encoded = Some(enc.chars().take(32).collect());
+        return Ok((out, RequestBody::streamed(body)));
     }
     if body.is_end_stream() {
         return Ok((out, RequestBody::streamed(body)));
@@ -77,6 +84,7 @@ pub async fn inspect(
     }
     if ins.models {
         out.model = model::model(&prefix).map(|m| m.to_ascii_lowercase());
+        out.ambiguous = model::duplicate_model(&prefix);
     }
     let rest = (!ended).then_some(body);
     Ok((out, RequestBody::resumed(held, rest)))

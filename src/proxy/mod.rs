@@ -154,3 +154,26 @@ impl State {
 pub struct Peer {
     pub addr: SocketAddr,
 }
+
+impl Peer {
+    /// A dual-stack listener (`[::]`) reports IPv4 clients as `::ffff:a.b.c.d`; rules,
+    /// limits and the log name them by their IPv4 address, so that is what a peer holds.
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peer;
+
+    #[test]
+    fn ipv4_mapped_peers_are_named_by_their_ipv4_address() {
+        let mapped: std::net::SocketAddr = "[::ffff:10.20.1.1]:4000".parse().unwrap();
+        assert_eq!(Peer::new(mapped).addr.to_string(), "10.20.1.1:4000");
+        let v6: std::net::SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        assert_eq!(Peer::new(v6).addr, v6);
+    }
+}

@@ -67,6 +67,8 @@ pub async fn serve(
             },
             _ = &mut stop => break,
         };
+        let peer = Peer::new(addr);
+        let addr = peer.addr;
         let Ok(client_slot) = per_client.acquire(addr.ip()) else {
             state.metrics.connections_refused_per_client.inc();
             tracing::debug!(client = %addr, "connection refused: max_connections_per_client");
@@ -79,7 +81,6 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let peer = Peer { addr };
         let st = state.clone();
         let service = service_fn(move |req| handler::handle(st.clone(), peer, req));
         let conn = builder
