@@ -153,6 +153,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
 
     let state = Arc::new(State {
         policy: ArcSwap::from_pointee(loaded.policy),
+        policy_swapped: tokio::sync::watch::Sender::new(0),
         settings,
         upstream,
         client,

@@ -52,6 +52,7 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
                 needs_restart,
             };
             state.policy.store(Arc::new(l.policy));
+            state.policy_swapped.send_modify(|n| *n += 1);
             state
                 .metrics
                 .config_reloads

@@ -472,3 +472,56 @@ fn established_to(port: u16) -> usize {
         })
         .count()
 }
+
+/// An opaque tunnel opened before a block rule is closed by the reload that adds the rule, not
+/// left carrying traffic until the client happens to reconnect (HTTP/2 connections live long).
+/// A tunnel the new policy still allows stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_open_tunnels_the_new_policy_blocks() {
+    let origin = Origin::https().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .vendor("api.anthropic.com", origin.addr),
+    )
+    .await;
+    let openai = proxy.client();
+    let anthropic = proxy.client();
+    let r = fetch(openai.get("https://api.openai.com/v1/models")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = fetch(anthropic.get("https://api.anthropic.com/v1/models")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        metric(&proxy.metrics().await, "portcullis_tunnels_active", &[]),
+        2.0
+    );
+
+    edit_config(&proxy, |t| t + BLOCK_OPENAI);
+    let (status, body) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{body}");
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_eq!(rec["rule"], "block-openai", "{rec}");
+    assert_eq!(rec["status"], 200, "the tunnel had been opened: {rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("policy_reloaded: paused")),
+        "{rec}"
+    );
+    assert!(rec["bytes_in"].as_u64().unwrap() > 0, "{rec}");
+    assert_eq!(
+        metric(&proxy.metrics().await, "portcullis_tunnels_active", &[]),
+        1.0,
+        "the anthropic tunnel stays open"
+    );
+    let r = fetch(anthropic.get("https://api.anthropic.com/v1/models")).await;
+    assert_eq!(
+        r.status, 200,
+        "the same tunnel still carries requests: {r:?}"
+    );
+    assert_eq!(
+        metric(&proxy.metrics().await, "portcullis_tunnels_active", &[]),
+        1.0
+    );
+}

@@ -263,6 +263,7 @@ impl Tunnel {
             meter: self.meter.take(),
         };
         let idle = self.state.settings.proxy.idle_timeout;
+        let mut swaps = self.state.policy_swapped.subscribe();
         // The copy borrows both ends; its scope ends before the meter is read below.
         let reason = {
             let outcome = async {
@@ -271,13 +272,21 @@ impl Tunnel {
                 drop(hello);
                 super::splice::splice(&mut client, &mut upstream, 16 * 1024).await
             };
-            tokio::select! {
-                r = outcome => match r {
-                    Ok(_) => None,
-                    Err(e) => Some(format!("tunnel_error: {e}")),
-                },
-                _ = stats.activity.idle(idle) => Some("idle_timeout".to_string()),
-                _ = shutdown.wait_for(|stop| *stop) => Some("shutdown".to_string()),
+            tokio::pin!(outcome);
+            loop {
+                tokio::select! {
+                    r = &mut outcome => break match r {
+                        Ok(_) => None,
+                        Err(e) => Some(format!("tunnel_error: {e}")),
+                    },
+                    _ = stats.activity.idle(idle) => break Some("idle_timeout".to_string()),
+                    _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
+                    Ok(()) = swaps.changed() => {
+                        if let Some(why) = self.decide_again() {
+                            break Some(why);
+                        }
+                    }
+                }
             }
         };
         self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
@@ -303,10 +312,49 @@ impl Tunnel {
         if let Some(m) = &mut upstream.meter {
             m.flush();
         }
-        if let Some(r) = reason {
-            self.rec.reason = format!("{}; closed: {r}", self.rec.reason).into();
+        match reason {
+            // The decision that closed it replaces the one that opened it.
+            Some(r) if r.starts_with("policy_reloaded") => self.rec.reason = r.into(),
+            Some(r) => self.rec.reason = format!("{}; closed: {r}", self.rec.reason).into(),
+            None => {}
         }
         self.state.finish(self.rec, self.start);
+    }
+
+    /// After a reload: an opaque tunnel lives on the decision it was opened with, so a rule
+    /// added since (block DeepSeek now, cap this vendor, intercept it) would not reach a
+    /// long-lived HTTP/2 connection until the client reconnects. `Some(reason)` = close it.
+    fn decide_again(&mut self) -> Option<String> {
+        self.policy = self.state.policy.load_full();
+        let d = self.policy.decide(&policy::Request {
+            client: self.peer.addr.ip(),
+            user: self.user.as_deref(),
+            method: &Method::CONNECT,
+            host: &self.host,
+            port: self.port,
+            path: None,
+            body: Default::default(),
+        });
+        let unmet = match d.enforced() {
+            Action::Block => Some(d.reason.to_string()),
+            _ => self.unmet_by_tunnel(&d, &self.host).map(|what| {
+                format!(
+                    "rule {} needs {what}",
+                    d.rule_id().map_or("default", |r| &**r)
+                )
+            }),
+        };
+        if let Some(why) = unmet {
+            self.rec.vendor = d.vendor_id().cloned();
+            self.rec.endpoint = d.endpoint.as_str();
+            self.rec.rule = d.rule_id().cloned();
+            self.rec.action = "block";
+            self.rec.mode = d.mode.as_str();
+            return Some(format!("policy_reloaded: {why}"));
+        }
+        let sni = self.rec.sni.clone()?;
+        self.check_sni(&sni, true)
+            .map(|why| format!("policy_reloaded: {why}"))
     }
 
     /// `Some(reason)` when the SNI names a host the policy blocks, or (in an opaque tunnel) a

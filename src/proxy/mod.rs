@@ -45,6 +45,8 @@ pub struct Auth {
 /// lives as long as the process.
 pub struct State {
     pub policy: ArcSwap<Policy>,
+    /// Bumped after each policy swap: open opaque tunnels decide again on the new policy.
+    pub policy_swapped: tokio::sync::watch::Sender<u64>,
     pub settings: Settings,
     pub upstream: Arc<Upstream>,
     pub client: Client<Connector, Counted<body::RequestBody>>,
