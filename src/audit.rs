@@ -14,13 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use prometheus::IntCounter;
 
 use crate::config::{AuditSettings, OnFull};
+use crate::policy::target::Dotted;
 
 /// One audit record. Strings the policy owns are shared (`Arc<str>`), not copied.
 #[derive(Debug, Clone)]
@@ -95,6 +96,12 @@ impl Record {
         fn text(out: &mut Vec<u8>, key: &[u8], v: Option<&str>) {
             out.extend_from_slice(key);
             match v {
+                // Most values need no escape: copied as they are.
+                Some(v) if !v.bytes().any(|b| ESCAPED[usize::from(b)]) => {
+                    out.push(b'"');
+                    out.extend_from_slice(v.as_bytes());
+                    out.push(b'"');
+                }
                 // Writing to a Vec cannot fail.
                 Some(v) => drop(serde_json::to_writer(&mut *out, v)),
                 None => out.extend_from_slice(b"null"),
@@ -104,14 +111,25 @@ impl Record {
             out.extend_from_slice(key);
             out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         }
-        // Writing to a Vec cannot fail.
-        let _ = write!(
-            out,
-            r#"{{"ts":"{}","id":"{:016x}","client":"{}""#,
-            humantime::format_rfc3339_millis(self.ts),
-            self.id,
-            self.client
-        );
+        // One growth for the whole line instead of one per field.
+        out.reserve(512);
+        out.extend_from_slice(br#"{"ts":""#);
+        push_rfc3339_millis(out, self.ts);
+        out.extend_from_slice(br#"","id":""#);
+        for shift in (0..16).rev() {
+            out.push(b"0123456789abcdef"[(self.id >> (shift * 4)) as usize & 0xf]);
+        }
+        out.extend_from_slice(br#"","client":""#);
+        match self.client {
+            SocketAddr::V4(v4) => {
+                out.extend_from_slice(Dotted::new(*v4.ip()).as_str().as_bytes());
+                out.push(b':');
+                out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
+            }
+            // Writing to a Vec cannot fail.
+            v6 => drop(write!(out, "{v6}")),
+        }
+        out.push(b'"');
         text(out, br#","user":"#, self.user.as_deref());
         text(out, br#","method":"#, Some(self.method.as_str()));
         text(out, br#","scheme":"#, Some(self.scheme));
@@ -135,6 +153,55 @@ impl Record {
         text(out, br#","model":"#, self.model.as_deref());
         out.push(b'}');
     }
+}
+
+/// Bytes JSON strings must escape (as serde_json does: controls, quote, backslash).
+const ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// `2026-11-28T20:52:39.833Z`, as `humantime::format_rfc3339_millis` writes it, without the
+/// formatting machinery: the writer thread stamps every record. Civil date from days since
+/// 1970 by Howard Hinnant's algorithm; times before 1970 are written as 1970 (clocks there
+/// are broken anyway).
+fn push_rfc3339_millis(out: &mut Vec<u8>, ts: SystemTime) {
+    let since = ts.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    fn two(out: &mut Vec<u8>, n: u64, sep: u8) {
+        out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8, sep]);
+    }
+    let year = year.clamp(0, 9999) as u64;
+    two(out, year / 100, b'0' + (year / 10 % 10) as u8);
+    out.extend_from_slice(&[b'0' + (year % 10) as u8, b'-']);
+    two(out, month as u64, b'-');
+    two(out, day as u64, b'T');
+    two(out, rem / 3600, b':');
+    two(out, rem / 60 % 60, b':');
+    two(out, rem % 60, b'.');
+    let ms = since.subsec_millis();
+    out.push(b'0' + (ms / 100) as u8);
+    out.push(b'0' + (ms / 10 % 10) as u8);
+    out.push(b'0' + (ms % 10) as u8);
+    out.push(b'Z');
 }
 
 /// A `Display` value serialised as a JSON string straight into the line, with no `String` in
@@ -252,8 +319,8 @@ pub struct AuditSink {
 impl AuditSink {
     /// Never blocks. A full queue drops the record and counts it, or with `on_full = "block"`
     /// keeps it aside and stops admission until the writer catches up.
-    pub fn send(&self, record: Record) {
-        match self.tx.try_send(Msg::Record(Box::new(record))) {
+    pub fn send(&self, record: Box<Record>) {
+        match self.tx.try_send(Msg::Record(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Record(r))) if self.shared.block => {
                 self.shared.admitting.store(false, Ordering::Relaxed);
@@ -672,7 +739,9 @@ mod tests {
         odd.sni = Some("api.openai.com".into());
         odd.key_id = Some("k_0123456789ab".into());
         odd.model = Some("gpt-4o\u{2028}".into());
+        odd.ts = UNIX_EPOCH + Duration::from_millis(951_868_799_001);
         let mut tiny = sample();
+        tiny.client = "255.10.0.1:1".parse().unwrap();
         tiny.duration_ms = 0.0;
         tiny.path = None;
         tiny.vendor = None;
@@ -683,6 +752,33 @@ mod tests {
             assert_eq!(
                 String::from_utf8(ours).unwrap(),
                 String::from_utf8(serde).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_match_humantime() {
+        let at = |secs: u64, ms: u32| {
+            UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(ms.into())
+        };
+        let mut cases = vec![
+            at(0, 0),
+            at(951_782_400, 999),     // 2000-02-29
+            at(1_709_251_199, 999),   // 2024-02-29T23:59:59.999
+            at(4_107_542_400, 7),     // 2100-03-01
+            at(253_402_300_799, 500), // 9999-12-31T23:59:59.500
+        ];
+        cases.extend(
+            (0..4_102_444_800u64)
+                .step_by(113_417)
+                .map(|s| at(s, (s % 1000) as u32)),
+        );
+        for ts in cases {
+            let mut ours = Vec::new();
+            push_rfc3339_millis(&mut ours, ts);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                humantime::format_rfc3339_millis(ts).to_string()
             );
         }
     }

@@ -89,15 +89,16 @@ impl KeyFingerprinter {
                 Some(_) => {}
             }
         };
-        for v in headers.get_all(http::header::AUTHORIZATION) {
+        // One pass over the fields a request has (a handful) costs less than a hashed lookup
+        // per place a key could be.
+        for (name, v) in headers {
             let v = v.as_bytes();
-            if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-                take(Cow::Borrowed(v[7..].trim_ascii()));
-            }
-        }
-        for h in &KEY_HEADERS {
-            for v in headers.get_all(h) {
-                take(Cow::Borrowed(v.as_bytes().trim_ascii()));
+            if name == http::header::AUTHORIZATION {
+                if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
+                    take(Cow::Borrowed(v[7..].trim_ascii()));
+                }
+            } else if KEY_HEADERS.contains(name) {
+                take(Cow::Borrowed(v.trim_ascii()));
             }
         }
         for pair in query.into_iter().flat_map(|q| q.split('&')) {

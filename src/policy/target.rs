@@ -110,8 +110,64 @@ impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Host::Name(name) => f.write_str(name),
+            Host::Ip(IpAddr::V4(v4)) => f.write_str(Dotted::new(*v4).as_str()),
             Host::Ip(ip) => fmt::Display::fmt(ip, f),
         }
+    }
+}
+
+impl Host {
+    /// The host as text, appended to `out` (IPv6 without brackets, as `Display`).
+    pub fn push_to(&self, out: &mut String) {
+        match self {
+            Host::Name(name) => out.push_str(name),
+            Host::Ip(IpAddr::V4(v4)) => out.push_str(Dotted::new(*v4).as_str()),
+            Host::Ip(ip) => {
+                use fmt::Write as _;
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{ip}");
+            }
+        }
+    }
+}
+
+/// An IPv4 address as dotted-quad text on the stack. std's `Display` goes through the
+/// formatting machinery (about a thousand instructions); this is on every request to an
+/// IP-literal host and every audit line's client address.
+pub struct Dotted {
+    buf: [u8; 15],
+    len: u8,
+}
+
+impl Dotted {
+    pub fn new(ip: Ipv4Addr) -> Dotted {
+        let mut d = Dotted {
+            buf: [0; 15],
+            len: 0,
+        };
+        for (i, o) in ip.octets().into_iter().enumerate() {
+            if i > 0 {
+                d.push(b'.');
+            }
+            if o >= 100 {
+                d.push(b'0' + o / 100);
+            }
+            if o >= 10 {
+                d.push(b'0' + o / 10 % 10);
+            }
+            d.push(b'0' + o % 10);
+        }
+        d
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len as usize] = b;
+        self.len += 1;
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and dots were written.
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
     }
 }
 
@@ -125,14 +181,18 @@ pub struct Target {
 impl Target {
     /// "host:port" suitable for a URI authority / Host header: v6 in brackets; port omitted when it is the scheme default
     pub fn authority(&self) -> String {
-        use fmt::Write as _;
-        let mut out = match &self.host {
-            Host::Ip(IpAddr::V6(v6)) => format!("[{v6}]"),
-            other => other.to_string(),
-        };
+        let mut out = String::with_capacity(32);
+        match &self.host {
+            Host::Ip(IpAddr::V6(_)) => {
+                out.push('[');
+                self.host.push_to(&mut out);
+                out.push(']');
+            }
+            other => other.push_to(&mut out),
+        }
         if self.port != self.scheme.default_port() {
-            // Writing to a String cannot fail.
-            let _ = write!(out, ":{}", self.port);
+            out.push(':');
+            out.push_str(itoa::Buffer::new().format(self.port));
         }
         out
     }
@@ -926,5 +986,28 @@ mod tests {
             let connect = from_connect_authority(&format!("{upper}.:443")).unwrap();
             assert_eq!(connect, (expected.clone(), 443));
         }
+    }
+
+    #[test]
+    fn dotted_quads_match_std() {
+        for ip in [
+            Ipv4Addr::new(0, 0, 0, 0),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(255, 255, 255, 255),
+            Ipv4Addr::new(10, 99, 100, 9),
+            Ipv4Addr::new(1, 20, 200, 255),
+        ] {
+            assert_eq!(Dotted::new(ip).as_str(), ip.to_string());
+        }
+        for n in (0..u32::MAX).step_by(7_919_993) {
+            let ip = Ipv4Addr::from(n);
+            assert_eq!(Dotted::new(ip).as_str(), ip.to_string());
+        }
+        let t = Target {
+            scheme: Scheme::Http,
+            host: Host::Ip("::1".parse().unwrap()),
+            port: 8080,
+        };
+        assert_eq!(t.authority(), "[::1]:8080");
     }
 }

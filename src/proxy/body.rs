@@ -23,7 +23,7 @@ pub type ProxyBody = Either<Full<Bytes>, Counted<Incoming>>;
 /// An audit record waiting for its body to end.
 pub struct Pending {
     pub state: Arc<State>,
-    pub record: Record,
+    pub record: Box<Record>,
     pub start: Instant,
     /// Request body bytes sent upstream, counted by the request body's own [`Counted`].
     pub uploaded: Arc<AtomicU64>,

@@ -197,7 +197,7 @@ struct Tunnel {
     user: Option<String>,
     host: Host,
     port: u16,
-    rec: Record,
+    rec: Box<Record>,
     start: Instant,
     /// In-flight slots of `concurrent` limits: a tunnel holds one for its whole life.
     _permits: Vec<crate::limits::Permit>,

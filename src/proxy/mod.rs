@@ -74,7 +74,7 @@ impl State {
     }
 
     /// Accounts one finished exchange: metrics, then the audit queue (never blocks).
-    pub fn finish(&self, mut rec: Record, start: Instant) {
+    pub fn finish(&self, mut rec: Box<Record>, start: Instant) {
         let elapsed = start.elapsed();
         rec.duration_ms = elapsed.as_secs_f64() * 1000.0;
         // Shadow decisions get their own action label so dashboards of real blocks stay true.
@@ -146,7 +146,7 @@ impl State {
                 s.bulk_requests
             )
             .into();
-            self.audit.send(alert);
+            self.audit.send(Box::new(alert));
         }
     }
 }
