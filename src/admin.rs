@@ -108,7 +108,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            if state.ready.load(Ordering::Acquire) && !*state.shutdown.drain_signal().borrow() {
+            if state.ready.load(Ordering::Acquire)
+                && state.shutdown.phase() == crate::proxy::shutdown::Phase::Serving
+            {
                 text(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")

@@ -280,7 +280,7 @@ impl Tunnel {
                         Err(e) => Some(format!("tunnel_error: {e}")),
                     },
                     _ = stats.activity.idle(idle) => break Some("idle_timeout".to_string()),
-                    _ = shutdown.wait_for(|stop| *stop) => break Some("shutdown".to_string()),
+                    _ = shutdown.stopping() => break Some("shutdown".to_string()),
                     Ok(()) = swaps.changed() => {
                         if let Some(why) = self.decide_again() {
                             break Some(why);

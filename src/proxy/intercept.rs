@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
 use super::activity::Activity;
+use super::shutdown::Phase;
 use super::{handler, Peer, State};
 use crate::policy::Host;
 use crate::tls::ca::Authority;
@@ -89,24 +90,25 @@ where
     let st = state.clone();
     let ins = inside.clone();
     let service = service_fn(move |req| handler::inner(st.clone(), peer, ins.clone(), req));
-    let mut drain = state.shutdown.drain_signal();
-    let mut force = state.shutdown_signal();
+    let mut signal = state.shutdown_signal();
     let idle = settings.idle_timeout;
 
     macro_rules! drive {
         ($conn:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
-            let mut draining = false;
+            let mut phase = Phase::Serving;
             loop {
                 tokio::select! {
                     r = conn.as_mut() => break r.map_err(|e| format!("inner_http: {e}")),
-                    _ = drain.wait_for(|s| *s), if !draining => {
-                        draining = true;
+                    p = signal.past(phase) => {
+                        phase = p;
+                        if phase == Phase::Stopping {
+                            break Err("shutdown".to_string());
+                        }
                         conn.as_mut().graceful_shutdown();
                     }
                     _ = activity.idle(idle) => break Err("idle_timeout".to_string()),
-                    _ = force.wait_for(|s| *s) => break Err("shutdown".to_string()),
                 }
             }
         }};

@@ -69,7 +69,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+    pub fn shutdown_signal(&self) -> shutdown::Signal {
         self.shutdown.signal()
     }
 

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::per_client::ClientCap;
+use super::shutdown::Phase;
 use super::stall::SendTimeout;
 use super::{handler, Peer, State};
 
@@ -90,8 +91,7 @@ pub async fn serve(
             )
             .with_upgrades();
         let token = state.shutdown.token();
-        let mut force = state.shutdown_signal();
-        let mut drain = state.shutdown.drain_signal();
+        let mut signal = state.shutdown_signal();
         let metrics = state.metrics.clone();
         tokio::spawn(async move {
             let _token = token;
@@ -99,7 +99,7 @@ pub async fn serve(
             let _client_slot = client_slot;
             metrics.connections_active.inc();
             tokio::pin!(conn);
-            let mut draining = false;
+            let mut phase = Phase::Serving;
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -108,12 +108,14 @@ pub async fn serve(
                         }
                         break;
                     }
-                    // Finish the request in flight, then close instead of keeping alive.
-                    _ = drain.wait_for(|s| *s), if !draining => {
-                        draining = true;
+                    p = signal.past(phase) => {
+                        phase = p;
+                        if phase == Phase::Stopping {
+                            break;
+                        }
+                        // Finish the request in flight, then close instead of keeping alive.
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = force.wait_for(|s| *s) => break,
                 }
             }
             metrics.connections_active.dec();

@@ -6,11 +6,19 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
 
-pub struct Shutdown {
+/// Where the proxy is in its life. One watch for both steps: a connection task polls its
+/// shutdown watcher every time it wakes, so one watcher per connection costs half of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
     /// Finish what is in flight, take nothing new.
-    drain: watch::Sender<bool>,
+    Draining,
     /// Close now.
-    stop: watch::Sender<bool>,
+    Stopping,
+}
+
+pub struct Shutdown {
+    phase: watch::Sender<Phase>,
     live: Arc<Live>,
 }
 
@@ -34,10 +42,27 @@ impl Drop for Token {
 impl Default for Shutdown {
     fn default() -> Self {
         Shutdown {
-            drain: watch::channel(false).0,
-            stop: watch::channel(false).0,
+            phase: watch::channel(Phase::Serving).0,
             live: Arc::default(),
         }
+    }
+}
+
+/// A task's view of the proxy's phase.
+pub struct Signal(watch::Receiver<Phase>);
+
+impl Signal {
+    /// The phase once it is past `seen` (a dropped sender counts as stopping).
+    pub async fn past(&mut self, seen: Phase) -> Phase {
+        match self.0.wait_for(|p| *p > seen).await {
+            Ok(p) => *p,
+            Err(_) => Phase::Stopping,
+        }
+    }
+
+    /// Resolves when tasks must stop now.
+    pub async fn stopping(&mut self) {
+        self.past(Phase::Draining).await;
     }
 }
 
@@ -47,22 +72,24 @@ impl Shutdown {
         Token(self.live.clone())
     }
 
-    /// Resolves (via `wait_for(|s| *s)`) when tasks must stop now.
-    pub fn signal(&self) -> watch::Receiver<bool> {
-        self.stop.subscribe()
+    pub fn signal(&self) -> Signal {
+        Signal(self.phase.subscribe())
     }
 
-    /// Resolves (via `wait_for(|s| *s)`) when connections should finish their request and close.
-    pub fn drain_signal(&self) -> watch::Receiver<bool> {
-        self.drain.subscribe()
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
     }
 
     pub fn start_drain(&self) {
-        self.drain.send_replace(true);
+        self.phase.send_if_modified(|p| {
+            let was = *p;
+            *p = was.max(Phase::Draining);
+            *p != was
+        });
     }
 
     pub fn stop_now(&self) {
-        self.stop.send_replace(true);
+        self.phase.send_replace(Phase::Stopping);
     }
 
     pub fn live(&self) -> usize {
