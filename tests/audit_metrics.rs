@@ -137,6 +137,39 @@ mode = "shadow"
     assert_eq!(origin.requests().len(), 1);
 }
 
+/// A shadow rule changes what is recorded, never what happens: a trial `allow` above a block
+/// rule, or under `defaults.action = "block"`, must not open the door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_rule_never_lets_through_what_an_enforcing_one_blocks() {
+    let origin = Origin::http().await;
+    let trial_allow = "[[rule]]\nid = \"trial-allow-openai\"\nvendor = \"openai\"\naction = \"allow\"\nmode = \"shadow\"\n";
+    let block = "[[rule]]\nid = \"block-openai\"\nvendor = \"openai\"\naction = \"block\"\nreason = \"paused\"\n";
+    for (config, rule) in [
+        (
+            Config::new()
+                .vendor("api.openai.com", origin.addr)
+                .tail(&format!("{trial_allow}\n{block}")),
+            Some("block-openai"),
+        ),
+        (
+            Config::new()
+                .vendor("api.openai.com", origin.addr)
+                .default_block()
+                .tail(trial_allow),
+            None,
+        ),
+    ] {
+        let proxy = Proxy::start(config).await;
+        let r = fetch(proxy.client().get("http://api.openai.com/v1/models")).await;
+        assert_eq!(r.status, 403, "{rule:?}: {r:?}");
+        let rec = proxy.audit_path("/v1/models").await;
+        assert_eq!(rec["action"], "block", "{rec}");
+        assert_eq!(rec["mode"], "enforce", "{rec}");
+        assert_eq!(rec["rule"].as_str(), rule, "{rec}");
+    }
+    assert!(origin.requests().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_name_decisions_without_addresses_or_users() {
     let (_openai, _deepseek, proxy) = openai_and_deepseek().await;

@@ -132,16 +132,24 @@ impl Policy {
             dlp: req.body.dlp,
         };
 
+        // The first match, and the first enforcing match: a shadow rule must not change what
+        // happens (a trial allow above a block, or above `defaults.action = "block"`, would
+        // otherwise let traffic through).
         let mut best = u32::MAX;
+        let mut best_enforced = u32::MAX;
         let mut consider = |list: &[u32]| {
-            // Lists are in rule order: the first full match is this list's best.
+            // Lists are in rule order: the first enforcing match ends this list.
             for &i in list {
-                if i >= best {
+                if i >= best_enforced {
                     return;
                 }
-                if self.rules[i as usize].matches(&facts) {
-                    best = i;
-                    return;
+                let rule = &self.rules[i as usize];
+                if rule.matches(&facts) {
+                    best = best.min(i);
+                    if rule.mode == Mode::Enforce {
+                        best_enforced = i;
+                        return;
+                    }
                 }
             }
         };
@@ -169,7 +177,23 @@ impl Policy {
         }
 
         let vendor = hit.map(|h| self.catalog.vendor(h.vendor));
-        match self.rules.get(best as usize) {
+        // A shadow rule is what the record shows only when the enforcing decision lets the
+        // request through as is; a block, a limit, a tenant check or injected headers of the
+        // enforcing decision are what happens, and what is recorded.
+        let shown = match self.rules.get(best_enforced as usize) {
+            _ if best == best_enforced => best,
+            Some(r) if r.action == Action::Block || r.action == Action::Limit => best_enforced,
+            Some(r)
+                if !r.require_keys.is_empty()
+                    || !r.require_orgs.is_empty()
+                    || !r.set_headers.is_empty() =>
+            {
+                best_enforced
+            }
+            None if self.default.action == Action::Block => best_enforced,
+            _ => best,
+        };
+        match self.rules.get(shown as usize) {
             Some(rule) => Decision {
                 vendor,
                 endpoint,

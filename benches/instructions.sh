@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind: the same figure on every
+# run, where the peers harness's µs/req drifts by 25% on a shared machine. Use it to tell
+# whether a hot-path change helped; use peers.sh for the time it takes.
+#
+#   cargo build --release && bash benches/instructions.sh            # portcullis (benches/peers.toml)
+#   cargo build --release --example hyper_floor && \
+#     CMD="target/release/examples/hyper_floor 127.0.0.1:18899" bash benches/instructions.sh
+#
+# Env: CMD (proxy command, listening on 127.0.0.1:18899), SECONDS_ (measured load, 5),
+#      OUT (callgrind file, /tmp/proxybench/callgrind.out).
+# Load: wrk, 10 keep-alive connections, 128 B bodies from an nginx origin on 127.0.0.1:18080
+# (../shared/bench/nginx.conf). The counters are zeroed after a 2 s warm-up so start-up and
+# first connections are not counted. Kernel time is not in the figure: it is user space only.
+# Then: callgrind_annotate --inclusive=yes "$OUT" | less
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+H=${BENCH_DIR:-$ROOT/../shared/bench}
+B=/tmp/proxybench
+CMD=${CMD:-"$ROOT/target/release/portcullis run --config $ROOT/benches/peers.toml"}
+OUT=${OUT:-$B/callgrind.out}
+for tool in valgrind callgrind_control callgrind_annotate nginx wrk; do
+  command -v $tool >/dev/null || { echo "needs $tool (apt-get install -y valgrind nginx wrk)" >&2; exit 1; }
+done
+up() { (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null; }
+for port in 18080 18899; do up $port && { echo "port $port already in use" >&2; exit 1; }; done
+
+mkdir -p $B/www $B/ngx-tmp
+head -c 128 /dev/zero | tr '\0' a >$B/www/128
+rm -f "$OUT" "$OUT".* $B/portcullis-audit.jsonl*
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+nginx -p $B/ -e $B/nginx-error.log -c "$H/nginx.conf" &
+PIDS+=($!)
+# shellcheck disable=SC2086
+valgrind --tool=callgrind --callgrind-out-file="$OUT" $CMD >$B/callgrind-proxy.log 2>&1 &
+P=$!
+PIDS+=($P)
+for _ in $(seq 150); do up 18899 && up 18080 && break; sleep 0.2; done
+up 18899 || { echo "the proxy did not listen on 18899; see $B/callgrind-proxy.log" >&2; exit 1; }
+
+load() { wrk -t1 -c10 -d"$1"s -s "$H/proxy.lua" http://127.0.0.1:18899/ -- http://127.0.0.1:18080/128; }
+load 2 >/dev/null
+callgrind_control -z $P >/dev/null
+result=$(load "${SECONDS_:-5}" | awk '/^RESULT/ {print $2}')
+callgrind_control -d $P >/dev/null
+sleep 0.5
+dump=$(ls -t "$OUT".* | head -1)
+ir=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+[ -n "$result" ] && [ "$result" -gt 0 ] || { echo "no requests completed" >&2; exit 1; }
+echo "requests $result  instructions $ir  per request $((ir / result))  ($dump)"
