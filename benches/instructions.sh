@@ -42,9 +42,9 @@ up 18899 || { echo "the proxy did not listen on 18899; see $B/callgrind-proxy.lo
 
 load() { wrk -t1 -c10 -d"$1"s -s "$H/proxy.lua" http://127.0.0.1:18899/ -- http://127.0.0.1:18080/128; }
 load 2 >/dev/null
-callgrind_control -z $P >/dev/null
+callgrind_control -z $P >/dev/null 2>&1
 result=$(load "${SECONDS_:-5}" | awk '/^RESULT/ {print $2}')
-callgrind_control -d $P >/dev/null
+callgrind_control -d $P >/dev/null 2>&1
 sleep 0.5
 dump=$(ls -t "$OUT".* | head -1)
 ir=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
