@@ -203,3 +203,36 @@ async fn own_listeners_are_refused_even_with_loopback_allowed() {
     let records = proxy.audit_at_least(3).await;
     assert_eq!(records.len(), 3, "{records:?}");
 }
+
+/// A path rule holds for every spelling of the path an origin might route the same way: dot
+/// segments, doubled slashes, escaped letters, and `%2F` for `/` (which some origins decode
+/// before routing). The request is still forwarded as the client spelled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_blocked_path_is_blocked() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-batches\"\nvendor = \"openai\"\npath = \"/v1/batches\"\naction = \"block\"\n",
+    ))
+    .await;
+    for target in [
+        "http://api.openai.com/v1/batches",
+        "http://api.openai.com/v1/./batches",
+        "http://api.openai.com//v1//batches",
+        "http://api.openai.com/v1/x/../batches",
+        "http://api.openai.com/v1/%62atches",
+        "http://api.openai.com/v1%2Fbatches",
+        "http://api.openai.com/v1%2fbatches?x=1",
+        "http://api.openai.com/v1/x%2F..%2Fbatches",
+    ] {
+        let r = raw_get(proxy.addr, target, &[]).await;
+        assert_eq!(r.status, 403, "{target}: {r:?}");
+    }
+    let r = raw_get(proxy.addr, "http://api.openai.com/v1/models%2Fx", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(origin.requests().len(), 1);
+    assert_eq!(
+        origin.requests()[0].uri,
+        "/v1/models%2Fx",
+        "forwarded as spelled"
+    );
+}

@@ -95,6 +95,23 @@ impl Decision<'_> {
         }
     }
 
+    /// Orders decisions by how much they hold a request back: a block, a limit, a tenant
+    /// restriction, then an audit, then a plain allow.
+    fn strictness(&self) -> u8 {
+        match self.enforced() {
+            Action::Block => 4,
+            Action::Limit => 3,
+            _ if self
+                .rule
+                .is_some_and(|r| !r.require_keys.is_empty() || !r.require_orgs.is_empty()) =>
+            {
+                2
+            }
+            Action::Audit => 1,
+            Action::Allow => 0,
+        }
+    }
+
     pub fn vendor_id(&self) -> Option<&Arc<str>> {
         self.vendor.map(|v| &v.id)
     }
@@ -106,9 +123,24 @@ impl Decision<'_> {
 
 impl Policy {
     pub fn decide<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
-        let hit = self.catalog.lookup(req.host);
         let path = req.path.map(path::normalize);
-        let segments = path.as_deref().map(path::Segments::new);
+        let d = self.decide_on(req, path.as_deref());
+        // `%2F` is data to RFC 3986 and to most origins, but some (ASGI servers among them)
+        // route on the decoded path, where `/v1%2Ffiles` is `/v1/files`. Which one the origin
+        // does is unknown here, so such a path is decided both ways and the stricter wins.
+        if let Some(decoded) = req.path.and_then(path::with_slashes_decoded) {
+            let alt = self.decide_on(req, Some(&path::normalize(&decoded)));
+            if alt.strictness() > d.strictness() {
+                return alt;
+            }
+        }
+        d
+    }
+
+    /// The decision on an already normalised path.
+    fn decide_on<'p>(&'p self, req: &Request<'_>, path: Option<&str>) -> Decision<'p> {
+        let hit = self.catalog.lookup(req.host);
+        let segments = path.map(path::Segments::new);
         let endpoint = match hit {
             Some(h) => self.catalog.classify(h, segments.as_ref()),
             None => Endpoint::None,

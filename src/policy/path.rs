@@ -60,6 +60,38 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
     Cow::Owned(s)
 }
 
+/// The path part with every `%2F` read as `/` (the query dropped), when it has one: how an
+/// origin that decodes before routing sees it. `None` when there is no encoded slash.
+pub fn with_slashes_decoded(path_and_query: &str) -> Option<String> {
+    let end = path_and_query
+        .find(['?', '#'])
+        .unwrap_or(path_and_query.len());
+    let path = &path_and_query[..end];
+    let b = path.as_bytes();
+    if !b.contains(&b'%') {
+        return None;
+    }
+    let is_slash = |i: usize| {
+        b[i] == b'%' && b.get(i + 1) == Some(&b'2') && matches!(b.get(i + 2), Some(b'f' | b'F'))
+    };
+    if !(0..b.len()).any(is_slash) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if is_slash(i) {
+            out.push(b'/');
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    // Only ASCII bytes were replaced, so the rest is still UTF-8.
+    String::from_utf8(out).ok()
+}
+
 fn decode_unreserved(path: &str) -> String {
     let b = path.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -370,6 +402,16 @@ mod tests {
         assert_eq!(normalize("/v1/%62atches"), "/v1/batches");
         assert_eq!(normalize("/v1/%2e%2e/v1/batches"), "/v1/batches");
         assert_eq!(normalize("/v1/a%2fb"), "/v1/a%2Fb");
+        assert_eq!(
+            with_slashes_decoded("/v1%2Ffiles%2f?q=%2F").as_deref(),
+            Some("/v1/files/")
+        );
+        assert_eq!(with_slashes_decoded("/v1/files?q=%2F"), None);
+        assert_eq!(with_slashes_decoded("/v1/%2"), None);
+        assert_eq!(
+            normalize(&with_slashes_decoded("/v1/x%2F..%2Fbatches").unwrap()),
+            "/v1/batches"
+        );
         assert_eq!(normalize(""), "/");
         assert_eq!(normalize("/../.."), "/");
         assert_eq!(normalize("/v1/files/"), "/v1/files/");
