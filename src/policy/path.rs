@@ -63,14 +63,15 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
 /// The path part with every `%2F` read as `/` (the query dropped), when it has one: how an
 /// origin that decodes before routing sees it. `None` when there is no encoded slash.
 pub fn with_slashes_decoded(path_and_query: &str) -> Option<String> {
-    let end = path_and_query
-        .find(['?', '#'])
-        .unwrap_or(path_and_query.len());
-    let path = &path_and_query[..end];
-    let b = path.as_bytes();
-    if !b.contains(&b'%') {
+    // Every decision asks: the usual answer has to be one memchr.
+    if !path_and_query.as_bytes().contains(&b'%') {
         return None;
     }
+    let end = path_and_query
+        .bytes()
+        .position(|c| c == b'?' || c == b'#')
+        .unwrap_or(path_and_query.len());
+    let b = &path_and_query.as_bytes()[..end];
     let is_slash = |i: usize| {
         b[i] == b'%' && b.get(i + 1) == Some(&b'2') && matches!(b.get(i + 2), Some(b'f' | b'F'))
     };
