@@ -31,16 +31,7 @@ const MAX_VALUE: usize = 256;
 ///
 /// A leading UTF-8 byte-order mark is skipped, as lenient producers emit one.
 pub fn model(body: &[u8]) -> Option<Cow<'_, str>> {
-    let start = if body.starts_with(b"\xEF\xBB\xBF") {
-        3
-    } else {
-        0
-    };
-    let mut i = skip_ws(body, start);
-    if body.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(body, i + 1);
+    let mut i = first_member(body)?;
     loop {
         if body.get(i) != Some(&b'"') {
             // Also covers `}` (no model at all) and a trailing comma.
@@ -70,16 +61,9 @@ pub fn model(body: &[u8]) -> Option<Cow<'_, str>> {
 /// (keys compared after escape decoding, as in [`model`]). Stops, answering
 /// false, at anything malformed or at the end of a truncated prefix.
 pub fn duplicate_model(body: &[u8]) -> bool {
-    let start = if body.starts_with(b"\xEF\xBB\xBF") {
-        3
-    } else {
-        0
-    };
-    let mut i = skip_ws(body, start);
-    if body.get(i) != Some(&b'{') {
+    let Some(mut i) = first_member(body) else {
         return false;
-    }
-    i = skip_ws(body, i + 1);
+    };
     let mut seen = false;
     loop {
         if body.get(i) != Some(&b'"') {
@@ -105,6 +89,18 @@ pub fn duplicate_model(body: &[u8]) -> bool {
         }
         i = skip_ws(body, i + 1);
     }
+}
+
+/// Where the top-level object's first member starts: past a byte-order mark, whitespace and
+/// the opening brace. `None` when the body is not an object.
+fn first_member(body: &[u8]) -> Option<usize> {
+    let start = if body.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    };
+    let i = skip_ws(body, start);
+    (body.get(i) == Some(&b'{')).then(|| skip_ws(body, i + 1))
 }
 
 /// RFC 8259 whitespace only; anything else (NBSP, form feed) is malformed
