@@ -410,9 +410,9 @@ impl Tunnel {
         })
     }
 
-    /// What the SNI host's decision requires that a tunnel admitted under the CONNECT host's
-    /// decision did not get. The same rule on both names was already applied at CONNECT.
-    fn unmet_by_tunnel(&self, d: &policy::Decision<'_>, sni_host: &Host) -> Option<&'static str> {
+    /// What `host`'s decision requires that a tunnel admitted under its CONNECT decision did
+    /// not get. The same rule on both names was already applied at CONNECT.
+    fn unmet_by_tunnel(&self, d: &policy::Decision<'_>, host: &Host) -> Option<&'static str> {
         let same_rule = d.rule_id().map(|r| &**r) == self.rec.rule.as_deref();
         if !same_rule {
             if let Some(rule) = d.rule {
@@ -426,10 +426,10 @@ impl Tunnel {
                 }
             }
         }
-        let vendor = self.policy.catalog.lookup(sni_host).map(|h| h.vendor);
+        let vendor = self.policy.catalog.lookup(host).map(|h| h.vendor);
         let intercepted = self.state.interceptor.is_some()
             && !self.policy.intercept.is_empty()
-            && self.policy.intercept.intercepts(sni_host, vendor);
+            && self.policy.intercept.intercepts(host, vendor);
         intercepted.then_some("interception")
     }
 
