@@ -68,10 +68,14 @@ pub fn record(
         user: seen.user.map(Into::into),
         method: seen.method.clone(),
         scheme: seen.scheme,
-        host: {
-            let mut h = String::with_capacity(40);
-            seen.host.push_to(&mut h);
-            h.into_boxed_str()
+        // One exact allocation: a name is copied as it is, an address formatted to its length.
+        host: match seen.host {
+            Host::Name(name) => Box::from(&**name),
+            ip => {
+                let mut h = String::new();
+                ip.push_to(&mut h);
+                h.into_boxed_str()
+            }
         },
         port: seen.port,
         path: seen.path.map(redact_path),
