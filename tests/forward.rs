@@ -101,6 +101,59 @@ async fn allowed_request_reaches_origin_without_hop_by_hop_headers() {
     assert_eq!(rec["bytes_out"], 10);
 }
 
+/// A header the client names in `Connection` never reaches the origin, so the policy must not
+/// read it either: naming the tenant header there would pass `require_org` and then drop the
+/// header, billing a personal key's own org. Same for the key behind `require_key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_named_in_connection_are_gone_before_the_policy_reads_them() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let secret = dir.path().join("key-secret");
+    std::fs::write(&secret, "a-deployment-secret-of-32-bytes!").expect("secret");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let fp = portcullis::identity::keys::KeyFingerprinter::new(b"a-deployment-secret-of-32-bytes!");
+    let company = fp.fingerprint(b"sk-company-key-0001");
+    let openai = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", openai.addr)
+            .tail(&format!(
+                "[[rule]]\nid = \"company-openai\"\nvendor = \"openai\"\naction = \"allow\"\n\
+         require_key = [\"{company}\"]\nrequire_org = [\"org-company\"]\n\n\
+         [keys]\nsecret_file = \"{}\"\n",
+                secret.display()
+            )),
+    )
+    .await;
+    let client = proxy.client();
+    let send = |tag: &str, connection: &str| {
+        fetch(
+            client
+                .get(format!("http://api.openai.com/v1/models?{tag}"))
+                .header("authorization", "Bearer sk-company-key-0001")
+                .header("openai-organization", "org-company")
+                .header("connection", connection),
+        )
+    };
+    assert_eq!(send("ok", "keep-alive").await.status, 200);
+
+    let r = send("org", "keep-alive, OpenAI-Organization").await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_reason(&proxy.audit_path("/v1/models?org").await, "org_not_allowed");
+
+    let r = send("key", "Authorization").await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let rec = proxy.audit_path("/v1/models?key").await;
+    assert_reason(&rec, "key_not_allowed");
+    assert!(rec.get("key_id").is_none_or(|k| k.is_null()), "{rec}");
+
+    assert_eq!(
+        openai.requests().len(),
+        1,
+        "only the honest request is forwarded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_sees_block_and_allow() {
     let (openai, deepseek, proxy) = openai_and_deepseek().await;

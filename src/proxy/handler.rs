@@ -348,6 +348,10 @@ async fn forward(
 
     let policy = state.policy.load_full();
     let (mut parts, body) = req.into_parts();
+    // What the policy reads (keys, tenant headers, the body's encoding) must be what the origin
+    // gets: a header the client names in `Connection` is dropped before anything looks at it,
+    // or naming `OpenAI-Organization` there would pass the tenant check and then vanish.
+    strip_hop_by_hop(&mut parts.headers);
     // A cheap clone (shared bytes) so the path can be borrowed while the parts change.
     let uri_in = parts.uri.clone();
     let path_q = uri_in.path_and_query().map_or("/", |p| p.as_str());
@@ -442,7 +446,6 @@ async fn forward(
             return respond::error(&e, realm, html);
         }
     };
-    strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
