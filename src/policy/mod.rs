@@ -128,7 +128,13 @@ impl Policy {
         // `%2F` is data to RFC 3986 and to most origins, but some (ASGI servers among them)
         // route on the decoded path, where `/v1%2Ffiles` is `/v1/files`. Which one the origin
         // does is unknown here, so such a path is decided both ways and the stricter wins.
-        if let Some(decoded) = req.path.and_then(path::with_slashes_decoded) {
+        // A `%` in the path makes `normalize` copy, so a borrowed path has no `%2F` to try.
+        let escaped = matches!(path, Some(std::borrow::Cow::Owned(_)));
+        if let Some(decoded) = req
+            .path
+            .filter(|_| escaped)
+            .and_then(path::with_slashes_decoded)
+        {
             let alt = self.decide_on(req, Some(&path::normalize(&decoded)));
             if alt.strictness() > d.strictness() {
                 return alt;

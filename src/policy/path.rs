@@ -10,7 +10,8 @@ use std::borrow::Cow;
 use super::hostmatch::glob_match;
 
 /// The path without its query, normalised for matching. Borrows when already normal, which is
-/// the common case, so the hot path does not allocate.
+/// the common case, so the hot path does not allocate. A path with any `%` is always copied:
+/// `Policy::decide` relies on that to skip the `%2F` check for borrowed paths.
 pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
     // One pass finds both the end of the path and whether it is already normal.
     let b = path_and_query.as_bytes();
@@ -276,29 +277,34 @@ impl<T: Copy> PathTrie<T> {
     }
 
     fn walk(
-        node: &TrieNode<T>,
+        mut node: &TrieNode<T>,
         path: &Segments<'_>,
-        depth: usize,
+        mut depth: usize,
         best: &mut Option<(usize, usize, T)>,
     ) {
-        if let Some((v, order)) = node.value {
-            if best.is_none_or(|b| (depth, order) > (b.0, b.1)) {
-                *best = Some((depth, order, v));
+        // Globs branch (recursion); the one literal child that can match is followed in the
+        // loop, so a plain API path costs no calls.
+        loop {
+            if let Some((v, order)) = node.value {
+                if best.is_none_or(|b| (depth, order) > (b.0, b.1)) {
+                    *best = Some((depth, order, v));
+                }
             }
-        }
-        if depth >= path.n {
-            return;
-        }
-        let seg = path.get(depth);
-        for (k, child) in &node.lits {
-            if k.len() == seg.len() && **k == *seg {
-                Self::walk(child, path, depth + 1, best);
-                break;
+            if depth >= path.n {
+                return;
             }
-        }
-        for (g, child) in &node.globs {
-            if glob_match(g, seg) {
-                Self::walk(child, path, depth + 1, best);
+            let seg = path.get(depth);
+            for (g, child) in &node.globs {
+                if glob_match(g, seg) {
+                    Self::walk(child, path, depth + 1, best);
+                }
+            }
+            match node.lits.iter().find(|(k, _)| **k == *seg) {
+                Some((_, child)) => {
+                    node = child;
+                    depth += 1;
+                }
+                None => return,
             }
         }
     }
@@ -418,6 +424,10 @@ mod tests {
         assert_eq!(normalize("/v1/files/"), "/v1/files/");
         assert_eq!(normalize("/%"), "/%");
         assert_eq!(normalize("/%4"), "/%4");
+        // `decide` tries the `%2F` reading only for copied paths.
+        for p in ["/a%2Fb", "/%2f", "/v1/%", "/a%2Fb?x", "/x/%2F/"] {
+            assert!(matches!(normalize(p), Cow::Owned(_)), "{p}");
+        }
     }
 
     #[test]
