@@ -205,8 +205,8 @@ async fn own_listeners_are_refused_even_with_loopback_allowed() {
 }
 
 /// A path rule holds for every spelling of the path an origin might route the same way: dot
-/// segments, doubled slashes, escaped letters, and `%2F` for `/` (which some origins decode
-/// before routing). The request is still forwarded as the client spelled it.
+/// segments, doubled slashes, escaped letters, `%2F` for `/` (which some origins decode before
+/// routing), case, `;params` and backslashes. The request is still forwarded as the client spelled it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_spelling_of_a_blocked_path_is_blocked() {
     let origin = Origin::http().await;
@@ -223,6 +223,15 @@ async fn every_spelling_of_a_blocked_path_is_blocked() {
         "http://api.openai.com/v1%2Fbatches",
         "http://api.openai.com/v1%2fbatches?x=1",
         "http://api.openai.com/v1/x%2F..%2Fbatches",
+        // What lenient origins route the same: case (ASP.NET, IIS), `;params` and `..;`
+        // (servlet containers), backslashes (IIS).
+        "http://api.openai.com/V1/Batches",
+        "http://api.openai.com/v1/BATCHES",
+        "http://api.openai.com/v1/batches;x=1",
+        "http://api.openai.com/v1;jsessionid=A/batches",
+        "http://api.openai.com/v1/files/..;/batches",
+        "http://api.openai.com/v1\\batches",
+        "http://api.openai.com/v1%5cbatches",
     ] {
         let r = raw_get(proxy.addr, target, &[]).await;
         assert_eq!(r.status, 403, "{target}: {r:?}");

@@ -368,6 +368,12 @@ enum PathNoise {
     Detour,
     EncodedDetour,
     DoubleSlash,
+    /// `;params` after the segment (servlet containers drop them).
+    Param,
+    /// `\` before the segment instead of `/` (IIS reads it as one).
+    Backslash,
+    /// The segment in upper case (ASP.NET and IIS route case-insensitively).
+    Upper,
 }
 
 fn path_noise() -> impl Strategy<Value = PathNoise> {
@@ -379,11 +385,15 @@ fn path_noise() -> impl Strategy<Value = PathNoise> {
         PathNoise::Detour,
         PathNoise::EncodedDetour,
         PathNoise::DoubleSlash,
+        PathNoise::Param,
+        PathNoise::Backslash,
+        PathNoise::Upper,
     ])
 }
 
-/// The same path with dot segments, detours ("x/../"), empty segments and percent-encoded
-/// unreserved characters; origins read all of them as the canonical path.
+/// The same path with dot segments, detours ("x/../"), empty segments, percent-encoded
+/// unreserved characters, `;params`, backslashes and case changes; origins (some of them, for
+/// the last three) read all of them as the canonical path.
 fn spell_path(canonical: &str, noise: &[PathNoise], encode: &[bool], query: bool) -> String {
     let mut out = String::new();
     let segs: Vec<&str> = canonical.split('/').skip(1).collect();
@@ -397,9 +407,18 @@ fn spell_path(canonical: &str, noise: &[PathNoise], encode: &[bool], query: bool
             // origins read it (the stricter wins), which `encoded_slashes_never_loosen` covers.
             PathNoise::EncodedDetour => out.push_str("/x%2e/%2e%2E"),
             PathNoise::DoubleSlash => out.push('/'),
+            PathNoise::Param | PathNoise::Backslash | PathNoise::Upper => {}
         }
-        out.push('/');
+        let noise_here = noise[i % noise.len()];
+        out.push(match noise_here {
+            PathNoise::Backslash if !out.is_empty() => '\\',
+            _ => '/',
+        });
         for (j, c) in seg.chars().enumerate() {
+            let c = match noise_here {
+                PathNoise::Upper => c.to_ascii_uppercase(),
+                _ => c,
+            };
             if encode[(i + j) % encode.len()] {
                 if j % 2 == 0 {
                     write!(out, "%{:02X}", c as u32).unwrap();
@@ -409,6 +428,9 @@ fn spell_path(canonical: &str, noise: &[PathNoise], encode: &[bool], query: bool
             } else {
                 out.push(c);
             }
+        }
+        if matches!(noise_here, PathNoise::Param) {
+            out.push_str(";jsessionid=A1");
         }
     }
     if out.is_empty() {
@@ -804,8 +826,9 @@ proptest! {
         post in any::<bool>(),
     ) {
         let spelled = spell_path(&canonical, &noise, &encode, query);
-        prop_assert_eq!(normalize(&canonical), canonical.as_str());
-        prop_assert_eq!(normalize(&spelled), canonical.as_str(), "{:?}", spelled);
+        let folded = canonical.to_ascii_lowercase();
+        prop_assert_eq!(normalize(&canonical), folded.as_str());
+        prop_assert_eq!(normalize(&spelled), folded.as_str(), "{:?}", spelled);
         let host = Host::parse("api.openai.com").unwrap();
         let method = if post { Method::POST } else { Method::GET };
         prop_assert_eq!(
@@ -863,7 +886,8 @@ proptest! {
     fn normal_form_is_a_fixpoint(
         tokens in prop::collection::vec(
             select(vec!["/", "/", ".", "..", "a", "B", "~", "%2e", "%2E", "%2f", "%2F", "%41",
-                        "%7e", "%25", "%00", "?", "#", "*", ":", "\u{e9}", "%C3%A9", "%%", "%4"]),
+                        "%7e", "%25", "%00", "?", "#", "*", ":", "\u{e9}", "%C3%A9", "%%", "%4",
+                        ";", ";x=1", "\\", "%5C", "%3B", "Z"]),
             0..16,
         ),
     ) {

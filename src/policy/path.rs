@@ -3,7 +3,11 @@
 //! Origins treat `/v1/./batches`, `/v1//batches` and `/v1/%62atches` as `/v1/batches`; if the
 //! policy did not, a client could dodge a path rule by spelling. Matching therefore runs on the
 //! RFC 3986 §6.2.2 normal form (unreserved percent-escapes decoded, dot segments removed) with
-//! empty segments collapsed. The request is still forwarded exactly as the client sent it.
+//! empty segments collapsed, and on what lenient origins also accept: ASCII case folded
+//! (ASP.NET and IIS route case-insensitively), `;params` cut from each segment (servlet
+//! containers, where `..;` is `..`), and `\` read as `/` (IIS). A path that differs only in
+//! these is, at a strict origin, a 404, so deciding it as the path it spells is never looser.
+//! The request is still forwarded exactly as the client sent it.
 
 use std::borrow::Cow;
 
@@ -29,7 +33,7 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
                 after_slash = true;
                 continue;
             }
-            b'%' => work = true,
+            b'%' | b';' | b'\\' | b'A'..=b'Z' => work = true,
             b'.' => work |= after_slash,
             _ => {}
         }
@@ -41,7 +45,12 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
     }
     let decoded = decode_unreserved(path);
     let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
+    // A trailing `/` is kept, also when it was followed by `;params` only.
+    let mut trailing = false;
+    for seg in decoded.split(['/', '\\']) {
+        // `split` yields at least one piece: the segment without its parameters.
+        let seg = seg.split(';').next().unwrap_or_default();
+        trailing = seg.is_empty();
         match seg {
             "" | "." => {}
             ".." => {
@@ -55,14 +64,16 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
         s.push('/');
         s.push_str(seg);
     }
-    if s.is_empty() || (decoded.ends_with('/') && !out.is_empty()) {
+    if s.is_empty() || (trailing && !out.is_empty()) {
         s.push('/');
     }
+    s.make_ascii_lowercase();
     Cow::Owned(s)
 }
 
-/// The path part with every `%2F` read as `/` (the query dropped), when it has one: how an
-/// origin that decodes before routing sees it. `None` when there is no encoded slash.
+/// The path part with every `%2F` (and `%5C`, a backslash) read as `/` (the query dropped),
+/// when it has one: how an origin that decodes before routing sees it. `None` when there is no
+/// encoded slash.
 pub fn with_slashes_decoded(path_and_query: &str) -> Option<String> {
     // Every decision asks: the usual answer has to be one memchr.
     if !path_and_query.as_bytes().contains(&b'%') {
@@ -74,7 +85,11 @@ pub fn with_slashes_decoded(path_and_query: &str) -> Option<String> {
         .unwrap_or(path_and_query.len());
     let b = &path_and_query.as_bytes()[..end];
     let is_slash = |i: usize| {
-        b[i] == b'%' && b.get(i + 1) == Some(&b'2') && matches!(b.get(i + 2), Some(b'f' | b'F'))
+        b[i] == b'%'
+            && matches!(
+                (b.get(i + 1), b.get(i + 2)),
+                (Some(b'2'), Some(b'f' | b'F')) | (Some(b'5'), Some(b'c' | b'C'))
+            )
     };
     if !(0..b.len()).any(is_slash) {
         return None;
@@ -334,12 +349,13 @@ pub struct PathPattern {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("path pattern {0:?} must start with '/'")]
+#[error("path pattern {0:?} must start with '/' and hold no '?', '#', ';', '\\' or space")]
 pub struct PathPatternError(pub String);
 
 impl PathPattern {
     pub fn parse(text: &str) -> Result<PathPattern, PathPatternError> {
-        if !text.starts_with('/') || text.contains(['?', '#', ' ']) {
+        // `;` and `\` would be cut or turned into `/` by `normalize`: refused, not rewritten.
+        if !text.starts_with('/') || text.contains(['?', '#', ' ', ';', '\\']) {
             return Err(PathPatternError(text.to_string()));
         }
         let norm = normalize(text);
@@ -408,7 +424,25 @@ mod tests {
         assert_eq!(normalize("/v1/x/../batches"), "/v1/batches");
         assert_eq!(normalize("/v1/%62atches"), "/v1/batches");
         assert_eq!(normalize("/v1/%2e%2e/v1/batches"), "/v1/batches");
-        assert_eq!(normalize("/v1/a%2fb"), "/v1/a%2Fb");
+        assert_eq!(normalize("/v1/a%2fb"), "/v1/a%2fb");
+        assert_eq!(normalize("/v1/a%2Fb"), "/v1/a%2fb");
+        // What lenient origins accept: case, `;params` (and `..;`), backslashes.
+        for spelled in [
+            "/V1/Batches",
+            "/v1/BATCHES?Q=A",
+            "/v1/batches;x",
+            "/v1;jsessionid=1/batches",
+            "/v1/files/..;/batches",
+            "/v1\\batches",
+            "\\v1\\x\\..\\batches",
+        ] {
+            assert_eq!(normalize(spelled), "/v1/batches", "{spelled}");
+        }
+        assert_eq!(normalize("/v1/batches;x/"), "/v1/batches/");
+        assert_eq!(
+            with_slashes_decoded("/v1%5cfiles%5C").as_deref(),
+            Some("/v1/files/")
+        );
         assert_eq!(
             with_slashes_decoded("/v1%2Ffiles%2f?q=%2F").as_deref(),
             Some("/v1/files/")
@@ -438,10 +472,18 @@ mod tests {
         assert!(!p.matches("/v1/modelsx"));
         assert!(!p.matches("/v1"));
         let g = PathPattern::parse("/v1beta/models/*:generateContent").unwrap();
-        assert!(g.matches("/v1beta/models/gemini-2.0-flash:generateContent"));
-        assert!(!g.matches("/v1beta/models/gemini:streamGenerateContent"));
+        // Patterns and paths meet in the normal form, where case is folded.
+        assert!(g.matches(&normalize(
+            "/v1beta/models/gemini-2.0-flash:generateContent"
+        )));
+        assert!(g.matches(&normalize(
+            "/V1BETA/models/gemini-2.0-flash:GENERATECONTENT"
+        )));
+        assert!(!g.matches(&normalize("/v1beta/models/gemini:streamGenerateContent")));
         assert!(PathPattern::parse("/").unwrap().matches("/anything"));
-        assert!(PathPattern::parse("v1").is_err());
+        for bad in ["v1", "/v1;x", "/v1\\files", "/v1?x"] {
+            assert!(PathPattern::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
