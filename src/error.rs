@@ -56,6 +56,8 @@ pub enum ProxyError {
     UpstreamBody(String),
     #[error("the audit log cannot take records now; refusing rather than serving unaudited")]
     AuditUnavailable,
+    #[error("bodies held for inspection fill [inspect] max_buffered; refusing rather than forwarding uninspected")]
+    InspectionBusy,
 }
 
 impl ProxyError {
@@ -85,6 +87,7 @@ impl ProxyError {
             ProxyError::UpstreamBodyTimeout => "body_timeout",
             ProxyError::UpstreamBody(_) => "upstream_body",
             ProxyError::AuditUnavailable => "audit_unavailable",
+            ProxyError::InspectionBusy => "inspection_busy",
         }
     }
 
@@ -102,7 +105,9 @@ impl ProxyError {
             ProxyError::ClientHello(_) | ProxyError::ClientHelloTimeout => StatusCode::BAD_REQUEST,
             ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamBodyTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AuditUnavailable | ProxyError::InspectionBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::ResponseHeadTooLarge
             | ProxyError::UpstreamBody(_)
             | ProxyError::Dns(_)

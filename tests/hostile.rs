@@ -409,3 +409,109 @@ fn new_keys_are_validated_with_file_line_col() {
     assert_eq!(l.settings.proxy.send_timeout, Duration::from_secs(45));
     assert_eq!(l.settings.audit.on_full, portcullis::config::OnFull::Block);
 }
+
+/// Bodies held back for inspection share one budget (`[inspect] max_buffered`): slow uploads
+/// that each stall below `max_body` cannot pile up memory without bound. Past the budget a
+/// request is refused 503 `inspection_busy` (never forwarded uninspected), and the budget comes
+/// back when the stalled uploads go away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_bodies_share_one_budget() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(
+                "[[rule]]\nid = \"no-gpt4o\"\nvendor = \"openai\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n\n\
+                 [inspect]\nmax_body = \"1KiB\"\nmax_buffered = \"2KiB\"\ntimeout = \"30s\"\n",
+            ),
+    )
+    .await;
+    // Two uploads promise 5,000 bytes, send 1,000 and stall: 2,000 of 2,048 bytes held.
+    let mut stalled = Vec::new();
+    for i in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        let head = format!(
+            "POST http://api.openai.com/v1/chat/completions?stall={i} HTTP/1.1\r\n\
+             Host: api.openai.com\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&[b' '; 1000]).await.expect("body");
+        stalled.push(s);
+    }
+    // 100+ bytes: more than the 48 left.
+    let body = format!(
+        r#"{{"model":"o3-mini","messages":[],"user":"{}"}}"#,
+        "u".repeat(80)
+    );
+    let send = || {
+        proxy
+            .client()
+            .post("http://api.openai.com/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    let mut refused = None;
+    for _ in 0..50 {
+        let r = send().await.expect("request");
+        if r.status() == 503 {
+            refused = Some(r.text().await.expect("body"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("a request past the budget is refused");
+    assert!(refused.contains("inspection_busy"), "{refused}");
+    assert!(
+        origin.requests().is_empty(),
+        "nothing was forwarded uninspected"
+    );
+    let rec = proxy
+        .audit_where("the refusal", |r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("inspection_busy"))
+        })
+        .await;
+    assert_eq!(rec["status"], 503, "{rec}");
+
+    drop(stalled);
+    let mut served = false;
+    for _ in 0..100 {
+        let r = send().await.expect("request");
+        if r.status() == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "the budget comes back when the stalled uploads go away"
+    );
+
+    // A body longer than max_body, in many chunks: the held prefix (cut inside a chunk) and the
+    // streamed rest reach the origin as sent, in order.
+    let mut long = br#"{"model":"o3","pad":""#.to_vec();
+    long.extend((0..5000u32).map(|i| b'a' + (i * 7 % 26) as u8));
+    long.extend_from_slice(br#""}"#);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        long.chunks(700).map(|c| Ok(c.to_vec())).collect();
+    let r = proxy
+        .client()
+        .post("http://api.openai.com/v1/chat/completions?long")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .expect("long body");
+    assert_eq!(r.status(), 200);
+    let seen = origin.request("/v1/chat/completions?long").await;
+    assert_eq!(seen.body_len, long.len() as u64);
+    assert_eq!(
+        seen.body_fnv,
+        fnv1a(FNV_START, &long),
+        "bytes changed on the way"
+    );
+}

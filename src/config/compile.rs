@@ -586,6 +586,22 @@ fn inspection(
             .map_or(super::At { file: 0, start: 0 }, |m| src.at(0, m));
         return Err(src.error(at, "max_body must be between 1 byte and 64MiB"));
     }
+    let max_buffered = match &sec.max_buffered {
+        Some(m) => parse_size(m.get_ref()).map_err(|e| src.error(src.at(0, m), e))?,
+        None => 256 << 20,
+    };
+    // The semaphore counts in u32 chunks of a byte each; below max_body one request could
+    // never be inspected.
+    if max_buffered < max_body || max_buffered > u32::MAX as u64 {
+        let at = sec
+            .max_buffered
+            .as_ref()
+            .map_or(super::At { file: 0, start: 0 }, |m| src.at(0, m));
+        return Err(src.error(
+            at,
+            "max_buffered must be at least max_body and at most 4GiB",
+        ));
+    }
     let timeout = match &sec.timeout {
         Some(t) => parse_duration(t.get_ref()).map_err(|m| src.error(src.at(0, t), m))?,
         None => Duration::from_secs(10),
@@ -608,6 +624,7 @@ fn inspection(
         scanner,
         max_body: max_body as usize,
         timeout,
+        budget: Arc::new(tokio::sync::Semaphore::new(max_buffered as usize)),
         models: body_rules.iter().any(|r| !r.models.is_empty()),
         dlp: body_rules.iter().fold(0, |m, r| m | r.dlp),
         vendors,

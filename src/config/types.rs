@@ -220,6 +220,7 @@ pub struct InterceptSection {
 #[serde(deny_unknown_fields)]
 pub struct InspectSection {
     pub max_body: Option<S<String>>,
+    pub max_buffered: Option<S<String>>,
     pub timeout: Option<S<String>>,
     /// User DLP patterns: name = regex.
     pub patterns: Option<S<BTreeMap<String, S<String>>>>,

@@ -211,6 +211,8 @@ where
 /// of the client's body, streamed.
 pub struct RequestBody {
     held: std::collections::VecDeque<Frame<Bytes>>,
+    /// The held bytes' share of the inspection budget, given back once they are sent.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
     rest: Option<Incoming>,
 }
 
@@ -218,6 +220,7 @@ impl RequestBody {
     pub fn streamed(body: Incoming) -> RequestBody {
         RequestBody {
             held: Default::default(),
+            budget: None,
             rest: Some(body),
         }
     }
@@ -225,9 +228,10 @@ impl RequestBody {
     /// `held` frames first, then `rest` (None when the body already ended).
     pub fn resumed(
         held: std::collections::VecDeque<Frame<Bytes>>,
+        budget: Option<tokio::sync::OwnedSemaphorePermit>,
         rest: Option<Incoming>,
     ) -> RequestBody {
-        RequestBody { held, rest }
+        RequestBody { held, budget, rest }
     }
 }
 
@@ -241,6 +245,9 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         if let Some(f) = this.held.pop_front() {
+            if this.held.is_empty() {
+                this.budget = None;
+            }
             return Poll::Ready(Some(Ok(f)));
         }
         match &mut this.rest {

@@ -10,6 +10,8 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::body::RequestBody;
 use crate::error::ProxyError;
 use crate::inspect::{dlp::Hits, model};
@@ -55,8 +57,17 @@ pub async fn inspect(
         return Ok((out, RequestBody::streamed(body)));
     }
 
-    let mut held: VecDeque<Frame<Bytes>> = VecDeque::new();
-    let mut prefix = BytesMut::new();
+    // One copy of the prefix, which is both scanned and sent on; the frames it came in are
+    // dropped as they are copied. Content-Length (when sent) sizes it once.
+    let expect = body
+        .size_hint()
+        .upper()
+        .unwrap_or(0)
+        .min(ins.max_body as u64) as usize;
+    let mut prefix = BytesMut::with_capacity(expect);
+    // Bytes past the prefix in its last frame, and trailers: sent after the prefix.
+    let mut after: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut budget: Option<OwnedSemaphorePermit> = None;
     let deadline = tokio::time::Instant::now() + ins.timeout;
     let mut ended = false;
     while prefix.len() < ins.max_body {
@@ -67,13 +78,25 @@ pub async fn inspect(
                 break;
             }
             Ok(Some(Err(e))) => return Err(ProxyError::ClientBody(e.to_string())),
-            Ok(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    let room = ins.max_body - prefix.len();
-                    prefix.extend_from_slice(&d[..d.len().min(room)]);
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => {
+                    let take = d.len().min(ins.max_body - prefix.len());
+                    // Fail closed: forwarding uninspected would skip the rules.
+                    let permit = u32::try_from(take)
+                        .ok()
+                        .and_then(|n| ins.budget.clone().try_acquire_many_owned(n).ok())
+                        .ok_or(ProxyError::InspectionBusy)?;
+                    match &mut budget {
+                        Some(p) => p.merge(permit),
+                        None => budget = Some(permit),
+                    }
+                    prefix.extend_from_slice(&d[..take]);
+                    if take < d.len() {
+                        after.push_back(Frame::data(d.slice(take..)));
+                    }
                 }
-                held.push_back(frame);
-            }
+                Err(trailers) => after.push_back(trailers),
+            },
         }
     }
     ended = ended || body.is_end_stream();
@@ -87,5 +110,8 @@ pub async fn inspect(
         out.ambiguous = model::duplicate_model(&prefix);
     }
     let rest = (!ended).then_some(body);
-    Ok((out, RequestBody::resumed(held, rest)))
+    if !prefix.is_empty() {
+        after.push_front(Frame::data(prefix.freeze()));
+    }
+    Ok((out, RequestBody::resumed(after, budget, rest)))
 }

@@ -135,7 +135,19 @@ pub struct Seen {
     pub uri: String,
     pub headers: HeaderMap,
     pub body_len: u64,
+    /// [`fnv1a`] of the body: tells whether the bytes arrived as sent, in order.
+    pub body_fnv: u64,
 }
+
+/// FNV-1a, 64 bits, continued from `h` (start with [`FNV_START`]).
+pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// An HTTP(S) origin on 127.0.0.1. Paths: `/download/N` streams N bytes; `/slow/...` answers
 /// after 50 ms; anything else reads the body (streaming, counting) and answers
@@ -235,9 +247,13 @@ async fn origin_answer(
     static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
     let (parts, mut body) = req.into_parts();
     let mut body_len = 0u64;
+    let mut body_fnv = FNV_START;
     while let Some(frame) = body.frame().await {
         match frame.map(|f| f.into_data()) {
-            Ok(Ok(d)) => body_len += d.len() as u64,
+            Ok(Ok(d)) => {
+                body_len += d.len() as u64;
+                body_fnv = fnv1a(body_fnv, &d);
+            }
             Ok(Err(_)) => {}
             Err(_) => break,
         }
@@ -251,6 +267,7 @@ async fn origin_answer(
             .map_or(path.clone(), |p| p.to_string()),
         headers: parts.headers,
         body_len,
+        body_fnv,
     });
     if path.starts_with("/slow") {
         tokio::time::sleep(Duration::from_millis(50)).await;
