@@ -5,7 +5,8 @@
 //! once per policy and shared across requests; [`Scanner::scan`] does one
 //! [`RegexSet`] pass over the body and only re-examines the body for patterns
 //! whose regex alone is too weak (card numbers, which need Luhn and IIN
-//! checks).
+//! checks). A body with JSON escapes in it gets a second pass over a decoded
+//! copy, since an escape can spell any character of a secret.
 //!
 //! Nothing in this module ever formats matched body text: [`Hits`] is a bit
 //! set, and [`Scanner`]'s `Debug` shows pattern names only, so neither can
@@ -13,6 +14,8 @@
 
 use regex::bytes::{Regex, RegexSet, RegexSetBuilder};
 use std::fmt;
+
+use super::model::escaped_char;
 
 /// Names of the built-in patterns, in index order: built-in `i` has index `i`
 /// in every [`Scanner`].
@@ -250,8 +253,25 @@ impl Scanner {
         self.names.is_empty()
     }
 
-    /// Which patterns occur in `body`.
+    /// Which patterns occur in `body`, as sent or with its JSON escapes
+    /// decoded.
     pub fn scan(&self, body: &[u8]) -> Hits {
+        let hits = self.scan_bytes(body);
+        // JSON lets a client spell any character as an escape (`\u002d` for
+        // `-`; PHP writes `/` as `\/` by default), so a secret can hide from
+        // the patterns in the raw bytes. Without a backslash there is no
+        // escape, and the usual body costs one memchr more.
+        if !body.contains(&b'\\') {
+            return hits;
+        }
+        match unescaped(body) {
+            Some(decoded) => hits | self.scan_bytes(&decoded),
+            None => hits,
+        }
+    }
+
+    /// Which patterns occur in `body`, taken as it is.
+    fn scan_bytes(&self, body: &[u8]) -> Hits {
         let mut hits = Hits::default();
         for i in self.set.matches(body).iter() {
             let found = match self.confirm[i] {
@@ -283,6 +303,40 @@ impl Scanner {
             run_has_card(run.as_bytes(), tail_ok)
         })
     }
+}
+
+/// `body` with its JSON escapes decoded, lone surrogates as U+FFFD; `None`
+/// when no escape decodes. A backslash that starts no valid escape stays
+/// as it is, as does everything else: the body may be form-encoded or
+/// plain text, and decoding only adds a second view of it. One level only:
+/// `\\u002d` is the text `\u002d` to the vendor too.
+fn unescaped(body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    // `body[..copied]` is already in `out`, decoded.
+    let mut copied = 0;
+    let mut i = 0;
+    while let Some(k) = body[i..].iter().position(|&c| c == b'\\') {
+        let at = i + k;
+        match escaped_char(body, at + 1) {
+            Some((ch, next)) => {
+                if out.capacity() == 0 {
+                    // Every escape decodes to fewer bytes than it takes: one
+                    // allocation holds the whole copy.
+                    out.reserve_exact(body.len());
+                }
+                out.extend_from_slice(&body[copied..at]);
+                out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
+                copied = next;
+                i = next;
+            }
+            None => i = at + 1,
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.extend_from_slice(&body[copied..]);
+    Some(out)
 }
 
 fn build_set(sources: &[String]) -> Result<RegexSet, regex::Error> {
@@ -691,6 +745,126 @@ mod tests {
         assert_hit(&s, b"text=card%0A4111111111111111", "card_number");
         assert_hit(&s, b"text=card%204111%201111%201111%201111", "card_number");
         assert_hit(&s, b"text=card+4111+1111+1111+1111&x=1", "card_number");
+    }
+
+    /// Secrets spelled with JSON escapes, each paired with its pattern.
+    /// None hits in the raw bytes; every one does once decoded.
+    fn escaped_positives() -> Vec<(&'static str, String)> {
+        let b64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let url_safe = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
+        let pem = filler(b64, 64, 4);
+        let d = r"\u002d";
+        vec![
+            (
+                "private_key",
+                format!(r"{d}----BEGIN PRIVATE KEY-----\n{pem}"),
+            ),
+            (
+                "private_key",
+                format!(r"\u002D----BEGIN PRIVATE KEY-----\n{pem}"),
+            ),
+            (
+                "private_key",
+                format!(r"-----BEGIN\u0020RSA PRIVATE KEY-----\n{pem}"),
+            ),
+            (
+                "private_key",
+                format!("{d}{d}{d}{d}{d}BEGIN PRIVATE KEY{d}{d}{d}{d}{d}"),
+            ),
+            (
+                "openai_key",
+                format!(r"sk{d}proj-{}", filler(url_safe, 156, 14)),
+            ),
+            ("openai_key", format!(r"\u0073k-{}", filler(ALNUM, 48, 13))),
+            (
+                "aws_secret_key",
+                r"aws_secret_access_key = wJalrXUtnFEMI\/K7MDENG\/bPxRfiCYEXAMPLEKEY".to_owned(),
+            ),
+            ("aws_access_key", r"\u0041KIAIOSFODNN7EXAMPLE".to_owned()),
+            // The only boundary before the key is a lone surrogate, or a pair.
+            ("aws_access_key", r"x\ud800AKIAIOSFODNN7EXAMPLE".to_owned()),
+            (
+                "aws_access_key",
+                r"x\ud83d\ude00AKIAIOSFODNN7EXAMPLE".to_owned(),
+            ),
+            (
+                "github_token",
+                format!(r"gh\u0070_{}", filler(ALNUM, 36, 1)),
+            ),
+            (
+                "card_number",
+                r"4111\u00201111\u00201111\u00201111".to_owned(),
+            ),
+        ]
+    }
+
+    #[test]
+    fn json_escapes_do_not_hide_secrets() {
+        let s = scanner();
+        for (name, secret) in escaped_positives() {
+            let idx = s.index(name).unwrap();
+            assert!(
+                !s.scan_bytes(secret.as_bytes()).contains(idx),
+                "raw bytes already hit {name}, the case tests nothing: {secret}"
+            );
+            assert_hit(&s, secret.as_bytes(), name);
+            assert_hit(&s, &in_json(&secret), name);
+        }
+    }
+
+    #[test]
+    fn bodies_without_escapes_scan_as_before() {
+        let s = scanner();
+        let mut bodies: Vec<Vec<u8>> = positives()
+            .into_iter()
+            .flat_map(|(_, p)| [p.clone().into_bytes(), format!("a=1&b={p}").into_bytes()])
+            .collect();
+        bodies.push(b"text=key%0AAKIAIOSFODNN7EXAMPLE%0A".to_vec());
+        bodies.push(b"no secrets here, 4111111111111112".to_vec());
+        // A backslash that starts no escape decodes to nothing new either.
+        bodies.push(br"C:\Users\x AKIAIOSFODNN7EXAMPLE \q".to_vec());
+        for body in bodies.iter().filter(|b| unescaped(b).is_none()) {
+            assert_eq!(
+                s.scan(body),
+                s.scan_bytes(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(bodies.iter().filter(|b| unescaped(b).is_none()).count() > 20);
+    }
+
+    #[test]
+    fn unescaping() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (br"a\nb", b"a\nb"),
+            (br#"\"\\\/\b\f\r\t"#, b"\"\\/\x08\x0c\r\t"),
+            (br"caf\u00e9 \u00E9", "café é".as_bytes()),
+            (br"\ud83d\ude00!", "😀!".as_bytes()),
+            (br"\ud800x", "\u{FFFD}x".as_bytes()),
+            (br"\udc00", "\u{FFFD}".as_bytes()),
+            (br"\ud800\u0041", "\u{FFFD}A".as_bytes()),
+            (br"\ud800\ud83d\ude00", "\u{FFFD}😀".as_bytes()),
+            // One level: an escaped backslash does not start another escape.
+            (br"\\u002d", br"\u002d"),
+            // Bad or cut-off escapes stay as sent.
+            (br"\x\n", b"\\x\n"),
+            (br"\n\u00", b"\n\\u00"),
+            (br"\n\ud800", b"\n\\ud800"),
+            (br"\n\u12g4", b"\n\\u12g4"),
+            (b"\xff\\n\xfe\\", b"\xff\n\xfe\\"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(
+                unescaped(raw).as_deref(),
+                Some(*want),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        for raw in [&b""[..], b"plain", br"C:\Users\x", br"trailing \", br"\u12"] {
+            assert_eq!(unescaped(raw), None, "{}", String::from_utf8_lossy(raw));
+        }
     }
 
     #[test]

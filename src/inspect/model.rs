@@ -12,14 +12,18 @@
 //! Agreement with the vendor's parser is what matters for security: a body
 //! that the vendor reads as naming model X must never be reported here as
 //! naming model Y. Hence keys are compared after escape decoding
-//! (`"mod\u0065l"` is `model` to every JSON parser), and anything malformed
-//! before the key yields `None` rather than a guess.
+//! (`"mod\u0065l"` is `model` to every JSON parser), and lone surrogate
+//! escapes, which Python's and JavaScript's parsers accept, are read rather
+//! than rejected.
 //!
-//! Duplicate top-level `model` keys: [`model`] reports the first. Parsers
-//! disagree here (Python's and JavaScript's keep the last), so the proxy also
-//! asks [`duplicate_model`] and refuses such a body rather than guess which
-//! one the vendor will read. A duplicate beyond the buffered prefix cannot be
-//! seen; the prefix cap is the documented limit of body rules.
+//! Where the vendor's reading cannot be vouched for, [`model_ambiguous`]
+//! says so and the proxy refuses the body rather than guess: a top-level
+//! `model` named twice (parsers disagree: Python's and JavaScript's keep the
+//! last, [`model`] reports the first), or a top-level object this scanner
+//! finds malformed, since a more lenient parser may still find a `model` in
+//! it. The end of a truncated prefix is not malformed: a duplicate beyond
+//! the buffered prefix cannot be seen, and the prefix cap is the documented
+//! limit of body rules.
 
 use std::borrow::Cow;
 
@@ -30,64 +34,119 @@ const MAX_VALUE: usize = 256;
 /// The top-level "model" value of a JSON object, if present within `body` (which may be a truncated prefix). Escapes decoded (Cow::Owned only then). Nested "model" keys (inside messages, tools, metadata, string values containing "model") must NOT match. Returns None for non-objects, malformed input before the key, non-string values, values longer than 256 bytes, or invalid UTF-8.
 ///
 /// A leading UTF-8 byte-order mark is skipped, as lenient producers emit one.
+/// A lone surrogate escape in the value reads as U+FFFD.
 pub fn model(body: &[u8]) -> Option<Cow<'_, str>> {
-    let mut i = first_member(body)?;
+    let mut members = Members::new(body)?;
     loop {
-        if body.get(i) != Some(&b'"') {
-            // Also covers `}` (no model at all) and a trailing comma.
-            return None;
-        }
-        let (is_model, after_key) = key(body, i + 1)?;
-        i = skip_ws(body, after_key);
-        if body.get(i) != Some(&b':') {
-            return None;
-        }
-        i = skip_ws(body, i + 1);
-        if is_model {
-            if body.get(i) != Some(&b'"') {
+        let m = members.next().ok()?;
+        if m.is_model {
+            if body.get(m.value) != Some(&b'"') {
                 return None;
             }
-            return value(body, i + 1);
+            return value(body, m.value + 1);
         }
-        i = skip_ws(body, skip_value(body, i)?);
-        if body.get(i) != Some(&b',') {
-            return None;
-        }
-        i = skip_ws(body, i + 1);
     }
 }
 
-/// Whether the top-level object names `model` more than once within `body`
-/// (keys compared after escape decoding, as in [`model`]). Stops, answering
-/// false, at anything malformed or at the end of a truncated prefix.
-pub fn duplicate_model(body: &[u8]) -> bool {
-    let Some(mut i) = first_member(body) else {
+/// Whether [`model`]'s answer cannot be trusted to be the model the vendor
+/// reads: the top-level object names `model` more than once (keys compared
+/// after escape decoding, as in [`model`]), or is malformed before the end
+/// of `body`. Malformed means in its structure (separators, brackets), in
+/// a key as far as it is read to compare it with `model`, or in the part of
+/// the first `model` value [`model`] reads; other string contents are not
+/// checked. Non-objects, and the end of a truncated prefix, are not
+/// ambiguous.
+pub fn model_ambiguous(body: &[u8]) -> bool {
+    let Some(mut members) = Members::new(body) else {
         return false;
     };
     let mut seen = false;
     loop {
-        if body.get(i) != Some(&b'"') {
-            return false;
+        match members.next() {
+            Ok(m) if m.is_model => {
+                if seen || bad_string(body, m.value) {
+                    return true;
+                }
+                seen = true;
+            }
+            Ok(_) => {}
+            Err(stop) => return stop == Stop::Malformed,
         }
-        let Some((is_model, after_key)) = key(body, i + 1) else {
-            return false;
-        };
-        if is_model && seen {
-            return true;
+    }
+}
+
+/// Why a walk of the top-level object's members ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    /// Its closing brace: every member was seen.
+    Closed,
+    /// The prefix ran out: what follows is unknown, not wrong.
+    Truncated,
+    /// Not JSON, so nothing says the vendor's parser reads it as we would.
+    Malformed,
+}
+
+/// One top-level member.
+struct Member {
+    /// Its key decodes to `model`.
+    is_model: bool,
+    /// Where its value starts.
+    value: usize,
+}
+
+/// The top-level object's members in order. Values are skipped, never
+/// descended into, so nested keys are never seen.
+struct Members<'a> {
+    b: &'a [u8],
+    /// Start of the next member's key, or of the last member's value once
+    /// one has been returned.
+    i: usize,
+    started: bool,
+}
+
+impl<'a> Members<'a> {
+    /// `None` when the body is not an object at all.
+    fn new(b: &'a [u8]) -> Option<Members<'a>> {
+        let i = first_member(b)?;
+        Some(Members {
+            b,
+            i,
+            started: false,
+        })
+    }
+
+    fn next(&mut self) -> Result<Member, Stop> {
+        let b = self.b;
+        if self.started {
+            let i = skip_ws(b, skip_value(b, self.i)?);
+            if b.get(i) == Some(&b'}') {
+                return Err(Stop::Closed);
+            }
+            expect(b, i, b',')?;
+            // After a comma a key must follow: `}` here is a trailing comma.
+            self.i = skip_ws(b, i + 1);
+        } else if b.get(self.i) == Some(&b'}') {
+            return Err(Stop::Closed);
         }
-        seen |= is_model;
-        i = skip_ws(body, after_key);
-        if body.get(i) != Some(&b':') {
-            return false;
-        }
-        let Some(end) = skip_value(body, skip_ws(body, i + 1)) else {
-            return false;
-        };
-        i = skip_ws(body, end);
-        if body.get(i) != Some(&b',') {
-            return false;
-        }
-        i = skip_ws(body, i + 1);
+        self.started = true;
+        expect(b, self.i, b'"')?;
+        let (is_model, after_key) = key(b, self.i + 1)?;
+        let i = skip_ws(b, after_key);
+        expect(b, i, b':')?;
+        self.i = skip_ws(b, i + 1);
+        Ok(Member {
+            is_model,
+            value: self.i,
+        })
+    }
+}
+
+/// Whether `b[i]` is `c`; the end of the prefix is not an error of the body.
+fn expect(b: &[u8], i: usize, c: u8) -> Result<(), Stop> {
+    match b.get(i) {
+        Some(&x) if x == c => Ok(()),
+        Some(_) => Err(Stop::Malformed),
+        None => Err(Stop::Truncated),
     }
 }
 
@@ -113,14 +172,14 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 }
 
 /// Whether the key string starting at `i` (just past its quote) decodes to
-/// `model`, and the index past its closing quote. `None` if malformed or
-/// truncated.
-fn key(b: &[u8], i: usize) -> Option<(bool, usize)> {
+/// `model`, and the index past its closing quote.
+fn key(b: &[u8], i: usize) -> Result<(bool, usize), Stop> {
     let mut buf = [0u8; 5];
     match decode(b, i, &mut buf) {
-        Ok(d) => Some((&buf[..d.len] == b"model", d.end)),
-        Err(DecodeError::Overflow) => Some((false, string_end(b, i)?)),
-        Err(DecodeError::Invalid) => None,
+        Ok(d) => Ok((&buf[..d.len] == b"model", d.end)),
+        Err(DecodeError::Overflow) => Ok((false, string_end(b, i).ok_or(Stop::Truncated)?)),
+        Err(DecodeError::Truncated) => Err(Stop::Truncated),
+        Err(DecodeError::Invalid) => Err(Stop::Malformed),
     }
 }
 
@@ -139,9 +198,20 @@ fn value(b: &[u8], i: usize) -> Option<Cow<'_, str>> {
     }
 }
 
+/// Whether the value at `i` is a string with a bad escape or raw control
+/// character in the part [`value`] reads: [`model`] then answers `None`,
+/// which must not pass for "no model named".
+fn bad_string(b: &[u8], i: usize) -> bool {
+    b.get(i) == Some(&b'"')
+        && matches!(
+            decode(b, i + 1, &mut [0u8; MAX_VALUE]),
+            Err(DecodeError::Invalid)
+        )
+}
+
 /// Index past the closing quote of the string starting at `i` (just past its
 /// opening quote), without decoding: used for strings whose content does
-/// not matter.
+/// not matter. `None` when the prefix ends first.
 fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
     loop {
         i += b.get(i..)?.iter().position(|&c| c == b'"' || c == b'\\')?;
@@ -157,27 +227,30 @@ fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
 /// Index past the value starting at `i`. Containers are skipped by bracket
 /// counting with a plain counter: it only has to find where the value ends
 /// in well-formed input, and a vendor rejects mismatched brackets anyway.
-fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => string_end(b, i + 1),
+fn skip_value(b: &[u8], mut i: usize) -> Result<usize, Stop> {
+    match *b.get(i).ok_or(Stop::Truncated)? {
+        b'"' => string_end(b, i + 1).ok_or(Stop::Truncated),
         b'{' | b'[' => {
             let mut depth = 0usize;
             loop {
                 i += b
-                    .get(i..)?
-                    .iter()
-                    .position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']'))?;
+                    .get(i..)
+                    .and_then(|rest| {
+                        rest.iter()
+                            .position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']'))
+                    })
+                    .ok_or(Stop::Truncated)?;
                 match b[i] {
-                    b'"' => i = string_end(b, i + 1)?,
+                    b'"' => i = string_end(b, i + 1).ok_or(Stop::Truncated)?,
                     b'{' | b'[' => {
                         depth += 1;
                         i += 1;
                     }
                     _ => {
-                        depth = depth.checked_sub(1)?;
+                        depth = depth.checked_sub(1).ok_or(Stop::Malformed)?;
                         i += 1;
                         if depth == 0 {
-                            return Some(i);
+                            return Ok(i);
                         }
                     }
                 }
@@ -190,7 +263,10 @@ fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
                 .iter()
                 .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
                 .count();
-            (n > 0).then_some(i + n)
+            if n == 0 {
+                return Err(Stop::Malformed);
+            }
+            Ok(i + n)
         }
     }
 }
@@ -198,8 +274,10 @@ fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
 enum DecodeError {
     /// Decoded content does not fit the buffer.
     Overflow,
-    /// Bad escape, raw control character, lone surrogate, or truncated.
+    /// Bad escape or raw control character.
     Invalid,
+    /// The prefix ends inside the string.
+    Truncated,
 }
 
 struct Decoded {
@@ -218,16 +296,8 @@ struct Decoded {
 fn decode(b: &[u8], mut i: usize, out: &mut [u8]) -> Result<Decoded, DecodeError> {
     let mut len = 0;
     let mut escaped = false;
-    let mut push = |bytes: &[u8], len: &mut usize| -> Result<(), DecodeError> {
-        let dst = out
-            .get_mut(*len..*len + bytes.len())
-            .ok_or(DecodeError::Overflow)?;
-        dst.copy_from_slice(bytes);
-        *len += bytes.len();
-        Ok(())
-    };
     loop {
-        let c = *b.get(i).ok_or(DecodeError::Invalid)?;
+        let c = *b.get(i).ok_or(DecodeError::Truncated)?;
         match c {
             b'"' => {
                 return Ok(Decoded {
@@ -237,53 +307,93 @@ fn decode(b: &[u8], mut i: usize, out: &mut [u8]) -> Result<Decoded, DecodeError
                 })
             }
             b'\\' => {
+                let (ch, next) = escape(b, i + 1)?;
                 escaped = true;
-                let e = *b.get(i + 1).ok_or(DecodeError::Invalid)?;
-                i += 2;
-                let ch = match e {
-                    b'"' => '"',
-                    b'\\' => '\\',
-                    b'/' => '/',
-                    b'b' => '\u{8}',
-                    b'f' => '\u{c}',
-                    b'n' => '\n',
-                    b'r' => '\r',
-                    b't' => '\t',
-                    b'u' => {
-                        let hi = hex4(b, i)?;
-                        i += 4;
-                        if (0xD800..0xDC00).contains(&hi) {
-                            if b.get(i..i + 2) != Some(b"\\u") {
-                                return Err(DecodeError::Invalid);
-                            }
-                            let lo = hex4(b, i + 2)?;
-                            if !(0xDC00..0xE000).contains(&lo) {
-                                return Err(DecodeError::Invalid);
-                            }
-                            i += 6;
-                            char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
-                                .ok_or(DecodeError::Invalid)?
-                        } else {
-                            // A lone low surrogate is rejected by from_u32.
-                            char::from_u32(hi).ok_or(DecodeError::Invalid)?
-                        }
-                    }
-                    _ => return Err(DecodeError::Invalid),
-                };
-                push(ch.encode_utf8(&mut [0; 4]).as_bytes(), &mut len)?;
+                len = push(out, len, ch.encode_utf8(&mut [0; 4]).as_bytes())?;
+                i = next;
             }
             0..=0x1F => return Err(DecodeError::Invalid),
             _ => {
-                push(&[c], &mut len)?;
+                len = push(out, len, &[c])?;
                 i += 1;
             }
         }
     }
 }
 
+/// Appends `bytes` to the `len` bytes already in `out`; the new length.
+fn push(out: &mut [u8], len: usize, bytes: &[u8]) -> Result<usize, DecodeError> {
+    let end = len + bytes.len();
+    out.get_mut(len..end)
+        .ok_or(DecodeError::Overflow)?
+        .copy_from_slice(bytes);
+    Ok(end)
+}
+
+/// The character a JSON escape stands for and the index past the escape;
+/// `i` is just past its backslash. `None` when malformed or cut off.
+/// DLP decodes with this too, so that both read escapes alike.
+pub(super) fn escaped_char(b: &[u8], i: usize) -> Option<(char, usize)> {
+    escape(b, i).ok()
+}
+
+/// As [`escaped_char`], telling a bad escape from a cut-off one.
+fn escape(b: &[u8], i: usize) -> Result<(char, usize), DecodeError> {
+    let ch = match *b.get(i).ok_or(DecodeError::Truncated)? {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => return unicode(b, i + 1),
+        _ => return Err(DecodeError::Invalid),
+    };
+    Ok((ch, i + 1))
+}
+
+/// The `\uXXXX` escape whose digits start at `i`, joined with a following
+/// low surrogate escape into one character. A lone surrogate reads as
+/// U+FFFD rather than an error: Python's and JavaScript's parsers accept
+/// it, so rejecting it would hide every key after it from us and not from
+/// the vendor. No string holding one can equal `model` either way.
+fn unicode(b: &[u8], i: usize) -> Result<(char, usize), DecodeError> {
+    let hi = hex4(b, i)?;
+    let i = i + 4;
+    if !(0xD800..0xDC00).contains(&hi) {
+        // Only a lone low surrogate is not a char.
+        return Ok((char::from_u32(hi).unwrap_or(char::REPLACEMENT_CHARACTER), i));
+    }
+    match low_surrogate(b, i)? {
+        Some(lo) => {
+            let c = char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                .ok_or(DecodeError::Invalid)?;
+            Ok((c, i + 6))
+        }
+        None => Ok((char::REPLACEMENT_CHARACTER, i)),
+    }
+}
+
+/// The low surrogate escaped at `i`, if one is; a different escape there is
+/// left for the caller's next step. `Truncated` when the prefix ends before
+/// it can be told.
+fn low_surrogate(b: &[u8], i: usize) -> Result<Option<u32>, DecodeError> {
+    let rest = b.get(i..).unwrap_or_default();
+    if rest.is_empty() || rest == b"\\" {
+        return Err(DecodeError::Truncated);
+    }
+    if !rest.starts_with(b"\\u") {
+        return Ok(None);
+    }
+    let lo = hex4(b, i + 2)?;
+    Ok((0xDC00..0xE000).contains(&lo).then_some(lo))
+}
+
 fn hex4(b: &[u8], i: usize) -> Result<u32, DecodeError> {
-    let digits = b.get(i..i + 4).ok_or(DecodeError::Invalid)?;
-    digits.iter().try_fold(0u32, |acc, &d| {
+    (i..i + 4).try_fold(0u32, |acc, k| {
+        let d = *b.get(k).ok_or(DecodeError::Truncated)?;
         let v = (d as char).to_digit(16).ok_or(DecodeError::Invalid)?;
         Ok(acc * 16 + v)
     })
@@ -378,10 +488,16 @@ mod tests {
             Some("é😀x")
         );
         assert_eq!(m(r#"{"model":"é😀"}"#).as_deref(), Some("é😀"));
-        assert_eq!(m(r#"{"model":"\ud83d"}"#), None); // lone high surrogate
-        assert_eq!(m(r#"{"model":"\ud83dx"}"#), None);
-        assert_eq!(m(r#"{"model":"\ude00"}"#), None); // lone low surrogate
-        assert_eq!(m(r#"{"model":"\ud83d\u0041"}"#), None);
+        // Lone surrogates: Python's and JavaScript's parsers accept them, so
+        // the value is read (as U+FFFD, which Rust strings can hold) rather
+        // than refused, as it once was.
+        assert_eq!(m(r#"{"model":"\ud83d"}"#).as_deref(), Some("\u{FFFD}"));
+        assert_eq!(m(r#"{"model":"\ud83dx"}"#).as_deref(), Some("\u{FFFD}x"));
+        assert_eq!(m(r#"{"model":"\ude00"}"#).as_deref(), Some("\u{FFFD}"));
+        assert_eq!(
+            m(r#"{"model":"\ud83d\u0041"}"#).as_deref(),
+            Some("\u{FFFD}A")
+        );
         assert_eq!(m(r#"{"model":"\u12g4"}"#), None);
         assert_eq!(m(r#"{"model":"\x"}"#), None);
         assert_eq!(m("{\"model\":\"a\tb\"}"), None); // raw control char
@@ -393,6 +509,7 @@ mod tests {
             r#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","stream":true}"#;
         let end = full.find("gpt-4o").unwrap() + "gpt-4o\"".len();
         for cut in 0..=full.len() {
+            assert!(!model_ambiguous(&full.as_bytes()[..cut]), "cut {cut}");
             let got = model(&full.as_bytes()[..cut]);
             if cut >= end {
                 assert_eq!(got.as_deref(), Some("gpt-4o"), "cut {cut}");
@@ -443,7 +560,7 @@ mod tests {
             r#"{"model":"a","mod\u0065l":"b"}"#,
             r#"{ "x": {"model":"n"}, "model": "a", "y": [1, "s"], "model": 1 }"#,
         ] {
-            assert!(duplicate_model(body.as_bytes()), "{body}");
+            assert!(model_ambiguous(body.as_bytes()), "{body}");
         }
         for body in [
             r#"{"model":"gpt-4o","messages":[{"model":"x"}]}"#,
@@ -452,8 +569,112 @@ mod tests {
             r#"{"model":"a","messages":[1,2"#,
             r#"[{"model":"a"},{"model":"b"}]"#,
         ] {
-            assert!(!duplicate_model(body.as_bytes()), "{body}");
+            assert!(!model_ambiguous(body.as_bytes()), "{body}");
         }
+    }
+
+    #[test]
+    fn lone_surrogate_keys_do_not_hide_later_members() {
+        // Python's json.loads and JavaScript's JSON.parse accept all of these
+        // and read the last "model".
+        for key in [
+            r"\ud800",
+            r"\udfff",
+            r"\uDBFF",
+            r"\ud800\ud800",
+            r"\udc00\ud800",
+            r"x\ud83dy",
+            r"\ud83d\u0041",
+            r"mod\ud800el",
+        ] {
+            let body = format!(r#"{{"{key}":0,"model":"gpt-4o"}}"#);
+            assert_eq!(m(&body).as_deref(), Some("gpt-4o"), "{body}");
+            assert!(!model_ambiguous(body.as_bytes()), "{body}");
+            let twice = format!(r#"{{"model":"gpt-4o-mini","{key}":0,"model":"gpt-4o"}}"#);
+            assert!(model_ambiguous(twice.as_bytes()), "{twice}");
+        }
+        // A key holding a lone surrogate is never `model` itself.
+        for body in [
+            r#"{"model\ud800":"x","model":"y"}"#,
+            r#"{"\ud800model":"x","model":"y"}"#,
+        ] {
+            assert_eq!(m(body).as_deref(), Some("y"), "{body}");
+        }
+        // A pair still decodes to one character.
+        assert_eq!(m(r#"{"\ud83d\ude00":0,"model":"y"}"#).as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn malformed_objects_are_ambiguous() {
+        // Vendors reject these, or read them some other way: the first
+        // value, or none, is a guess either way.
+        for body in [
+            r#"{"a":1,,"model":"gpt-4o"}"#,
+            r#"{"a":1 "model":"gpt-4o"}"#,
+            r#"{"a":,"model":"gpt-4o"}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":]"model":"x"}"#,
+            r#"{"mod\el":"x","model":"y"}"#,
+            r#"{"model":"gpt-4o-mini","\x":0,"model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini","a":1 "model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini" "model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini","a":{"b":1}],"model":"gpt-4o"}"#,
+            r#"{"model":"gpt\x4o"}"#,
+            r#"{"model":"gpt\u004"}"#,
+            "{\"model\":\"gpt\t4o\"}",
+            "{\"a\tb\":0,\"model\":\"x\"}",
+            r#"{"model" "gpt-4o"}"#,
+            r#"{model:"gpt-4o"}"#,
+            r#"{'model':'gpt-4o'}"#,
+            r#"{"model":,"x":1}"#,
+        ] {
+            assert!(model_ambiguous(body.as_bytes()), "{body}");
+        }
+        // Not objects (form or multipart bodies), or well formed: nothing
+        // to refuse, whatever `model` answers.
+        for body in [
+            "",
+            "model=gpt-4o&x=1",
+            "--boundary\r\nContent-Disposition: form-data; name=\"model\"",
+            r#"["model","gpt-4o"]"#,
+            r#""model""#,
+            "null",
+            r#"{}"#,
+            r#"{"model":4}"#,
+            r#"{"model":null,"a":[]}"#,
+            r#"{"model":{"name":"gpt-4o"}}"#,
+            r#"{"model":"gpt-4o"}{"model":"x"}"#,
+        ] {
+            assert!(!model_ambiguous(body.as_bytes()), "{body}");
+        }
+        let long = format!(r#"{{"model":"{}","a":1}}"#, "a".repeat(MAX_VALUE + 1));
+        assert!(!model_ambiguous(long.as_bytes()));
+    }
+
+    #[test]
+    fn truncation_is_not_malformed() {
+        // Cut anywhere, inside escapes and surrogate pairs included, a
+        // well-formed body is never taken for a malformed one: a prefix cap
+        // must not refuse honest large requests.
+        for full in [
+            r#"{"\ud800":0,"\ud83d\ude00":"\u00e9\/\"","model":"gpt\ud83d\ude00\ud800","b":[{"c":"\\"}],"model":"x"}"#,
+            r#"{"mod\u0065l":"gpt-4o","messages":[{"content":"\udbff\udfff ok"}]}"#,
+        ] {
+            let b = full.as_bytes();
+            assert!(
+                model_ambiguous(b) == full.ends_with(r#""model":"x"}"#),
+                "{full}"
+            );
+            let second = full.rfind(r#","model":"x""#).unwrap_or(full.len());
+            for cut in 0..second {
+                assert!(!model_ambiguous(&b[..cut]), "cut {cut}: {full}");
+            }
+        }
+        assert_eq!(
+            m(r#"{"\ud800":0,"\ud83d\ude00":"\u00e9\/\"","model":"gpt\ud83d\ude00\ud800"}"#)
+                .as_deref(),
+            Some("gpt😀\u{FFFD}")
+        );
     }
 
     #[test]
@@ -688,8 +909,13 @@ mod tests {
                 Some(want.as_str()),
                 "case {case}: {body}"
             );
+            assert!(!model_ambiguous(body.as_bytes()), "case {case}: {body}");
             for _ in 0..8 {
                 let cut = r.below(body.len() + 1);
+                assert!(
+                    !model_ambiguous(&body.as_bytes()[..cut]),
+                    "case {case} cut {cut}: {body}"
+                );
                 let got = model(&body.as_bytes()[..cut]);
                 if cut >= end {
                     assert_eq!(

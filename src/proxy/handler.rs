@@ -533,7 +533,7 @@ fn refusal(
     }
     if inspected.is_some_and(|i| i.ambiguous) {
         return Some(
-            "body_not_inspectable: the body names \"model\" more than once; vendors differ on which one counts"
+            "body_not_inspectable: the JSON body does not say for sure which \"model\" it names (named twice, or malformed); vendors' parsers differ"
                 .into(),
         );
     }

@@ -29,7 +29,8 @@ pub struct Inspected {
     pub partial: bool,
     /// A content coding (gzip, br…) we do not decode: the bytes say nothing.
     pub encoded: Option<String>,
-    /// The body names its model twice: vendors' parsers differ on which one counts.
+    /// The body names its model twice, or is malformed JSON: vendors' parsers differ on which
+    /// `model` counts, or find one where we do not.
     pub ambiguous: bool,
 }
 
@@ -107,7 +108,7 @@ pub async fn inspect(
     }
     if ins.models {
         out.model = model::model(&prefix).map(|m| m.to_ascii_lowercase());
-        out.ambiguous = model::duplicate_model(&prefix);
+        out.ambiguous = model::model_ambiguous(&prefix);
     }
     let rest = (!ended).then_some(body);
     if !prefix.is_empty() {
