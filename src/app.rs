@@ -105,6 +105,11 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(Connector::new(upstream.clone()));
+    let h1 = crate::upstream::pool::Pool::new(
+        upstream.clone(),
+        settings.upstream.pool_idle_timeout,
+        settings.upstream.pool_max_idle_per_host,
+    );
 
     let admin_token = match &settings.admin.token_file {
         Some(p) => Some(crate::secrets::read_secret_file(p).map_err(StartError::Secret)?),
@@ -157,6 +162,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         settings,
         upstream,
         client,
+        h1,
         audit: sink,
         metrics,
         auth,

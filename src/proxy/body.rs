@@ -31,7 +31,11 @@ pub struct Pending {
     pub permits: Vec<crate::limits::Permit>,
     /// Byte limits charged as the response streams.
     pub meter: Option<super::limit::ByteMeter>,
+    /// The plain-HTTP upstream connection, back to its pool once the body has ended.
+    pub lease: Option<UpstreamLease>,
 }
+
+pub type UpstreamLease = crate::upstream::pool::Lease<Counted<RequestBody>>;
 
 impl Pending {
     fn finish(mut self, downloaded: u64) {
@@ -124,6 +128,15 @@ impl<B> Counted<B> {
             p.finish(self.count);
         }
     }
+
+    /// The origin's body ended as framed: its connection can carry another exchange. (On
+    /// any other ending the lease is dropped with the record, closing the connection.)
+    fn ended(&mut self) {
+        if let Some(lease) = self.pending.as_mut().and_then(|p| p.lease.take()) {
+            lease.release();
+        }
+        self.complete();
+    }
 }
 
 impl<B> Drop for Counted<B> {
@@ -183,7 +196,7 @@ where
                     }
                 }
                 if this.inner.is_end_stream() {
-                    this.complete();
+                    this.ended();
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -192,7 +205,7 @@ where
                 }
                 this.complete();
             }
-            Poll::Ready(None) => this.complete(),
+            Poll::Ready(None) => this.ended(),
             Poll::Pending => {}
         }
         res

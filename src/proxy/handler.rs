@@ -455,19 +455,39 @@ async fn forward(
             parts.headers.insert(name.clone(), value.clone());
         }
     }
-    parts.uri = uri;
-    // The pool speaks HTTP/1.1 or HTTP/2 upstream, whatever the client spoke to us.
+    // The pools speak HTTP/1.1 or HTTP/2 upstream, whatever the client spoke to us.
     parts.version = Version::HTTP_11;
     let uploaded = Arc::new(AtomicU64::new(0));
     let body =
         Counted::shared(body, uploaded.clone()).idle_timeout(state.settings.proxy.body_timeout);
-    let upstream_req = Request::from_parts(parts, body);
 
     let timeout = state.settings.upstream.response_timeout;
-    let result = match tokio::time::timeout(timeout, state.client.request(upstream_req)).await {
-        Err(_) => Err(ProxyError::ResponseTimeout),
-        Ok(Err(e)) => Err(upstream_error(&e)),
-        Ok(Ok(resp)) => Ok(resp),
+    let result = match target.scheme {
+        Scheme::Http => {
+            // One HTTP/1.1 hop to the origin: origin-form.
+            parts.uri = match uri.path_and_query() {
+                Some(pq) => Uri::from(pq.clone()),
+                None => Uri::from_static("/"),
+            };
+            let upstream_req = Request::from_parts(parts, body);
+            let sent = state
+                .h1
+                .send(authority, &target.host, target.port, upstream_req);
+            match tokio::time::timeout(timeout, sent).await {
+                Err(_) => Err(ProxyError::ResponseTimeout),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok((resp, lease))) => Ok((resp, Some(lease))),
+            }
+        }
+        Scheme::Https => {
+            parts.uri = uri;
+            let upstream_req = Request::from_parts(parts, body);
+            match tokio::time::timeout(timeout, state.client.request(upstream_req)).await {
+                Err(_) => Err(ProxyError::ResponseTimeout),
+                Ok(Err(e)) => Err(upstream_error(&e)),
+                Ok(Ok(resp)) => Ok((resp, None)),
+            }
+        }
     };
     match result {
         Err(e) => {
@@ -488,8 +508,14 @@ async fn forward(
             state.finish(rec, start);
             respond::error(&e, realm, html)
         }
-        Ok(resp) => {
+        Ok((resp, mut lease)) => {
             let (mut parts, body) = resp.into_parts();
+            if http_body::Body::is_end_stream(&body) {
+                // No body to wait for (HEAD, 204, 304, Content-Length: 0).
+                if let Some(l) = lease.take() {
+                    l.release();
+                }
+            }
             strip_hop_by_hop(&mut parts.headers);
             append_via(&mut parts.headers);
             rec.status = parts.status.as_u16();
@@ -500,6 +526,7 @@ async fn forward(
                 uploaded,
                 permits,
                 meter,
+                lease,
             };
             Response::from_parts(parts, Either::Right(Counted::finishing(body, pending)))
         }

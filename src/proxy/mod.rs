@@ -49,7 +49,10 @@ pub struct State {
     pub policy_swapped: tokio::sync::watch::Sender<u64>,
     pub settings: Settings,
     pub upstream: Arc<Upstream>,
+    /// `https` origins (HTTP/1.1 or HTTP/2, as ALPN decides).
     pub client: Client<Connector, Counted<body::RequestBody>>,
+    /// Plain-`http` origins.
+    pub h1: Arc<crate::upstream::pool::Pool<Counted<body::RequestBody>>>,
     /// The interception CA, when `[intercept]` is configured.
     pub interceptor: Option<intercept::Interceptor>,
     pub audit: AuditSink,

@@ -3,6 +3,7 @@
 
 pub mod connector;
 pub mod guard;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -84,6 +85,18 @@ impl Upstream {
             },
         }
     }
+}
+
+/// What a `hyper::Error` from an upstream exchange means for the client and the audit log.
+pub fn hyper_error(e: &hyper::Error) -> ProxyError {
+    if let Some(p) = crate::proxy::stall::classify_hyper(e) {
+        return p;
+    }
+    let mut msg = e.to_string();
+    if let Some(s) = std::error::Error::source(e) {
+        msg = format!("{msg}: {s}");
+    }
+    ProxyError::Upstream(msg)
 }
 
 /// rustls client config: the system's trust store (the Mozilla bundle compiled in when the
