@@ -58,6 +58,10 @@ pub enum ProxyError {
     AuditUnavailable,
     #[error("bodies held for inspection fill [inspect] max_buffered; refusing rather than forwarding uninspected")]
     InspectionBusy,
+    #[error(
+        "the exchange ended before the origin answered (client gone, stream reset or shutdown)"
+    )]
+    ClientAborted,
 }
 
 impl ProxyError {
@@ -88,6 +92,7 @@ impl ProxyError {
             ProxyError::UpstreamBody(_) => "upstream_body",
             ProxyError::AuditUnavailable => "audit_unavailable",
             ProxyError::InspectionBusy => "inspection_busy",
+            ProxyError::ClientAborted => "client_aborted",
         }
     }
 
@@ -107,6 +112,10 @@ impl ProxyError {
             ProxyError::UpstreamBodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::AuditUnavailable | ProxyError::InspectionBusy => {
                 StatusCode::SERVICE_UNAVAILABLE
+            }
+            // nginx's "client closed request": never sent, only recorded.
+            ProxyError::ClientAborted => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
             }
             ProxyError::ResponseHeadTooLarge
             | ProxyError::UpstreamBody(_)

@@ -160,6 +160,28 @@ async fn faults_after_connect_are_answered_audited_and_counted() {
     assert!(tls.requests().is_empty());
 }
 
+/// A client that hangs up while the origin holds its request (here: an upload, before any
+/// answer) still leaves an audit record: the request reached the vendor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_abandons_is_still_audited() {
+    let evil = evil_origin().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", evil)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(
+        b"POST http://api.openai.com/hang-head/upload HTTP/1.1\r\nHost: api.openai.com\r\n\
+          Content-Length: 10\r\n\r\n0123456789",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let rec = proxy.audit_path("/hang-head/upload").await;
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_eq!(rec["action"], "allow", "{rec}");
+    assert_eq!(rec["bytes_out"], 10, "{rec}");
+    assert_reason(&rec, "client_aborted");
+}
+
 /// Runs `n` failures of mixed kinds, `parallel` at a time; returns how many of each status.
 async fn failures(proxy: SocketAddr, targets: &[String], n: usize, parallel: usize) {
     let mut i = 0;

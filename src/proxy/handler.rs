@@ -462,6 +462,14 @@ async fn forward(
         Counted::shared(body, uploaded.clone()).idle_timeout(state.settings.proxy.body_timeout);
 
     let timeout = state.settings.upstream.response_timeout;
+    // From here the origin may have the request: if this future is dropped before the answer
+    // (the client hung up, its stream was reset, shutdown cut it), the guard writes the record.
+    let in_flight = InFlight {
+        state: &state,
+        rec: Some(rec),
+        start,
+        uploaded: &uploaded,
+    };
     let result = match target.scheme {
         Scheme::Http => {
             // One HTTP/1.1 hop to the origin: origin-form.
@@ -489,6 +497,7 @@ async fn forward(
             }
         }
     };
+    let mut rec = in_flight.disarm();
     match result {
         Err(e) => {
             if e.is_upstream() {
@@ -529,6 +538,33 @@ async fn forward(
                 lease,
             };
             Response::from_parts(parts, Either::Right(Counted::finishing(body, pending)))
+        }
+    }
+}
+
+/// The record of an exchange whose request may be at the origin, finished as `client_aborted`
+/// if the handler's future is dropped before it takes the record back.
+struct InFlight<'a> {
+    state: &'a State,
+    rec: Option<Box<Record>>,
+    start: Instant,
+    uploaded: &'a AtomicU64,
+}
+
+impl InFlight<'_> {
+    fn disarm(mut self) -> Box<Record> {
+        self.rec.take().expect("taken once")
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            let e = ProxyError::ClientAborted;
+            rec.status = e.status().as_u16();
+            rec.reason = format!("{}: {e}", e.kind()).into();
+            rec.bytes_out = self.uploaded.load(Ordering::Relaxed);
+            self.state.finish(rec, self.start);
         }
     }
 }
