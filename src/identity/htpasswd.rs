@@ -8,6 +8,7 @@ use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
-use dashmap::DashSet;
+use dashmap::{DashMap, DashSet};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
@@ -59,6 +60,11 @@ pub struct Htpasswd {
     /// bcrypt runs on tokio's blocking pool, which also serves DNS lookups and
     /// file I/O; a burst of wrong passwords must not be able to starve those.
     bcrypt_slots: Semaphore,
+    /// One check at a time per client address, taken before a bcrypt slot:
+    /// a client flooding wrong passwords over many connections queues behind
+    /// itself, holding at most one place in `bcrypt_slots`' FIFO, instead of
+    /// in front of every other user's first login.
+    per_client: DashMap<IpAddr, Arc<Semaphore>>,
 }
 
 impl fmt::Debug for Htpasswd {
@@ -135,6 +141,7 @@ impl Htpasswd {
             verified: DashSet::new(),
             cache_salt: random_salt(),
             bcrypt_slots: Semaphore::new(slots),
+            per_client: DashMap::new(),
         })
     }
 
@@ -161,7 +168,7 @@ impl Htpasswd {
     /// request pays for bcrypt once. Failures are never cached: a cached
     /// "no" could be planted by an attacker to lock a user out, and a wrong
     /// password should stay expensive to try.
-    pub async fn verify(&self, user: &str, password: &str) -> bool {
+    pub async fn verify(&self, client: IpAddr, user: &str, password: &str) -> bool {
         // Unknown users are refused without running bcrypt. That lets a
         // timing observer tell which user names exist, but names are not the
         // secret here, and burning a bcrypt for any name would hand
@@ -174,16 +181,16 @@ impl Htpasswd {
             return true;
         }
 
-        let Ok(_slot) = self.bcrypt_slots.acquire().await else {
-            return false;
-        };
-        let hash = Arc::clone(hash);
-        let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || {
-            bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
+        let gate = self
+            .per_client
+            .entry(client)
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        let ok = self.check_in_turn(&gate, &key, hash, password).await;
+        drop(gate);
+        // Only the map holds it: nobody of this client is waiting.
+        self.per_client
+            .remove_if(&client, |_, g| Arc::strong_count(g) == 1);
 
         if ok {
             // Wholesale clearing is crude but O(1) to reason about: the next
@@ -195,6 +202,33 @@ impl Htpasswd {
             self.verified.insert(key);
         }
         ok
+    }
+
+    /// bcrypt, once it is this client's turn and a slot is free.
+    async fn check_in_turn(
+        &self,
+        gate: &Semaphore,
+        key: &CacheKey,
+        hash: &Arc<str>,
+        password: &str,
+    ) -> bool {
+        let Ok(_turn) = gate.acquire().await else {
+            return false;
+        };
+        // A parallel request of this client may have just proved the same password.
+        if self.verified.contains(key) {
+            return true;
+        }
+        let Ok(_slot) = self.bcrypt_slots.acquire().await else {
+            return false;
+        };
+        let hash = Arc::clone(hash);
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
     }
 
     fn cache_digest(&self, password: &str) -> [u8; 32] {
@@ -410,6 +444,8 @@ mod tests {
         assert_eq!(h.unwrap().len(), 1);
     }
 
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[tokio::test]
     async fn verify_right_and_wrong_password() {
         let text = format!(
@@ -418,20 +454,55 @@ mod tests {
             hash("other")
         );
         let h = Htpasswd::parse("f", &text).unwrap();
-        assert!(h.verify("alice", "s3cret:with:colons").await);
-        assert!(!h.verify("alice", "wrong").await);
-        assert!(!h.verify("alice", "other").await);
-        assert!(h.verify("bob", "other").await);
-        assert!(!h.verify("mallory", "other").await);
-        assert!(!h.verify("", "").await);
+        assert!(h.verify(LOCAL, "alice", "s3cret:with:colons").await);
+        assert!(!h.verify(LOCAL, "alice", "wrong").await);
+        assert!(!h.verify(LOCAL, "alice", "other").await);
+        assert!(h.verify(LOCAL, "bob", "other").await);
+        assert!(!h.verify(LOCAL, "mallory", "other").await);
+        assert!(!h.verify(LOCAL, "", "").await);
+    }
+
+    /// A client flooding wrong passwords waits behind itself: another
+    /// client's check finishes after a bounded number of the flood's (one
+    /// in flight per slot at most), not after all of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_client_flooding_does_not_queue_ahead_of_others() {
+        // Cost 8 (~20 ms a check): the flood is still queued when the other client comes.
+        let slow = bcrypt::hash("pw", 8).unwrap();
+        let h = Arc::new(Htpasswd::parse("f", &format!("alice:{slow}\n")).unwrap());
+        let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let attacker: IpAddr = "10.9.9.9".parse().unwrap();
+        let mut flood = Vec::new();
+        for _ in 0..40 {
+            let (h, done) = (h.clone(), done.clone());
+            flood.push(tokio::spawn(async move {
+                assert!(!h.verify(attacker, "alice", "wrong").await);
+                done.lock().unwrap().push("flood");
+            }));
+        }
+        // Let the flood queue up first.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let at_start = done.lock().unwrap().len();
+        assert!(h.verify(LOCAL, "alice", "pw").await);
+        let before = done.lock().unwrap().len() - at_start;
+        for f in flood {
+            f.await.unwrap();
+        }
+        let slots = std::thread::available_parallelism().map_or(4, |n| n.get());
+        assert!(
+            before <= slots + 2,
+            "{before} of the flood's checks ran while the other client waited"
+        );
+        assert!(at_start < 40, "the flood was over before the check began");
+        assert!(h.per_client.is_empty(), "gates are dropped when idle");
     }
 
     #[tokio::test]
     async fn successful_checks_are_cached_failures_are_not() {
         let h = Htpasswd::parse("f", &format!("alice:{}\n", hash("pw"))).unwrap();
-        assert!(!h.verify("alice", "nope").await);
+        assert!(!h.verify(LOCAL, "alice", "nope").await);
         assert_eq!(h.cached_len(), 0);
-        assert!(h.verify("alice", "pw").await);
+        assert!(h.verify(LOCAL, "alice", "pw").await);
         assert_eq!(h.cached_len(), 1);
 
         // Prove the hit path skips bcrypt: with every bcrypt slot taken a
@@ -441,11 +512,14 @@ mod tests {
             .acquire_many(h.bcrypt_slots.available_permits() as u32)
             .await
             .unwrap();
-        let hit = tokio::time::timeout(std::time::Duration::from_secs(5), h.verify("alice", "pw"));
+        let hit = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            h.verify(LOCAL, "alice", "pw"),
+        );
         assert!(hit.await.unwrap());
         let miss = tokio::time::timeout(
             std::time::Duration::from_millis(50),
-            h.verify("alice", "pw2"),
+            h.verify(LOCAL, "alice", "pw2"),
         );
         assert!(miss.await.is_err());
         assert_eq!(h.cached_len(), 1);
@@ -457,7 +531,7 @@ mod tests {
         for i in 0..CACHE_CAPACITY {
             h.verified.insert((format!("u{i}"), [0u8; 32]));
         }
-        assert!(h.verify("alice", "pw").await);
+        assert!(h.verify(LOCAL, "alice", "pw").await);
         assert_eq!(h.cached_len(), 1);
     }
 
@@ -465,7 +539,7 @@ mod tests {
     async fn debug_leaks_nothing() {
         let hashed = hash("hunter2");
         let h = Htpasswd::parse("f", &format!("alice:{hashed}\n")).unwrap();
-        assert!(h.verify("alice", "hunter2").await);
+        assert!(h.verify(LOCAL, "alice", "hunter2").await);
         let dbg = format!("{h:?}");
         assert!(!dbg.contains("hunter2"));
         assert!(!dbg.contains(&hashed));

@@ -54,7 +54,7 @@ pub async fn handle(
         Ok(hp) => hp,
         Err(e) => return reject(ProxyError::Target(e)),
     };
-    let user = match authenticate(&state, req.headers()).await {
+    let user = match authenticate(&state, peer.addr.ip(), req.headers()).await {
         Ok(u) => u,
         Err(e) => return reject(e),
     };

@@ -230,6 +230,7 @@ async fn apply_limits(
 /// The proxy user, when `[auth]` is configured. `Err` = answer 407.
 pub async fn authenticate(
     state: &State,
+    client: std::net::IpAddr,
     headers: &HeaderMap,
 ) -> Result<Option<String>, ProxyError> {
     let Some(auth) = &state.auth else {
@@ -239,7 +240,7 @@ pub async fn authenticate(
         .get(header::PROXY_AUTHORIZATION)
         .and_then(parse_basic)
     {
-        if auth.htpasswd.verify(&user, &password).await {
+        if auth.htpasswd.verify(client, &user, &password).await {
             return Ok(Some(user));
         }
     }
@@ -337,7 +338,7 @@ async fn forward(
     let user = match inside {
         Some(i) => i.user.clone(),
         None if state.auth.is_none() => None,
-        None => match Box::pin(authenticate(&state, req.headers())).await {
+        None => match Box::pin(authenticate(&state, peer.addr.ip(), req.headers())).await {
             Ok(u) => u,
             Err(e) => {
                 rejected(&state, peer, req.method(), req.uri(), &e, start);
