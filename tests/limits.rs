@@ -233,6 +233,46 @@ async fn each_key_kind_has_its_own_budget() {
     assert_eq!(b, vec![200, 200, 429], "another key, another budget");
 }
 
+/// A second, junk key beside the real one buys no second budget: every key a request carries
+/// is charged. And requests carrying several keys do not share one bucket.
+#[tokio::test]
+async fn a_junk_second_key_does_not_buy_a_second_budget() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&limit_rule("{ requests = 2, per = \"10m\", by = \"key\" }")),
+    )
+    .await;
+    let client = proxy.client();
+    let send = |key: &'static str, junk: Option<String>| {
+        let c = client.clone();
+        async move {
+            let mut r = c.get("http://api.openai.com/v1/models").bearer_auth(key);
+            if let Some(j) = junk {
+                r = r.header("x-api-key", j);
+            }
+            r.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(send("sk-a", None).await, 200);
+    assert_eq!(send("sk-a", None).await, 200);
+    assert_eq!(send("sk-a", None).await, 429);
+    for i in 0..3 {
+        assert_eq!(
+            send("sk-a", Some(format!("junk-{i}"))).await,
+            429,
+            "sk-a's budget is spent, whatever rides along"
+        );
+    }
+    // Two other keys together: both are charged, neither is blocked by sk-a's traffic.
+    assert_eq!(send("sk-b", Some("sk-c".into())).await, 200);
+    assert_eq!(send("sk-c", None).await, 200);
+    assert_eq!(send("sk-c", None).await, 429, "sk-c was charged twice");
+    assert_eq!(send("sk-b", None).await, 200);
+    assert_eq!(send("sk-b", None).await, 429);
+}
+
 #[tokio::test]
 async fn byte_quota_cuts_a_streamed_download_then_refuses() {
     let origin = Origin::http().await;

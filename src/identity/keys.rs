@@ -72,20 +72,21 @@ impl KeyFingerprinter {
     /// `?key=`): when they name different keys, the request gets [`AMBIGUOUS_KEY`], which no
     /// `require_key` list admits, rather than the fingerprint of whichever was looked at first
     /// while the vendor authenticates with another.
-    pub fn from_request<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        query: Option<&'a str>,
-    ) -> Option<String> {
+    pub fn from_request<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> KeyIds {
         let mut found: Option<Cow<'a, [u8]>> = None;
-        let mut ambiguous = false;
+        // Other keys, when there are several: each is charged by `by = "key"` limits.
+        let mut others: Vec<Cow<'a, [u8]>> = Vec::new();
         let mut take = |key: Cow<'a, [u8]>| {
             if key.is_empty() {
                 return;
             }
             match &found {
                 None => found = Some(key),
-                Some(f) if **f != *key => ambiguous = true,
+                Some(f) if **f != *key => {
+                    if others.len() < MAX_KEYS - 1 && !others.contains(&key) {
+                        others.push(key);
+                    }
+                }
                 Some(_) => {}
             }
         };
@@ -110,15 +111,41 @@ impl KeyFingerprinter {
                 take(percent_decode_str(value).into());
             }
         }
-        if ambiguous {
-            return Some(AMBIGUOUS_KEY.to_string());
+        let Some(first) = found else {
+            return KeyIds::default();
+        };
+        if others.is_empty() {
+            return KeyIds {
+                id: Some(self.fingerprint(&first)),
+                each: Vec::new(),
+            };
         }
-        found.map(|k| self.fingerprint(&k))
+        KeyIds {
+            id: Some(AMBIGUOUS_KEY.to_string()),
+            each: std::iter::once(&first)
+                .chain(&others)
+                .map(|k| self.fingerprint(k))
+                .collect(),
+        }
     }
 }
 
+/// The keys of a request, as [`KeyFingerprinter::from_request`] found them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyIds {
+    /// The audit `key_id`: the key's fingerprint, or [`AMBIGUOUS_KEY`].
+    pub id: Option<String>,
+    /// With several different keys, each one's fingerprint (the first [`MAX_KEYS`]): a
+    /// `by = "key"` limit charges every one, so a junk second key buys no second budget.
+    pub each: Vec<String>,
+}
+
+/// Keys charged per request at most; more different keys than this in one request is an
+/// attack, and the first ones are enough to charge the real one (the vendor reads at most one).
+const MAX_KEYS: usize = 4;
+
 /// The key id of a request carrying two different keys: never a fingerprint, so never on a
-/// `require_key` list; one shared bucket for `by = "key"` limits.
+/// `require_key` list. Limits charge each key instead ([`KeyIds::each`]).
 pub const AMBIGUOUS_KEY: &str = "k_ambiguous";
 
 #[cfg(test)]
@@ -130,17 +157,18 @@ mod tests {
         let f = KeyFingerprinter::new(b"secret");
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer sk-live-abc".parse().unwrap());
-        let a = f.from_request(&h, None).unwrap();
+        let a = f.from_request(&h, None).id.unwrap();
         assert!(a.starts_with("k_") && a.len() == 14 && !a.contains("abc"));
         let mut h2 = HeaderMap::new();
         h2.insert("x-api-key", "sk-live-abc".parse().unwrap());
-        assert_eq!(f.from_request(&h2, None).unwrap(), a);
+        assert_eq!(f.from_request(&h2, None).id.unwrap(), a);
         assert_eq!(
             f.from_request(&HeaderMap::new(), Some("alt=sse&key=sk-live-abc"))
+                .id
                 .unwrap(),
             a
         );
-        assert_eq!(f.from_request(&HeaderMap::new(), Some("alt=sse")), None);
+        assert_eq!(f.from_request(&HeaderMap::new(), Some("alt=sse")).id, None);
         // Percent-encoded spellings of the same key are the same key.
         for q in [
             "key=%73k-live-abc",
@@ -148,7 +176,7 @@ mod tests {
             "alt=sse&key=sk-live-abc&key=sk-live-abc",
         ] {
             assert_eq!(
-                f.from_request(&HeaderMap::new(), Some(q)).unwrap(),
+                f.from_request(&HeaderMap::new(), Some(q)).id.unwrap(),
                 a,
                 "{q}"
             );
@@ -156,17 +184,28 @@ mod tests {
         // The same key in two places is that key; two different keys are neither.
         let mut both = h.clone();
         both.insert("x-api-key", "sk-live-abc".parse().unwrap());
-        assert_eq!(f.from_request(&both, None).unwrap(), a);
+        assert_eq!(f.from_request(&both, None).id.unwrap(), a);
         both.insert("x-api-key", "sk-personal".parse().unwrap());
-        assert_eq!(f.from_request(&both, None).unwrap(), AMBIGUOUS_KEY);
+        assert_eq!(f.from_request(&both, None).id.unwrap(), AMBIGUOUS_KEY);
         assert_eq!(
-            f.from_request(&h, Some("key=sk-personal")).unwrap(),
+            f.from_request(&h, Some("key=sk-personal")).id.unwrap(),
             AMBIGUOUS_KEY
         );
         let mut twice = HeaderMap::new();
         twice.append("authorization", "Bearer sk-live-abc".parse().unwrap());
         twice.append("authorization", "Bearer sk-other".parse().unwrap());
-        assert_eq!(f.from_request(&twice, None).unwrap(), AMBIGUOUS_KEY);
+        assert_eq!(f.from_request(&twice, None).id.unwrap(), AMBIGUOUS_KEY);
+        // Each key is fingerprinted for the limits, once, in the order met.
+        assert_eq!(
+            f.from_request(&twice, Some("key=sk-live-abc&key=sk-third"))
+                .each,
+            [
+                a.clone(),
+                f.fingerprint(b"sk-other"),
+                f.fingerprint(b"sk-third")
+            ]
+        );
+        assert!(f.from_request(&h, None).each.is_empty());
         assert_ne!(
             KeyFingerprinter::new(b"other").fingerprint(b"sk-live-abc"),
             a

@@ -189,6 +189,8 @@ where
                         c.fetch_add(n, Ordering::Relaxed);
                     }
                     if this.pending.as_mut().is_some_and(|p| p.over_limit(n)) {
+                        // This frame is replaced by the error: the client never gets it.
+                        this.count -= n;
                         this.complete();
                         // An error frame makes hyper cut the response: the client sees a
                         // truncated body, as HTTP requires when a response cannot finish.

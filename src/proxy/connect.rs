@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use super::activity::Activity;
 use super::body::ProxyBody;
-use super::handler::{admit, authenticate, record, rejected, Admitted, Seen};
+use super::handler::{admit, authenticate, record, rejected, Admitted, Seen, Who};
 use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
 use super::{respond, Peer, State};
@@ -125,7 +125,12 @@ pub async fn handle(
             meter: None,
         })
     } else {
-        admit(&state, &d, rec, peer, user.as_deref(), html, start).await
+        let who = Who {
+            peer,
+            user: user.as_deref(),
+            keys: &[],
+        };
+        admit(&state, &d, rec, who, html, start).await
     };
     let Admitted {
         mut rec,

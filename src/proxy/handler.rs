@@ -142,14 +142,22 @@ pub struct Admitted {
     pub meter: Option<ByteMeter>,
 }
 
+/// Whom limits are counted for.
+#[derive(Clone, Copy)]
+pub struct Who<'a> {
+    pub peer: Peer,
+    pub user: Option<&'a str>,
+    /// With several API keys in one request, each one's fingerprint (else empty).
+    pub keys: &'a [String],
+}
+
 /// Enforces a decision: 403 when blocked, 429 when over a limit (each audited here), else the
 /// request goes on with its limit permits and byte meter. Shared by requests and CONNECTs.
 pub async fn admit(
     state: &State,
     d: &Decision<'_>,
     mut rec: Box<Record>,
-    peer: Peer,
-    user: Option<&str>,
+    who: Who<'_>,
     html: bool,
     start: Instant,
 ) -> Result<Admitted, Response<ProxyBody>> {
@@ -167,7 +175,7 @@ pub async fn admit(
     }
     // Boxed: the limiter's future (the Redis round trip) is ~2 KiB, and held inline it would
     // be built and moved on every request, limited or not.
-    match Box::pin(apply_limits(state, d, &mut rec, peer, user)).await {
+    match Box::pin(apply_limits(state, d, &mut rec, who)).await {
         Ok((permits, meter)) => Ok(Admitted {
             rec,
             permits,
@@ -187,19 +195,35 @@ async fn apply_limits(
     state: &State,
     d: &Decision<'_>,
     rec: &mut Record,
-    peer: Peer,
-    user: Option<&str>,
+    who: Who<'_>,
 ) -> Result<(Vec<Permit>, Option<ByteMeter>), Refused> {
+    let Who { peer, user, keys } = who;
     let Some(rule) = d.rule.filter(|_| d.action == Action::Limit) else {
         return Ok((Vec::new(), None));
     };
+    // Several keys in one request: the first is charged as usual, then every other one's
+    // `by = "key"` budget too, so a junk second key buys no second budget.
     let kv = KeyValues {
         client: peer.addr.ip(),
         user,
-        key_id: rec.key_id.as_deref(),
+        key_id: keys.first().map(String::as_str).or(rec.key_id.as_deref()),
         vendor: d.vendor_id().map(|v| &**v),
     };
-    match limit::admit(&state.limiter, rule, &kv).await {
+    let mut result = limit::admit(&state.limiter, rule, &kv, false).await;
+    for k in keys.iter().skip(1) {
+        let Ok(permits) = &mut result else {
+            break;
+        };
+        let other = KeyValues {
+            key_id: Some(k),
+            ..kv
+        };
+        match limit::admit(&state.limiter, rule, &other, true).await {
+            Ok(more) => permits.extend(more),
+            Err(refused) => result = Err(refused),
+        }
+    }
+    match result {
         Ok(permits) => {
             // Within its limits the request is simply allowed; "limit" means refused.
             if d.mode == Mode::Enforce {
@@ -356,7 +380,7 @@ async fn forward(
     // A cheap clone (shared bytes) so the path can be borrowed while the parts change.
     let uri_in = parts.uri.clone();
     let path_q = uri_in.path_and_query().map_or("/", |p| p.as_str());
-    let key_id = state.keys.from_request(&parts.headers, parts.uri.query());
+    let keys = state.keys.from_request(&parts.headers, parts.uri.query());
 
     // Body rules need the body before the decision; only read it when one could apply.
     let wants_body = policy
@@ -398,7 +422,7 @@ async fn forward(
         path: Some(path_q),
         tls,
     };
-    let mut rec = record(&seen, &d, 0, key_id);
+    let mut rec = record(&seen, &d, 0, keys.id);
     rec.id = state.audit.next_id();
     if let Some(i) = inside {
         rec.sni = i.sni.clone();
@@ -419,11 +443,16 @@ async fn forward(
         }
     }
 
+    let who = Who {
+        peer,
+        user: user.as_deref(),
+        keys: &keys.each,
+    };
     let Admitted {
         mut rec,
         permits,
         meter,
-    } = match admit(&state, &d, rec, peer, user.as_deref(), html, start).await {
+    } = match admit(&state, &d, rec, who, html, start).await {
         Ok(a) => a,
         Err(refusal) => return refusal,
     };

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::limits::{KeyValues, LimitKind, LimitSpec, Limiter, Permit, Verdict};
+use crate::limits::{KeyPart, KeyValues, LimitKind, LimitSpec, Limiter, Permit, Verdict};
 use crate::policy::Rule;
 
 /// Bytes are charged in chunks: per frame would be a store round trip per frame.
@@ -32,33 +32,28 @@ pub async fn admit(
     limiter: &Limiter,
     rule: &Rule,
     kv: &KeyValues<'_>,
+    keyed_only: bool,
 ) -> Result<Vec<Permit>, Refused> {
-    for spec in rule
-        .limits
-        .iter()
-        .filter(|s| matches!(s.kind, LimitKind::Bytes { .. }))
-    {
+    // `keyed_only`: a request's further keys, charged only where the key picks the bucket.
+    let specs = || {
+        rule.limits
+            .iter()
+            .filter(move |s| !keyed_only || s.by.contains(&KeyPart::Key))
+    };
+    for spec in specs().filter(|s| matches!(s.kind, LimitKind::Bytes { .. })) {
         let v = limiter.check(spec, kv, 0).await;
         if !v.is_allowed() {
             return Err(refused(spec, v));
         }
     }
     let mut permits = Vec::new();
-    for spec in rule
-        .limits
-        .iter()
-        .filter(|s| matches!(s.kind, LimitKind::Concurrent { .. }))
-    {
+    for spec in specs().filter(|s| matches!(s.kind, LimitKind::Concurrent { .. })) {
         match limiter.acquire(spec, kv).await {
             Ok(p) => permits.push(p),
             Err(v) => return Err(refused(spec, v)),
         }
     }
-    for spec in rule
-        .limits
-        .iter()
-        .filter(|s| matches!(s.kind, LimitKind::Rate { .. }))
-    {
+    for spec in specs().filter(|s| matches!(s.kind, LimitKind::Rate { .. })) {
         let v = limiter.check(spec, kv, 1).await;
         if !v.is_allowed() {
             return Err(refused(spec, v));
