@@ -18,10 +18,21 @@ use tokio::net::TcpListener;
 
 use crate::proxy::State;
 
+/// Scrapers and operators need few connections: more than this at once are closed at accept,
+/// so a client holding admin connections open cannot take the proxy's file descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // The proxy's own slowloris guard applies here too.
+    let head_timeout = state.settings.proxy.header_read_timeout;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         let st = state.clone();
@@ -31,8 +42,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 async move { Ok::<_, Infallible>(route(&st, req).await) }
             });
             let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+            drop(slot);
         });
     }
 }

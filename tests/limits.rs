@@ -271,6 +271,65 @@ async fn a_junk_second_key_does_not_buy_a_second_budget() {
     assert_eq!(send("sk-c", None).await, 429, "sk-c was charged twice");
     assert_eq!(send("sk-b", None).await, 200);
     assert_eq!(send("sk-b", None).await, 429);
+
+    // The real key after many junk ones is still charged: sk-d's budget runs out.
+    let crowd = |c: &reqwest::Client, tag: usize, junk: usize| {
+        let mut r = c.get(format!("http://api.openai.com/v1/models?crowd={tag}"));
+        for j in 0..junk {
+            r = r.header("x-api-key", format!("junk-{tag}-{j}"));
+        }
+        r.bearer_auth("sk-d").send()
+    };
+    for (i, want) in [200, 200, 429].into_iter().enumerate() {
+        let r = crowd(&client, i, 6).await.unwrap();
+        assert_eq!(r.status(), want, "request {i} with sk-d behind 6 junk keys");
+    }
+    // More different keys than are charged: refused outright.
+    let r = crowd(&client, 9, 20).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_reason(
+        &proxy.audit_path("/v1/models?crowd=9").await,
+        "too_many_keys",
+    );
+}
+
+/// Bytes are charged to every key of a request, not only the first.
+#[tokio::test]
+async fn byte_budgets_charge_every_key() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        &limit_rule("{ bytes = \"1KiB\", per = \"1h\", by = \"key\" }"),
+    ))
+    .await;
+    let client = proxy.client();
+    let r = client
+        .get("http://api.openai.com/download/4096")
+        .bearer_auth("sk-junk")
+        .header("x-api-key", "sk-real")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    // The charge lands off the request path: the real key is refused once it has.
+    let mut refused = false;
+    for _ in 0..50 {
+        let r = client
+            .get("http://api.openai.com/v1/models")
+            .header("x-api-key", "sk-real")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        refused,
+        "sk-real was charged for the bytes it was sent with"
+    );
 }
 
 #[tokio::test]

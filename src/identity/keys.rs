@@ -76,6 +76,7 @@ impl KeyFingerprinter {
         let mut found: Option<Cow<'a, [u8]>> = None;
         // Other keys, when there are several: each is charged by `by = "key"` limits.
         let mut others: Vec<Cow<'a, [u8]>> = Vec::new();
+        let mut too_many = false;
         let mut take = |key: Cow<'a, [u8]>| {
             if key.is_empty() {
                 return;
@@ -83,8 +84,12 @@ impl KeyFingerprinter {
             match &found {
                 None => found = Some(key),
                 Some(f) if **f != *key => {
-                    if others.len() < MAX_KEYS - 1 && !others.contains(&key) {
-                        others.push(key);
+                    if !others.contains(&key) {
+                        if others.len() + 1 < MAX_KEYS {
+                            others.push(key);
+                        } else {
+                            too_many = true;
+                        }
                     }
                 }
                 Some(_) => {}
@@ -118,6 +123,7 @@ impl KeyFingerprinter {
             return KeyIds {
                 id: Some(self.fingerprint(&first)),
                 each: Vec::new(),
+                too_many: false,
             };
         }
         KeyIds {
@@ -126,6 +132,7 @@ impl KeyFingerprinter {
                 .chain(&others)
                 .map(|k| self.fingerprint(k))
                 .collect(),
+            too_many,
         }
     }
 }
@@ -138,11 +145,14 @@ pub struct KeyIds {
     /// With several different keys, each one's fingerprint (the first [`MAX_KEYS`]): a
     /// `by = "key"` limit charges every one, so a junk second key buys no second budget.
     pub each: Vec<String>,
+    /// More different keys than [`MAX_KEYS`]: the request is refused, since the one the vendor
+    /// reads might be among those not charged.
+    pub too_many: bool,
 }
 
-/// Keys charged per request at most; more different keys than this in one request is an
-/// attack, and the first ones are enough to charge the real one (the vendor reads at most one).
-const MAX_KEYS: usize = 4;
+/// Different keys one request may carry; an honest one carries one (two where a gateway adds
+/// its own). Beyond this the request is refused rather than charged for some keys only.
+pub const MAX_KEYS: usize = 16;
 
 /// The key id of a request carrying two different keys: never a fingerprint, so never on a
 /// `require_key` list. Limits charge each key instead ([`KeyIds::each`]).

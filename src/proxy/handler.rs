@@ -229,7 +229,11 @@ async fn apply_limits(
             if d.mode == Mode::Enforce {
                 rec.action = Action::Allow.as_str();
             }
-            Ok((permits, ByteMeter::for_rule(&state.limiter, rule, &kv)))
+            let more = keys.get(1..).unwrap_or_default();
+            Ok((
+                permits,
+                ByteMeter::for_rule(&state.limiter, rule, &kv, more),
+            ))
         }
         Err(refused) => {
             rec.reason = format!(
@@ -434,7 +438,14 @@ async fn forward(
 
     // Tenant restriction and uninspectable bodies refuse what the rule would let through.
     if d.enforced() != Action::Block {
-        if let Some(why) = refusal(&d, &rec, &parts.headers, inspected.as_ref()) {
+        let why = match keys.too_many {
+            true => Some(format!(
+                "too_many_keys: more than {} different API keys in one request",
+                crate::identity::keys::MAX_KEYS
+            )),
+            false => refusal(&d, &rec, &parts.headers, inspected.as_ref()),
+        };
+        if let Some(why) = why {
             rec.action = Action::Block.as_str();
             rec.status = 403;
             rec.reason = why.clone().into();
@@ -549,6 +560,11 @@ async fn forward(
         }
         Ok((resp, mut lease)) => {
             let (mut parts, body) = resp.into_parts();
+            // hyper decoded a chunked body; a Content-Length beside it (RFC 9112 §6.3: ignored)
+            // would now frame the decoded body wrongly for the client.
+            if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             if http_body::Body::is_end_stream(&body) {
                 // No body to wait for (HEAD, 204, 304, Content-Length: 0).
                 if let Some(l) = lease.take() {

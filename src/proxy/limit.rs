@@ -87,7 +87,9 @@ impl OwnedKeys {
 pub struct ByteMeter {
     limiter: Arc<Limiter>,
     specs: Arc<[Arc<LimitSpec>]>,
-    keys: Arc<OwnedKeys>,
+    /// The request's keys; after the first, one per further API key, charged only by specs
+    /// whose bucket the key picks.
+    keys: Arc<[OwnedKeys]>,
     pending: u64,
     over: Arc<AtomicBool>,
     tripped: Arc<Mutex<Option<Arc<str>>>>,
@@ -95,7 +97,12 @@ pub struct ByteMeter {
 
 impl ByteMeter {
     /// `None` when the rule has no byte limit.
-    pub fn for_rule(limiter: &Arc<Limiter>, rule: &Rule, kv: &KeyValues<'_>) -> Option<ByteMeter> {
+    pub fn for_rule(
+        limiter: &Arc<Limiter>,
+        rule: &Rule,
+        kv: &KeyValues<'_>,
+        more_keys: &[String],
+    ) -> Option<ByteMeter> {
         let specs: Arc<[Arc<LimitSpec>]> = rule
             .limits
             .iter()
@@ -108,12 +115,15 @@ impl ByteMeter {
         Some(ByteMeter {
             limiter: limiter.clone(),
             specs,
-            keys: Arc::new(OwnedKeys {
-                client: kv.client,
-                user: kv.user.map(Into::into),
-                key_id: kv.key_id.map(Into::into),
-                vendor: kv.vendor.map(Into::into),
-            }),
+            keys: std::iter::once(kv.key_id)
+                .chain(more_keys.iter().map(|k| Some(k.as_str())))
+                .map(|key_id| OwnedKeys {
+                    client: kv.client,
+                    user: kv.user.map(Into::into),
+                    key_id: key_id.map(Into::into),
+                    vendor: kv.vendor.map(Into::into),
+                })
+                .collect(),
             pending: 0,
             over: Arc::new(AtomicBool::new(false)),
             tripped: Arc::new(Mutex::new(None)),
@@ -136,12 +146,18 @@ impl ByteMeter {
         let (limiter, specs, keys) = (self.limiter.clone(), self.specs.clone(), self.keys.clone());
         let (over, tripped) = (self.over.clone(), self.tripped.clone());
         tokio::spawn(async move {
-            for spec in specs.iter() {
-                if !limiter
-                    .charge_bytes(spec, &keys.view(), n)
-                    .await
-                    .is_allowed()
-                {
+            for (i, keys) in keys.iter().enumerate() {
+                for spec in specs.iter() {
+                    if i > 0 && !spec.by.contains(&KeyPart::Key) {
+                        continue;
+                    }
+                    if limiter
+                        .charge_bytes(spec, &keys.view(), n)
+                        .await
+                        .is_allowed()
+                    {
+                        continue;
+                    }
                     if let Ok(mut t) = tripped.lock() {
                         t.get_or_insert_with(|| spec.id.clone());
                     }

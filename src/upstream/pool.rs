@@ -11,8 +11,11 @@
 //! What the pooled client did that still matters is kept: a request the origin never saw (it
 //! closed an idle connection as we picked it) is retried once per stale connection on another
 //! one, idle connections expire after `pool_idle_timeout`, and at most
-//! `pool_max_idle_per_host` stay open per origin.
+//! `pool_max_idle_per_host` stay open per origin. Added: at most [`MAX_IDLE_TOTAL`] across all
+//! origins, or a client naming many origins (ports, wildcard names) could make the proxy hold
+//! idle sockets until it runs out of file descriptors.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,12 +33,18 @@ use crate::policy::target::Host;
 
 type Sender<B> = http1::SendRequest<B>;
 
+/// Idle connections kept across all origins: well under the open-files limit the binary raises
+/// to, and plenty for the origins an egress proxy talks to over plain HTTP.
+pub const MAX_IDLE_TOTAL: usize = 1024;
+
 pub struct Pool<B> {
     /// Idle connections by `host:port`, the most recently used last.
     idle: DashMap<String, Vec<Idle<B>>, FxBuildHasher>,
     upstream: Arc<Upstream>,
     idle_timeout: Duration,
     max_idle: usize,
+    /// Entries in `idle`, against [`MAX_IDLE_TOTAL`].
+    idle_total: AtomicUsize,
 }
 
 struct Idle<B> {
@@ -63,6 +72,7 @@ where
             upstream,
             idle_timeout,
             max_idle,
+            idle_total: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&pool);
         let every = (idle_timeout / 2).max(Duration::from_secs(1));
@@ -119,6 +129,7 @@ where
     fn checkout(&self, key: &str) -> Option<Sender<B>> {
         let mut list = self.idle.get_mut(key)?;
         while let Some(i) = list.pop() {
+            self.idle_total.fetch_sub(1, Ordering::Relaxed);
             if i.tx.is_ready() && i.since.elapsed() < self.idle_timeout {
                 return Some(i.tx);
             }
@@ -139,7 +150,8 @@ where
     }
 
     fn put(&self, key: String, tx: Sender<B>) {
-        if self.max_idle == 0 {
+        // Over the cap the connection is dropped, which closes it.
+        if self.max_idle == 0 || self.idle_total.load(Ordering::Relaxed) >= MAX_IDLE_TOTAL {
             return;
         }
         let idle = Idle {
@@ -150,16 +162,21 @@ where
         if let Some(mut list) = self.idle.get_mut(&key) {
             if list.len() < self.max_idle {
                 list.push(idle);
+                self.idle_total.fetch_add(1, Ordering::Relaxed);
             }
             return;
         }
         self.idle.entry(key).or_default().push(idle);
+        self.idle_total.fetch_add(1, Ordering::Relaxed);
     }
 
     fn sweep(&self) {
         let timeout = self.idle_timeout;
         self.idle.retain(|_, list| {
+            let before = list.len();
             list.retain(|i| !i.tx.is_closed() && i.since.elapsed() < timeout);
+            self.idle_total
+                .fetch_sub(before - list.len(), Ordering::Relaxed);
             !list.is_empty()
         });
     }
