@@ -515,3 +515,30 @@ async fn held_bodies_share_one_budget() {
         "bytes changed on the way"
     );
 }
+
+/// A body that pauses past `[inspect] timeout` before reaching `max_body` or its end is
+/// refused (408): deciding on the part that arrived would let a secret sent after the pause
+/// reach the vendor uninspected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_paused_past_the_inspection_wait_is_refused() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"openai\"\ndlp = \"all\"\naction = \"block\"\n\n\
+         [inspect]\ntimeout = \"1s\"\n",
+    ))
+    .await;
+    let secret = r#"AKIAIOSFODNN7EXAMPLE"}"#;
+    let head_part = r#"{"model":"gpt-4o","k":""#;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let head = format!(
+        "POST http://api.openai.com/v1/chat/completions?paused HTTP/1.1\r\nHost: api.openai.com\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head_part}",
+        head_part.len() + secret.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = s.write_all(secret.as_bytes()).await;
+    let (status, _) = within("the refusal", read_head(&mut s)).await;
+    assert_eq!(status, 408);
+    assert!(origin.requests().is_empty(), "nothing reached the origin");
+}

@@ -60,11 +60,12 @@ pub struct Htpasswd {
     /// bcrypt runs on tokio's blocking pool, which also serves DNS lookups and
     /// file I/O; a burst of wrong passwords must not be able to starve those.
     bcrypt_slots: Semaphore,
-    /// One check at a time per client address, taken before a bcrypt slot:
-    /// a client flooding wrong passwords over many connections queues behind
-    /// itself, holding at most one place in `bcrypt_slots`' FIFO, instead of
-    /// in front of every other user's first login.
-    per_client: DashMap<IpAddr, Arc<Semaphore>>,
+    /// One check at a time per client address and user name, taken before a
+    /// bcrypt slot: a client flooding wrong passwords over many connections
+    /// queues behind itself, holding at most one place in `bcrypt_slots`'
+    /// FIFO per name it tries, instead of in front of every other user's
+    /// first login (behind the same NAT address too).
+    per_client: DashMap<(IpAddr, String), Arc<Semaphore>>,
 }
 
 impl fmt::Debug for Htpasswd {
@@ -181,16 +182,17 @@ impl Htpasswd {
             return true;
         }
 
+        let who = (client, user.to_owned());
         let gate = self
             .per_client
-            .entry(client)
+            .entry(who.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(1)))
             .clone();
         let ok = self.check_in_turn(&gate, &key, hash, password).await;
         drop(gate);
         // Only the map holds it: nobody of this client is waiting.
         self.per_client
-            .remove_if(&client, |_, g| Arc::strong_count(g) == 1);
+            .remove_if(&who, |_, g| Arc::strong_count(g) == 1);
 
         if ok {
             // Wholesale clearing is crude but O(1) to reason about: the next

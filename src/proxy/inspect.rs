@@ -25,7 +25,7 @@ pub struct Inspected {
     pub dlp: Hits,
     /// Bytes inspected.
     pub seen: usize,
-    /// The body went on past the cap (or the wait ran out): the rest streams unread.
+    /// The body went on past the cap: the rest streams unread.
     pub partial: bool,
     /// A content coding (gzip, br…) we do not decode: the bytes say nothing.
     pub encoded: Option<String>,
@@ -73,7 +73,10 @@ pub async fn inspect(
     let mut ended = false;
     while prefix.len() < ins.max_body {
         match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => break,
+            // A client that pauses past the wait must not get the rest past the rules
+            // uninspected: deciding on "what arrived" would let a secret sent after a pause
+            // through. Refused (408) instead.
+            Err(_) => return Err(ProxyError::ClientBodyTimeout),
             Ok(None) => {
                 ended = true;
                 break;
