@@ -119,8 +119,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         .map_err(StartError::Secret)?;
     let auth = match &settings.auth {
         Some(a) => Some(Auth {
-            htpasswd: Htpasswd::load(&a.htpasswd)
-                .map_err(|e| StartError::Htpasswd(e.to_string()))?,
+            htpasswd: arc_swap::ArcSwap::from_pointee(
+                Htpasswd::load(&a.htpasswd).map_err(|e| StartError::Htpasswd(e.to_string()))?,
+            ),
             realm: a.realm.clone(),
             required: a.required,
         }),
@@ -176,7 +177,12 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         bulk: settings_bulk.map(crate::signals::bulk::BulkDetector::new),
         limiter,
     });
-    let watcher = crate::reload::watch(state.clone(), loaded.files);
+    // The user file is watched with the config: saving it reloads, and so revokes.
+    let mut watched = loaded.files;
+    if let Some(a) = &state.settings.auth {
+        watched.push(a.htpasswd.clone());
+    }
+    let watcher = crate::reload::watch(state.clone(), watched);
 
     // Ready before the admin listener answers: both listeners are bound, so a probe that
     // connects from here on reaches a proxy that will serve it (the accept loop starts next).

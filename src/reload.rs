@@ -43,9 +43,21 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
             msg: format!("reload task failed: {e}"),
         })
     });
+    // The user file too, read before anything is swapped: a broken one fails the whole
+    // reload, the old policy and users stay.
+    let loaded = match loaded {
+        Ok(l) => match reload_users(state, &l.settings).await {
+            Ok(users) => Ok((l, users)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     match loaded {
-        Ok(l) => {
+        Ok((l, users)) => {
             let needs_restart = changed_settings(&state.settings, &l.settings);
+            if let (Some(auth), Some(users)) = (&state.auth, users) {
+                auth.htpasswd.store(Arc::new(users));
+            }
             let outcome = Outcome {
                 rules: l.policy.rules.len(),
                 vendors: l.policy.catalog.vendors().len(),
@@ -186,5 +198,57 @@ fn canonical(p: &std::path::Path) -> PathBuf {
     ) {
         (Some(d), Some(n)) => d.join(n),
         _ => p.to_path_buf(),
+    }
+}
+
+/// The htpasswd file read again, when `[auth]` is unchanged (a changed `[auth]` needs a
+/// restart, and is reported so): a removed user is refused from the next request on.
+async fn reload_users(
+    state: &State,
+    new: &crate::config::Settings,
+) -> Result<Option<crate::identity::htpasswd::Htpasswd>, ConfigError> {
+    let (Some(_), Some(a)) = (&state.auth, &new.auth) else {
+        return Ok(None);
+    };
+    if format!("{:?}", state.settings.auth) != format!("{:?}", new.auth) {
+        return Ok(None);
+    }
+    let path = a.htpasswd.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        crate::secrets::refuse_world_readable(&path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            col: 0,
+            msg: e.to_string(),
+        })?;
+        crate::identity::htpasswd::Htpasswd::load(&path).map_err(|e| match e {
+            crate::identity::htpasswd::HtpasswdError::Parse {
+                path,
+                line,
+                col,
+                msg,
+            } => ConfigError {
+                file: path,
+                line,
+                col,
+                msg,
+            },
+            other => ConfigError {
+                file: path.display().to_string(),
+                line: 0,
+                col: 0,
+                msg: other.to_string(),
+            },
+        })
+    })
+    .await;
+    match read {
+        Ok(r) => r.map(Some),
+        Err(e) => Err(ConfigError {
+            file: "-".into(),
+            line: 0,
+            col: 0,
+            msg: format!("reload task failed: {e}"),
+        }),
     }
 }

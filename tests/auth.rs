@@ -114,3 +114,49 @@ eng = ["bob"]
     }
     assert!(!proxy.audit_text().contains(PASSWORD));
 }
+
+/// Removing a user from the htpasswd file and reloading revokes them from the next request,
+/// also when their password was cached; a broken file fails the reload and keeps the users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reads_the_user_file_again() {
+    let users = htpasswd();
+    let file = users.path().join("users.htpasswd");
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&format!("[auth]\nhtpasswd = \"{}\"\n", file.display())),
+    )
+    .await;
+    let get = |user: &str| {
+        fetch(
+            proxy
+                .client_as(user, PASSWORD)
+                .get("http://api.openai.com/v1/models"),
+        )
+    };
+    assert_eq!(get("bob").await.status, 200);
+    assert_eq!(get("bob").await.status, 200, "now from the cache");
+
+    let reload = || async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/reload", proxy.admin))
+            .send()
+            .await
+            .expect("POST /reload");
+        (r.status().as_u16(), r.text().await.expect("body"))
+    };
+    // A broken file: the reload fails, naming the line; bob still gets in.
+    let alice_line = format!("alice:{}\n", bcrypt::hash(PASSWORD, 4).unwrap());
+    std::fs::write(&file, format!("{alice_line}bob:plaintext\n")).unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains(":2:"), "{body}");
+    assert_eq!(get("bob").await.status, 200);
+
+    std::fs::write(&file, &alice_line).unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get("bob").await.status, 407, "bob was removed");
+    assert_eq!(get("alice").await.status, 200);
+}

@@ -268,7 +268,12 @@ pub async fn authenticate(
         .get(header::PROXY_AUTHORIZATION)
         .and_then(parse_basic)
     {
-        if auth.htpasswd.verify(client, &user, &password).await {
+        if auth
+            .htpasswd
+            .load_full()
+            .verify(client, &user, &password)
+            .await
+        {
             return Ok(Some(user));
         }
     }

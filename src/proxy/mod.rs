@@ -36,7 +36,8 @@ use body::Counted;
 
 /// Proxy users, when `[auth]` is configured.
 pub struct Auth {
-    pub htpasswd: Htpasswd,
+    /// Read again on every reload, so removing a user revokes them without a restart.
+    pub htpasswd: ArcSwap<Htpasswd>,
     pub realm: String,
     pub required: bool,
 }
