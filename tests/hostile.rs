@@ -410,8 +410,9 @@ fn new_keys_are_validated_with_file_line_col() {
     assert_eq!(l.settings.audit.on_full, portcullis::config::OnFull::Block);
 }
 
-/// Bodies held back for inspection share one budget (`[inspect] max_buffered`): slow uploads
-/// that each stall below `max_body` cannot pile up memory without bound. Past the budget a
+/// Bodies held back for inspection share one budget (`[inspect] max_buffered`, of which one
+/// client address may hold an eighth or `max_body`): slow uploads that each stall below
+/// `max_body` cannot pile up memory without bound. Past the budget a
 /// request is refused 503 `inspection_busy` (never forwarded uninspected), and the budget comes
 /// back when the stalled uploads go away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,10 +427,12 @@ async fn held_bodies_share_one_budget() {
             ),
     )
     .await;
-    // Two uploads promise 5,000 bytes, send 1,000 and stall: 2,000 of 2,048 bytes held.
+    // Two uploads promise 5,000 bytes, send 1,000 and stall: 2,000 of 2,048 bytes held. Each
+    // from its own address: one address may hold only its share (here max_body, 1,024).
     let mut stalled = Vec::new();
-    for i in 0..2 {
-        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for i in 0..2u8 {
+        let from = IpAddr::from([127, 0, 0, 2 + i]);
+        let mut s = connect_from(from, proxy.addr).await.expect("connect");
         let head = format!(
             "POST http://api.openai.com/v1/chat/completions?stall={i} HTTP/1.1\r\n\
              Host: api.openai.com\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"

@@ -624,7 +624,10 @@ fn inspection(
         scanner,
         max_body: max_body as usize,
         timeout,
-        budget: Arc::new(tokio::sync::Semaphore::new(max_buffered as usize)),
+        budget: Arc::new(crate::proxy::budget::InspectBudget::new(
+            max_buffered as usize,
+            max_body as usize,
+        )),
         models: body_rules.iter().any(|r| !r.models.is_empty()),
         dlp: body_rules.iter().fold(0, |m, r| m | r.dlp),
         vendors,

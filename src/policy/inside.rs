@@ -47,10 +47,10 @@ pub struct Inspection {
     pub max_body: usize,
     /// How long to wait for that prefix before deciding on what arrived.
     pub timeout: Duration,
-    /// Bytes all held prefixes together may occupy (`max_buffered`): without it, many slow
-    /// uploads each held at `max_body` are a memory exhaustion. One per policy: a reload
-    /// starts a fresh budget while requests admitted under the old one finish.
-    pub budget: Arc<tokio::sync::Semaphore>,
+    /// Bytes all held prefixes together may occupy (`max_buffered`), and one client's share:
+    /// without it, many slow uploads each held at `max_body` are a memory exhaustion. One per
+    /// policy: a reload starts a fresh budget while requests admitted under the old one finish.
+    pub budget: Arc<crate::proxy::budget::InspectBudget>,
     /// Some rule has a `model` condition.
     pub models: bool,
     /// Union of the DLP masks of all rules: patterns nobody asks for are still scanned (one

@@ -227,7 +227,7 @@ where
 pub struct RequestBody {
     held: std::collections::VecDeque<Frame<Bytes>>,
     /// The held bytes' share of the inspection budget, given back once they are sent.
-    budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    budget: Option<super::budget::Held>,
     rest: Option<Incoming>,
 }
 
@@ -243,7 +243,7 @@ impl RequestBody {
     /// `held` frames first, then `rest` (None when the body already ended).
     pub fn resumed(
         held: std::collections::VecDeque<Frame<Bytes>>,
-        budget: Option<tokio::sync::OwnedSemaphorePermit>,
+        budget: Option<super::budget::Held>,
         rest: Option<Incoming>,
     ) -> RequestBody {
         RequestBody { held, budget, rest }

@@ -397,7 +397,14 @@ async fn forward(
         .as_ref()
         .filter(|ins| ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor)));
     let (inspected, body) = match wants_body {
-        Some(ins) => match Box::pin(super::inspect::inspect(ins, &parts.headers, body)).await {
+        Some(ins) => match Box::pin(super::inspect::inspect(
+            ins,
+            peer.addr.ip(),
+            &parts.headers,
+            body,
+        ))
+        .await
+        {
             Ok((i, b)) => (Some(i), b),
             Err(e) => {
                 rejected(&state, peer, &parts.method, &parts.uri, &e, start);

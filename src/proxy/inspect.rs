@@ -10,7 +10,9 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use tokio::sync::OwnedSemaphorePermit;
+use std::net::IpAddr;
+
+use super::budget::Held;
 
 use super::body::RequestBody;
 use crate::error::ProxyError;
@@ -38,6 +40,7 @@ pub struct Inspected {
 /// returns the body to send on: the held frames, then whatever is left.
 pub async fn inspect(
     ins: &Inspection,
+    client: IpAddr,
     headers: &HeaderMap,
     mut body: Incoming,
 ) -> Result<(Inspected, RequestBody), ProxyError> {
@@ -68,7 +71,7 @@ pub async fn inspect(
     let mut prefix = BytesMut::with_capacity(expect);
     // Bytes past the prefix in its last frame, and trailers: sent after the prefix.
     let mut after: VecDeque<Frame<Bytes>> = VecDeque::new();
-    let mut budget: Option<OwnedSemaphorePermit> = None;
+    let mut budget: Option<Held> = None;
     let deadline = tokio::time::Instant::now() + ins.timeout;
     let mut ended = false;
     while prefix.len() < ins.max_body {
@@ -86,13 +89,8 @@ pub async fn inspect(
                 Ok(d) => {
                     let take = d.len().min(ins.max_body - prefix.len());
                     // Fail closed: forwarding uninspected would skip the rules.
-                    let permit = u32::try_from(take)
-                        .ok()
-                        .and_then(|n| ins.budget.clone().try_acquire_many_owned(n).ok())
-                        .ok_or(ProxyError::InspectionBusy)?;
-                    match &mut budget {
-                        Some(p) => p.merge(permit),
-                        None => budget = Some(permit),
+                    if !ins.budget.take(client, take, &mut budget) {
+                        return Err(ProxyError::InspectionBusy);
                     }
                     prefix.extend_from_slice(&d[..take]);
                     if take < d.len() {

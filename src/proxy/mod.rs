@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod body;
+pub mod budget;
 pub mod connect;
 pub mod handler;
 pub mod inspect;
