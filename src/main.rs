@@ -149,7 +149,11 @@ fn run(path: Option<&Path>) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.settings.log_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.settings.log_level))
+                // The file watcher traces every inotify event; with the log written to a file
+                // in a watched directory each line would be an event, and so on without end,
+                // starving the request threads of the log's lock.
+                .add_directive("notify=info".parse().expect("static directive")),
         )
         .init();
     raise_open_files_limit();
