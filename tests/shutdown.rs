@@ -90,3 +90,46 @@ async fn sigterm_under_load_loses_no_audit_record() {
         "audited but never answered"
     );
 }
+
+/// A request still at the origin when the grace period runs out is cut, and its record says
+/// so: the request reached the vendor, so it must be in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_by_shutdown_is_audited() {
+    // An origin that takes requests and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            h.lock().unwrap().push(s);
+        }
+    });
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .vendor("api.openai.com", addr)
+            .proxy("shutdown_grace = \"1s\""),
+    )
+    .await;
+    let client = proxy.client();
+    let pending = tokio::spawn(async move {
+        client
+            .get("http://api.openai.com/v1/models?cut")
+            .send()
+            .await
+    });
+    eventually("the request to reach the origin", || {
+        (!held.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let status = proxy.stop().await.expect("the binary's exit status");
+    assert!(status.success(), "exit status {status:?}");
+    let _ = pending.await;
+    let rec = proxy
+        .audit_records()
+        .into_iter()
+        .find(|r| r["path"] == "/v1/models?cut")
+        .expect("a record for the request shutdown cut");
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_reason(&rec, "client_aborted");
+}
