@@ -76,8 +76,9 @@ impl InspectBudget {
         true
     }
 
-    /// Client addresses holding bytes now, for tests.
-    pub fn clients_holding(&self) -> usize {
+    /// Client addresses holding bytes now.
+    #[cfg(test)]
+    fn clients_holding(&self) -> usize {
         self.clients.len()
     }
 }

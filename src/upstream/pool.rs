@@ -180,11 +180,6 @@ where
             !list.is_empty()
         });
     }
-
-    /// Idle connections held, for tests.
-    pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|l| l.len()).sum()
-    }
 }
 
 impl<B> Lease<B>
