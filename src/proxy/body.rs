@@ -87,7 +87,9 @@ pub struct Counted<B> {
     count: u64,
     /// Where a request body publishes its count for the response side to read.
     shared: Option<Arc<AtomicU64>>,
-    pending: Option<Pending>,
+    /// Boxed: a body moves several times on its way through hyper, and most of its size
+    /// would otherwise be this record of the exchange.
+    pending: Option<Box<Pending>>,
     /// `[proxy] body_timeout`: the longest wait for the next chunk.
     idle: Option<IdleTimer>,
 }
@@ -118,7 +120,7 @@ impl<B> Counted<B> {
             inner,
             count: 0,
             shared: None,
-            pending: Some(pending),
+            pending: Some(Box::new(pending)),
             idle: Some(idle),
         }
     }
@@ -225,17 +227,22 @@ where
 /// A request body on its way upstream: what inspection held back (if anything), then the rest
 /// of the client's body, streamed.
 pub struct RequestBody {
-    held: std::collections::VecDeque<Frame<Bytes>>,
-    /// The held bytes' share of the inspection budget, given back once they are sent.
-    budget: Option<super::budget::Held>,
+    /// Boxed, and absent unless the body was inspected: the request moves through several
+    /// futures on every exchange, and this is the rare case.
+    held: Option<Box<HeldPrefix>>,
     rest: Option<Incoming>,
+}
+
+struct HeldPrefix {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    /// The held bytes' share of the inspection budget, given back once they are sent.
+    _budget: Option<super::budget::Held>,
 }
 
 impl RequestBody {
     pub fn streamed(body: Incoming) -> RequestBody {
         RequestBody {
-            held: Default::default(),
-            budget: None,
+            held: None,
             rest: Some(body),
         }
     }
@@ -246,7 +253,13 @@ impl RequestBody {
         budget: Option<super::budget::Held>,
         rest: Option<Incoming>,
     ) -> RequestBody {
-        RequestBody { held, budget, rest }
+        let held = (!held.is_empty()).then(|| {
+            Box::new(HeldPrefix {
+                frames: held,
+                _budget: budget,
+            })
+        });
+        RequestBody { held, rest }
     }
 }
 
@@ -259,11 +272,14 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if let Some(f) = this.held.pop_front() {
-            if this.held.is_empty() {
-                this.budget = None;
+        if let Some(h) = &mut this.held {
+            if let Some(f) = h.frames.pop_front() {
+                if h.frames.is_empty() {
+                    // Gives the budget share back.
+                    this.held = None;
+                }
+                return Poll::Ready(Some(Ok(f)));
             }
-            return Poll::Ready(Some(Ok(f)));
         }
         match &mut this.rest {
             Some(b) => Pin::new(b).poll_frame(cx),
@@ -272,13 +288,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_empty() && self.rest.as_ref().is_none_or(|b| b.is_end_stream())
+        self.held.is_none() && self.rest.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         let held: u64 = self
             .held
             .iter()
+            .flat_map(|h| h.frames.iter())
             .filter_map(|f| f.data_ref())
             .map(|d| d.len() as u64)
             .sum();

@@ -386,10 +386,11 @@ async fn forward(
     // gets: a header the client names in `Connection` is dropped before anything looks at it,
     // or naming `OpenAI-Organization` there would pass the tenant check and then vanish.
     strip_hop_by_hop(&mut parts.headers);
-    // A cheap clone (shared bytes) so the path can be borrowed while the parts change.
-    let uri_in = parts.uri.clone();
+    // Taken out so the path can be borrowed while the parts change; the upstream request gets
+    // its own URI below.
+    let uri_in = std::mem::take(&mut parts.uri);
     let path_q = uri_in.path_and_query().map_or("/", |p| p.as_str());
-    let keys = state.keys.from_request(&parts.headers, parts.uri.query());
+    let keys = state.keys.from_request(&parts.headers, uri_in.query());
 
     // Body rules need the body before the decision; only read it when one could apply.
     let wants_body = policy
@@ -407,7 +408,7 @@ async fn forward(
         {
             Ok((i, b)) => (Some(i), b),
             Err(e) => {
-                rejected(&state, peer, &parts.method, &parts.uri, &e, start);
+                rejected(&state, peer, &parts.method, &uri_in, &e, start);
                 return respond::error(&e, realm, html);
             }
         },
@@ -484,12 +485,14 @@ async fn forward(
     // An absolute URI already in normal form (the usual case) is forwarded as it came.
     let unchanged = uri_in.scheme_str() == Some(target.scheme.as_str())
         && uri_in.authority().map(|a| a.as_str()) == Some(authority.as_str());
-    let uri = if unchanged {
-        Ok(uri_in.clone())
-    } else {
-        Uri::try_from(format!("{}://{authority}{path_q}", target.scheme.as_str()))
+    let respelled = match unchanged {
+        true => None,
+        false => Some(Uri::try_from(format!(
+            "{}://{authority}{path_q}",
+            target.scheme.as_str()
+        ))),
     };
-    let uri = match uri {
+    let respelled = match respelled.transpose() {
         Ok(u) => u,
         Err(_) => {
             let e = ProxyError::Target(target::TargetError::InvalidHost("unrepresentable"));
@@ -526,7 +529,7 @@ async fn forward(
     let result = match target.scheme {
         Scheme::Http => {
             // One HTTP/1.1 hop to the origin: origin-form.
-            parts.uri = match uri.path_and_query() {
+            parts.uri = match respelled.as_ref().unwrap_or(&uri_in).path_and_query() {
                 Some(pq) => Uri::from(pq.clone()),
                 None => Uri::from_static("/"),
             };
@@ -541,7 +544,7 @@ async fn forward(
             }
         }
         Scheme::Https => {
-            parts.uri = uri;
+            parts.uri = respelled.unwrap_or(uri_in);
             let upstream_req = Request::from_parts(parts, body);
             match tokio::time::timeout(timeout, state.client.request(upstream_req)).await {
                 Err(_) => Err(ProxyError::ResponseTimeout),

@@ -101,7 +101,10 @@ pub async fn serve(
             tokio::pin!(conn);
             let mut phase = Phase::Serving;
             loop {
+                // Biased: the connection is what woke this task nearly every time, and an
+                // unbiased select draws a random number on every wake to pick an order.
                 tokio::select! {
+                    biased;
                     r = conn.as_mut() => {
                         if let Err(e) = r {
                             tracing::debug!(client = %addr, error = %e, "connection ended with error");
