@@ -272,3 +272,166 @@ async fn a_quiet_tunnel_is_closed_by_the_idle_timeout() {
     assert!(reason.contains("closed: idle_timeout"), "{rec}");
     assert_eq!(rec["bytes_out"], 21);
 }
+
+/// A ClientHello (TLS 1.3, x25519 offered) naming `sni`, with or without a key share: without
+/// one, a server must answer with a HelloRetryRequest.
+fn hello(sni: Option<&str>, key_share: bool) -> Vec<u8> {
+    fn ext(kind: u16, data: &[u8]) -> Vec<u8> {
+        let mut e = kind.to_be_bytes().to_vec();
+        e.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        e.extend_from_slice(data);
+        e
+    }
+    let mut exts = Vec::new();
+    if let Some(name) = sni {
+        let n = name.as_bytes();
+        let mut list = ((n.len() + 3) as u16).to_be_bytes().to_vec();
+        list.push(0);
+        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        list.extend_from_slice(n);
+        exts.extend(ext(0, &list));
+    }
+    exts.extend(ext(10, &[0, 2, 0, 0x1d]));
+    exts.extend(ext(13, &[0, 2, 8, 4]));
+    exts.extend(ext(43, &[2, 3, 4]));
+    let share: Vec<u8> = match key_share {
+        true => [&[0, 36, 0, 0x1d, 0, 32][..], &[7; 32]].concat(),
+        false => vec![0, 0],
+    };
+    exts.extend(ext(51, &share));
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[1; 32]); // random
+    body.push(0); // session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]); // one suite, null compression
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend(exts);
+    let mut hs = vec![1, 0];
+    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    hs.extend(body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+/// RFC 8446 §4.1.4: a ServerHello whose random is the HelloRetryRequest value, asking for x25519.
+fn hello_retry_request() -> Vec<u8> {
+    const HRR: [u8; 32] = [
+        0xCF, 0x21, 0xAD, 0x74, 0xE5, 0x9A, 0x61, 0x11, 0xBE, 0x1D, 0x8C, 0x02, 0x1E, 0x65, 0xB8,
+        0x91, 0xC2, 0xA2, 0x11, 0x16, 0x7A, 0xBB, 0x8C, 0x5E, 0x07, 0x9E, 0x09, 0xE2, 0xC8, 0xA8,
+        0x33, 0x9C,
+    ];
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&HRR);
+    body.extend_from_slice(&[0, 0x13, 0x01, 0]); // session id, suite, compression
+    body.extend_from_slice(&[0, 12, 0, 43, 0, 2, 3, 4, 0, 51, 0, 2, 0, 0x1d]);
+    let mut hs = vec![2, 0];
+    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    hs.extend(body);
+    let mut rec = vec![0x16, 3, 3];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+/// A TLS 1.3 origin that answers every first ClientHello with a HelloRetryRequest and reports
+/// what it received after that (the second hello, if the proxy let it through).
+async fn retrying_origin() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut first = vec![0u8; 5];
+                s.read_exact(&mut first).await.unwrap();
+                let len = usize::from(u16::from_be_bytes([first[3], first[4]]));
+                let mut rest = vec![0u8; len];
+                s.read_exact(&mut rest).await.unwrap();
+                s.write_all(&hello_retry_request()).await.unwrap();
+                let mut after = Vec::new();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    s.read_to_end(&mut after),
+                )
+                .await;
+                let _ = tx.send(after);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A HelloRetryRequest makes the client send a second ClientHello. It must name the server the
+/// first one named (RFC 8446 §4.1.2), but a front end that routes on SNI may honour a new name:
+/// naming an allowed host first and DeepSeek second must not get DeepSeek's name through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_hello_after_a_retry_request_must_name_the_same_server() {
+    use tokio::io::AsyncReadExt;
+    let (origin, mut received) = retrying_origin().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin)
+            .vendor("api.deepseek.com", origin)
+            .resolve("127.0.0.1:443", origin),
+    )
+    .await;
+    let ccs: &[u8] = &[0x14, 3, 3, 0, 1, 1];
+    let cases: [(&str, Option<&str>, Option<&str>, bool); 5] = [
+        // CONNECT to, first SNI, second SNI, let through
+        (
+            "api.openai.com",
+            Some("api.openai.com"),
+            Some("api.openai.com"),
+            true,
+        ),
+        (
+            "api.openai.com",
+            Some("api.openai.com"),
+            Some("api.deepseek.com"),
+            false,
+        ),
+        ("127.0.0.1", None, Some("api.deepseek.com"), false),
+        ("127.0.0.1", None, None, true),
+        ("api.openai.com", Some("api.openai.com"), None, false),
+    ];
+    for (i, (connect_host, first, second, through)) in cases.into_iter().enumerate() {
+        let (status, _, mut tunnel) =
+            raw_connect(proxy.addr, &format!("{connect_host}:443"), &[]).await;
+        assert_eq!(status, 200, "case {i}");
+        tunnel.write_all(&hello(first, false)).await.unwrap();
+        let mut hrr = vec![0u8; hello_retry_request().len()];
+        within("the retry request", tunnel.read_exact(&mut hrr))
+            .await
+            .unwrap();
+        assert_eq!(hrr, hello_retry_request(), "case {i}");
+        let second_hello = hello(second, true);
+        // Middlebox-compatibility mode: a change_cipher_spec record first.
+        let _ = tunnel.write_all(&[ccs, &second_hello].concat()).await;
+        let after = within("the origin's report", received.recv())
+            .await
+            .unwrap();
+        drop(tunnel);
+        // One record per tunnel, written as it closes; the cases run one after another.
+        let rec = proxy.audit_at_least(i + 1).await[i].clone();
+        assert_eq!(rec["host"], connect_host, "case {i}: {rec}");
+        if through {
+            assert_eq!(after, [ccs, &second_hello].concat(), "case {i}: {rec}");
+        } else {
+            assert!(
+                after.is_empty(),
+                "case {i}: the renamed hello reached the origin"
+            );
+            assert_eq!(rec["action"], "block", "case {i}: {rec}");
+            assert_reason(&rec, "sni_mismatch");
+            if second == Some("api.deepseek.com") {
+                assert_eq!(rec["vendor"], "deepseek", "case {i}: {rec}");
+            }
+        }
+    }
+}

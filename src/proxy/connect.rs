@@ -15,7 +15,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::activity::Activity;
@@ -28,7 +28,7 @@ use crate::audit::Record;
 use crate::error::ProxyError;
 use crate::policy::{self, target, Action, Host, Policy};
 use crate::tls::rewind::Rewind;
-use crate::tls::sni::{peek_client_hello, SniError};
+use crate::tls::sni::{is_hello_retry, peek_client_hello, peek_retried_client_hello, SniError};
 
 /// A ClientHello larger than this is not a browser or SDK; refuse rather than buffer.
 const MAX_CLIENT_HELLO: usize = 64 * 1024;
@@ -231,8 +231,11 @@ impl Tunnel {
             peek_client_hello(&mut client, &mut hello, MAX_CLIENT_HELLO),
         )
         .await;
+        // The first hello's SNI, when the tunnel carries TLS.
+        let mut tls_sni: Option<Option<String>> = None;
         match peeked {
             Ok(Ok(info)) => {
+                tls_sni = Some(info.sni.clone());
                 if let Some(sni) = info.sni {
                     if let Some(refusal) = self.check_sni(&sni, upstream.is_some()) {
                         self.rec.sni = Some(sni.into());
@@ -267,12 +270,45 @@ impl Tunnel {
             stats: stats.clone(),
             meter: self.meter.take(),
         };
+        let sent_hello = tls_sni.is_some();
+        if let Some(sni) = tls_sni {
+            let wait = self.state.settings.proxy.client_hello_timeout;
+            let followed = tokio::time::timeout(
+                wait,
+                follow_hello_retry(&mut client, &mut upstream, &hello, sni.as_deref()),
+            )
+            .await;
+            let refused = match followed {
+                Ok(Ok(())) => None,
+                Ok(Err(Retry::Renamed(second))) => {
+                    // Attributes the tunnel to the vendor the second name reaches, if any.
+                    let _ = self.check_sni(&second, true);
+                    Some(format!(
+                        "sni_mismatch: the ClientHello after a HelloRetryRequest names {second:?}, \
+                         the first named {:?}",
+                        sni.as_deref().unwrap_or("")
+                    ))
+                }
+                Ok(Err(Retry::Failed(why))) => Some(why),
+                Err(_) => {
+                    Some("server_hello_timeout: the origin did not answer the ClientHello".into())
+                }
+            };
+            if let Some(why) = refused {
+                self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
+                self.rec.bytes_in = stats.inn.load(Ordering::Relaxed);
+                self.close(why);
+                return;
+            }
+        }
         let idle = self.state.settings.proxy.idle_timeout;
         let mut swaps = self.state.policy_swapped.subscribe();
         // The copy borrows both ends; its scope ends before the meter is read below.
         let reason = {
             let outcome = async {
-                upstream.write_all(&hello).await?;
+                if !sent_hello {
+                    upstream.write_all(&hello).await?;
+                }
                 // An idle tunnel keeps no buffers: not the peeked hello, not copy buffers.
                 drop(hello);
                 super::splice::splice(&mut client, &mut upstream, 16 * 1024).await
@@ -467,6 +503,57 @@ impl Tunnel {
         self.rec.reason = reason.into();
         self.state.finish(self.rec, self.start);
     }
+}
+
+/// Why a tunnel's handshake was not let through after a HelloRetryRequest.
+enum Retry {
+    /// The second ClientHello names another server (the name, lowercased; "" for none).
+    Renamed(String),
+    /// An I/O error or a malformed second hello: the audit reason.
+    Failed(String),
+}
+
+/// TLS 1.3 lets a server answer a ClientHello with a HelloRetryRequest, and the client then
+/// sends a second ClientHello. The SNI check read the first. RFC 8446 §4.1.2 requires the
+/// second to name the same server, but servers that route on SNI may honour a changed name,
+/// so a client could name an allowed host first and a blocked one second. So: the hello is
+/// sent, the server's first record is read (and passed on) before anything more from the
+/// client goes upstream, and after a retry request the second hello must name the same
+/// server as the first (or none, if the first named none) before it is sent on.
+async fn follow_hello_retry<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    hello: &[u8],
+    sni: Option<&str>,
+) -> Result<(), Retry>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let failed = |e: io::Error| Retry::Failed(format!("tunnel_error: {e}"));
+    upstream.write_all(hello).await.map_err(failed)?;
+    let mut answer = BytesMut::with_capacity(4096);
+    let retry = loop {
+        if let Some(retry) = is_hello_retry(&answer) {
+            break retry;
+        }
+        if upstream.read_buf(&mut answer).await.map_err(failed)? == 0 {
+            // The origin closed without answering: the splice passes the end on.
+            break false;
+        }
+    };
+    client.write_all(&answer).await.map_err(failed)?;
+    if !retry {
+        return Ok(());
+    }
+    let mut second = BytesMut::with_capacity(2048);
+    let info = peek_retried_client_hello(client, &mut second, MAX_CLIENT_HELLO)
+        .await
+        .map_err(|e| Retry::Failed(format!("{}: {}", e.kind(), ProxyError::ClientHello(e))))?;
+    if info.sni.as_deref() != sni {
+        return Err(Retry::Renamed(info.sni.unwrap_or_default()));
+    }
+    upstream.write_all(&second).await.map_err(failed)
 }
 
 /// Byte counts and last activity of a tunnel, shared with the idle watchdog.

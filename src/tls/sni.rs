@@ -353,13 +353,88 @@ pub async fn peek_client_hello<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<ClientHelloInfo, SniError> {
+    peek(io, buf, max, parse_records).await
+}
+
+/// RFC 8446 §4.1.3: the `random` of a ServerHello that is a HelloRetryRequest
+/// (SHA-256 of "HelloRetryRequest").
+const HELLO_RETRY_RANDOM: [u8; 32] = [
+    0xCF, 0x21, 0xAD, 0x74, 0xE5, 0x9A, 0x61, 0x11, 0xBE, 0x1D, 0x8C, 0x02, 0x1E, 0x65, 0xB8, 0x91,
+    0xC2, 0xA2, 0x11, 0x16, 0x7A, 0xBB, 0x8C, 0x5E, 0x07, 0x9E, 0x09, 0xE2, 0xC8, 0xA8, 0x33, 0x9C,
+];
+const HANDSHAKE_SERVER_HELLO: u8 = 2;
+const CONTENT_TYPE_CHANGE_CIPHER_SPEC: u8 = 0x14;
+/// Record header, handshake header, legacy_version: where a ServerHello's random starts.
+const SERVER_RANDOM_AT: usize = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + 2;
+
+/// Whether the first bytes a server sent are a TLS 1.3 HelloRetryRequest, after which the
+/// client sends a second ClientHello; `None` until enough bytes have arrived to tell.
+/// Anything that is not a ServerHello at the start of a handshake record (an alert, another
+/// protocol, a ServerHello split into fragments too small to carry its random, which no real
+/// server sends) is not one.
+pub fn is_hello_retry(server: &[u8]) -> Option<bool> {
+    let end = SERVER_RANDOM_AT + HELLO_RETRY_RANDOM.len();
+    match server {
+        [] => None,
+        [t, ..] if *t != CONTENT_TYPE_HANDSHAKE => Some(false),
+        _ if server.len() < RECORD_HEADER_LEN => None,
+        _ if usize::from(u16::from_be_bytes([server[3], server[4]])) < end - RECORD_HEADER_LEN => {
+            Some(false)
+        }
+        _ if server.len() < end => None,
+        _ => Some(
+            server[RECORD_HEADER_LEN] == HANDSHAKE_SERVER_HELLO
+                && server[SERVER_RANDOM_AT..end] == HELLO_RETRY_RANDOM,
+        ),
+    }
+}
+
+/// Peeks the ClientHello a client sends in answer to a HelloRetryRequest: past the one
+/// change_cipher_spec record a TLS 1.3 client in middlebox-compatibility mode sends first
+/// (RFC 8446 §D.4). `buf` keeps every byte read, the record included.
+pub async fn peek_retried_client_hello<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<ClientHelloInfo, SniError> {
+    peek(io, buf, max, |b| {
+        let skip = change_cipher_spec_prefix(b)?;
+        parse_records(&b[skip..]).map_err(|stop| match stop {
+            Stop::NeedAtLeast(n) => Stop::NeedAtLeast(skip + n),
+            fail => fail,
+        })
+    })
+    .await
+}
+
+/// Length of a leading change_cipher_spec record (0 when there is none).
+fn change_cipher_spec_prefix(b: &[u8]) -> Result<usize, Stop> {
+    const CCS_LEN: usize = RECORD_HEADER_LEN + 1;
+    match b.first() {
+        None => Err(Stop::NeedAtLeast(1)),
+        Some(&t) if t != CONTENT_TYPE_CHANGE_CIPHER_SPEC => Ok(0),
+        Some(_) if b.len() < CCS_LEN => Err(Stop::NeedAtLeast(CCS_LEN)),
+        Some(_) if b[3..6] != [0, 1, 1] => {
+            Err(SniError::Malformed("change_cipher_spec record is not the one byte 1").into())
+        }
+        Some(_) => Ok(CCS_LEN),
+    }
+}
+
+/// Reads into `buf` until `parse` succeeds or fails for good.
+async fn peek<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    parse: impl Fn(&[u8]) -> Result<ClientHelloInfo, Stop>,
+) -> Result<ClientHelloInfo, SniError> {
     // Re-parsing from the start after every read would be quadratic for a
     // client trickling bytes; waiting for the known lower bound keeps it to a
     // handful of parses per hello.
     let mut needed = 0usize;
     loop {
         if buf.len() >= needed {
-            match parse_records(buf) {
+            match parse(buf) {
                 Ok(info) => return Ok(info),
                 Err(Stop::Fail(e)) => return Err(e),
                 Err(Stop::NeedAtLeast(n)) => needed = n,
@@ -651,6 +726,47 @@ mod tests {
             parse_client_hello(&dup_alpn),
             Err(SniError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn hello_retry_is_told_from_a_server_hello() {
+        let mut hrr = vec![0x16, 3, 3, 0, 60, HANDSHAKE_SERVER_HELLO, 0, 0, 56, 3, 3];
+        hrr.extend_from_slice(&HELLO_RETRY_RANDOM);
+        for n in 1..hrr.len() {
+            assert_eq!(is_hello_retry(&hrr[..n]), None, "{n} bytes");
+        }
+        assert_eq!(is_hello_retry(&hrr), Some(true));
+        let mut plain = hrr.clone();
+        plain[20] ^= 1;
+        assert_eq!(is_hello_retry(&plain), Some(false));
+        assert_eq!(
+            is_hello_retry(&[0x15, 3, 3, 0, 2, 2, 40]),
+            Some(false),
+            "an alert"
+        );
+        assert_eq!(is_hello_retry(b"HTTP/1.1 400"), Some(false));
+        // A record too short to carry the random: not something a real server sends.
+        assert_eq!(is_hello_retry(&[0x16, 3, 3, 0, 4, 2, 0, 0, 0]), Some(false));
+        assert_eq!(is_hello_retry(&[]), None);
+    }
+
+    #[tokio::test]
+    async fn the_retried_hello_is_read_past_one_change_cipher_spec() {
+        let hello = client_hello("api.example.com", &[]);
+        let mut bytes = vec![0x14, 3, 3, 0, 1, 1];
+        bytes.extend_from_slice(&hello);
+        let mut buf = BytesMut::new();
+        let info = peek_retried_client_hello(&mut &bytes[..], &mut buf, 64 * 1024)
+            .await
+            .unwrap();
+        assert_eq!(info.sni.as_deref(), Some("api.example.com"));
+        assert_eq!(&buf[..], &bytes[..]);
+        let mut buf = BytesMut::new();
+        let info = peek_retried_client_hello(&mut &hello[..], &mut buf, 64 * 1024).await;
+        assert_eq!(info.unwrap().sni.as_deref(), Some("api.example.com"));
+        let bad = [&[0x14, 3, 3, 0, 2, 1, 1][..], &hello].concat();
+        let r = peek_retried_client_hello(&mut &bad[..], &mut BytesMut::new(), 64 * 1024).await;
+        assert!(matches!(r, Err(SniError::Malformed(_))), "{r:?}");
     }
 
     #[test]
