@@ -5,8 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -17,7 +15,6 @@ use crate::identity::keys::KeyFingerprinter;
 use crate::limits::{Limiter, MemoryConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Auth, State};
-use crate::upstream::connector::Connector;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,12 +96,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let own: Vec<SocketAddr> = std::iter::once(proxy_addr).chain(admin_addr).collect();
     let upstream =
         Arc::new(Upstream::new(&settings.upstream, own).map_err(StartError::UpstreamTls)?);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(settings.upstream.pool_idle_timeout)
-        .pool_max_idle_per_host(settings.upstream.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(Connector::new(upstream.clone()));
+    let client = crate::proxy::https_client(upstream.clone(), &settings.upstream);
     let h1 = crate::upstream::pool::Pool::new(
         upstream.clone(),
         settings.upstream.pool_idle_timeout,

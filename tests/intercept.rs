@@ -742,3 +742,54 @@ async fn a_python_client_over_https_proxy() {
     assert_eq!(rec["model"], "o1");
     assert_eq!(rec["rule"], "no-o1");
 }
+
+/// A client inside one tunnel asks for large responses over HTTP/2 and never reads them. With
+/// one upstream connection shared by every tunnel, their data filled its connection window
+/// and every other client's responses from that vendor stalled until `body_timeout`. Each
+/// tunnel now has its own upstream connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_stalls_only_its_own_tunnel() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut unread = Vec::new();
+    for i in 0..4 {
+        let req = http::Request::get(format!(
+            "https://api.openai.com/download/5000000?unread={i}"
+        ))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+        let resp = within("an unread download's head", send.send_request(req))
+            .await
+            .expect("response head");
+        unread.push(resp);
+    }
+    // Time for the origin to fill whatever windows it can.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let body = within("another client's download", async {
+        client(&s, false)
+            .get("https://api.openai.com/download/300000")
+            .send()
+            .await?
+            .bytes()
+            .await
+    })
+    .await
+    .expect("download");
+    assert_eq!(body.len(), 300_000);
+    drop(unread);
+}

@@ -483,6 +483,7 @@ impl Tunnel {
             user: self.user.take(),
             sni: self.rec.sni.clone(),
             requests: AtomicU64::new(0),
+            client: super::https_client(self.state.upstream.clone(), &self.state.settings.upstream),
         });
         let io = Rewind::new(hello, client);
         let outcome = intercept::serve(self.state.clone(), self.peer, inside.clone(), io).await;

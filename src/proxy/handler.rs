@@ -546,7 +546,8 @@ async fn forward(
         Scheme::Https => {
             parts.uri = respelled.unwrap_or(uri_in);
             let upstream_req = Request::from_parts(parts, body);
-            match tokio::time::timeout(timeout, state.client.request(upstream_req)).await {
+            let client = inside.map_or(&state.client, |i| &i.client);
+            match tokio::time::timeout(timeout, client.request(upstream_req)).await {
                 Err(_) => Err(ProxyError::ResponseTimeout),
                 Ok(Err(e)) => Err(upstream_error(&e)),
                 Ok(Ok(resp)) => Ok((resp, None)),

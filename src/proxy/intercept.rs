@@ -44,6 +44,10 @@ pub struct Inside {
     pub user: Option<String>,
     pub sni: Option<Box<str>>,
     pub requests: AtomicU64,
+    /// This tunnel's own upstream connections. Shared ones would let one client starve the
+    /// others: an HTTP/2 client that stops reading its responses leaves their data in the
+    /// upstream connection's window until no stream on it can receive anything.
+    pub client: super::HttpsClient,
 }
 
 /// Serves the client side of an intercepted tunnel until it closes, idles out or shutdown

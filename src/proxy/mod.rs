@@ -51,8 +51,9 @@ pub struct State {
     pub policy_swapped: tokio::sync::watch::Sender<u64>,
     pub settings: Settings,
     pub upstream: Arc<Upstream>,
-    /// `https` origins (HTTP/1.1 or HTTP/2, as ALPN decides).
-    pub client: Client<Connector, Counted<body::RequestBody>>,
+    /// `https` origins (HTTP/1.1 or HTTP/2, as ALPN decides) for absolute-form requests;
+    /// an intercepted tunnel has its own ([`intercept::Inside::client`]).
+    pub client: HttpsClient,
     /// Plain-`http` origins.
     pub h1: Arc<crate::upstream::pool::Pool<Counted<body::RequestBody>>>,
     /// The interception CA, when `[intercept]` is configured.
@@ -71,6 +72,23 @@ pub struct State {
     pub listen_addr: SocketAddr,
     pub bulk: Option<crate::signals::bulk::BulkDetector>,
     pub limiter: Arc<crate::limits::Limiter>,
+}
+
+/// A pooled client for `https` origins.
+pub type HttpsClient = Client<Connector, Counted<body::RequestBody>>;
+
+/// A client for `https` origins with its own pool, over the shared connector (address guard,
+/// resolver overrides, upstream TLS settings).
+pub fn https_client(
+    upstream: Arc<Upstream>,
+    settings: &crate::config::UpstreamSettings,
+) -> HttpsClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(settings.pool_idle_timeout)
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .build(Connector::new(upstream))
 }
 
 impl State {
