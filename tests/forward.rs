@@ -154,6 +154,47 @@ async fn headers_named_in_connection_are_gone_before_the_policy_reads_them() {
     );
 }
 
+/// Google's front ends and many frameworks act on a method-override header: a `POST` that says
+/// it is a `DELETE` must meet the rule on `DELETE`, whatever the header's spelling and case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_override_header_is_decided_as_the_method_it_names() {
+    let openai = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", openai.addr).tail(
+        "[[rule]]\nid = \"no-deletes\"\nvendor = \"openai\"\nmethod = \"DELETE\"\n\
+         action = \"block\"\n",
+    ))
+    .await;
+    let client = proxy.client();
+    let url = |tag: &str| format!("http://api.openai.com/v1/files/file-1?{tag}");
+    let plain = fetch(client.post(url("plain"))).await;
+    assert_eq!(plain.status, 200, "{plain:?}");
+    for (i, (name, value)) in [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("x-http-method", "delete"),
+        ("X-Method-Override", " Delete "),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = fetch(client.post(url(&format!("o{i}"))).header(name, value)).await;
+        assert_eq!(r.status, 403, "{name}: {value}: {r:?}");
+        let rec = proxy.audit_path(&format!("/v1/files/file-1?o{i}")).await;
+        assert_eq!(rec["rule"], "no-deletes", "{rec}");
+    }
+    let r = fetch(
+        client
+            .post(url("same"))
+            .header("x-http-method-override", "POST"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        openai.requests().len(),
+        2,
+        "only the honest requests are forwarded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_sees_block_and_allow() {
     let (openai, deepseek, proxy) = openai_and_deepseek().await;

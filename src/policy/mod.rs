@@ -112,6 +112,15 @@ impl Decision<'_> {
         }
     }
 
+    /// Whichever of two decisions on spellings of one request holds it back more (`self`
+    /// on a tie).
+    pub fn stricter(self, other: Self) -> Self {
+        match other.strictness() > self.strictness() {
+            true => other,
+            false => self,
+        }
+    }
+
     pub fn vendor_id(&self) -> Option<&Arc<str>> {
         self.vendor.map(|v| &v.id)
     }
