@@ -62,6 +62,11 @@ pub enum ProxyError {
         "the exchange ended before the origin answered (client gone, stream reset or shutdown)"
     )]
     ClientAborted,
+    /// hyper refused the request head before the handler saw it (and answered 400 or 431).
+    #[error("malformed request head: {0}")]
+    MalformedRequest(String),
+    #[error("request head too large: {0}")]
+    RequestHeadTooLarge(String),
 }
 
 impl ProxyError {
@@ -93,6 +98,8 @@ impl ProxyError {
             ProxyError::AuditUnavailable => "audit_unavailable",
             ProxyError::InspectionBusy => "inspection_busy",
             ProxyError::ClientAborted => "client_aborted",
+            ProxyError::MalformedRequest(_) => "malformed_request",
+            ProxyError::RequestHeadTooLarge(_) => "request_head_too_large",
         }
     }
 
@@ -101,7 +108,9 @@ impl ProxyError {
             ProxyError::Target(_)
             | ProxyError::NotProxyRequest
             | ProxyError::ClientBody(_)
-            | ProxyError::DuplicateHost => StatusCode::BAD_REQUEST,
+            | ProxyError::DuplicateHost
+            | ProxyError::MalformedRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestHeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,

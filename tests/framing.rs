@@ -1303,6 +1303,44 @@ async fn whitespace_before_a_header_colon_is_400() {
     }
 }
 
+/// hyper refuses some heads before the handler runs (it answers 400 or 431 itself); those
+/// attempts, a blocked vendor's name among them, still leave an audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_hyper_refuses_are_audited() {
+    let e = env().await;
+    let huge = format!("X-Big: {}\r\n", "a".repeat(128 * 1024));
+    let cases = [
+        (
+            "Host :",
+            "Host : api.deepseek.com\r\n",
+            400,
+            "malformed_request",
+        ),
+        ("a huge head", huge.as_str(), 431, "request_head_too_large"),
+    ];
+    for (i, (case, head, status, reason)) in cases.into_iter().enumerate() {
+        let req = format!(
+            "GET http://api.deepseek.com/chat HTTP/1.1\r\nHost: api.deepseek.com\r\n{head}\
+             Connection: close\r\n\r\n"
+        );
+        let got = exchange(e.proxy.addr, req.as_bytes()).await;
+        assert_eq!(
+            got.first().map(|r| r.status),
+            Some(status),
+            "{case}: {got:?}"
+        );
+        let rec = e.proxy.audit_at_least(i + 1).await[i].clone();
+        assert_eq!(rec["action"], "reject", "{case}: {rec}");
+        assert_eq!(rec["status"], status, "{case}: {rec}");
+        assert_reason(&rec, reason);
+        assert_eq!(
+            rec["client"].as_str().map(|c| c.starts_with("127.0.0.1:")),
+            Some(true)
+        );
+        e.assert_nothing_forwarded(case);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The wire checker itself
 

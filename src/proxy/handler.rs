@@ -135,6 +135,42 @@ pub fn rejected(
     state.finish(Box::new(rec), start);
 }
 
+/// A record for a request hyper refused while reading its head (it answered 400 or 431):
+/// there is no method or target to log, but the attempt and its client are.
+pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
+    let e = match e.is_parse_too_large() {
+        true => ProxyError::RequestHeadTooLarge(e.to_string()),
+        false => ProxyError::MalformedRequest(e.to_string()),
+    };
+    let rec = Record {
+        ts: SystemTime::now(),
+        id: state.audit.next_id(),
+        client: peer.addr,
+        user: None,
+        // A token (RFC 9110 §9.1) that no real method is.
+        method: Method::from_bytes(b"-").unwrap_or_default(),
+        scheme: "none",
+        host: "".into(),
+        port: 0,
+        path: None,
+        vendor: None,
+        endpoint: "none",
+        rule: None,
+        action: "reject",
+        mode: "enforce",
+        reason: format!("{}: {e}", e.kind()).into(),
+        status: e.status().as_u16(),
+        bytes_in: 0,
+        bytes_out: 0,
+        duration_ms: 0.0,
+        tls: "none",
+        sni: None,
+        key_id: None,
+        model: None,
+    };
+    state.finish(Box::new(rec), Instant::now());
+}
+
 /// A decided request the policy lets through, with what it holds while it runs.
 pub struct Admitted {
     pub rec: Box<Record>,

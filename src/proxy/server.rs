@@ -84,6 +84,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let st = state.clone();
         let service = service_fn(move |req| handler::handle(st.clone(), peer, req));
+        let audit = state.clone();
         let conn = builder
             .serve_connection(
                 TokioIo::new(SendTimeout::new(stream, settings.send_timeout)),
@@ -107,6 +108,11 @@ pub async fn serve(
                     biased;
                     r = conn.as_mut() => {
                         if let Err(e) = r {
+                            // hyper answered a head it could not parse itself (400, 431); the
+                            // attempt still belongs in the audit log.
+                            if e.is_parse() || e.is_parse_too_large() {
+                                handler::malformed(&audit, peer, &e);
+                            }
                             tracing::debug!(client = %addr, error = %e, "connection ended with error");
                         }
                         break;
