@@ -287,6 +287,22 @@ impl AddressGuard {
         }
     }
 
+    /// After the connect: a wildcard listener also answers on the host's other interface
+    /// addresses (a pod IP, a LAN address), which [`Self::check`] cannot know. A connection to
+    /// one of them has the same address at both ends, as the kernel routes it to itself, and
+    /// no other socket can hold the listener's port there: so that connection is to us.
+    pub fn check_connected(&self, local: SocketAddr, peer: SocketAddr) -> Result<(), GuardDenied> {
+        let ip = peer.ip().to_canonical();
+        let wildcard = |l: &SocketAddr| l.port() == peer.port() && l.ip().is_unspecified();
+        if local.ip().to_canonical() == ip && self.own.iter().any(wildcard) {
+            return Err(GuardDenied {
+                addr: peer,
+                class: AddrClass::OwnListener,
+            });
+        }
+        Ok(())
+    }
+
     /// A wildcard listener also accepts connections to the host's other
     /// interface addresses; those are unknown to this pure function, so the
     /// caller should list them in `own` if it wants them caught here too
@@ -312,6 +328,32 @@ mod tests {
             s.parse::<IpAddr>()
                 .unwrap_or_else(|_| panic!("bad test ip {s}")),
         )
+    }
+
+    #[test]
+    fn a_connection_to_our_own_wildcard_port_on_another_address_is_ours() {
+        let guard = AddressGuard::new(
+            vec!["10.0.0.0/8".parse().unwrap()],
+            vec![
+                "0.0.0.0:3128".parse().unwrap(),
+                "[::]:9090".parse().unwrap(),
+            ],
+        );
+        let pod = |port: u16| SocketAddr::new("10.9.9.9".parse().unwrap(), port);
+        // Dialled through the guard's front door: allowed (10/8 is), so only the
+        // connected pair can tell.
+        assert!(guard.check(pod(3128)).is_ok());
+        let denied = guard.check_connected(pod(41000), pod(3128)).unwrap_err();
+        assert_eq!(denied.class, OwnListener);
+        let v6 = |ip: &str, port| SocketAddr::new(ip.parse().unwrap(), port);
+        assert!(guard
+            .check_connected(v6("fd00::5", 41000), v6("fd00::5", 9090))
+            .is_err());
+        // Another host's port 3128, or another port here: not us.
+        assert!(guard
+            .check_connected(pod(41000), v6("10.1.1.1", 3128))
+            .is_ok());
+        assert!(guard.check_connected(pod(41000), pod(8080)).is_ok());
     }
 
     fn check_all(cases: &[(&str, AddrClass)]) {

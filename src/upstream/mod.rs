@@ -53,6 +53,12 @@ impl Upstream {
             }
             match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
+                    if let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) {
+                        if let Err(d) = self.guard.check_connected(local, peer) {
+                            denied.get_or_insert(d);
+                            continue;
+                        }
+                    }
                     let _ = s.set_nodelay(true);
                     return Ok((s, addr));
                 }
