@@ -46,7 +46,7 @@ pub struct Running {
     stop: Option<oneshot::Sender<()>>,
     done: JoinHandle<()>,
     /// Kept alive for as long as the proxy runs.
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<Arc<crate::reload::WatchHandle>>,
 }
 
 impl Running {
@@ -170,11 +170,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         limiter,
     });
     // The user file is watched with the config: saving it reloads, and so revokes.
-    let mut watched = loaded.files;
-    if let Some(a) = &state.settings.auth {
-        watched.push(a.htpasswd.clone());
-    }
-    let watcher = crate::reload::watch(state.clone(), watched);
+    let watcher = crate::reload::watch(state.clone(), loaded.files);
 
     // Ready before the admin listener answers: both listeners are bound, so a probe that
     // connects from here on reaches a proxy that will serve it (the accept loop starts next).

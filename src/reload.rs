@@ -25,6 +25,32 @@ pub struct Outcome {
 /// Serialises reloads: two at once would race on which policy wins.
 static RELOADING: Mutex<()> = Mutex::const_new(());
 
+/// The files each running policy was read from (by main config file; tests run several
+/// proxies in one process), after its latest successful reload: the watcher follows an
+/// `include` added (or removed) since start.
+type FilesBySource = Vec<(Option<PathBuf>, Vec<PathBuf>)>;
+static POLICY_FILES: std::sync::Mutex<FilesBySource> = std::sync::Mutex::new(Vec::new());
+
+fn policy_files(source: &Option<PathBuf>) -> Vec<PathBuf> {
+    let Ok(all) = POLICY_FILES.lock() else {
+        return Vec::new();
+    };
+    all.iter()
+        .find(|(s, _)| s == source)
+        .map(|(_, f)| f.clone())
+        .unwrap_or_default()
+}
+
+fn set_policy_files(source: &Option<PathBuf>, files: Vec<PathBuf>) {
+    let Ok(mut all) = POLICY_FILES.lock() else {
+        return;
+    };
+    match all.iter_mut().find(|(s, _)| s == source) {
+        Some((_, f)) => *f = files,
+        None => all.push((source.clone(), files)),
+    }
+}
+
 /// Loads the configuration again and swaps the policy in.
 pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
     let _one = RELOADING.lock().await;
@@ -63,6 +89,7 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
                 vendors: l.policy.catalog.vendors().len(),
                 needs_restart,
             };
+            set_policy_files(&state.source, l.files);
             state.policy.store(Arc::new(l.policy));
             state.policy_swapped.send_modify(|n| *n += 1);
             state
@@ -128,18 +155,29 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
 }
 
 /// Watches every file the configuration was read from (their directories, since editors
-/// replace files by rename) and reloads after changes settle.
-pub fn watch(state: Arc<State>, files: Vec<PathBuf>) -> Option<notify::RecommendedWatcher> {
+/// replace files by rename) and reloads after changes settle. After every reload, whatever
+/// triggered it, the watch follows the files the new policy was read from.
+pub fn watch(state: Arc<State>, files: Vec<PathBuf>) -> Option<Arc<WatchHandle>> {
     if files.is_empty() {
         return None;
     }
-    let wanted: HashSet<PathBuf> = files.iter().map(|f| canonical(f)).collect();
+    // Beside the policy's own files: the user file, which a reload reads again too.
+    let extra: Vec<PathBuf> = state
+        .settings
+        .auth
+        .iter()
+        .map(|a| a.htpasswd.clone())
+        .filter(|h| !files.contains(h))
+        .collect();
+    let wanted: Arc<std::sync::RwLock<HashSet<PathBuf>>> = Arc::default();
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+    let seen = wanted.clone();
+    let watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
             if ev.kind.is_access() {
                 return;
             }
+            let Ok(wanted) = seen.read() else { return };
             // `..data` is the symlink Kubernetes swaps when a mounted ConfigMap changes.
             let hit = ev.paths.iter().any(|p| {
                 wanted.contains(&canonical(p)) || p.file_name().is_some_and(|n| n == "..data")
@@ -155,32 +193,84 @@ pub fn watch(state: Arc<State>, files: Vec<PathBuf>) -> Option<notify::Recommend
             return None;
         }
     };
-    // Both the directory as written and the one symlinks lead to: an edited file changes in
-    // the latter, a swapped symlink (ConfigMap mounts) in the former.
-    let dirs: HashSet<PathBuf> = files
-        .iter()
-        .flat_map(|f| [canonical(f), absolute(f)])
-        .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
-        .collect();
-    for d in dirs {
-        if let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch config directory");
-        }
-    }
+    let handle = Arc::new(WatchHandle {
+        watcher: std::sync::Mutex::new(watcher),
+        wanted,
+        dirs: std::sync::Mutex::new(HashSet::new()),
+    });
+    handle.follow(files.iter().chain(&extra));
+    let h = handle.clone();
+    let mut swapped = state.policy_swapped.subscribe();
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Debounce: editors write in several steps; reload once it has been quiet.
-            loop {
-                match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    if ev.is_none() {
+                        return;
+                    }
+                    // Debounce: editors write in several steps; reload once it has been quiet.
+                    loop {
+                        match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+                            Ok(Some(())) => continue,
+                            Ok(None) => return,
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = reload(&state).await;
+                }
+                changed = swapped.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let files = policy_files(&state.source);
+                    if !files.is_empty() {
+                        h.follow(files.iter().chain(&extra));
+                    }
                 }
             }
-            let _ = reload(&state).await;
         }
     });
-    Some(watcher)
+    Some(handle)
+}
+
+/// The file watcher and what it watches, kept alive by the running proxy.
+pub struct WatchHandle {
+    watcher: std::sync::Mutex<notify::RecommendedWatcher>,
+    /// Files whose changes trigger a reload (canonical paths).
+    wanted: Arc<std::sync::RwLock<HashSet<PathBuf>>>,
+    /// Directories watched so far (never unwatched: a stray event costs one reload).
+    dirs: std::sync::Mutex<HashSet<PathBuf>>,
+}
+
+impl WatchHandle {
+    /// Watches `files` from now on, instead of the previous set.
+    fn follow<'a>(&self, files: impl Iterator<Item = &'a PathBuf> + Clone) {
+        if let Ok(mut w) = self.wanted.write() {
+            *w = files.clone().map(|f| canonical(f)).collect();
+        }
+        // Both the directory as written and the one symlinks lead to: an edited file changes
+        // in the latter, a swapped symlink (ConfigMap mounts) in the former.
+        let dirs: HashSet<PathBuf> = files
+            .flat_map(|f| [canonical(f), absolute(f)])
+            .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
+            .collect();
+        let (Ok(mut watcher), Ok(mut watched)) = (self.watcher.lock(), self.dirs.lock()) else {
+            return;
+        };
+        for d in dirs {
+            if watched.contains(&d) {
+                continue;
+            }
+            match watcher.watch(&d, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(d);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot watch config directory")
+                }
+            }
+        }
+    }
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {

@@ -190,6 +190,45 @@ async fn saving_the_file_reloads() {
     panic!("the watcher did not reload within 10 s");
 }
 
+/// An `include` added while running (in a directory not watched before) is watched from the
+/// reload that read it: editing it reloads, as editing the main file does.
+#[tokio::test]
+async fn an_include_added_at_runtime_is_watched_too() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let client = proxy.client();
+    let status = || async {
+        let r = client.get("http://api.openai.com/v1/models").send().await;
+        r.expect("request").status().as_u16()
+    };
+    let until = |want: u16, what: &'static str| async move {
+        for _ in 0..200 {
+            if status().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}: no {want} within 10 s");
+    };
+    let extra_dir = proxy.dir.path().join("rules.d");
+    std::fs::create_dir(&extra_dir).expect("mkdir");
+    let extra = extra_dir.join("extra.toml");
+    std::fs::write(&extra, BLOCK_OPENAI).expect("write include");
+    edit_config(&proxy, |t| {
+        t.replacen(
+            "include = [",
+            &format!("include = [\"{}\", ", extra.display()),
+            1,
+        )
+    });
+    until(403, "the main file's edit").await;
+    // Now only the include changes: an editor's save, by rename.
+    let tmp = extra_dir.join("extra.toml.new");
+    std::fs::write(&tmp, "# paused no more\n").expect("write");
+    std::fs::rename(&tmp, &extra).expect("replace include");
+    until(200, "the include's edit").await;
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_binary() {
     let origin = Origin::http().await;
