@@ -233,37 +233,55 @@ impl<T: std::fmt::Display> Serialize for Shown<T> {
     }
 }
 
-/// Query parameters whose values are credentials (Google's `?key=`, Baidu's
-/// `?access_token=`, signed URLs): their values never reach the log.
-const SECRET_PARAMS: &[&str] = &[
-    "key",
-    "api_key",
-    "apikey",
-    "api-key",
-    "access_token",
-    "oauth_token",
-    "oauth_signature",
-    "session_token",
-    "token",
-    "id_token",
-    "refresh_token",
-    "client_secret",
-    "secret",
-    "password",
-    "passwd",
-    "sig",
-    "signature",
-    "x-amz-signature",
-    "x-amz-credential",
-    "x-amz-security-token",
-    "x-goog-signature",
-    "x-goog-credential",
-    "code",
-    "auth",
-    "authorization",
+/// Parts of query parameter names that mark their values as credentials: a parameter whose
+/// name (percent-decoded, any case) contains one of them has its value replaced. A substring
+/// rule rather than a list of names, because vendors keep inventing spellings: Google's `?key=`,
+/// Baidu's `?access_token=`, GitLab's `private_token`, AWS's `X-Amz-Signature`,
+/// `X-Amz-Credential` and `X-Amz-Security-Token`, Azure SAS's `sig`, OAuth's `code`,
+/// `client_secret`, `assertion` and `SAMLResponse`. Redacting `author` or `zipcode` too is the
+/// price: a lost value costs less than a leaked credential.
+const SECRET_NAME_PARTS: &[&[u8]] = &[
+    b"key",
+    b"token",
+    b"secret",
+    b"auth",
+    b"sig",
+    b"jwt",
+    b"bearer",
+    // password, passwd, passphrase, passcode
+    b"pass",
+    b"pwd",
+    // credential, creds
+    b"cred",
+    b"session",
+    b"code",
+    b"assertion",
+    b"saml",
+    b"hmac",
+    b"ticket",
 ];
 
-/// The path and query for the log, with credential-bearing query values replaced.
+/// What a credential's value is replaced with.
+const REDACTED: &str = "REDACTED";
+
+/// Whether `name` contains one of [`SECRET_NAME_PARTS`], ignoring ASCII case. One pass over
+/// the name; a part is compared only where its first letter is (this runs on the request path,
+/// for every query parameter).
+fn is_secret_name(name: &[u8]) -> bool {
+    (0..name.len()).any(|i| {
+        let rest = &name[i..];
+        let first = rest[0].to_ascii_lowercase();
+        SECRET_NAME_PARTS.iter().any(|part| {
+            part[0] == first
+                && rest.len() >= part.len()
+                && rest[..part.len()].eq_ignore_ascii_case(part)
+        })
+    })
+}
+
+/// The path and query for the log, with credential-bearing query values replaced. Parameters
+/// are separated by `&` or `;` (both are read as separators by common servers); names and
+/// separators are kept as they came.
 pub fn redact_path(path_and_query: &str) -> Box<str> {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.into();
@@ -271,27 +289,30 @@ pub fn redact_path(path_and_query: &str) -> Box<str> {
     let mut out = String::with_capacity(path_and_query.len());
     out.push_str(path);
     out.push('?');
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        let (name, value) = match pair.split_once('=') {
-            Some((n, v)) => (n, Some(v)),
-            None => (pair, None),
+    let mut rest = query;
+    loop {
+        let (pair, sep, next) = match rest.find(['&', ';']) {
+            Some(i) => (&rest[..i], Some(&rest[i..=i]), &rest[i + 1..]),
+            None => (rest, None, ""),
         };
-        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-        let secret = SECRET_PARAMS
-            .iter()
-            .any(|s| decoded.eq_ignore_ascii_case(s));
-        out.push_str(name);
-        match value {
-            Some(_) if secret => out.push_str("=REDACTED"),
-            Some(v) => {
+        match pair.split_once('=') {
+            Some((name, value)) => {
+                out.push_str(name);
                 out.push('=');
-                out.push_str(v);
+                let secret = if name.contains('%') {
+                    is_secret_name(&percent_encoding::percent_decode_str(name).collect::<Vec<u8>>())
+                } else {
+                    is_secret_name(name.as_bytes())
+                };
+                out.push_str(if secret { REDACTED } else { value });
             }
-            None => {}
+            None => out.push_str(pair),
         }
+        match sep {
+            Some(sep) => out.push_str(sep),
+            None => break,
+        }
+        rest = next;
     }
     out.into_boxed_str()
 }
@@ -834,5 +855,107 @@ mod tests {
             &*redact_path("/rpc?ACCESS_TOKEN=abc&%6Bey=zzz&flag"),
             "/rpc?ACCESS_TOKEN=REDACTED&%6Bey=REDACTED&flag"
         );
+    }
+
+    #[test]
+    fn redacts_the_reviewers_query_with_semicolons() {
+        assert_eq!(
+            &*redact_path(
+                "/p?x=1;key=S1&api_token=S2&private_token=S3&auth_token=S4&bearer=S5&jwt=S6"
+            ),
+            "/p?x=1;key=REDACTED&api_token=REDACTED&private_token=REDACTED\
+             &auth_token=REDACTED&bearer=REDACTED&jwt=REDACTED"
+        );
+    }
+
+    #[test]
+    fn semicolons_separate_parameters_and_are_kept() {
+        assert_eq!(&*redact_path("/p?a=1;key=S"), "/p?a=1;key=REDACTED");
+        assert_eq!(&*redact_path("/p?key=S;a=1"), "/p?key=REDACTED;a=1");
+        assert_eq!(&*redact_path("/p?a=1;b=2&c=3"), "/p?a=1;b=2&c=3");
+        assert_eq!(&*redact_path("/p?;;&"), "/p?;;&");
+        assert_eq!(&*redact_path("/p?"), "/p?");
+        assert_eq!(&*redact_path("/p?key"), "/p?key");
+        assert_eq!(&*redact_path("/p?key="), "/p?key=REDACTED");
+        assert_eq!(&*redact_path("/p?key=a=b;c=d"), "/p?key=REDACTED;c=d");
+    }
+
+    /// One case per part of a name that marks a credential, in the spellings vendors use.
+    #[test]
+    fn redacts_every_kind_of_credential_name() {
+        let cases = [
+            ("key", "key"),
+            ("key", "api_key"),
+            ("key", "apiKey"),
+            ("key", "x-goog-api-key"),
+            ("token", "token"),
+            ("token", "access_token"),
+            ("token", "X-Amz-Security-Token"),
+            ("token", "private_token"),
+            ("secret", "client_secret"),
+            ("auth", "auth"),
+            ("auth", "Authorization"),
+            ("auth", "oauth_nonce"),
+            ("sig", "sig"),
+            ("sig", "signature"),
+            ("sig", "X-Amz-Signature"),
+            ("sig", "X-Goog-Signature"),
+            ("jwt", "jwt"),
+            ("jwt", "id_jwt"),
+            ("bearer", "bearer"),
+            ("pass", "password"),
+            ("pass", "passwd"),
+            ("pass", "PassPhrase"),
+            ("pwd", "pwd"),
+            ("pwd", "user_pwd"),
+            ("cred", "credential"),
+            ("cred", "X-Amz-Credential"),
+            ("cred", "creds"),
+            ("session", "session"),
+            ("session", "JSESSIONID"),
+            ("code", "code"),
+            ("code", "auth_code"),
+            ("assertion", "client_assertion"),
+            ("saml", "SAMLResponse"),
+            ("hmac", "hmac"),
+            ("ticket", "ticket"),
+        ];
+        for (part, name) in cases {
+            assert!(
+                name.to_ascii_lowercase().contains(part),
+                "{name} is not a case of {part}"
+            );
+            for sep in ['&', ';'] {
+                let got = redact_path(&format!("/p?a=1{sep}{name}=S3cr3t{sep}b=2"));
+                assert_eq!(
+                    &*got,
+                    format!("/p?a=1{sep}{name}=REDACTED{sep}b=2"),
+                    "{name} ({part})"
+                );
+            }
+        }
+        // Every part is covered above.
+        for part in SECRET_NAME_PARTS {
+            let part = std::str::from_utf8(part).unwrap();
+            assert!(cases.iter().any(|(p, _)| *p == part), "no case for {part}");
+        }
+    }
+
+    #[test]
+    fn credential_names_are_matched_percent_decoded_and_in_any_case() {
+        // %54oken = Token, %2D = '-', %5F = '_'
+        assert_eq!(&*redact_path("/p?%54oken=S"), "/p?%54oken=REDACTED");
+        assert_eq!(
+            &*redact_path("/p?X%2DAmz%2DSignature=S"),
+            "/p?X%2DAmz%2DSignature=REDACTED"
+        );
+        assert_eq!(
+            &*redact_path("/p?access%5FTOKEN=S"),
+            "/p?access%5FTOKEN=REDACTED"
+        );
+        assert_eq!(&*redact_path("/p?BeArEr=S"), "/p?BeArEr=REDACTED");
+        // Not a credential name: kept as it came, even when encoded.
+        assert_eq!(&*redact_path("/p?alt=sse&q=%6Bey"), "/p?alt=sse&q=%6Bey");
+        assert_eq!(&*redact_path("/p?model=gpt-4o&n=2"), "/p?model=gpt-4o&n=2");
     }
 }

@@ -261,3 +261,46 @@ async fn no_secret_in_logs_output_metrics_or_policy() {
         }
     }
 }
+
+/// Query parameters that carry credentials under any vendor's spelling, separated by `&` or
+/// `;`: their names reach the audit `path`, their values never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_credentials_are_redacted_in_the_audit_path() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let values = [
+        ("key", "q-Key-S3cret-11"),
+        ("api_token", "q-ApiToken-S3cret-12"),
+        ("private_token", "q-PrivateToken-S3cret-13"),
+        ("auth_token", "q-AuthToken-S3cret-14"),
+        ("bearer", "q-Bearer-S3cret-15"),
+        ("jwt", "q-Jwt-S3cret-16"),
+        ("X-Amz-Signature", "q-AmzSig-S3cret-17"),
+        ("X-Amz-Credential", "q-AmzCred-S3cret-18"),
+        ("sig", "q-Sig-S3cret-19"),
+        ("client_secret", "q-ClientSecret-S3cret-20"),
+        ("password", "q-Password-S3cret-21"),
+        ("session_id", "q-Session-S3cret-22"),
+        ("code", "q-Code-S3cret-23"),
+    ];
+    let query: Vec<String> = values.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    // The reviewer's form: `;` after the first parameter, `&` after the rest.
+    let path = format!("/v1/models?x=1;{}", query.join("&"));
+    let r = fetch(proxy.client().get(format!("http://api.openai.com{path}"))).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let redacted: Vec<String> = values
+        .iter()
+        .map(|(n, _)| format!("{n}=REDACTED"))
+        .collect();
+    let want = format!("/v1/models?x=1;{}", redacted.join("&"));
+    proxy.audit_path(&want).await;
+    let text = proxy.audit_text();
+    for (name, value) in values {
+        assert!(
+            !text.contains(value),
+            "{name}'s value in the audit log: {text}"
+        );
+    }
+    // The origin still got the credentials: redaction is for the log only.
+    assert_eq!(origin.requests().last().unwrap().uri, path);
+}
