@@ -488,6 +488,9 @@ struct FileSink {
     keep: usize,
 }
 
+/// Mode of an audit file portcullis creates: it holds user names and client addresses.
+const FILE_MODE: u32 = 0o640;
+
 impl FileSink {
     fn open(s: &AuditSettings) -> io::Result<FileSink> {
         let (out, size) = open(s.path.as_ref())?;
@@ -542,10 +545,16 @@ impl FileSink {
 }
 
 fn open(path: Option<&PathBuf>) -> io::Result<(Box<dyn Write + Send>, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
     Ok(match path {
         None => (Box::new(io::stdout()), 0),
         Some(p) => {
-            let f = OpenOptions::new().create(true).append(true).open(p)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(FILE_MODE)
+                .open(p)?;
+
             let size = f.metadata().map(|m| m.len()).unwrap_or(0);
             (Box::new(f), size)
         }
@@ -842,6 +851,34 @@ mod tests {
                 humantime::format_rfc3339_millis(ts).to_string()
             );
         }
+    }
+
+    fn settings(path: Option<PathBuf>) -> AuditSettings {
+        AuditSettings {
+            path,
+            queue: 16,
+            max_size: 0,
+            keep: 1,
+            on_full: OnFull::Drop,
+        }
+    }
+
+    #[test]
+    fn the_audit_file_is_created_readable_by_owner_and_group_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut s = settings(Some(path.clone()));
+        s.max_size = 10;
+        let mut sink = FileSink::open(&s).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o640);
+        // The file a size rotation starts is created the same way.
+        sink.write_line(b"0123456789\n").unwrap();
+        sink.write_line(b"0123456789\n").unwrap();
+        sink.out.flush().unwrap();
+        assert!(dir.path().join("audit.jsonl.1").exists());
+        assert_eq!(mode(&path), 0o640);
     }
 
     #[test]
