@@ -484,9 +484,27 @@ struct FileSink {
     out: BufWriter<Box<dyn Write + Send>>,
     path: Option<PathBuf>,
     size: u64,
+    /// 0: no size rotation (always 0 for stdout).
     max_size: u64,
     keep: usize,
+    rotation: RotationState,
 }
+
+/// A size rotation that fails (a directory in the way, a read-only directory) is retried at
+/// most every [`ROTATE_RETRY`] and reported at most every [`ROTATE_REPORT`]; records are
+/// written on to the current file meanwhile.
+#[derive(Default)]
+struct RotationState {
+    /// No rotation is tried before this.
+    retry_at: Option<Instant>,
+    /// When a failure was last reported.
+    reported_at: Option<Instant>,
+    /// Failed attempts since the last success.
+    failures: u64,
+}
+
+const ROTATE_RETRY: Duration = Duration::from_secs(5);
+const ROTATE_REPORT: Duration = Duration::from_secs(60);
 
 /// Mode of an audit file portcullis creates: it holds user names and client addresses.
 const FILE_MODE: u32 = 0o640;
@@ -498,37 +516,80 @@ impl FileSink {
             out: BufWriter::with_capacity(64 * 1024, out),
             path: s.path.clone(),
             size,
-            max_size: s.max_size,
+            max_size: if s.path.is_some() { s.max_size } else { 0 },
             keep: s.keep,
+            rotation: RotationState::default(),
         })
     }
 
     /// Whole lines only: a rotation happens between records, never inside one.
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         if self.max_size > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_size {
-            if let Err(e) = self.rotate() {
-                tracing::error!(error = %e, "audit log rotation failed; writing on");
-            }
+            self.rotate_due()?;
         }
         self.out.write_all(line)?;
         self.size += line.len() as u64;
         Ok(())
     }
 
-    /// path.N-1 → path.N … path → path.1, then a fresh path.
+    /// The file is full: rotate, unless a failed rotation is waiting for its retry. An error
+    /// is the sink's (flushing what is buffered), to be retried as a write; a failed rotation
+    /// is reported (rate-limited) and writing goes on.
+    #[cold]
+    fn rotate_due(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        if self.rotation.retry_at.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        self.out.flush()?;
+        match self.rotate() {
+            Ok(()) => {
+                if self.rotation.failures > 0 {
+                    tracing::warn!(
+                        failed_attempts = self.rotation.failures,
+                        "audit log rotation works again"
+                    );
+                }
+                self.rotation = RotationState::default();
+            }
+            Err(e) => {
+                let r = &mut self.rotation;
+                r.failures += 1;
+                r.retry_at = Some(now + ROTATE_RETRY);
+                if r.reported_at
+                    .is_none_or(|t| now.duration_since(t) >= ROTATE_REPORT)
+                {
+                    r.reported_at = Some(now);
+                    tracing::error!(
+                        error = %e,
+                        failed_attempts = r.failures,
+                        "audit log rotation failed; writing on past max_size, retrying every {ROTATE_RETRY:?} (reported at most every {ROTATE_REPORT:?})"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// path.N-1 → path.N … path → path.1, then a fresh path. Stops at the first step that
+    /// fails (other than a file not there), so that a retried rotation never shifts older
+    /// files over each other.
     fn rotate(&mut self) -> io::Result<()> {
         let Some(path) = self.path.clone() else {
             return Ok(());
         };
-        self.out.flush()?;
         let name = |n: usize| {
             let mut p = path.clone().into_os_string();
             p.push(format!(".{n}"));
             PathBuf::from(p)
         };
-        let _ = std::fs::remove_file(name(self.keep));
+        let absent_ok = |r: io::Result<()>| match r {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        absent_ok(std::fs::remove_file(name(self.keep)))?;
         for n in (1..self.keep).rev() {
-            let _ = std::fs::rename(name(n), name(n + 1));
+            absent_ok(std::fs::rename(name(n), name(n + 1)))?;
         }
         std::fs::rename(&path, name(1))?;
         self.reopen()
@@ -853,6 +914,31 @@ mod tests {
         }
     }
 
+    /// What `f` logs through `tracing` on this thread, as text.
+    fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        (out, text)
+    }
+
     fn settings(path: Option<PathBuf>) -> AuditSettings {
         AuditSettings {
             path,
@@ -861,6 +947,60 @@ mod tests {
             keep: 1,
             on_full: OnFull::Drop,
         }
+    }
+
+    #[test]
+    fn a_failing_rotation_is_retried_with_backoff_and_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        // Rotation must rename the file to audit.jsonl.1: a directory is in the way.
+        std::fs::create_dir(dir.path().join("audit.jsonl.1")).unwrap();
+        let mut s = settings(Some(path.clone()));
+        s.max_size = 100;
+        let mut sink = FileSink::open(&s).unwrap();
+        let line = |i: usize| format!("{{\"n\":{i},\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}}\n");
+        let ((), logs) = logs_of(|| {
+            for i in 0..50 {
+                sink.write_line(line(i).as_bytes()).unwrap();
+            }
+            sink.out.flush().unwrap();
+        });
+        assert_eq!(logs.matches("ERROR").count(), 1, "{logs}");
+        assert!(logs.contains("audit log rotation failed"), "{logs}");
+        // Every record was written on, to the current file.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 50);
+        assert!(dir.path().join("audit.jsonl.1").is_dir());
+
+        // The obstacle goes; once the retry is due, the next record rotates and max_size holds.
+        std::fs::remove_dir(dir.path().join("audit.jsonl.1")).unwrap();
+        sink.rotation.retry_at = Some(Instant::now());
+        let ((), logs) = logs_of(|| {
+            sink.write_line(line(50).as_bytes()).unwrap();
+            sink.out.flush().unwrap();
+        });
+        assert!(logs.contains("audit log rotation works again"), "{logs}");
+        let old = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
+        assert_eq!(old.lines().count(), 50);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line(50));
+    }
+
+    #[test]
+    fn a_failed_rotation_does_not_shift_older_files_over_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let name = |n: usize| dir.path().join(format!("audit.jsonl.{n}"));
+        // audit.jsonl.3 cannot be removed: the rotation must stop before moving .2 onto it
+        // or .1 onto .2.
+        std::fs::create_dir(name(3)).unwrap();
+        std::fs::write(name(2), "two\n").unwrap();
+        std::fs::write(name(1), "one\n").unwrap();
+        let mut s = settings(Some(path.clone()));
+        s.keep = 3;
+        let mut sink = FileSink::open(&s).unwrap();
+        sink.write_line(b"zero\n").unwrap();
+        assert!(sink.rotate().is_err());
+        assert_eq!(std::fs::read_to_string(name(1)).unwrap(), "one\n");
+        assert_eq!(std::fs::read_to_string(name(2)).unwrap(), "two\n");
     }
 
     #[test]
