@@ -319,8 +319,6 @@ pub fn redact_path(path_and_query: &str) -> Box<str> {
 
 enum Msg {
     Record(Box<Record>),
-    /// Close and reopen the file (log rotation).
-    Reopen,
     /// Everything before this is written; flush and stop.
     Close,
 }
@@ -338,6 +336,9 @@ struct Shared {
     overflow_max: usize,
     /// Set by `close`: a failing sink is no longer waited for.
     closing: AtomicBool,
+    /// Set by `reopen` (SIGUSR1), taken by the writer: a flag rather than a message, so that a
+    /// full queue cannot lose the request.
+    reopen: AtomicBool,
 }
 
 impl Shared {
@@ -382,8 +383,10 @@ impl AuditSink {
         self.shared.admitting.load(Ordering::Relaxed)
     }
 
+    /// Asks the writer to close and reopen the file (after logrotate moved it). Never lost:
+    /// the writer takes the request before its next record, however full the queue is.
     pub fn reopen(&self) {
-        let _ = self.tx.try_send(Msg::Reopen);
+        self.shared.reopen.store(true, Ordering::Release);
     }
 
     /// Unique per process run: a random-ish start so ids from restarts do not collide.
@@ -414,6 +417,7 @@ pub fn start(
         overflow: Mutex::new(Vec::new()),
         overflow_max: settings.queue.max(1024),
         closing: AtomicBool::new(false),
+        reopen: AtomicBool::new(false),
     });
     let writer = Writer {
         sink: file,
@@ -687,6 +691,18 @@ impl Writer {
         }
     }
 
+    /// Reopens the file if `reopen` was asked for since the last look. One load per record.
+    #[inline]
+    fn reopen_if_asked(&mut self) {
+        if self.shared.reopen.load(Ordering::Relaxed)
+            && self.shared.reopen.swap(false, Ordering::AcqRel)
+        {
+            if let Err(e) = self.sink.reopen() {
+                tracing::error!(error = %e, "audit log reopen failed; keeping the old file");
+            }
+        }
+    }
+
     /// The sink failed: say so (once), stop admission in block mode, wait before the retry.
     /// False when shutting down: give up instead.
     fn wait_for_sink(&mut self, e: &io::Error, backoff: &mut Duration) -> bool {
@@ -726,15 +742,11 @@ fn write_loop(rx: Receiver<Msg>, mut w: Writer) {
     'outer: loop {
         let mut got = false;
         loop {
+            w.reopen_if_asked();
             match rx.try_recv() {
                 Ok(Msg::Record(r)) => {
                     got = true;
                     w.write(&r);
-                }
-                Ok(Msg::Reopen) => {
-                    if let Err(e) = w.sink.reopen() {
-                        tracing::error!(error = %e, "audit log reopen failed; keeping the old file");
-                    }
                 }
                 Ok(Msg::Close) | Err(TryRecvError::Disconnected) => break 'outer,
                 Err(TryRecvError::Empty) => {
@@ -1019,6 +1031,75 @@ mod tests {
         sink.out.flush().unwrap();
         assert!(dir.path().join("audit.jsonl.1").exists());
         assert_eq!(mode(&path), 0o640);
+    }
+
+    /// Waits (up to 10 s) for `cond`.
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn reopen_is_not_lost_when_the_queue_is_full() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("audit.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // A log shipper that holds the FIFO open and does not read (yet).
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(0o4000) // O_NONBLOCK
+            .open(&fifo)
+            .unwrap();
+        let written = IntCounter::new("w", "w").unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let mut s = settings(Some(fifo.clone()));
+        s.queue = 1;
+        let (sink, writer) = start(&s, written.clone(), dropped.clone()).unwrap();
+        // Fill the pipe until the writer blocks in a write: then the one-slot queue stays
+        // full and every record sent is dropped (the writer polls at least every 20 ms).
+        let mut in_a_row = 0;
+        wait_for("the writer to block on the pipe", || {
+            let before = dropped.get();
+            sink.send(Box::new(sample()));
+            std::thread::sleep(Duration::from_millis(1));
+            in_a_row = if dropped.get() > before {
+                in_a_row + 1
+            } else {
+                0
+            };
+            in_a_row >= 100
+        });
+        // Logrotate moves the FIFO away and asks for a reopen while the queue is full.
+        std::fs::rename(&fifo, dir.path().join("audit.fifo.1")).unwrap();
+        sink.reopen();
+        // The shipper reads again: the writer unblocks, takes the reopen and creates a new
+        // file at the configured path for the records after it.
+        let stop = Arc::new(AtomicBool::new(false));
+        let drain = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if !matches!(std::io::Read::read(&mut reader, &mut buf), Ok(1..)) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        };
+        wait_for("the reopen to create a new file", || fifo.is_file());
+        sink.send(Box::new(sample()));
+        writer.close(&sink);
+        stop.store(true, Ordering::Relaxed);
+        drain.join().unwrap();
+        assert!(!std::fs::read_to_string(&fifo).unwrap().is_empty());
     }
 
     #[test]

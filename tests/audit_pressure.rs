@@ -354,3 +354,80 @@ async fn a_full_disk_blocks_or_drops_as_configured() {
         0.0
     );
 }
+
+/// Sends `n` requests tagged `tag`; all must be served (drop mode).
+async fn serve_n(client: &reqwest::Client, tag: &str, n: usize) {
+    for i in 0..n {
+        let r = fetch(client.get(format!("http://api.openai.com/v1/models?{tag}-{i}"))).await;
+        assert_eq!(r.status, 200, "drop mode serves on: {r:?}");
+    }
+}
+
+fn signal(proxy: &Proxy, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// logrotate's `postrotate` sends SIGUSR1 whatever state the log is in: a reopen asked for
+/// while the queue is full (the shipper reading the FIFO stalled) is still carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_even_while_the_queue_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = fifo_in(dir.path());
+    let reader = FifoReader::new(&fifo, HOLD);
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .audit_path(&fifo)
+            .audit("queue = 16")
+            .audit("on_full = \"drop\""),
+    )
+    .await;
+    let client = proxy.client();
+
+    // Until the writer is blocked on the full pipe and the queue stays full: a whole batch of
+    // requests is dropped.
+    within("the queue to stay full", async {
+        loop {
+            let before = counter(&proxy, "portcullis_audit_dropped_total").await;
+            serve_n(&client, "stalled", 20).await;
+            let after = counter(&proxy, "portcullis_audit_dropped_total").await;
+            if after - before == 20.0 {
+                return;
+            }
+        }
+    })
+    .await;
+
+    // logrotate moves the FIFO aside and signals while the queue is full.
+    std::fs::rename(&fifo, dir.path().join("audit.fifo.1")).unwrap();
+    signal(&proxy, "-USR1");
+    eventually("the signal to be handled", || {
+        proxy
+            .output()
+            .contains("reopening the audit log")
+            .then_some(())
+    })
+    .await;
+
+    // The shipper reads again: the writer drains into the old FIFO, reopens, and later
+    // records land in the new file at the configured path.
+    reader.set(READ);
+    within("a later record in the new file", async {
+        for k in 0.. {
+            serve_n(&client, &format!("after-{k}"), 1).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let new = std::fs::read_to_string(&fifo).unwrap_or_default();
+            if new.contains("after-") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(fifo.is_file(), "the new audit file is a regular file");
+    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
+}
