@@ -4,7 +4,9 @@
 //! `block` keeps it (records of exchanges already served are never dropped) and stops
 //! admitting new requests until the writer has caught up. A sink that fails (disk full, EIO, a
 //! FIFO whose reader went away) is retried, holding its records, until it takes them again;
-//! with `block` new requests are refused meanwhile. Shutdown drains the queue and flushes.
+//! with `block` new requests are refused meanwhile. Shutdown drains the queue and flushes;
+//! what it must give up on (the sink still fails) is counted as dropped and logged. A record
+//! counts as written (`portcullis_audit_records_total`) once a flush has taken it.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -339,6 +341,9 @@ struct Shared {
     /// Set by `reopen` (SIGUSR1), taken by the writer: a flag rather than a message, so that a
     /// full queue cannot lose the request.
     reopen: AtomicBool,
+    /// Records given up on at shutdown because the sink still failed (also counted in
+    /// `portcullis_audit_dropped_total`).
+    lost: AtomicU64,
 }
 
 impl Shared {
@@ -389,6 +394,11 @@ impl AuditSink {
         self.shared.reopen.store(true, Ordering::Release);
     }
 
+    /// How many records `close` had to give up on because the sink still failed.
+    pub fn lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::Acquire)
+    }
+
     /// Unique per process run: a random-ish start so ids from restarts do not collide.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -418,6 +428,7 @@ pub fn start(
         overflow_max: settings.queue.max(1024),
         closing: AtomicBool::new(false),
         reopen: AtomicBool::new(false),
+        lost: AtomicU64::new(0),
     });
     let writer = Writer {
         sink: file,
@@ -425,6 +436,7 @@ pub fn start(
         written,
         dropped: dropped.clone(),
         line: Vec::with_capacity(1024),
+        pending: 0,
         failing: false,
     };
     let thread = std::thread::Builder::new()
@@ -452,8 +464,9 @@ impl AuditWriter {
     /// Writes everything queued so far, flushes and stops the writer. Call it after the last
     /// request has finished: a record sent later is counted as dropped. A sink that fails is
     /// not retried any more (what it refuses is counted as dropped); one that blocks (a FIFO
-    /// nobody reads) is waited for up to [`CLOSE_WAIT`].
-    pub fn close(&self, sink: &AuditSink) {
+    /// nobody reads) is waited for up to [`CLOSE_WAIT`]. Returns how many records were given
+    /// up on because the sink still failed (and says so in the log).
+    pub fn close(&self, sink: &AuditSink) -> u64 {
         sink.shared.closing.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + CLOSE_WAIT;
         let mut msg = Msg::Close;
@@ -474,12 +487,20 @@ impl AuditWriter {
                     tracing::error!(
                         "audit sink still blocked after {CLOSE_WAIT:?}; exiting without the records it holds"
                     );
-                    return;
+                    return sink.lost();
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = h.join();
         }
+        let lost = sink.lost();
+        if lost > 0 {
+            tracing::error!(
+                lost,
+                "audit log: {lost} records lost at shutdown (the sink still failed; counted in portcullis_audit_dropped_total)"
+            );
+        }
+        lost
     }
 }
 
@@ -619,7 +640,6 @@ fn open(path: Option<&PathBuf>) -> io::Result<(Box<dyn Write + Send>, u64)> {
                 .append(true)
                 .mode(FILE_MODE)
                 .open(p)?;
-
             let size = f.metadata().map(|m| m.len()).unwrap_or(0);
             (Box::new(f), size)
         }
@@ -641,6 +661,10 @@ struct Writer {
     written: IntCounter,
     dropped: IntCounter,
     line: Vec<u8>,
+    /// Records taken by the sink's buffer since its last successful flush: counted as
+    /// written when a flush succeeds, so that one given up on at shutdown is counted once
+    /// (as dropped), never as both.
+    pending: u64,
     /// The last write or flush failed.
     failing: bool,
 }
@@ -656,12 +680,12 @@ impl Writer {
         loop {
             match self.sink.write_line(&self.line) {
                 Ok(()) => {
-                    self.written.inc();
+                    self.pending += 1;
                     return;
                 }
                 Err(e) => {
                     if !self.wait_for_sink(&e, &mut backoff) {
-                        self.dropped.inc();
+                        self.lose(1);
                         return;
                     }
                 }
@@ -669,26 +693,57 @@ impl Writer {
         }
     }
 
-    /// Flushes, retrying while the sink fails (the buffer keeps what was not written).
-    fn flush(&mut self) {
+    /// Flushes, retrying while the sink fails (the buffer keeps what was not written). False
+    /// when it gave up (shutting down).
+    fn flush(&mut self) -> bool {
         let mut backoff = RETRY_MIN;
         loop {
             match self.sink.out.flush() {
                 Ok(()) => {
+                    self.written.inc_by(std::mem::take(&mut self.pending));
                     if self.failing {
                         self.failing = false;
                         tracing::warn!("audit log writable again");
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     if !self.wait_for_sink(&e, &mut backoff) {
-                        tracing::error!(error = %e, "audit log: giving up on buffered records at shutdown");
-                        return;
+                        return false;
                     }
                 }
             }
         }
+    }
+
+    /// The last flush, at shutdown. If the sink still fails, the records whose line has not
+    /// reached it whole (their newline is still in the buffer) are lost: counted as dropped,
+    /// and the buffer is discarded rather than flushed once more on drop.
+    fn finish(mut self) {
+        if self.flush() {
+            return;
+        }
+        let held = self
+            .sink
+            .out
+            .buffer()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
+        self.written
+            .inc_by(std::mem::take(&mut self.pending).saturating_sub(held));
+        self.lose(held);
+        let out = std::mem::replace(
+            &mut self.sink.out,
+            BufWriter::new(Box::new(io::sink()) as Box<dyn Write + Send>),
+        );
+        drop(out.into_parts());
+    }
+
+    /// `n` records given up on at shutdown.
+    fn lose(&self, n: u64) {
+        self.dropped.inc_by(n);
+        self.shared.lost.fetch_add(n, Ordering::AcqRel);
     }
 
     /// Reopens the file if `reopen` was asked for since the last look. One load per record.
@@ -771,11 +826,16 @@ fn write_loop(rx: Receiver<Msg>, mut w: Writer) {
         w.caught_up();
         std::thread::sleep(idle);
     }
+    // A record sent after `close` (none should be) is written, or counted if the sink fails.
+    while let Ok(Msg::Record(r)) = rx.try_recv() {
+        w.write(&r);
+    }
+    drop(rx);
     let spilled = std::mem::take(&mut *w.shared.overflow());
     for r in spilled {
         w.write(&r);
     }
-    w.flush();
+    w.finish();
 }
 
 #[cfg(test)]
@@ -1040,6 +1100,57 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn records_a_failing_sink_holds_at_shutdown_are_counted_as_dropped() {
+        // /dev/full takes the open and refuses every write (ENOSPC): the records stay in the
+        // writer's buffer until shutdown gives up on them.
+        let written = IntCounter::new("w", "w").unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let (sink, writer) = start(
+            &settings(Some("/dev/full".into())),
+            written.clone(),
+            dropped.clone(),
+        )
+        .unwrap();
+        for _ in 0..5 {
+            sink.send(Box::new(sample()));
+        }
+        // Let the writer take them and fail its flush at least once.
+        std::thread::sleep(Duration::from_millis(100));
+        let (lost, logs) = logs_of(|| writer.close(&sink));
+        assert_eq!(lost, 5);
+        assert_eq!(sink.lost(), 5);
+        assert_eq!(dropped.get(), 5);
+        assert_eq!(
+            written.get(),
+            0,
+            "a lost record is not also counted as written"
+        );
+        assert!(logs.contains("5 records lost at shutdown"), "{logs}");
+    }
+
+    #[test]
+    fn written_counts_records_once_flushed_and_shutdown_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let written = IntCounter::new("w", "w").unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let (sink, writer) = start(
+            &settings(Some(path.clone())),
+            written.clone(),
+            dropped.clone(),
+        )
+        .unwrap();
+        for _ in 0..5 {
+            sink.send(Box::new(sample()));
+        }
+        wait_for("5 records counted", || written.get() == 5);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 5);
+        let (lost, logs) = logs_of(|| writer.close(&sink));
+        assert_eq!((lost, dropped.get()), (0, 0));
+        assert!(!logs.contains("lost"), "{logs}");
     }
 
     #[test]

@@ -431,3 +431,24 @@ async fn sigusr1_reopens_even_while_the_queue_is_full() {
     assert!(fifo.is_file(), "the new audit file is a regular file");
     assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
 }
+
+/// A sink that still fails at shutdown: the records given up on are counted and the process
+/// log says how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_lost_at_shutdown_are_reported() {
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .audit_path(Path::new("/dev/full"))
+            .audit("on_full = \"drop\""),
+    )
+    .await;
+    serve_n(&proxy.client(), "full", 3).await;
+    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
+    let output = proxy.output();
+    assert!(
+        output.contains("3 records lost at shutdown"),
+        "no count of lost records: {output}"
+    );
+}
