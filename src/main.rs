@@ -185,8 +185,12 @@ fn run(path: Option<&Path>) -> ExitCode {
         };
         signals.serve(&running).await;
         tracing::info!("shutting down");
+        let audit = running.state.audit.clone();
         running.shutdown().await;
-        tracing::info!("stopped; audit log flushed");
+        match audit.lost() {
+            0 => tracing::info!("stopped; audit log flushed"),
+            n => tracing::error!("stopped; {n} audit records lost (the audit sink still failed)"),
+        }
         ExitCode::SUCCESS
     })
 }
