@@ -26,10 +26,24 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     // The proxy's own slowloris guard applies here too.
     let head_timeout = state.settings.proxy.header_read_timeout;
+    // The series /metrics shows exist from the first scrape on, and a reload's new vendors
+    // and limit rules get theirs as soon as the policy is swapped (see `metrics`).
+    let bulk = state.bulk.is_some();
+    let mut swaps = state.policy_swapped.subscribe();
+    state.metrics.seed_policy(&state.policy.load(), bulk);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            Ok(()) = swaps.changed() => {
+                state.metrics.seed_policy(&state.policy.load(), bulk);
+                continue;
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(stream);

@@ -2,6 +2,12 @@
 //!
 //! Labels are bounded by the policy (vendor ids, endpoint classes, actions, rule ids, error
 //! kinds): never a client address, a user, a key or a path. Those live in the audit log.
+//!
+//! Counters that alerts watch with `increase()` exist at 0 before their first event: a series
+//! whose first sample is already 1 has no increase to Prometheus, so the first reload failure
+//! or bulk-extraction signal would never alert. The fixed label sets (reload results, upstream
+//! error kinds) are made here; those that come from the policy (vendors, limit rules) by
+//! [`Metrics::seed_policy`], at start and after every reload.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +18,26 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use rustc_hash::FxHashMap;
+
+use crate::policy::{Action, Policy};
+
+/// Every `kind` of `portcullis_upstream_errors_total`: [`crate::error::ProxyError::kind`] of
+/// each error for which `is_upstream()` holds (a unit test keeps the two in step).
+pub const UPSTREAM_ERROR_KINDS: &[&str] = &[
+    "dns",
+    "address_denied",
+    "connect",
+    "connect_timeout",
+    "tls",
+    "timeout",
+    "upstream",
+    "response_head_too_large",
+    "upstream_body",
+    "body_timeout",
+];
+
+/// Every `result` of `portcullis_config_reloads_total`.
+pub const RELOAD_RESULTS: &[&str] = &["ok", "error"];
 
 /// The labels of one finished exchange, as the audit record holds them.
 pub struct Exchange<'a> {
@@ -138,7 +164,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
-        Metrics {
+        let m = Metrics {
             requests,
             duration,
             tunnels_active: gauge("portcullis_tunnels_active", "CONNECT tunnels open now."),
@@ -192,6 +218,41 @@ impl Metrics {
             build_info,
             registry,
             instance: NEXT_REGISTRY.fetch_add(1, Ordering::Relaxed),
+        };
+        // The fixed label sets, at 0 from the first scrape on.
+        for kind in UPSTREAM_ERROR_KINDS {
+            m.upstream_errors.with_label_values(&[kind]);
+        }
+        for result in RELOAD_RESULTS {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// Creates, at 0, the series whose labels come from `policy`, so that the first event of
+    /// each is an increase Prometheus can see: `portcullis_bulk_suspected_total{vendor}` for
+    /// every catalog vendor (when `bulk` detection is on) and
+    /// `portcullis_rate_limited_total{vendor,rule}` for every `limit` rule, with the vendors it
+    /// names (a rule that names none can meet any vendor, or `none`). Series of an older
+    /// policy stay; calling it again for the same policy changes nothing.
+    pub fn seed_policy(&self, policy: &Policy, bulk: bool) {
+        let vendors = policy.catalog.vendors();
+        if bulk {
+            for v in vendors {
+                self.bulk_suspected.with_label_values(&[&v.id]);
+            }
+        }
+        for rule in policy.rules.iter().filter(|r| r.action == Action::Limit) {
+            if rule.vendors.is_empty() {
+                for v in vendors.iter().map(|v| &*v.id).chain(["none"]) {
+                    self.rate_limited.with_label_values(&[v, &rule.id]);
+                }
+            } else {
+                for &v in &rule.vendors {
+                    let id = &policy.catalog.vendor(v).id;
+                    self.rate_limited.with_label_values(&[id, &rule.id]);
+                }
+            }
         }
     }
 
@@ -315,5 +376,133 @@ mod tests {
         assert!(text(&m).contains(
             r#"portcullis_requests_total{action="block",endpoint="other",rule="default",vendor="deepseek"} 3"#
         ));
+    }
+
+    /// The exposed samples of `name` as (labels, value) lines, e.g. `{kind="dns"} 0`.
+    fn series(text: &str, name: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter(|l| l.starts_with('{'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_registry_exposes_reload_results_and_upstream_error_kinds_at_zero() {
+        let t = text(&Metrics::new());
+        let reloads = series(&t, "portcullis_config_reloads_total");
+        assert_eq!(
+            reloads,
+            [r#"{result="error"} 0"#, r#"{result="ok"} 0"#],
+            "{t}"
+        );
+        let kinds = series(&t, "portcullis_upstream_errors_total");
+        assert_eq!(kinds.len(), UPSTREAM_ERROR_KINDS.len(), "{t}");
+        for k in UPSTREAM_ERROR_KINDS {
+            assert!(kinds.contains(&format!("{{kind=\"{k}\"}} 0")), "{k}: {t}");
+        }
+    }
+
+    #[test]
+    fn upstream_error_kinds_are_every_kind_the_request_path_counts() {
+        use crate::error::ProxyError;
+        let every = [
+            ProxyError::Dns("x".into()),
+            ProxyError::NoAddress,
+            ProxyError::AddressDenied(crate::upstream::guard::GuardDenied {
+                addr: "127.0.0.1:80".parse().unwrap(),
+                class: crate::upstream::guard::AddrClass::Loopback,
+            }),
+            ProxyError::Connect(std::io::ErrorKind::ConnectionRefused.into()),
+            ProxyError::ConnectTimeout,
+            ProxyError::Tls("x".into()),
+            ProxyError::ResponseTimeout,
+            ProxyError::Upstream("x".into()),
+            ProxyError::ResponseHeadTooLarge,
+            ProxyError::UpstreamBodyTimeout,
+            ProxyError::UpstreamBody("x".into()),
+            ProxyError::NotProxyRequest,
+            ProxyError::AuthRequired,
+            ProxyError::PortNotAllowed(25),
+            ProxyError::DuplicateHost,
+            ProxyError::UnsupportedTransferCoding("gzip".into()),
+            ProxyError::ClientBody("x".into()),
+            ProxyError::ClientHelloTimeout,
+            ProxyError::Misdirected("x".into()),
+            ProxyError::ClientBodyTimeout,
+            ProxyError::AuditUnavailable,
+            ProxyError::InspectionBusy,
+            ProxyError::ClientAborted,
+        ];
+        let mut counted: Vec<&str> = every
+            .iter()
+            .filter(|e| e.is_upstream())
+            .map(ProxyError::kind)
+            .collect();
+        counted.sort_unstable();
+        counted.dedup();
+        let mut listed = UPSTREAM_ERROR_KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(counted, listed);
+    }
+
+    #[test]
+    fn seed_policy_creates_bulk_and_limit_series_at_zero_and_keeps_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        let vendors = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendors.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "include = [\"{vendors}\"]\n\
+                 [[rule]]\nid = \"cap-openai\"\nvendor = \"openai\"\naction = \"limit\"\n\
+                 limit = {{ requests = 5, per = \"1m\", by = \"client\" }}\n\
+                 [[rule]]\nid = \"cap-example\"\nhost = \"*.example.ai\"\naction = \"limit\"\n\
+                 limit = {{ concurrent = 2, by = \"client\" }}\n"
+            ),
+        )
+        .unwrap();
+        let policy = crate::config::load(&path).unwrap().policy;
+        let n_vendors = policy.catalog.vendors().len();
+
+        let m = Metrics::new();
+        m.seed_policy(&policy, false);
+        let t = text(&m);
+        assert!(
+            series(&t, "portcullis_bulk_suspected_total").is_empty(),
+            "{t}"
+        );
+        let limited = series(&t, "portcullis_rate_limited_total");
+        assert!(
+            limited.contains(&r#"{rule="cap-openai",vendor="openai"} 0"#.to_string()),
+            "{t}"
+        );
+        assert!(
+            limited.contains(&r#"{rule="cap-example",vendor="none"} 0"#.to_string()),
+            "{t}"
+        );
+        assert_eq!(limited.len(), 1 + n_vendors + 1, "{t}");
+
+        m.rate_limited
+            .with_label_values(&["openai", "cap-openai"])
+            .inc();
+        m.seed_policy(&policy, true);
+        let t = text(&m);
+        let bulk = series(&t, "portcullis_bulk_suspected_total");
+        assert_eq!(bulk.len(), n_vendors, "{t}");
+        assert!(
+            bulk.contains(&r#"{vendor="deepseek"} 0"#.to_string()),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"portcullis_rate_limited_total{rule="cap-openai",vendor="openai"} 1"#),
+            "seeding again keeps what was counted: {t}"
+        );
+        for line in t.lines().filter(|l| !l.starts_with('#')) {
+            assert!(
+                !line.contains("127.0.0.1") && !line.contains('/'),
+                "no address or path in a label: {line}"
+            );
+        }
     }
 }

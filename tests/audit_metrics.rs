@@ -267,3 +267,120 @@ async fn metrics_name_decisions_without_addresses_or_users() {
     assert_eq!(proxy.admin_get("/healthz").await.0, 200);
     assert_eq!(proxy.admin_get("/readyz").await.0, 200);
 }
+
+/// The value of exactly `name{labels}` (no more labels than these), if /metrics shows it.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(text)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+}
+
+/// Alert rules use `increase()`, which sees nothing in a series whose first sample is already
+/// 1: the first reload failure or bulk-extraction signal of a process would never alert. So
+/// the first scrape of a fresh binary, before any traffic, shows every bounded label set of
+/// those counters at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_binary_exposes_every_alerted_series_at_zero() {
+    let mut proxy = Proxy::spawn(Config::new().tail(
+        "[[rule]]\nid = \"cap-openai\"\nvendor = \"openai\"\naction = \"limit\"\n\
+         limit = { requests = 5, per = \"1m\", by = \"client\" }\n",
+    ))
+    .await;
+    let text = proxy.metrics().await;
+
+    for result in ["ok", "error"] {
+        assert_eq!(
+            series(
+                &text,
+                "portcullis_config_reloads_total",
+                &[("result", result)]
+            ),
+            Some(0.0),
+            "reload result {result}: {text}"
+        );
+    }
+    // The kinds the README documents for portcullis_upstream_errors_total.
+    for kind in [
+        "dns",
+        "connect",
+        "connect_timeout",
+        "tls",
+        "timeout",
+        "address_denied",
+        "upstream",
+        "response_head_too_large",
+        "upstream_body",
+        "body_timeout",
+    ] {
+        assert_eq!(
+            series(&text, "portcullis_upstream_errors_total", &[("kind", kind)]),
+            Some(0.0),
+            "upstream error kind {kind}: {text}"
+        );
+    }
+    // One bulk-extraction series per catalog vendor (bulk detection is on by default).
+    let (status, policy) = proxy.admin_get("/policy").await;
+    assert_eq!(status, 200);
+    let policy: serde_json::Value = serde_json::from_str(&policy).expect("policy JSON");
+    let vendors: Vec<&str> = policy["vendors"]
+        .as_array()
+        .expect("vendors")
+        .iter()
+        .map(|v| v["id"].as_str().expect("vendor id"))
+        .collect();
+    assert!(
+        vendors.contains(&"deepseek") && vendors.len() >= 25,
+        "{vendors:?}"
+    );
+    for vendor in &vendors {
+        assert_eq!(
+            series(
+                &text,
+                "portcullis_bulk_suspected_total",
+                &[("vendor", vendor)]
+            ),
+            Some(0.0),
+            "bulk signal for {vendor}: {text}"
+        );
+    }
+    let bulk_series = samples(&text)
+        .iter()
+        .filter(|(n, _, _)| n == "portcullis_bulk_suspected_total")
+        .count();
+    assert_eq!(bulk_series, vendors.len(), "{text}");
+    assert_eq!(
+        series(
+            &text,
+            "portcullis_rate_limited_total",
+            &[("vendor", "openai"), ("rule", "cap-openai")]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    for name in [
+        "portcullis_audit_records_total",
+        "portcullis_audit_dropped_total",
+        "portcullis_audit_refused_total",
+        "portcullis_limit_store_errors_total",
+        "portcullis_connections_refused_total",
+        "portcullis_connections_refused_per_client_total",
+    ] {
+        assert_eq!(series(&text, name, &[]), Some(0.0), "{name}: {text}");
+    }
+    for (name, labels, _) in samples(&text) {
+        for (k, v) in labels {
+            assert!(
+                !v.contains("127.0.0.1") && !v.contains('/'),
+                "{name}{{{k}=\"{v}\"}} carries an address or a path"
+            );
+        }
+    }
+    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
+}

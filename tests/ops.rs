@@ -564,3 +564,78 @@ async fn a_reload_closes_open_tunnels_the_new_policy_blocks() {
         1.0
     );
 }
+
+/// The value of exactly `name{labels}` (no more labels than these), if /metrics shows it.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(text)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+}
+
+/// A reload that adds a limit rule exposes its series at 0 before any request meets it (alert
+/// rules use `increase()`, blind to a series born at 1); a failed reload moves
+/// `result="error"` from 0 to 1.
+#[tokio::test]
+async fn a_reload_exposes_the_new_policys_series_at_zero() {
+    let proxy = Proxy::start(Config::new()).await;
+    let key = [("vendor", "anthropic"), ("rule", "cap-anthropic")];
+    let m = proxy.metrics().await;
+    assert_eq!(
+        series(&m, "portcullis_rate_limited_total", &key),
+        None,
+        "{m}"
+    );
+    assert_eq!(
+        series(
+            &m,
+            "portcullis_config_reloads_total",
+            &[("result", "error")]
+        ),
+        Some(0.0),
+        "{m}"
+    );
+
+    edit_config(&proxy, |t| {
+        t + "[[rule]]\nid = \"cap-anthropic\"\nvendor = \"anthropic\"\naction = \"limit\"\n\
+             limit = { concurrent = 2, by = \"client\" }\n"
+    });
+    let (status, body) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{body}");
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = proxy.metrics().await;
+        if series(&m, "portcullis_rate_limited_total", &key).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        series(&m, "portcullis_rate_limited_total", &key),
+        Some(0.0),
+        "{m}"
+    );
+
+    edit_config(&proxy, |t| t + "[[rule]]\nid = \"x\"\naction = \"blok\"\n");
+    assert_eq!(post_reload(&proxy).await.0, 422);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        series(
+            &m,
+            "portcullis_config_reloads_total",
+            &[("result", "error")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        series(&m, "portcullis_config_reloads_total", &[("result", "ok")]) >= Some(1.0),
+        "{m}"
+    );
+}
