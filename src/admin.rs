@@ -2,10 +2,15 @@
 //! listeners bound), `POST /reload`, `/policy` (the compiled policy, no secrets) and
 //! `/proxy.pac`. Loopback by default; with `token_file` set, `/reload` and `/policy` need
 //! `Authorization: Bearer <token>`.
+//!
+//! Liveness probes land here, so no client may crowd them out: a connection must send its
+//! request head within 2 s (and the next one within 2 s of a response), one source address may
+//! hold 8 connections, and all of them together 64.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -13,30 +18,50 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+use crate::proxy::per_client::ClientCap;
+use crate::proxy::stall::SendTimeout;
 use crate::proxy::State;
 
 /// Scrapers and operators need few connections: more than this at once are closed at accept,
 /// so a client holding admin connections open cannot take the proxy's file descriptors.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
+/// Connections one source address may hold at once; further ones are closed at accept. One
+/// client (a runaway script, a scan) cannot take every slot, so the kubelet's probes and the
+/// scraper, from their own addresses, still get in.
+const MAX_ADMIN_CONNECTIONS_PER_SOURCE: usize = 8;
+
+/// A request head must arrive within this of the connection opening or of the previous
+/// response (the keep-alive idle limit too). Admin requests are a few hundred bytes sent at
+/// once; the proxy's `header_read_timeout` (20 s) would let idle connections hold slots for
+/// long enough to starve the probes.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client that stops reading a response for this long is disconnected.
+const ADMIN_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    // The proxy's own slowloris guard applies here too.
-    let head_timeout = state.settings.proxy.header_read_timeout;
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let per_source = ClientCap::new(MAX_ADMIN_CONNECTIONS_PER_SOURCE);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEAD_TIMEOUT);
     // The series /metrics shows exist from the first scrape on, and a reload's new vendors
     // and limit rules get theirs as soon as the policy is swapped (see `metrics`).
     let bulk = state.bulk.is_some();
     let mut swaps = state.policy_swapped.subscribe();
     state.metrics.seed_policy(&state.policy.load(), bulk);
     loop {
-        let stream = tokio::select! {
+        let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(a) => a,
                 Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -45,22 +70,29 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        let source = addr.ip().to_canonical();
+        let Ok(source_slot) = per_source.acquire(source) else {
+            tracing::debug!(client = %addr, "admin connection refused: per-source cap");
+            drop(stream);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(client = %addr, "admin connection refused: connection cap");
             drop(stream);
             continue;
         };
         let st = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+        let conn = builder.serve_connection(
+            TokioIo::new(SendTimeout::new(stream, ADMIN_SEND_TIMEOUT)),
+            service_fn(move |req| {
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(route(&st, req).await) }
-            });
-            let _ = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
             drop(slot);
+            drop(source_slot);
         });
     }
 }

@@ -639,3 +639,134 @@ async fn a_reload_exposes_the_new_policys_series_at_zero() {
         "{m}"
     );
 }
+
+/// `GET /healthz` on a new connection from `from`: the status, or why there was none within
+/// `PROBE_TIMEOUT` (a liveness probe's patience).
+async fn healthz_from(from: std::net::IpAddr, admin: std::net::SocketAddr) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+    let probe = async {
+        let mut s = connect_from(from, admin)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let answer = String::from_utf8_lossy(&answer);
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("closed without an answer: {answer:?}"))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, probe)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {PROBE_TIMEOUT:?}")))
+}
+
+/// Reads until the peer closes or `limit` passes; how long that took (`None`: still open).
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(limit, async {
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await
+    .ok()
+    .map(|()| start.elapsed())
+}
+
+/// One client holding (and reopening) many idle admin connections, as a `python3` loop over
+/// sockets does, must not make the liveness probe fail: it may hold 8 connections, each of
+/// which is closed when no request head arrives within 2 s, and /healthz from another address
+/// still answers at once. Once it lets go, its own address is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_from_one_address_do_not_starve_the_probe() {
+    let proxy = Proxy::start(Config::new()).await;
+    let admin = proxy.admin;
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
+
+    // A connection that never sends a request is closed after the admin head timeout.
+    let idle = tokio::spawn(async move {
+        let mut s = connect_from(ip("127.0.0.3"), admin).await.expect("connect");
+        closed_within(&mut s, Duration::from_secs(8)).await
+    });
+
+    // The flood: 80 idle connections from 127.0.0.1, each reopened 100 ms after it is closed.
+    let flood_until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let flood: Vec<_> = (0..80)
+        .map(|_| {
+            tokio::spawn(async move {
+                while tokio::time::Instant::now() < flood_until {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(admin).await {
+                        let left =
+                            flood_until.saturating_duration_since(tokio::time::Instant::now());
+                        closed_within(&mut s, left).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The probe, from another address, across a full 2 s idle cycle of the flood.
+    let mut failures = Vec::new();
+    for i in 0..10 {
+        match healthz_from(ip("127.0.0.2"), admin).await {
+            Ok(200) => {}
+            other => failures.push(format!("probe {i}: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for t in flood {
+        within("flood task", t).await.expect("flood task");
+    }
+    assert!(
+        failures.is_empty(),
+        "/healthz from 127.0.0.2 failed while 127.0.0.1 held idle connections: {failures:?}"
+    );
+
+    let idle_for = within("idle connection", idle)
+        .await
+        .expect("task")
+        .expect("an idle admin connection is closed within 8 s");
+    assert!(
+        idle_for >= Duration::from_secs(1) && idle_for < Duration::from_secs(5),
+        "idle admin connection closed after {idle_for:?}, want about 2 s"
+    );
+
+    // The flooder's address gets its slots back once its connections are gone.
+    let mut again = Err(String::new());
+    for _ in 0..30 {
+        again = healthz_from(ip("127.0.0.1"), admin).await;
+        if again == Ok(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(again, Ok(200), "127.0.0.1 served again after letting go");
+
+    // Per source: 8 connections held, the 9th closed at accept while they are still open.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(connect_from(ip("127.0.0.4"), admin).await.expect("connect"));
+    }
+    let mut ninth = connect_from(ip("127.0.0.4"), admin).await.expect("connect");
+    let ninth_closed = closed_within(&mut ninth, Duration::from_secs(1)).await;
+    assert!(
+        ninth_closed.is_some(),
+        "a 9th connection from one address is closed at accept"
+    );
+    assert_eq!(
+        closed_within(&mut held[7], Duration::from_millis(10)).await,
+        None,
+        "the first 8 are still open (until their head timeout)"
+    );
+    assert_eq!(healthz_from(ip("127.0.0.5"), admin).await, Ok(200));
+}
