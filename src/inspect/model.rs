@@ -399,6 +399,377 @@ fn hex4(b: &[u8], i: usize) -> Result<u32, DecodeError> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Form bodies: OpenAI's audio, image and upload endpoints take `model` as a form field.
+
+/// What a form body says about its `model` field.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Field {
+    /// The field is there, readable or not.
+    pub named: bool,
+    /// The field's value: named once, complete in the prefix, UTF-8 and at most 256 bytes.
+    pub model: Option<String>,
+    /// Named more than once, or in a spelling form parsers differ on (another case, a quoted
+    /// escape, `name*=`), or the form is malformed where it is read: which `model` the vendor
+    /// reads, if any, cannot be vouched for.
+    pub ambiguous: bool,
+}
+
+impl Field {
+    fn doubtful() -> Field {
+        Field {
+            named: true,
+            model: None,
+            ambiguous: true,
+        }
+    }
+}
+
+/// How a form field's name relates to `model`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Name {
+    Model,
+    /// Not `model` as sent, but `model` to some parser (case-insensitive binders, a second
+    /// round of percent-decoding, backslash escapes in a quoted name).
+    LooksLike,
+    Other,
+}
+
+/// Classifies a field name already decoded the way the form's own rules say.
+fn name_kind(decoded: &[u8]) -> Name {
+    if decoded == b"model" {
+        return Name::Model;
+    }
+    let again = percent_decode(decoded, false);
+    if decoded.eq_ignore_ascii_case(b"model") || again.eq_ignore_ascii_case(b"model") {
+        Name::LooksLike
+    } else {
+        Name::Other
+    }
+}
+
+/// `%XX` decoded (an invalid escape stays as it is, as in Python's `unquote`), and `+` as a
+/// space when `plus` (form encoding).
+fn percent_decode(b: &[u8], plus: bool) -> Cow<'_, [u8]> {
+    if !b.iter().any(|&c| c == b'%' || (plus && c == b'+')) {
+        return Cow::Borrowed(b);
+    }
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |k: usize| b.get(k).and_then(|&c| (c as char).to_digit(16));
+        match b[i] {
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+/// A field value as the model: UTF-8 and at most [`MAX_VALUE`] bytes, else `None` (as for a
+/// JSON value).
+fn field_value(v: &[u8]) -> Option<String> {
+    (v.len() <= MAX_VALUE)
+        .then(|| std::str::from_utf8(v).ok().map(str::to_owned))
+        .flatten()
+}
+
+/// The `model` field of an `application/x-www-form-urlencoded` body (a query string has the
+/// same form). Pairs are split at `&` and at `;` (older Python parsers split there too), names
+/// and values percent-decoded with `+` as a space. `complete`: `body` is the whole body; else
+/// its last pair may be cut short and is not read.
+pub fn form_model(body: &[u8], complete: bool) -> Field {
+    let mut out = Field::default();
+    let mut pairs = body.split(|&c| c == b'&' || c == b';').peekable();
+    while let Some(pair) = pairs.next() {
+        if pairs.peek().is_none() && !complete {
+            break;
+        }
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = match pair.iter().position(|&c| c == b'=') {
+            Some(k) => (&pair[..k], &pair[k + 1..]),
+            None => (pair, &b""[..]),
+        };
+        match name_kind(&percent_decode(name, true)) {
+            Name::Other => {}
+            Name::LooksLike => return Field::doubtful(),
+            Name::Model if out.named => return Field::doubtful(),
+            Name::Model => {
+                out.named = true;
+                out.model = field_value(&percent_decode(value, true));
+            }
+        }
+    }
+    out
+}
+
+/// RFC 2046 boundary characters (`bchars`).
+fn bchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&c)
+}
+
+/// Where the next delimiter line (`CRLF--boundary`) starts, at or after `from`: `Ok(None)` when
+/// the prefix ends first. `Err` when the boundary appears followed by something other than
+/// `--`, white space or CRLF: parsers differ on whether that ends the part.
+fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize>, ()> {
+    let mut i = from;
+    // Boundary characters are never CR, so every byte is looked at most twice.
+    while let Some(k) = b.get(i..).and_then(|r| r.iter().position(|&c| c == b'\r')) {
+        let at = i + k;
+        let rest = &b[at..];
+        let line = [&b"\r\n--"[..], boundary];
+        let want = line.iter().flat_map(|s| s.iter());
+        let n = rest.iter().zip(want).take_while(|(x, y)| x == y).count();
+        if n == 4 + boundary.len() {
+            return match rest.get(n) {
+                None => Ok(Some(at)),
+                Some(b'-' | b' ' | b'\t' | b'\r') => Ok(Some(at)),
+                Some(_) => Err(()),
+            };
+        }
+        if n == rest.len() {
+            // The prefix ends inside what may be a delimiter.
+            return Ok(None);
+        }
+        i = at + 1;
+    }
+    Ok(None)
+}
+
+/// A parameter: its lowercased name, its value, and whether the value had an escape.
+pub(crate) type Param = (Vec<u8>, Vec<u8>, bool);
+
+/// A `;`-separated parameter list (`form-data; name="model"`, `text/plain; charset=utf-8`):
+/// the leading value, then each parameter's lowercased name, value (quotes removed, backslash
+/// escapes decoded) and whether the value had an escape. `None` when a quoted string is not
+/// closed or is followed by something other than `;`.
+pub(crate) fn params(v: &[u8]) -> Option<(&[u8], Vec<Param>)> {
+    let first = v.iter().position(|&c| c == b';').unwrap_or(v.len());
+    let head = v[..first].trim_ascii();
+    let mut out = Vec::new();
+    let mut i = first;
+    while i < v.len() {
+        // At a `;`.
+        i += 1;
+        let end = v[i..]
+            .iter()
+            .position(|&c| c == b'=' || c == b';')
+            .map_or(v.len(), |k| i + k);
+        let name = v[i..end].trim_ascii().to_ascii_lowercase();
+        if v.get(end) != Some(&b'=') {
+            if !name.is_empty() {
+                out.push((name, Vec::new(), false));
+            }
+            i = end;
+            continue;
+        }
+        i = end + 1;
+        while matches!(v.get(i), Some(b' ' | b'\t')) {
+            i += 1;
+        }
+        let mut value = Vec::new();
+        let mut escaped = false;
+        if v.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match *v.get(i)? {
+                    b'"' => break,
+                    b'\\' => {
+                        escaped = true;
+                        value.push(*v.get(i + 1)?);
+                        i += 2;
+                    }
+                    c => {
+                        value.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            i += 1;
+            while matches!(v.get(i), Some(b' ' | b'\t')) {
+                i += 1;
+            }
+            if i < v.len() && v[i] != b';' {
+                return None;
+            }
+        } else {
+            let end = v[i..]
+                .iter()
+                .position(|&c| c == b';')
+                .map_or(v.len(), |k| i + k);
+            value.extend_from_slice(v[i..end].trim_ascii());
+            i = end;
+        }
+        out.push((name, value, escaped));
+    }
+    Some((head, out))
+}
+
+/// Whether a `charset` parameter value names UTF-8 (or its subset ASCII).
+pub(crate) fn utf8_charset(name: &[u8]) -> bool {
+    ["utf-8", "utf8", "us-ascii", "ascii"]
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
+}
+
+/// What one part's headers say.
+#[derive(Default)]
+struct PartHead {
+    name: Option<Name>,
+    /// What makes a `model` part's value doubtful: it is a file, or has a transfer encoding
+    /// or a charset other than UTF-8.
+    odd: bool,
+}
+
+/// Reads a part's header block: CRLF-terminated lines, without the blank line.
+fn part_head(block: &[u8]) -> Result<PartHead, ()> {
+    let mut head = PartHead::default();
+    let mut dispositions = 0;
+    for line in block.split_inclusive(|&c| c == b'\n') {
+        // A bare CR or LF, or a folded line, is read differently by different parsers.
+        let line = line.strip_suffix(b"\r\n").ok_or(())?;
+        if line.contains(&b'\r') || matches!(line.first(), Some(b' ' | b'\t')) {
+            return Err(());
+        }
+        let colon = line.iter().position(|&c| c == b':').ok_or(())?;
+        let (field, value) = (line[..colon].trim_ascii(), &line[colon + 1..]);
+        if field.eq_ignore_ascii_case(b"content-disposition") {
+            dispositions += 1;
+            head.name = disposition_name(value)?;
+            let (_, ps) = params(value).ok_or(())?;
+            head.odd |= ps
+                .iter()
+                .any(|(n, _, _)| n == b"filename" || n == b"filename*");
+        } else if field.eq_ignore_ascii_case(b"content-transfer-encoding") {
+            let v = value.trim_ascii();
+            head.odd |= !["7bit", "8bit", "binary"]
+                .iter()
+                .any(|e| v.eq_ignore_ascii_case(e.as_bytes()));
+        } else if field.eq_ignore_ascii_case(b"content-type") {
+            let (_, ps) = params(value).ok_or(())?;
+            head.odd |= ps
+                .iter()
+                .any(|(n, v, _)| n == b"charset" && !utf8_charset(v));
+        }
+    }
+    if dispositions > 1 {
+        return Err(());
+    }
+    Ok(head)
+}
+
+/// The field name a `Content-Disposition` value gives. `name="model"` is the model; a name
+/// that is `model` only with its backslash escapes decoded, or an RFC 5987 `name*=` beside
+/// or instead of it where either one is (or looks like) `model`, is read differently by
+/// different parsers. Two `name` parameters are an error.
+fn disposition_name(value: &[u8]) -> Result<Option<Name>, ()> {
+    let (_, ps) = params(value).ok_or(())?;
+    let mut name = None;
+    let mut star = None;
+    for (n, v, escaped) in &ps {
+        match n.as_slice() {
+            b"name" if name.is_some() => return Err(()),
+            b"name" => {
+                name = Some(match name_kind(v) {
+                    Name::Model if *escaped => Name::LooksLike,
+                    k => k,
+                })
+            }
+            b"name*" => {
+                // charset'language'percent-encoded
+                let text = v.splitn(3, |&c| c == b'\'').nth(2).unwrap_or(v);
+                star = Some(name_kind(&percent_decode(text, false)));
+            }
+            _ => {}
+        }
+    }
+    Ok(match (name, star) {
+        (n, None) => n,
+        (None | Some(Name::Other), Some(Name::Other)) => Some(Name::Other),
+        _ => Some(Name::LooksLike),
+    })
+}
+
+/// The `model` field of a `multipart/form-data` body with this `boundary`: the part named
+/// `model`. Strict where parsers differ (bare LF line ends, folded or repeated headers, a
+/// boundary string inside a part, a part named with an escape or `name*=`, a `model` part
+/// that is a file or transfer-encoded): those are ambiguous. `complete`: `body` is the whole
+/// body; else its end is a cut, not an error.
+pub fn multipart_model(body: &[u8], boundary: &[u8], complete: bool) -> Field {
+    if boundary.is_empty() || boundary.len() > 70 || !boundary.iter().all(|&c| bchar(c)) {
+        return Field::doubtful();
+    }
+    // Where the prefix runs out: complete, that is a malformed body; cut, nothing more known.
+    let cut = |out: Field| if complete { Field::doubtful() } else { out };
+    let mut out = Field::default();
+    // The first delimiter: at the start, or after a preamble and CRLF.
+    let mut i = if body.starts_with(b"--") && body[2..].starts_with(boundary) {
+        0
+    } else {
+        match next_delimiter(body, 0, boundary) {
+            Ok(Some(at)) => at + 2,
+            Ok(None) => return cut(out),
+            Err(()) => return Field::doubtful(),
+        }
+    };
+    loop {
+        // At `--boundary`.
+        i += 2 + boundary.len();
+        let rest = &body[i..];
+        if rest.starts_with(b"--") {
+            // The close delimiter: an epilogue after it is ignored by every parser.
+            return out;
+        }
+        let pad = rest
+            .iter()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+        match &rest[pad..] {
+            [b'\r', b'\n', ..] => i += pad + 2,
+            [] | [b'\r'] | [b'-'] => return cut(out),
+            _ => return Field::doubtful(),
+        }
+        // The header block, up to the blank line (which may come at once: no headers).
+        let (block, content) = if body[i..].starts_with(b"\r\n") {
+            (&body[i..i], i + 2)
+        } else {
+            let Some(k) = body[i..].windows(4).position(|w| w == b"\r\n\r\n") else {
+                return cut(out);
+            };
+            (&body[i..i + k + 2], i + k + 4)
+        };
+        let Ok(head) = part_head(block) else {
+            return Field::doubtful();
+        };
+        let end = match next_delimiter(body, content, boundary) {
+            Ok(Some(at)) => at,
+            Ok(None) => return cut(out),
+            Err(()) => return Field::doubtful(),
+        };
+        match head.name {
+            Some(Name::LooksLike) => return Field::doubtful(),
+            Some(Name::Model) if out.named || head.odd => return Field::doubtful(),
+            Some(Name::Model) => {
+                out.named = true;
+                out.model = field_value(&body[content..end]);
+            }
+            _ => {}
+        }
+        i = end + 2;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -959,5 +1330,198 @@ mod tests {
                 ns / b.len() as f64
             );
         }
+    }
+
+    fn form(body: &str) -> Field {
+        form_model(body.as_bytes(), true)
+    }
+
+    fn one(m: &str) -> Field {
+        Field {
+            named: true,
+            model: Some(m.into()),
+            ambiguous: false,
+        }
+    }
+
+    #[test]
+    fn form_model_reads_the_field_as_form_parsers_do() {
+        assert_eq!(form("model=gpt-4o"), one("gpt-4o"));
+        assert_eq!(form("prompt=a+b&model=gpt-4o&n=1"), one("gpt-4o"));
+        assert_eq!(form("mod%65l=gpt%2D4o"), one("gpt-4o"));
+        assert_eq!(form("x=1;model=gpt-4o"), one("gpt-4o"));
+        assert_eq!(form("model=a+b%20c"), one("a b c"));
+        assert_eq!(form("model=%zz"), one("%zz"));
+        assert_eq!(form("&&model=x&&"), one("x"));
+        for body in [
+            "",
+            "x=1",
+            "models=a",
+            "a=model",
+            "x=model%3Dgpt-4o",
+            "model_=1",
+        ] {
+            assert_eq!(form(body), Field::default(), "{body}");
+        }
+        // There, but not readable as a model: named, no value.
+        let long = format!("model={}", "a".repeat(MAX_VALUE + 1));
+        for body in [long.as_str(), "model=%ff"] {
+            let f = form(body);
+            assert!(f.named && f.model.is_none() && !f.ambiguous, "{body}");
+        }
+        // A name without `=` has the empty value.
+        assert_eq!(form("model"), one(""));
+    }
+
+    #[test]
+    fn form_model_doubts_repeats_and_other_spellings() {
+        for body in [
+            "model=gpt-4o-mini&model=gpt-4o",
+            "model=gpt-4o-mini;model=gpt-4o",
+            "model=gpt-4o-mini&mod%65l=gpt-4o",
+            "model&model=gpt-4o",
+            "model=gpt-4o-mini&Model=gpt-4o",
+            "MODEL=gpt-4o",
+            "mod%2565l=gpt-4o",
+        ] {
+            assert!(form(body).ambiguous, "{body}");
+        }
+    }
+
+    #[test]
+    fn form_model_does_not_read_a_pair_a_cut_may_have_shortened() {
+        assert_eq!(form_model(b"model=gpt-4", false), Field::default());
+        assert_eq!(form_model(b"model=gpt-4o&x=1", false), one("gpt-4o"));
+        // A repeat cut short is still a repeat once a later pair shows it whole.
+        assert!(form_model(b"model=a&model=b&x", false).ambiguous);
+    }
+
+    const B: &[u8] = b"xYz-123";
+
+    /// A multipart body: (headers, value) parts, CRLF line ends, closed.
+    fn mp(parts: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (head, value) in parts {
+            b.extend_from_slice(b"--xYz-123\r\n");
+            b.extend_from_slice(head.as_bytes());
+            b.extend_from_slice(b"\r\n\r\n");
+            b.extend_from_slice(value.as_bytes());
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"--xYz-123--\r\n");
+        b
+    }
+
+    const MODEL_PART: &str = "Content-Disposition: form-data; name=\"model\"";
+
+    #[test]
+    fn multipart_model_reads_the_part_named_model() {
+        let file = "Content-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav";
+        for body in [
+            mp(&[(MODEL_PART, "whisper-1")]),
+            mp(&[(file, "RIFF\0\0\r\n--xYz"), (MODEL_PART, "whisper-1")]),
+            mp(&[
+                ("Content-Disposition: form-data; name=model", "whisper-1"),
+                ("Content-Disposition: form-data; name=\"language\"", "model"),
+            ]),
+            mp(&[("content-disposition:form-data;NAME=\"model\"\r\nContent-Type: text/plain; charset=utf-8", "whisper-1")]),
+            [b"preamble\r\n".to_vec(), mp(&[(MODEL_PART, "whisper-1")])].concat(),
+            [mp(&[(MODEL_PART, "whisper-1")]), b"epilogue --xYz-123 junk".to_vec()].concat(),
+            // Transport padding after a delimiter.
+            b"--xYz-123 \t\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--xYz-123--"
+                .to_vec(),
+        ] {
+            assert_eq!(
+                multipart_model(&body, B, true),
+                one("whisper-1"),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let none = mp(&[("Content-Disposition: form-data; name=\"file\"", "x")]);
+        assert_eq!(multipart_model(&none, B, true), Field::default());
+        assert_eq!(
+            multipart_model(b"--xYz-123--\r\n", B, true),
+            Field::default()
+        );
+    }
+
+    #[test]
+    fn multipart_model_doubts_what_parsers_read_differently() {
+        for body in [
+            mp(&[(MODEL_PART, "a"), (MODEL_PART, "b")]),
+            mp(&[(MODEL_PART, "a"), ("Content-Disposition: form-data; name=\"Model\"", "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"mod\\el\"", "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"mod%65l\"", "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"x\"; name*=utf-8''model", "b")]),
+            mp(&[("Content-Disposition: form-data; name*=UTF-8''mod%65l", "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"model\"; name*=utf-8''x", "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"model\"; name=\"x\"", "b")]),
+            mp(&[(&format!("{MODEL_PART}; filename=\"m.txt\""), "b")]),
+            mp(&[(&format!("{MODEL_PART}\r\nContent-Transfer-Encoding: base64"), "Yg==")]),
+            mp(&[(&format!("{MODEL_PART}\r\nContent-Type: text/plain; charset=utf-16"), "b")]),
+            mp(&[(&format!("{MODEL_PART}\r\n{MODEL_PART}"), "b")]),
+            mp(&[(&format!("{MODEL_PART}\r\n folded"), "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"model", "b")]),
+            mp(&[("no colon", "b")]),
+            // The boundary inside a part, followed by something else.
+            mp(&[(MODEL_PART, "a\r\n--xYz-123x\r\nmore")]),
+            // Bare LF line ends.
+            b"--xYz-123\nContent-Disposition: form-data; name=\"model\"\n\nb\n--xYz-123--\n".to_vec(),
+            b"--xYz-123\r\nContent-Disposition: form-data; name=\"model\"\nX: y\r\n\r\nb\r\n--xYz-123--".to_vec(),
+            // Junk after a delimiter.
+            b"--xYz-123junk\r\n\r\nb\r\n--xYz-123--".to_vec(),
+            // Complete but never closed, or no delimiter at all.
+            b"--xYz-123\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nb".to_vec(),
+            b"model=gpt-4o".to_vec(),
+        ] {
+            let f = multipart_model(&body, B, true);
+            assert!(f.ambiguous, "{}", String::from_utf8_lossy(&body));
+        }
+        for boundary in [&b""[..], b"a\"b", &[b'a'; 71]] {
+            assert!(multipart_model(&mp(&[]), boundary, true).ambiguous);
+        }
+    }
+
+    #[test]
+    fn multipart_model_truncation_is_not_malformed() {
+        let file = "Content-Disposition: form-data; name=\"file\"; filename=\"a.bin\"";
+        let body = mp(&[
+            (
+                "Content-Disposition: form-data; name=\"prompt\"",
+                "hello\r\n-- there",
+            ),
+            (MODEL_PART, "gpt-4o-transcribe"),
+            (file, "\0\x01\r\n--xYz-12\r\n"),
+        ]);
+        let value_end = body
+            .windows(b"gpt-4o-transcribe\r\n--xYz-123".len())
+            .position(|w| w == b"gpt-4o-transcribe\r\n--xYz-123")
+            .expect("value")
+            + b"gpt-4o-transcribe\r\n--xYz-123".len();
+        for cut in 0..body.len() {
+            let f = multipart_model(&body[..cut], B, false);
+            assert!(!f.ambiguous, "cut {cut}");
+            let want = (cut >= value_end).then(|| "gpt-4o-transcribe".to_owned());
+            assert_eq!(f.model, want, "cut {cut}");
+        }
+        assert_eq!(multipart_model(&body, B, true), one("gpt-4o-transcribe"));
+    }
+
+    #[test]
+    fn params_unquote_and_refuse_open_quotes() {
+        let (head, ps) =
+            params(b" form-data ; name=\"a\\\"b\" ;filename=x.txt; flag").expect("params");
+        assert_eq!(head, b"form-data");
+        assert_eq!(
+            ps,
+            vec![
+                (b"name".to_vec(), b"a\"b".to_vec(), true),
+                (b"filename".to_vec(), b"x.txt".to_vec(), false),
+                (b"flag".to_vec(), Vec::new(), false),
+            ]
+        );
+        assert!(params(b"form-data; name=\"open").is_none());
+        assert!(params(b"form-data; name=\"a\"b").is_none());
     }
 }
