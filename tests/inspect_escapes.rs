@@ -1,6 +1,9 @@
-//! Body inspection against JSON escape tricks, end to end: bodies that hide a second `model`
-//! key behind a lone surrogate escape, or spell a secret with escapes, sent by a real client
-//! through the real proxy to a fake OpenAI origin, are refused before the origin sees them.
+//! Body inspection against tricks that hide a body from it, end to end: bodies that hide a
+//! second `model` key behind a lone surrogate escape or past `[inspect] max_body`, spell a
+//! secret with escapes, come in UTF-16 or UTF-32, or name the model in a form field or the
+//! query string, sent by a real client through the real proxy (plain HTTP, and TLS
+//! interception over HTTP/2) to a fake OpenAI origin, are refused or decided on what the
+//! vendor would read, before the origin sees them.
 
 mod common;
 
@@ -136,4 +139,473 @@ async fn secrets_spelled_with_json_escapes_are_refused() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(origin.request(&path(tag)).await.body_len, body.len() as u64);
     origin_saw_only(&origin, &[tag]);
+}
+
+/// POSTs `body` to `path` (with its query tag) as `content_type`.
+async fn post(proxy: &Proxy, path: &str, content_type: &str, body: Vec<u8>) -> Raw {
+    fetch(
+        proxy
+            .client()
+            .post(format!("http://api.openai.com{path}"))
+            .header("content-type", content_type)
+            .body(body),
+    )
+    .await
+}
+
+/// A refusal the client and the audit log both call `body_not_inspectable`.
+async fn assert_not_inspectable(proxy: &Proxy, path: &str, r: &Raw) -> String {
+    assert_eq!(r.status, 403, "{path}: {r:?}");
+    assert_eq!(r.json()["error"], "blocked_by_policy", "{path}: {r:?}");
+    let rec = proxy.audit_path(path).await;
+    assert_reason(&rec, "body_not_inspectable");
+    assert_eq!(rec["action"], "block", "{rec}");
+    rec["reason"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A chat body naming `model`, padded with prompt text to `len` bytes, optionally with a
+/// second `model` after the padding.
+fn padded_chat(model: &str, len: usize, second: Option<&str>) -> Vec<u8> {
+    let head = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":""#);
+    let tail = match second {
+        Some(m) => format!(r#""}}],"model":"{m}"}}"#),
+        None => r#""}]}"#.to_owned(),
+    };
+    let pad = len - head.len() - tail.len();
+    let mut body = head.into_bytes();
+    body.extend((0..pad).map(|i| b"lorem ipsum "[i % 12]));
+    body.extend_from_slice(tail.as_bytes());
+    assert_eq!(body.len(), len);
+    body
+}
+
+/// An allow-list for the model, then a block on OpenAI chat; file uploads are allowed before
+/// either, so no model rule is in play for them.
+const ALLOW_LIST: &str = "\
+[[rule]]\nid = \"files-ok\"\nvendor = \"openai\"\nendpoint = \"files\"\naction = \"allow\"\n\n\
+[[rule]]\nid = \"gpt35-ok\"\nvendor = \"openai\"\nmodel = \"gpt-3.5*\"\naction = \"allow\"\n\n\
+[[rule]]\nid = \"openai-chat\"\nvendor = \"openai\"\nendpoint = \"chat\"\naction = \"block\"\n\n\
+[inspect]\nmax_body = \"64KiB\"\n";
+
+/// Finding 1: `{"model":"gpt-3.5-turbo", …70 KB…, "model":"gpt-4o"}` with a 64 KiB cap was
+/// forwarded on the first model while Python and JavaScript read the last. A body longer than
+/// `max_body` cannot be vouched for where a model rule could decide it: refused, fail closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_past_max_body_cannot_slip_through_an_allow_list() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(ALLOW_LIST),
+    )
+    .await;
+    let json = "application/json";
+
+    for (tag, second) in [("second-model", Some("gpt-4o")), ("one-model", None)] {
+        let p = path(tag);
+        let body = padded_chat("gpt-3.5-turbo", 70 * 1024, second);
+        let r = post(&proxy, &p, json, body).await;
+        let reason = assert_not_inspectable(&proxy, &p, &r).await;
+        assert!(reason.contains("max_body"), "{reason}");
+        assert!(reason.contains("65536 bytes inspected"), "{reason}");
+        assert!(
+            r.json()["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("max_body"),
+            "the client is told why: {r:?}"
+        );
+    }
+
+    // Within the cap, to the byte, the allow-list applies as before: Content-Length, and
+    // chunked (whose end is only seen on one more read).
+    let tag = "exactly-max-body";
+    let body = padded_chat("gpt-3.5-turbo", 64 * 1024, None);
+    let r = post(&proxy, &path(tag), json, body.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let tag = "exactly-max-body-chunked";
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(7000).map(|c| Ok(c.to_vec())).collect();
+    let r = fetch(
+        proxy
+            .client()
+            .post(format!("http://api.openai.com{}", path(tag)))
+            .header("content-type", json)
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            ))),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(origin.request(&path(tag)).await.body_len, body.len() as u64);
+    let rec = proxy.audit_path(&path(tag)).await;
+    assert_eq!(rec["model"], "gpt-3.5-turbo");
+    assert!(
+        !rec["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("inspected first"),
+        "read whole: {rec}"
+    );
+
+    // Where no model rule is in play (uploads are allowed before the model rules), a long
+    // body streams on as documented, whole; the audit record says what was inspected.
+    let p = "/v1/files?large";
+    let upload = padded_chat("gpt-4o", 200 * 1024, Some("gpt-4o"));
+    let r = post(&proxy, p, json, upload.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = origin.request(p).await;
+    assert_eq!(seen.body_len, upload.len() as u64);
+    assert_eq!(seen.body_fnv, fnv1a(FNV_START, &upload));
+    let rec = proxy.audit_path(p).await;
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("inspected first 65536 bytes only"), "{rec}");
+    assert_eq!(rec["rule"], "files-ok");
+
+    for seen in origin.requests() {
+        assert!(
+            !seen.uri.contains("model"),
+            "origin saw a refused body: {}",
+            seen.uri
+        );
+    }
+}
+
+/// The same with a block list: the blocked model after the cap was never seen, and the body
+/// went through (the README recommended allow-lists instead). Now refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_model_past_max_body_is_refused() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-gpt4o\"\nvendor = \"openai\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n\n\
+         [inspect]\nmax_body = \"1KiB\"\n",
+    ))
+    .await;
+    let mut body = br#"{"messages":[{"role":"user","content":""#.to_vec();
+    body.extend_from_slice(&[b'a'; 4000]);
+    body.extend_from_slice(br#""}],"model":"gpt-4o"}"#);
+    let p = path("model-last");
+    let r = post(&proxy, &p, "application/json", body).await;
+    let reason = assert_not_inspectable(&proxy, &p, &r).await;
+    assert!(reason.contains("1024 bytes inspected"), "{reason}");
+    assert!(origin.requests().is_empty(), "nothing reached the origin");
+}
+
+fn utf16(s: &str, le: bool) -> Vec<u8> {
+    s.encode_utf16()
+        .flat_map(|u| if le { u.to_le_bytes() } else { u.to_be_bytes() })
+        .collect()
+}
+
+fn utf32(s: &str, le: bool) -> Vec<u8> {
+    s.chars()
+        .flat_map(|c| {
+            if le {
+                (c as u32).to_le_bytes()
+            } else {
+                (c as u32).to_be_bytes()
+            }
+        })
+        .collect()
+}
+
+/// Finding 2: Python's `json.loads(bytes)` reads UTF-16 and UTF-32 (with or without a
+/// byte-order mark); the scanners read bytes as UTF-8 and saw no `model` and no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_utf16_or_utf32_are_refused() {
+    let (origin, proxy) = setup().await;
+    let json = r#"{"model":"gpt-4o"}"#;
+    let bom = format!("\u{FEFF}{json}");
+    let spaced = format!(" \n{json}");
+    for (tag, body) in [
+        ("utf16le-bom", utf16(&bom, true)),
+        ("utf16be-bom", utf16(&bom, false)),
+        ("utf16le", utf16(json, true)),
+        ("utf16be", utf16(json, false)),
+        ("utf16le-spaced", utf16(&spaced, true)),
+        ("utf32le", utf32(json, true)),
+        ("utf32be-bom", utf32(&bom, false)),
+    ] {
+        let p = path(tag);
+        let r = post(&proxy, &p, "application/json", body).await;
+        let reason = assert_not_inspectable(&proxy, &p, &r).await;
+        assert!(reason.contains("not UTF-8"), "{reason}");
+    }
+    // UTF-8 bytes declared as another charset, and raw NUL bytes in a JSON body.
+    for (tag, ct, body) in [
+        (
+            "charset",
+            "application/json; charset=utf-16",
+            br#"{"model":"gpt-4o-mini"}"#.to_vec(),
+        ),
+        (
+            "charset-quoted",
+            "application/json; charset=\"UTF-32\"",
+            br#"{"model":"gpt-4o-mini"}"#.to_vec(),
+        ),
+        (
+            "nul",
+            "application/json",
+            b"{\"model\":\"gpt-4o-mini\",\"x\":\"a\0b\"}".to_vec(),
+        ),
+    ] {
+        let p = path(tag);
+        let r = post(&proxy, &p, ct, body).await;
+        assert_not_inspectable(&proxy, &p, &r).await;
+    }
+    // UTF-8, declared or not, with or without its byte-order mark, passes as before.
+    for (tag, ct, body) in [
+        (
+            "utf8-declared",
+            "application/json; charset=UTF-8",
+            br#"{"model":"gpt-4o-mini"}"#.to_vec(),
+        ),
+        (
+            "utf8-bom",
+            "application/json",
+            "\u{FEFF}{\"model\":\"gpt-4o-mini\"}".as_bytes().to_vec(),
+        ),
+    ] {
+        let r = post(&proxy, &path(tag), ct, body).await;
+        assert_eq!(r.status, 200, "{tag}: {r:?}");
+    }
+    origin_saw_only(&origin, &["utf8-declared", "utf8-bom"]);
+}
+
+/// DLP alone: a secret in a UTF-16 body is refused; a long clean body streams on (the rest
+/// past `max_body` unread, as documented) and its audit record says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlp_refuses_utf16_and_records_partial_inspection() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"openai\"\ndlp = \"all\"\naction = \"block\"\n\n\
+         [inspect]\nmax_body = \"1KiB\"\n",
+    ))
+    .await;
+    // Built at run time so that the source holds nothing a secret scanner would flag.
+    let key = format!("AKIA{}", "IOSFODNN7EXAMPLE");
+    let text = format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{key}"}}]}}"#);
+    let tag = "utf8-secret";
+    let r = post(
+        &proxy,
+        &path(tag),
+        "application/json",
+        text.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.header("x-portcullis-rule"), Some("no-secrets"), "{r:?}");
+    for (tag, body) in [
+        ("utf16-secret", utf16(&text, true)),
+        ("utf16-bom-secret", utf16(&format!("\u{FEFF}{text}"), false)),
+    ] {
+        let p = path(tag);
+        let r = post(&proxy, &p, "application/json", body).await;
+        assert_not_inspectable(&proxy, &p, &r).await;
+    }
+
+    let tag = "long-clean";
+    let body = padded_chat("gpt-4o", 5000, None);
+    let r = post(&proxy, &path(tag), "application/json", body.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(origin.request(&path(tag)).await.body_len, body.len() as u64);
+    let rec = proxy.audit_path(&path(tag)).await;
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.ends_with("; inspected first 1024 bytes only"),
+        "{rec}"
+    );
+    origin_saw_only(&origin, &["long-clean"]);
+}
+
+/// A multipart form body with these (name, value) text fields and a binary file part.
+fn multipart(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
+    let boundary = "----portcullis7MA4YWxkTrZu0gW";
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        b.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    b.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+             Content-Type: audio/wav\r\n\r\nRIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\r\n--{boundary}--\r\n"
+        )
+        .as_bytes(),
+    );
+    (format!("multipart/form-data; boundary={boundary}"), b)
+}
+
+/// Finding 2, continued: OpenAI's audio and image endpoints take `model` as a form field, and
+/// some servers read `?model=`. Both are read (or refused when they disagree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_of_a_form_or_query_is_read() {
+    let (origin, proxy) = setup().await;
+    let form = "application/x-www-form-urlencoded";
+    let audio = "/v1/audio/transcriptions";
+
+    // Blocked as a JSON body naming it would be.
+    for (tag, ct, body) in [
+        ("form", form.to_owned(), b"prompt=hi&model=gpt-4o".to_vec()),
+        (
+            "form-escaped",
+            form.to_owned(),
+            b"mod%65l=gpt%2D4o".to_vec(),
+        ),
+        {
+            let (ct, b) = multipart(&[("model", "gpt-4o"), ("language", "en")]);
+            ("multipart", ct, b)
+        },
+    ] {
+        let p = format!("{audio}?{tag}");
+        let r = post(&proxy, &p, &ct, body).await;
+        assert_eq!(r.status, 403, "{tag}: {r:?}");
+        assert_eq!(
+            r.header("x-portcullis-rule"),
+            Some("no-gpt4o"),
+            "{tag}: {r:?}"
+        );
+        assert_eq!(proxy.audit_path(&p).await["model"], "gpt-4o");
+    }
+    // Named twice, or in a spelling parsers differ on: refused.
+    for (tag, ct, body) in [
+        (
+            "form-twice",
+            form.to_owned(),
+            b"model=gpt-4o-mini&model=gpt-4o".to_vec(),
+        ),
+        (
+            "form-case",
+            form.to_owned(),
+            b"model=gpt-4o-mini&Model=gpt-4o".to_vec(),
+        ),
+        {
+            let (ct, b) = multipart(&[("model", "gpt-4o-mini"), ("model", "gpt-4o")]);
+            ("multipart-twice", ct, b)
+        },
+        {
+            let (ct, b) = multipart(&[("model", "gpt-4o-mini"), ("MODEL", "gpt-4o")]);
+            ("multipart-case", ct, b)
+        },
+        {
+            let (_, b) = multipart(&[("model", "gpt-4o-mini")]);
+            ("multipart-no-boundary", "multipart/form-data".to_owned(), b)
+        },
+    ] {
+        let p = format!("{audio}?{tag}");
+        let r = post(&proxy, &p, &ct, body).await;
+        assert_not_inspectable(&proxy, &p, &r).await;
+    }
+    // `?model=` that the body does not agree with: refused; one that agrees: decided as usual.
+    let p = format!("{}&model=gpt-4o", path("query"));
+    let r = post(
+        &proxy,
+        &p,
+        "application/json",
+        br#"{"model":"gpt-4o-mini"}"#.to_vec(),
+    )
+    .await;
+    let reason = assert_not_inspectable(&proxy, &p, &r).await;
+    assert!(reason.contains("query"), "{reason}");
+
+    // The approved model, in each form, with binary file contents (NUL bytes) beside it.
+    let ok = format!("{}&model=gpt-4o-mini", path("query-ok"));
+    let r = post(
+        &proxy,
+        &ok,
+        "application/json",
+        br#"{"model":"gpt-4o-mini"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = post(
+        &proxy,
+        &format!("{audio}?form-ok"),
+        form,
+        b"model=gpt-4o-mini".to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let (ct, body) = multipart(&[("model", "gpt-4o-mini"), ("language", "en")]);
+    let r = post(&proxy, &format!("{audio}?multipart-ok"), &ct, body.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = origin.request(&format!("{audio}?multipart-ok")).await;
+    assert_eq!(seen.body_fnv, fnv1a(FNV_START, &body));
+
+    let allowed = [
+        ok,
+        format!("{audio}?form-ok"),
+        format!("{audio}?multipart-ok"),
+    ];
+    for seen in origin.requests() {
+        assert!(allowed.contains(&seen.uri), "origin saw {}", seen.uri);
+    }
+}
+
+/// Finding 1 over TLS interception and HTTP/2, where a streamed body's end comes in a frame
+/// of its own: a second model past the cap is refused, a body exactly at the cap is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepted_h2_bodies_past_max_body_are_refused() {
+    let ca = tempfile::TempDir::new().expect("tempdir");
+    portcullis::ca::init(ca.path(), "portcullis test org CA").expect("ca init");
+    let roots = tempfile::TempDir::new().expect("tempdir");
+    let origin = Origin::https_h2().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&format!(
+                "ca_file = \"{}\"",
+                ca_file(roots.path()).display()
+            ))
+            .tail(&ALLOW_LIST.replace("64KiB", "16KiB"))
+            .tail(&format!(
+                "[intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\nvendors = [\"openai\"]\n",
+                ca.path().join("ca.pem").display(),
+                ca.path().join("ca.key").display()
+            )),
+    )
+    .await;
+    let pem = std::fs::read(ca.path().join("ca.pem")).expect("ca.pem");
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy.url()).expect("proxy"))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .timeout(DEADLINE)
+        .build()
+        .expect("client");
+    let send = |tag: &str, body: Vec<u8>, streamed: bool| {
+        let req = client
+            .post(format!("https://api.openai.com{}", path(tag)))
+            .header("content-type", "application/json");
+        let req = match streamed {
+            true => {
+                let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                    body.chunks(5000).map(|c| Ok(c.to_vec())).collect();
+                req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                    chunks,
+                )))
+            }
+            false => req.body(body),
+        };
+        fetch(req)
+    };
+
+    for (tag, streamed) in [("h2-second", false), ("h2-second-streamed", true)] {
+        let body = padded_chat("gpt-3.5-turbo", 20 * 1024, Some("gpt-4o"));
+        let r = send(tag, body, streamed).await;
+        assert_eq!(r.status, 403, "{tag}: {r:?}");
+        let rec = proxy
+            .audit_where(tag, |r| r["path"] == path(tag) && r["tls"] == "intercept")
+            .await;
+        assert_reason(&rec, "body_not_inspectable");
+    }
+    for (tag, streamed) in [("h2-exact", false), ("h2-exact-streamed", true)] {
+        let body = padded_chat("gpt-3.5-turbo", 16 * 1024, None);
+        let r = send(tag, body.clone(), streamed).await;
+        assert_eq!(r.status, 200, "{tag}: {r:?}");
+        let seen = origin.request(&path(tag)).await;
+        assert_eq!(seen.body_fnv, fnv1a(FNV_START, &body), "{tag}");
+    }
+    origin_saw_only(&origin, &["h2-exact", "h2-exact-streamed"]);
 }

@@ -682,19 +682,31 @@ impl Drop for InFlight<'_> {
 }
 
 /// Puts what inspection found into the record: pattern names (never the matched text), and
-/// that the model was not seen when the prefix ran out first.
+/// that only the first part of a longer body was inspected. Then, with the decision known,
+/// whether what inspection could not read must refuse the request (see [`refusal`]).
 fn note_inspection(policy: &Policy, i: &Inspected, d: &Decision<'_>, rec: &mut Record) {
     let Some(ins) = &policy.inspection else {
         return;
     };
-    if i.dlp.0 != 0 {
-        let names: Vec<&str> = ins.scanner.names(i.dlp).collect();
-        rec.reason = format!("{}; dlp: {}", d.reason, names.join(",")).into();
+    if i.dlp.0 != 0 || i.partial {
+        let mut reason = d.reason.to_string();
+        if i.dlp.0 != 0 {
+            let names: Vec<&str> = ins.scanner.names(i.dlp).collect();
+            reason = format!("{reason}; dlp: {}", names.join(","));
+        }
+        if i.partial {
+            reason = format!("{reason}; inspected first {} bytes only", i.seen);
+        }
+        rec.reason = reason.into();
+    }
+    if let Some(why) = i.unverifiable(policy, d, rec) {
+        let _ = i.refused.set(why);
     }
 }
 
 /// Why a request the policy lets through must still be refused: a rule's tenant restriction
-/// it does not meet, or a body DLP rules should see but cannot (a content coding).
+/// it does not meet, or a body DLP rules should see but cannot (a content coding), or one
+/// that model or DLP rules in play cannot vouch for (see `Inspected::unverifiable`).
 fn refusal(
     d: &Decision<'_>,
     rec: &Record,
@@ -706,11 +718,8 @@ fn refusal(
             "body_not_inspectable: content-encoding {enc:?} hides the body from DLP rules"
         ));
     }
-    if inspected.is_some_and(|i| i.ambiguous) {
-        return Some(
-            "body_not_inspectable: the JSON body does not say for sure which \"model\" it names (named twice, or malformed); vendors' parsers differ"
-                .into(),
-        );
+    if let Some(why) = inspected.and_then(|i| i.refused.get()) {
+        return Some(why.clone());
     }
     let rule = d.rule?;
     if !rule.require_keys.is_empty() {

@@ -1,10 +1,15 @@
 //! Holding back the first part of a request body so DLP and `model` rules can see it before
 //! the decision; the held frames are then replayed upstream ahead of the rest of the body.
+//! Once the decision is known, [`Inspected::unverifiable`] says whether what could not be
+//! read matters to it: a body only partly read, in another encoding, or naming its model in
+//! two places is refused when a rule reading it could have decided otherwise.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
-use http::header::CONTENT_ENCODING;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
@@ -15,14 +20,18 @@ use std::net::IpAddr;
 use super::budget::Held;
 
 use super::body::RequestBody;
+use crate::audit::Record;
 use crate::error::ProxyError;
-use crate::inspect::{dlp::Hits, model};
-use crate::policy::Inspection;
+use crate::inspect::{self, dlp::Hits, model};
+use crate::policy::path::{self, Segments};
+use crate::policy::{
+    Action, Decision, Endpoint, Facts, Host, HostPattern, Inspection, Mode, Policy, Rule,
+};
 
 /// What the held-back prefix showed.
 #[derive(Debug, Default)]
 pub struct Inspected {
-    /// The JSON body's top-level `model`, lowercased.
+    /// The body's `model` (the JSON body's top-level one, or a form's field), lowercased.
     pub model: Option<String>,
     pub dlp: Hits,
     /// Bytes inspected.
@@ -31,9 +40,70 @@ pub struct Inspected {
     pub partial: bool,
     /// A content coding (gzip, br…) we do not decode: the bytes say nothing.
     pub encoded: Option<String>,
-    /// The body names its model twice, or is malformed JSON: vendors' parsers differ on which
-    /// `model` counts, or find one where we do not.
+    /// The body names its model twice, or is malformed JSON (or a malformed form): vendors'
+    /// parsers differ on which `model` counts, or find one where we do not.
     pub ambiguous: bool,
+    /// Why the bytes are not UTF-8 text (UTF-16 or UTF-32, NUL bytes, a declared charset):
+    /// neither model nor DLP rules can read them.
+    pub unreadable: Option<String>,
+    /// Why the request must be refused after all, set once the decision on it is known (see
+    /// [`Inspected::unverifiable`]).
+    pub refused: OnceLock<String>,
+}
+
+/// What the Content-Type fields say about how the body is to be read.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Declared {
+    /// A charset other than UTF-8, or a field that cannot be parsed.
+    unreadable: Option<String>,
+    /// `application/x-www-form-urlencoded`.
+    form: bool,
+    /// The boundary of each `multipart/form-data` field (empty when it names none).
+    multipart: Vec<Vec<u8>>,
+    /// Every field names a type whose bytes are not text (a multipart form, `image/*`,
+    /// `audio/*`, `video/*`, `application/octet-stream`): NUL bytes past the start are file
+    /// contents, not another encoding.
+    binary: bool,
+}
+
+/// Every Content-Type field counts: two fields are two readings a vendor may pick from.
+fn declared(headers: &HeaderMap) -> Declared {
+    let mut d = Declared::default();
+    let mut fields = 0;
+    let mut binary = 0;
+    for v in headers.get_all(CONTENT_TYPE) {
+        fields += 1;
+        let Some((essence, ps)) = model::params(v.as_bytes()) else {
+            d.unreadable = Some("a Content-Type that cannot be parsed".into());
+            continue;
+        };
+        let essence = essence.to_ascii_lowercase();
+        if essence == b"application/x-www-form-urlencoded" {
+            d.form = true;
+        }
+        if essence == b"multipart/form-data" {
+            let boundary = ps.iter().find(|(n, _, _)| n == b"boundary");
+            d.multipart
+                .push(boundary.map(|(_, v, _)| v.clone()).unwrap_or_default());
+        }
+        if essence.starts_with(b"multipart/")
+            || essence.starts_with(b"image/")
+            || essence.starts_with(b"audio/")
+            || essence.starts_with(b"video/")
+            || essence == b"application/octet-stream"
+        {
+            binary += 1;
+        }
+        if let Some((_, cs, _)) = ps
+            .iter()
+            .find(|(n, v, _)| n == b"charset" && !model::utf8_charset(v))
+        {
+            let shown: String = String::from_utf8_lossy(cs).chars().take(32).collect();
+            d.unreadable = Some(format!("Content-Type charset {shown:?}"));
+        }
+    }
+    d.binary = fields > 0 && binary == fields;
+    d
 }
 
 /// Reads up to `ins.max_body` of `body` (waiting at most `ins.timeout`), inspects it, and
@@ -102,18 +172,465 @@ pub async fn inspect(
         }
     }
     ended = ended || body.is_end_stream();
-    out.partial = !ended;
+    // Bytes past the cap may already be here (the rest of the last frame) even when the body
+    // has ended.
+    let mut longer = after
+        .iter()
+        .any(|f| f.data_ref().is_some_and(|d| !d.is_empty()));
+    // A body exactly `max_body` long (chunked, or HTTP/2 with its end in a frame of its own)
+    // tells that it has ended only on the next read. A model rule refuses a body it cannot
+    // read to the end, so it is worth that read (within the same wait): a body that goes on
+    // is then known to, and one that ends is read whole. Its frame is sent on after the prefix.
+    if !ended && !longer && ins.models {
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                // Not known: taken as longer.
+                Err(_) => break,
+                Ok(None) => {
+                    ended = true;
+                    break;
+                }
+                Ok(Some(Err(e))) => return Err(ProxyError::ClientBody(e.to_string())),
+                Ok(Some(Ok(frame))) => {
+                    if frame.data_ref().is_some_and(Bytes::is_empty) {
+                        continue;
+                    }
+                    // Trailers are the last frame.
+                    ended = frame.is_trailers();
+                    longer = !ended;
+                    after.push_back(frame);
+                    break;
+                }
+            }
+        }
+    }
+    out.partial = longer || !ended;
     out.seen = prefix.len();
     if ins.dlp != 0 {
         out.dlp = ins.scanner.scan(&prefix);
     }
+    let declared = declared(headers);
+    out.unreadable = declared
+        .unreadable
+        .clone()
+        .or_else(|| inspect::unreadable(&prefix, declared.binary).map(Into::into));
     if ins.models {
-        out.model = model::model(&prefix).map(|m| m.to_ascii_lowercase());
-        out.ambiguous = model::model_ambiguous(&prefix);
+        let complete = !out.partial;
+        read_model(&mut out, &prefix, &declared, complete);
     }
     let rest = (!ended).then_some(body);
     if !prefix.is_empty() {
         after.push_front(Frame::data(prefix.freeze()));
     }
     Ok((out, RequestBody::resumed(after, budget, rest)))
+}
+
+/// The body's model, from each reading its Content-Type allows: the JSON scanner always (a
+/// vendor may parse JSON whatever the type says), a form's `model` field when the type is
+/// a form. Two readings that disagree are ambiguous.
+fn read_model(out: &mut Inspected, prefix: &[u8], declared: &Declared, complete: bool) {
+    let mut found = model::model(prefix).map(|m| m.to_ascii_lowercase());
+    let mut ambiguous = model::model_ambiguous(prefix);
+    let forms = declared
+        .form
+        .then(|| model::form_model(prefix, complete))
+        .into_iter()
+        .chain(
+            declared
+                .multipart
+                .iter()
+                .map(|b| model::multipart_model(prefix, b, complete)),
+        );
+    for f in forms {
+        ambiguous |= f.ambiguous;
+        if let Some(m) = f.model.map(|m| m.to_ascii_lowercase()) {
+            match &found {
+                Some(other) => ambiguous |= *other != m,
+                None => found = Some(m),
+            }
+        }
+    }
+    out.model = found;
+    out.ambiguous = ambiguous;
+}
+
+impl Inspected {
+    /// Why this request must be refused now that the policy has decided on what inspection
+    /// found, if it must: something inspection could not vouch for, where a rule that reads
+    /// it could have decided otherwise (see [`in_play`]). Fail closed:
+    ///
+    /// - a body that is not UTF-8 text, when a model or DLP rule is in play;
+    /// - when a model rule is in play: a body naming its model ambiguously, a query string
+    ///   naming a `model` the body does not (vendors may read either), and a body longer than
+    ///   `max_body` (a second `model` past the cap is what Python and JavaScript parsers read).
+    ///
+    /// A partly read body where only DLP rules are in play streams on, as documented.
+    pub fn unverifiable(&self, policy: &Policy, d: &Decision<'_>, rec: &Record) -> Option<String> {
+        if d.enforced() == Action::Block {
+            return None;
+        }
+        let query_doubt = rec
+            .path
+            .as_deref()
+            .and_then(|p| p.split_once('?'))
+            .is_some_and(|(_, q)| {
+                let f = model::form_model(q.as_bytes(), true);
+                f.ambiguous || (f.named && f.model.map(|m| m.to_ascii_lowercase()) != self.model)
+            });
+        let model_doubt = self.ambiguous || self.partial || query_doubt;
+        if !model_doubt && self.unreadable.is_none() {
+            return None;
+        }
+        let play = in_play(policy, d, rec);
+        if let Some(why) = self.unreadable.as_deref() {
+            if play.model || play.dlp {
+                return Some(format!(
+                    "body_not_inspectable: the body is not UTF-8 text ({why}); model and DLP rules cannot read it"
+                ));
+            }
+        }
+        if !play.model {
+            return None;
+        }
+        if self.ambiguous {
+            return Some(
+                "body_not_inspectable: the body does not say for sure which \"model\" it names (named twice, or malformed); vendors' parsers differ"
+                    .into(),
+            );
+        }
+        if query_doubt {
+            return Some(
+                "body_not_inspectable: the query string names a \"model\" the body does not (or names it twice); vendors may read either"
+                    .into(),
+            );
+        }
+        if self.partial {
+            return Some(format!(
+                "body_not_inspectable: the body is larger than [inspect] max_body (first {} bytes inspected), so its \"model\" cannot be verified: one after the cap would count; raise max_body to admit such bodies",
+                self.seen
+            ));
+        }
+        None
+    }
+}
+
+/// Which kinds of body condition could have decided this request had its body said
+/// something else.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InPlay {
+    pub model: bool,
+    pub dlp: bool,
+}
+
+/// The body conditions in play for a decided request: those of enforcing rules at or before
+/// the decision (the first match wins, so later rules never decide; shadow rules never
+/// refuse) whose every other condition this request meets. When the policy decided two
+/// spellings of a path (`%2F`) and kept the stricter, or the decision is a shadow rule or
+/// the default, every rule counts. Only run when something was not read: it walks the rules.
+pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record) -> InPlay {
+    let Ok(host) = Host::parse(&rec.host) else {
+        return InPlay {
+            model: true,
+            dlp: true,
+        };
+    };
+    let hit = policy.catalog.lookup(&host);
+    let path_q = rec.path.as_deref().unwrap_or("/");
+    let decoded = path::with_slashes_decoded(path_q);
+    let mut paths = vec![path::normalize(path_q)];
+    if let Some(p) = &decoded {
+        paths.push(Cow::Owned(path::normalize(p).into_owned()));
+    }
+    let last = match d.rule {
+        Some(r) if r.mode == Mode::Enforce && decoded.is_none() => policy
+            .rules
+            .iter()
+            .position(|x| std::ptr::eq(x, r))
+            .map_or(policy.rules.len(), |i| i + 1),
+        _ => policy.rules.len(),
+    };
+    let groups = match rec.user.as_deref() {
+        Some(u) if !policy.user_groups.is_empty() => {
+            policy.user_groups.get(u).copied().unwrap_or(0)
+        }
+        _ => 0,
+    };
+    let mut play = InPlay::default();
+    for rule in &policy.rules[..last] {
+        let (model, dlp) = (!rule.models.is_empty(), rule.dlp != 0);
+        let news = (model && !play.model) || (dlp && !play.dlp);
+        if rule.mode != Mode::Enforce || !news || !host_fits(rule, &host) {
+            continue;
+        }
+        // A model its globs match, so that only its other conditions decide.
+        let witness = rule.models.first().map(|g| g.replace('*', ""));
+        let fits = paths.iter().any(|p| {
+            let segments = Segments::new(p);
+            let facts = Facts {
+                client: rec.client.ip(),
+                user: rec.user.as_deref(),
+                groups,
+                method: &rec.method,
+                port: rec.port,
+                path: Some(&segments),
+                vendor: hit.map(|h| h.vendor),
+                endpoint: hit.map_or(Endpoint::None, |h| {
+                    policy.catalog.classify(h, Some(&segments))
+                }),
+                model: witness.as_deref(),
+                dlp: rule.dlp,
+            };
+            rule.matches(&facts)
+        });
+        if fits {
+            play.model |= model;
+            play.dlp |= dlp;
+        }
+    }
+    play
+}
+
+/// Whether a rule's host patterns (none: any host) take this host, as the rule index does.
+fn host_fits(rule: &Rule, host: &Host) -> bool {
+    rule.hosts.is_empty()
+        || rule.hosts.iter().any(|h| match Host::parse(h) {
+            Ok(Host::Ip(ip)) => host.as_ip() == Some(ip),
+            _ => {
+                HostPattern::parse(h).map_or(true, |p| host.as_name().is_some_and(|n| p.matches(n)))
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{BodyFacts, Request};
+    use http::Method;
+
+    fn policy(rules: &str) -> (tempfile::TempDir, Policy) {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        let vendors = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendors.toml");
+        std::fs::write(&path, format!("include = [\"{vendors}\"]\n\n{rules}")).expect("write");
+        let loaded = crate::config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        (dir, loaded.policy)
+    }
+
+    /// The record the handler would make for this request and decision.
+    fn record(client: &str, host: &str, path_q: &str, d: &Decision<'_>) -> Record {
+        Record {
+            ts: std::time::SystemTime::now(),
+            id: 0,
+            client: format!("{client}:40000").parse().expect("client"),
+            user: None,
+            method: Method::POST,
+            scheme: "https",
+            host: host.into(),
+            port: 443,
+            path: Some(crate::audit::redact_path(path_q)),
+            vendor: d.vendor_id().cloned(),
+            endpoint: d.endpoint.as_str(),
+            rule: d.rule_id().cloned(),
+            action: d.action.as_str(),
+            mode: d.mode.as_str(),
+            reason: d.reason.clone(),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.0,
+            tls: "intercept",
+            sni: None,
+            key_id: None,
+            model: None,
+        }
+    }
+
+    /// What is in play for a request decided with this model (as the body showed it).
+    fn play(p: &Policy, client: &str, host: &str, path_q: &str, model: Option<&str>) -> InPlay {
+        let host_parsed = Host::parse(host).expect("host");
+        let d = p.decide(&Request {
+            client: client.parse().expect("ip"),
+            user: None,
+            method: &Method::POST,
+            host: &host_parsed,
+            port: 443,
+            path: Some(path_q),
+            body: BodyFacts { model, dlp: 0 },
+        });
+        in_play(p, &d, &record(client, host, path_q, &d))
+    }
+
+    const NONE: InPlay = InPlay {
+        model: false,
+        dlp: false,
+    };
+    const MODEL: InPlay = InPlay {
+        model: true,
+        dlp: false,
+    };
+
+    #[test]
+    fn inspect_in_play_follows_rule_order_vendor_and_endpoint() {
+        let (_d, p) = policy(
+            "[[rule]]\nid = \"files-ok\"\nvendor = \"openai\"\nendpoint = \"files\"\naction = \"allow\"\n\n\
+             [[rule]]\nid = \"gpt35-ok\"\nvendor = \"openai\"\nmodel = \"gpt-3.5*\"\naction = \"allow\"\n\n\
+             [[rule]]\nid = \"openai-chat\"\nvendor = \"openai\"\nendpoint = \"chat\"\naction = \"block\"\n",
+        );
+        let ip = "10.0.0.1";
+        let openai = "api.openai.com";
+        // Decided by the model rule itself, or by a rule after it: in play.
+        assert_eq!(
+            play(
+                &p,
+                ip,
+                openai,
+                "/v1/chat/completions",
+                Some("gpt-3.5-turbo")
+            ),
+            MODEL
+        );
+        assert_eq!(play(&p, ip, openai, "/v1/embeddings", None), MODEL);
+        // Decided before any model rule (uploads), or another vendor: not in play.
+        assert_eq!(play(&p, ip, openai, "/v1/files", None), NONE);
+        assert_eq!(
+            play(&p, ip, openai, "/v1/files?purpose=x", Some("gpt-4o")),
+            NONE
+        );
+        assert_eq!(
+            play(&p, ip, "api.anthropic.com", "/v1/messages", None),
+            NONE
+        );
+        // An encoded slash: the policy decided two paths, so every rule counts.
+        assert_eq!(play(&p, ip, openai, "/v1%2Ffiles", None), MODEL);
+    }
+
+    #[test]
+    fn inspect_in_play_reads_every_condition_but_the_body() {
+        let (_d, p) = policy(
+            "[[rule]]\nid = \"trial\"\nvendor = \"openai\"\nmodel = \"o1*\"\naction = \"block\"\nmode = \"shadow\"\n\n\
+             [[rule]]\nid = \"lab-secrets\"\nclient = \"10.0.0.0/8\"\ndlp = \"all\"\naction = \"block\"\n\n\
+             [[rule]]\nid = \"example\"\nhost = \"*.example.ai\"\npath = \"/v2/*\"\nmodel = [\"big-*\", \"huge\"]\naction = \"block\"\n",
+        );
+        // A shadow rule never refuses: nothing in play for OpenAI from outside the lab.
+        assert_eq!(
+            play(
+                &p,
+                "192.0.2.1",
+                "api.openai.com",
+                "/v1/chat/completions",
+                None
+            ),
+            NONE
+        );
+        // The lab's DLP rule, by client address.
+        assert_eq!(
+            play(
+                &p,
+                "10.1.2.3",
+                "api.openai.com",
+                "/v1/chat/completions",
+                None
+            ),
+            InPlay {
+                model: false,
+                dlp: true
+            }
+        );
+        // The host rule, by host pattern and path.
+        assert_eq!(
+            play(&p, "192.0.2.1", "api.example.ai", "/v2/run", None),
+            MODEL
+        );
+        assert_eq!(
+            play(&p, "192.0.2.1", "api.example.ai", "/v1/run", None),
+            NONE
+        );
+        assert_eq!(play(&p, "192.0.2.1", "example.ai", "/v2/run", None), NONE);
+        assert_eq!(
+            play(&p, "10.1.2.3", "api.example.ai", "/v2/run", None),
+            InPlay {
+                model: true,
+                dlp: true
+            }
+        );
+    }
+
+    fn headers(ct: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in ct {
+            h.append(CONTENT_TYPE, v.parse().expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn inspect_declared_reads_content_type_fields() {
+        let d = declared(&headers(&["multipart/form-data; boundary=\"a b\""]));
+        assert_eq!(d.multipart, vec![b"a b".to_vec()]);
+        assert!(d.binary && !d.form && d.unreadable.is_none());
+        let d = declared(&headers(&[
+            "Application/X-WWW-Form-Urlencoded; charset=UTF-8",
+        ]));
+        assert!(d.form && !d.binary && d.unreadable.is_none());
+        for ct in [
+            "application/json; charset=utf-16",
+            "application/json;charset=\"UTF-32LE\"",
+            "text/plain; charset=iso-2022-jp",
+            "application/json; charset=\"utf-8",
+        ] {
+            assert!(declared(&headers(&[ct])).unreadable.is_some(), "{ct}");
+        }
+        // A second field counts too.
+        let d = declared(&headers(&[
+            "application/json",
+            "text/plain; charset=utf-16le",
+        ]));
+        assert!(d.unreadable.is_some());
+        let d = declared(&headers(&["image/png", "application/json"]));
+        assert!(
+            !d.binary,
+            "one text field is enough to read NULs as a sign of UTF-16"
+        );
+        assert!(!declared(&headers(&[])).binary);
+    }
+
+    fn read(ct: &[&str], body: &[u8], complete: bool) -> (Option<String>, bool) {
+        let mut out = Inspected::default();
+        read_model(&mut out, body, &declared(&headers(ct)), complete);
+        (out.model, out.ambiguous)
+    }
+
+    #[test]
+    fn inspect_read_model_takes_each_reading_the_type_allows() {
+        let json = br#"{"model":"GPT-4o"}"#;
+        assert_eq!(
+            read(&["application/json"], json, true),
+            (Some("gpt-4o".into()), false)
+        );
+        // A JSON body is read as JSON whatever the type says.
+        assert_eq!(
+            read(&["text/plain"], json, true),
+            (Some("gpt-4o".into()), false)
+        );
+        let form = "application/x-www-form-urlencoded";
+        assert_eq!(
+            read(&[form], b"model=GPT-4o", true),
+            (Some("gpt-4o".into()), false)
+        );
+        // A form body is read as a form only when declared one.
+        assert_eq!(
+            read(&["application/json"], b"model=gpt-4o", true),
+            (None, false)
+        );
+        // Two readings that disagree are ambiguous.
+        let both = br#"{"model":"gpt-4o-mini","x":"&model=gpt-4o"}"#;
+        assert!(read(&[form], both, true).1);
+        let mp =
+            b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n";
+        assert_eq!(
+            read(&["multipart/form-data; boundary=b"], mp, true),
+            (Some("whisper-1".into()), false)
+        );
+        assert!(read(&["multipart/form-data"], mp, true).1, "no boundary");
+    }
 }
