@@ -422,7 +422,7 @@ async fn held_bodies_share_one_budget() {
         Config::new()
             .vendor("api.openai.com", origin.addr)
             .tail(
-                "[[rule]]\nid = \"no-gpt4o\"\nvendor = \"openai\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n\n\
+                "[[rule]]\nid = \"no-gpt4o\"\nvendor = \"openai\"\nendpoint = \"chat\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n\n\
                  [inspect]\nmax_body = \"1KiB\"\nmax_buffered = \"2KiB\"\ntimeout = \"30s\"\n",
             ),
     )
@@ -502,7 +502,7 @@ async fn held_bodies_share_one_budget() {
         long.chunks(700).map(|c| Ok(c.to_vec())).collect();
     let r = proxy
         .client()
-        .post("http://api.openai.com/v1/chat/completions?long")
+        .post("http://api.openai.com/v1/embeddings?long")
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
             chunks,
         )))
@@ -510,7 +510,7 @@ async fn held_bodies_share_one_budget() {
         .await
         .expect("long body");
     assert_eq!(r.status(), 200);
-    let seen = origin.request("/v1/chat/completions?long").await;
+    let seen = origin.request("/v1/embeddings?long").await;
     assert_eq!(seen.body_len, long.len() as u64);
     assert_eq!(
         seen.body_fnv,
