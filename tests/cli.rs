@@ -104,6 +104,55 @@ async fn check_points_at_the_unknown_vendor_inside_a_list() {
     assert_eq!((line, col), (8, 21), "{msg}");
 }
 
+/// `host = "api.deepseek.com:443"` used to pass `check` and then match nothing: a host pattern
+/// with a port (in a rule, the catalog or `[intercept] hosts`) is an error at the value that
+/// says to write the port as `port = [...]`.
+#[tokio::test]
+async fn check_refuses_a_port_in_a_host_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, usize, usize, &[&str])] = &[
+        (
+            "\n[[rule]]\nid = \"r1\"\nhost = \"api.deepseek.com:443\"\naction = \"block\"\n",
+            8,
+            8,
+            &["api.deepseek.com:443", "port = [443]"],
+        ),
+        (
+            "\n[[rule]]\nid = \"r1\"\nhost = [\".example.ai\", \"1.2.3.4:443\"]\naction = \"block\"\n",
+            8,
+            24,
+            &["1.2.3.4:443", "port = [443]"],
+        ),
+        (
+            "\n[[vendor]]\nid = \"x\"\nhosts = [\"api.x.example:8443\"]\n",
+            8,
+            10,
+            &["api.x.example:8443", "port = [8443]"],
+        ),
+        (
+            "\n[intercept]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\nhosts = [\"api.x.example:443\"]\n",
+            9,
+            10,
+            &["api.x.example:443", "port = [443]"],
+        ),
+    ];
+    for &(body, line, col, words) in cases {
+        let (l, c, msg) = check_error(dir.path(), body).await;
+        assert_eq!((l, c), (line, col), "{body:?} -> {msg}");
+        for word in words {
+            assert!(msg.contains(word), "{body:?} -> {msg}");
+        }
+    }
+    // Address literals, IPv6 bracketed or not, stay valid rule hosts.
+    let path = config(
+        dir.path(),
+        "v6.toml",
+        "\n[[rule]]\nid = \"r1\"\nhost = [\"[2001:db8::1]\", \"2001:db8::2\", \"192.0.2.1\"]\naction = \"block\"\n",
+    );
+    let out = portcullis(&["check", "--config", &path]).await;
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[tokio::test]
 async fn explain_prints_the_decision_as_json() {
     let dir = tempfile::tempdir().unwrap();

@@ -1071,3 +1071,96 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         key_secret_file,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use crate::policy::{Action, Host, Request};
+
+    /// Loads `text` (after a line including the shipped catalog) from a file named `p.toml`.
+    fn load(text: &str) -> Result<crate::config::Loaded, crate::config::ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let vendors = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendors.toml");
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, format!("include = [{vendors:?}]\n{text}")).unwrap();
+        crate::config::load(&file)
+    }
+
+    /// A host pattern with a port (or brackets) used to load and then match nothing: rules,
+    /// the catalog and `[intercept] hosts` refuse it, at the value, saying what to write.
+    #[test]
+    fn host_patterns_with_a_port_are_refused_where_written() {
+        let cases = [
+            // (config after the include line, line, column, words the message must carry)
+            (
+                "[[rule]]\nid = \"r\"\nhost = \"api.deepseek.com:443\"\naction = \"block\"\n",
+                4,
+                8,
+                "port = [443]",
+            ),
+            (
+                "[[rule]]\nid = \"r\"\nhost = [\"a.example\", \"1.2.3.4:443\"]\naction = \"block\"\n",
+                4,
+                22,
+                "port = [443]",
+            ),
+            (
+                "[[rule]]\nid = \"r\"\nhost = \"[2001:db8::1]:8443\"\naction = \"block\"\n",
+                4,
+                8,
+                "port = [8443]",
+            ),
+            (
+                "[[vendor]]\nid = \"x\"\nhosts = [\"api.x.example:443\"]\n",
+                4,
+                10,
+                "port = [443]",
+            ),
+            (
+                "[[vendor]]\nid = \"x\"\nhosts = [\"[::1]\"]\n",
+                4,
+                10,
+                "port = [...]",
+            ),
+            (
+                "[intercept]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\nhosts = [\"api.x.example:443\"]\n",
+                5,
+                10,
+                "port = [443]",
+            ),
+        ];
+        for (text, line, col, words) in cases {
+            let e = load(text).expect_err(text);
+            assert_eq!((e.line, e.col), (line, col), "{text}: {e}");
+            assert!(e.msg.contains(words), "{text}: {e}");
+        }
+    }
+
+    /// Address literals, IPv6 bracketed or not, are still rule and intercept hosts.
+    #[test]
+    fn address_literal_hosts_still_load() {
+        let loaded = load(
+            "[[rule]]\nid = \"r\"\nhost = [\"[2001:db8::7]\", \"2001:db8::8\", \"192.0.2.7\"]\naction = \"block\"\n\
+             [intercept]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\nhosts = [\"[2001:db8::7]\", \"192.0.2.7\"]\n",
+        )
+        .unwrap();
+        let p = &loaded.policy;
+        for host in ["[2001:db8::7]", "2001:db8::8", "192.0.2.7"] {
+            let host = Host::parse(host).unwrap();
+            let d = p.decide(&Request {
+                client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                user: None,
+                method: &http::Method::GET,
+                host: &host,
+                port: 443,
+                path: None,
+                body: Default::default(),
+            });
+            assert_eq!(d.enforced(), Action::Block, "{host:?}");
+        }
+        assert!(p
+            .intercept
+            .intercepts(&Host::parse("2001:db8::7").unwrap(), None));
+    }
+}

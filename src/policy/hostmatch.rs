@@ -21,6 +21,17 @@ pub enum PatternError {
     BadChar(String),
     #[error("host pattern {0:?} needs at least two literal labels after its last '*'")]
     GlobTooBroad(String),
+    /// `api.example.com:443`: a pattern names a host only, the port is its own condition.
+    #[error("host pattern {pattern:?} has a port: write the host alone ({host:?}) and match the port with `port = [{port}]` in a rule")]
+    Port {
+        pattern: String,
+        host: String,
+        port: u16,
+    },
+    /// Any other ':', '[' or ']': never part of a host name, so such a pattern would match
+    /// nothing.
+    #[error("host pattern {0:?} has ':', '[' or ']': a host pattern is a name; match a port with `port = [...]` in a rule, and write an IPv6 address as a rule's host (\"2001:db8::1\" or \"[2001:db8::1]\")")]
+    NotAName(String),
 }
 
 /// How specific a match was: exact beats glob beats the longest suffix.
@@ -56,9 +67,12 @@ impl HostPattern {
         if t.is_empty() || t == "." || t == "*." {
             return Err(PatternError::Empty);
         }
+        if t.contains([':', '[', ']']) {
+            return Err(port_or_address(text));
+        }
         if !t
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'*' | b'_' | b':'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'*' | b'_'))
         {
             return Err(PatternError::BadChar(text.to_string()));
         }
@@ -109,6 +123,31 @@ impl HostPattern {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+}
+
+/// Why a pattern with ':', '[' or ']' is refused: `host:port` (also `[v6]:port`) gets the
+/// spelling to use instead. Address literals never get here from a rule or `[intercept]`,
+/// which match them by value before parsing a pattern.
+fn port_or_address(text: &str) -> PatternError {
+    let t = text.trim();
+    if let Some((host, port)) = t.rsplit_once(':') {
+        let named = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(inner) => !inner.is_empty() && !inner.contains(['[', ']']),
+            None => !host.is_empty() && !host.contains([':', '[', ']']),
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|_| port.bytes().all(|b| b.is_ascii_digit()));
+        if let (true, Some(port)) = (named, port) {
+            return PatternError::Port {
+                pattern: text.to_string(),
+                host: host.to_string(),
+                port,
+            };
+        }
+    }
+    PatternError::NotAName(text.to_string())
 }
 
 /// Label globs sharing a two-label key, each with its value.
@@ -380,6 +419,52 @@ mod tests {
             HostPattern::parse("API.Example.COM.").unwrap().as_str(),
             "api.example.com"
         );
+    }
+
+    /// A port or brackets in a pattern used to be accepted and then matched nothing: the host
+    /// a request is matched by never carries them.
+    #[test]
+    fn ports_and_brackets_refused_with_the_spelling_to_use() {
+        for (text, host, port) in [
+            ("api.deepseek.com:443", "api.deepseek.com", 443),
+            ("1.2.3.4:443", "1.2.3.4", 443),
+            (".deepseek.com:8443", ".deepseek.com", 8443),
+            ("*.openai.azure.com:443", "*.openai.azure.com", 443),
+            ("[2001:db8::1]:443", "[2001:db8::1]", 443),
+            (" API.DeepSeek.com:80 ", "API.DeepSeek.com", 80),
+        ] {
+            let e = HostPattern::parse(text).unwrap_err();
+            assert_eq!(
+                e,
+                PatternError::Port {
+                    pattern: text.to_string(),
+                    host: host.to_string(),
+                    port
+                },
+                "{text}"
+            );
+            assert!(e.to_string().contains(&format!("port = [{port}]")), "{e}");
+        }
+        for text in [
+            "::1",
+            "2001:db8::1",
+            "[::1]",
+            "[2001:db8::1]",
+            "[::1]x:443",
+            "[::1:443",
+            "api.deepseek.com:",
+            "api.deepseek.com:https",
+            "api.deepseek.com:+443",
+            "api.deepseek.com:70000",
+            ":443",
+            "a]b.com",
+            "a[b.com",
+            "a:b:443",
+        ] {
+            let e = HostPattern::parse(text).unwrap_err();
+            assert_eq!(e, PatternError::NotAName(text.to_string()), "{text}");
+            assert!(e.to_string().contains("port = [...]"), "{e}");
+        }
     }
 
     #[test]
