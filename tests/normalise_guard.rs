@@ -245,3 +245,36 @@ async fn every_spelling_of_a_blocked_path_is_blocked() {
         "forwarded as spelled"
     );
 }
+
+/// A method rule holds whatever case the client spells the method in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_of_a_blocked_method_is_blocked() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .default_block()
+            .tail(
+                "[[rule]]\nid = \"no-post\"\nvendor = \"openai\"\nmethod = \"POST\"\naction = \"block\"\n\
+                 [[rule]]\nid = \"openai\"\nvendor = \"openai\"\naction = \"allow\"\n",
+            ),
+    )
+    .await;
+    for method in ["POST", "post", "Post", "pOST"] {
+        let r = raw(
+            proxy.addr,
+            format!(
+                "{method} http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n\
+                 Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_blocked(&r, "no-post", "openai");
+    }
+    assert!(
+        origin.requests().is_empty(),
+        "a POST reached the origin: {:?}",
+        origin.requests()
+    );
+}

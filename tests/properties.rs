@@ -882,6 +882,31 @@ proptest! {
         prop_assert!(strict(&spelled) >= strict(&canonical), "{:?} vs {:?}", spelled, canonical);
     }
 
+    /// A method rule holds for the method in any case: `post` is not `POST` to `http`, but some
+    /// origins read it so.
+    #[test]
+    fn method_case_never_changes_the_decision(
+        canonical in canonical_path(),
+        method in select(vec!["POST", "GET", "DELETE", "PUT"]),
+        mask in any::<u8>(),
+    ) {
+        let spelled: String = method
+            .chars()
+            .enumerate()
+            .map(|(i, c)| if mask & (1 << i) != 0 { c.to_ascii_lowercase() } else { c })
+            .collect();
+        let spelled = Method::from_bytes(spelled.as_bytes()).unwrap();
+        let upper = Method::from_bytes(method.as_bytes()).unwrap();
+        let host = Host::parse("api.openai.com").unwrap();
+        for path in [Some(canonical.as_str()), None] {
+            prop_assert_eq!(
+                decision(&host, 443, path, &spelled),
+                decision(&host, 443, path, &upper),
+                "{} {:?}", spelled, path
+            );
+        }
+    }
+
     #[test]
     fn normal_form_is_a_fixpoint(
         tokens in prop::collection::vec(

@@ -270,3 +270,69 @@ impl Policy {
             .map(|(_, g)| g)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// The shipped catalog and `rules`, compiled by the real loader.
+    fn policy(rules: &str) -> Policy {
+        let dir = tempfile::tempdir().unwrap();
+        let vendors = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendors.toml");
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, format!("include = [{vendors:?}]\n{rules}")).unwrap();
+        crate::config::load(&file).unwrap().policy
+    }
+
+    /// (action, rule, endpoint) for `method host path`.
+    fn decide(p: &Policy, method: &Method, host: &str, path: &str) -> (Action, String, Endpoint) {
+        let host = Host::parse(host).unwrap();
+        let d = p.decide(&Request {
+            client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            user: None,
+            method,
+            host: &host,
+            port: 443,
+            path: Some(path),
+            body: Default::default(),
+        });
+        let rule = d.rule_id().map_or("default".into(), |r| r.to_string());
+        (d.enforced(), rule, d.endpoint)
+    }
+
+    /// `post` is not `POST` to `http`, but some origins read it so: a method rule holds for
+    /// every case of the method.
+    #[test]
+    fn rule_methods_match_in_any_case() {
+        let p = policy(
+            "[[rule]]\nid = \"no-post\"\nvendor = \"openai\"\nmethod = \"POST\"\naction = \"block\"\n\
+             [[rule]]\nid = \"no-delete\"\nvendor = \"openai\"\nmethod = \"delete\"\naction = \"block\"\n",
+        );
+        let path = "/v1/chat/completions";
+        for (m, rule) in [
+            ("POST", "no-post"),
+            ("post", "no-post"),
+            ("Post", "no-post"),
+            ("pOsT", "no-post"),
+            ("DELETE", "no-delete"),
+            ("delete", "no-delete"),
+        ] {
+            let method = Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(
+                decide(&p, &method, "api.openai.com", path),
+                (Action::Block, rule.to_string(), Endpoint::Chat),
+                "{m}"
+            );
+        }
+        for m in ["GET", "get", "POSTX", "pos"] {
+            let method = Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(
+                decide(&p, &method, "api.openai.com", path).0,
+                Action::Allow,
+                "{m}"
+            );
+        }
+    }
+}

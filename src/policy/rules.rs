@@ -105,6 +105,13 @@ pub struct Facts<'a> {
     pub dlp: u64,
 }
 
+/// Rule methods are upper case (the config folds them); a request may spell its method in any
+/// case (`post` is another token to RFC 9110 and to `http`, but some origins read it as POST), and a
+/// rule must not be skipped for that. No allocation: an ASCII comparison.
+fn same_method(rule: &Method, request: &Method) -> bool {
+    rule == request || rule.as_str().eq_ignore_ascii_case(request.as_str())
+}
+
 impl Rule {
     /// Every condition but the host (the index already matched it).
     pub fn matches(&self, f: &Facts<'_>) -> bool {
@@ -113,7 +120,7 @@ impl Rule {
             && (self.paths.is_empty()
                 || f.path
                     .is_some_and(|p| self.paths.iter().any(|pat| pat.matches_segments(p))))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m == f.method))
+            && (self.methods.is_empty() || self.methods.iter().any(|m| same_method(m, f.method)))
             && (self.ports.is_empty() || self.ports.contains(&f.port))
             && (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&f.client)))
             && (self.users.is_empty()
