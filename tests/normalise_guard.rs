@@ -232,6 +232,14 @@ async fn every_spelling_of_a_blocked_path_is_blocked() {
         "http://api.openai.com/v1/files/..;/batches",
         "http://api.openai.com/v1\\batches",
         "http://api.openai.com/v1%5cbatches",
+        // Dot segments after the blocked segment: the normal form resolves them away, but
+        // origins that route the path as sent (Express, many gateways) see it under
+        // /v1/batches, and it is forwarded as sent.
+        "http://api.openai.com/v1/batches/..",
+        "http://api.openai.com/v1/batches/%2e%2e",
+        "http://api.openai.com/v1/batches/..;x/cancel",
+        "http://api.openai.com/v1/batches/.%2E;/b_1",
+        "http://api.openai.com/v1/batches%2F..",
     ] {
         let r = raw_get(proxy.addr, target, &[]).await;
         assert_eq!(r.status, 403, "{target}: {r:?}");
@@ -242,6 +250,44 @@ async fn every_spelling_of_a_blocked_path_is_blocked() {
     assert_eq!(
         origin.requests()[0].uri,
         "/v1/models%2Fx",
+        "forwarded as spelled"
+    );
+}
+
+/// `..` after a blocked endpoint's segment, in every spelling: an origin that does not resolve
+/// dot segments routes the request under that endpoint, so the endpoint rule holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_do_not_drop_a_blocked_endpoint() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-files\"\nvendor = \"openai\"\nendpoint = \"files\"\naction = \"block\"\n\
+         [[rule]]\nid = \"no-batches\"\nvendor = \"openai\"\nendpoint = \"batches\"\naction = \"block\"\n",
+    ))
+    .await;
+    for (path, rule) in [
+        ("/v1/files/..", "no-files"),
+        ("/v1/files/%2e%2e", "no-files"),
+        ("/v1/files/..;/file-abc/content", "no-files"),
+        ("/v1/batches/..;x/cancel", "no-batches"),
+    ] {
+        let r = raw_get(proxy.addr, &format!("http://api.openai.com{path}"), &[]).await;
+        assert_blocked(&r, rule, "openai");
+        let rec = proxy.audit_path(path).await;
+        assert_eq!(rec["rule"], rule, "{rec}");
+        assert_eq!(rec["status"], 403, "{rec}");
+    }
+    assert!(
+        origin.requests().is_empty(),
+        "a dot-segment spelling reached the origin: {:?}",
+        origin.requests()
+    );
+    // Dot segments that stay clear of a blocked segment still pass, as sent.
+    let r = raw_get(proxy.addr, "http://api.openai.com/v1/models/x/..", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(origin.requests().len(), 1);
+    assert_eq!(
+        origin.requests()[0].uri,
+        "/v1/models/x/..",
         "forwarded as spelled"
     );
 }

@@ -452,6 +452,34 @@ fn well_formed_escapes(s: &str) -> bool {
     })
 }
 
+/// How much a decision holds a request back, to compare readings of a path.
+fn strictness(path: &str, method: &Method) -> u8 {
+    let host = Host::parse("api.openai.com").unwrap();
+    let d = policy().decide(&Request {
+        client: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+        user: None,
+        method,
+        host: &host,
+        port: 443,
+        path: Some(path),
+        body: Default::default(),
+    });
+    match d.enforced() {
+        Action::Block => 3,
+        Action::Limit => 2,
+        Action::Audit => 1,
+        Action::Allow => 0,
+    }
+}
+
+/// A dot segment as clients spell it: `.` or `..`, escaped, with `;params` (`..;` is `..` to
+/// servlet containers).
+fn dot_segment() -> impl Strategy<Value = &'static str> {
+    select(vec![
+        "..", "%2e%2e", "%2E.", ".%2e", "..;", "..;x=1", "%2e%2e;a", ".", "%2E", ".;x",
+    ])
+}
+
 // ---------------------------------------------------------------------------------------------
 // ClientHello construction.
 
@@ -860,26 +888,11 @@ proptest! {
                 c.to_string()
             })
             .collect();
-        let host = Host::parse("api.openai.com").unwrap();
         let method = if post { Method::POST } else { Method::GET };
-        let strict = |path: &str| {
-            let d = policy().decide(&Request {
-                client: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
-                user: None,
-                method: &method,
-                host: &host,
-                port: 443,
-                path: Some(path),
-                body: Default::default(),
-            });
-            match d.enforced() {
-                Action::Block => 3,
-                Action::Limit => 2,
-                Action::Audit => 1,
-                Action::Allow => 0,
-            }
-        };
-        prop_assert!(strict(&spelled) >= strict(&canonical), "{:?} vs {:?}", spelled, canonical);
+        prop_assert!(
+            strictness(&spelled, &method) >= strictness(&canonical, &method),
+            "{:?} vs {:?}", spelled, canonical
+        );
     }
 
     /// A method rule holds for the method in any case: `post` is not `POST` to `http`, but some
@@ -905,6 +918,54 @@ proptest! {
                 "{} {:?}", spelled, path
             );
         }
+    }
+
+    /// Origins that route on the path as sent (Express, many gateways) read a dot segment as
+    /// an ordinary segment: `/v1/batches/../x` is under `/v1/batches` to them. Putting a dot
+    /// segment anywhere in a path (after `/`, `\` or `%2F`) never earns a more lenient
+    /// decision than an ordinary segment in its place gets; nor than the path without it, as
+    /// origins that resolve dot segments read it.
+    #[test]
+    fn dot_segments_never_loosen(
+        canonical in canonical_path(),
+        at in any::<prop::sample::Index>(),
+        dots in dot_segment(),
+        sep in select(vec!["/", "/", "\\", "%2F", "%2f"]),
+        tail in select(vec!["", "/", "?q=1"]),
+        post in any::<bool>(),
+    ) {
+        let segs: Vec<&str> = canonical.split('/').skip(1).filter(|s| !s.is_empty()).collect();
+        let i = at.index(segs.len() + 1);
+        let join = |mid: &str, sep: &str| {
+            let mut out = String::new();
+            for seg in &segs[..i] {
+                out.push('/');
+                out.push_str(seg);
+            }
+            out.push_str(sep);
+            out.push_str(mid);
+            for seg in &segs[i..] {
+                out.push('/');
+                out.push_str(seg);
+            }
+            out.push_str(tail);
+            out
+        };
+        let spelled = join(dots, sep);
+        // "zz-dot" is no segment a rule or endpoint of the test policy names.
+        let ordinary = join("zz-dot", "/");
+        let method = if post { Method::POST } else { Method::GET };
+        let strict = strictness(&spelled, &method);
+        prop_assert!(
+            strict >= strictness(&ordinary, &method),
+            "{:?} vs {:?}", spelled, ordinary
+        );
+        // A lone `.` resolves to nothing; `..` also drops the segment before it.
+        let resolved = normalize(&spelled);
+        prop_assert!(
+            strict >= strictness(&resolved, &method),
+            "{:?} vs {:?}", spelled, resolved
+        );
     }
 
     #[test]

@@ -134,19 +134,43 @@ impl Policy {
     pub fn decide<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
         let path = req.path.map(path::normalize);
         let d = self.decide_on(req, path.as_deref());
-        // `%2F` is data to RFC 3986 and to most origins, but some (ASGI servers among them)
-        // route on the decoded path, where `/v1%2Ffiles` is `/v1/files`. Which one the origin
-        // does is unknown here, so such a path is decided both ways and the stricter wins.
-        // A `%` in the path makes `normalize` copy, so a borrowed path has no `%2F` to try.
-        let escaped = matches!(path, Some(std::borrow::Cow::Owned(_)));
-        if let Some(decoded) = req
-            .path
-            .filter(|_| escaped)
-            .and_then(path::with_slashes_decoded)
-        {
-            let alt = self.decide_on(req, Some(&path::normalize(&decoded)));
+        // Only a path `normalize` had to copy (it has a `%`, a `.` after a slash, `;`, `\` or
+        // upper case) can be read another way; the usual API path is borrowed and done here.
+        match (req.path, &path) {
+            (Some(raw), Some(std::borrow::Cow::Owned(_))) => self.other_readings(req, raw, d),
+            _ => d,
+        }
+    }
+
+    /// Origins disagree on how to read some paths, and which reading the origin will use is
+    /// unknown here, so each such path is decided every way and the stricter decision wins:
+    /// - dot segments: the normal form resolves them, but origins that route on the path as
+    ///   sent (Express, many gateways) still see `/v1/files/..` under `/v1/files`;
+    /// - `%2F` (and `%5C`) is data to RFC 3986 and to most origins, but some (ASGI servers
+    ///   among them) route on the decoded path, where `/v1%2Ffiles` is `/v1/files`;
+    /// - and both at once (`/v1/files%2F..`).
+    ///
+    /// Out of line: `decide` stays small for the usual path, which never gets here.
+    #[inline(never)]
+    fn other_readings<'p>(
+        &'p self,
+        req: &Request<'_>,
+        raw: &str,
+        mut d: Decision<'p>,
+    ) -> Decision<'p> {
+        let mut stricter = |path: &str| {
+            let alt = self.decide_on(req, Some(path));
             if alt.strictness() > d.strictness() {
-                return alt;
+                d = alt;
+            }
+        };
+        if let Some(literal) = path::literal(raw) {
+            stricter(&literal);
+        }
+        if let Some(decoded) = path::with_slashes_decoded(raw) {
+            stricter(&path::normalize(&decoded));
+            if let Some(literal) = path::literal(&decoded) {
+                stricter(&literal);
             }
         }
         d
@@ -300,6 +324,72 @@ mod tests {
         });
         let rule = d.rule_id().map_or("default".into(), |r| r.to_string());
         (d.enforced(), rule, d.endpoint)
+    }
+
+    const DOT_RULES: &str = r#"
+[[rule]]
+id = "no-files"
+vendor = "openai"
+endpoint = "files"
+action = "block"
+
+[[rule]]
+id = "no-batches"
+vendor = "openai"
+path = "/v1/batches"
+action = "block"
+"#;
+
+    /// Origins that do not resolve dot segments (Express, many gateways) route these under the
+    /// segment before the `..`, and the proxy forwards them as sent: the rule for that segment
+    /// must hold, whatever the normal form (which resolves the `..`) says.
+    #[test]
+    fn dot_segments_are_also_decided_as_sent() {
+        let p = policy(DOT_RULES);
+        let get = Method::GET;
+        for (path, rule, endpoint) in [
+            ("/v1/files/..", "no-files", Endpoint::Files),
+            ("/v1/files/%2e%2e", "no-files", Endpoint::Files),
+            ("/v1/files/%2E%2e/", "no-files", Endpoint::Files),
+            (
+                "/v1/files/..;/file-abc/content",
+                "no-files",
+                Endpoint::Files,
+            ),
+            ("/v1/files/.%2E;x?q=1", "no-files", Endpoint::Files),
+            ("/v1/files\\..", "no-files", Endpoint::Files),
+            ("/v1/batches/..;x/cancel", "no-batches", Endpoint::Batches),
+            ("/v1/batches/..", "no-batches", Endpoint::Batches),
+            ("/V1/Batches/%2e%2e/models", "no-batches", Endpoint::Batches),
+            // Both readings at once: `%2F` decoded, then the `..` kept.
+            ("/v1/files%2F..", "no-files", Endpoint::Files),
+            (
+                "/v1/batches%2f%2e%2e%2fmodels",
+                "no-batches",
+                Endpoint::Batches,
+            ),
+            // The normal form still counts: a detour into a blocked path.
+            ("/v1/models/../files", "no-files", Endpoint::Files),
+        ] {
+            assert_eq!(
+                decide(&p, &get, "api.openai.com", path),
+                (Action::Block, rule.to_string(), endpoint),
+                "{path}"
+            );
+        }
+        // The stricter reading wins; where neither is blocked nothing changes.
+        for path in [
+            "/v1/models/..",
+            "/v1/models/./x",
+            "/v1/.well-known/..",
+            "/v1/%2e%2e",
+        ] {
+            assert_eq!(
+                decide(&p, &get, "api.openai.com", path).0,
+                Action::Allow,
+                "{path}"
+            );
+        }
     }
 
     /// `post` is not `POST` to `http`, but some origins read it so: a method rule holds for

@@ -8,14 +8,21 @@
 //! containers, where `..;` is `..`), and `\` read as `/` (IIS). A path that differs only in
 //! these is, at a strict origin, a 404, so deciding it as the path it spells is never looser.
 //! The request is still forwarded exactly as the client sent it.
+//!
+//! Removing dot segments is the one step that can make a path *shorter*: `/v1/files/..` is `/`
+//! in normal form, but origins that route on the path as sent (Express, many gateways) still
+//! see it under `/v1/files`. A path with a dot segment therefore also has a [`literal`] form,
+//! with `.` and `..` kept as ordinary segments, and `Policy::decide` takes the stricter of the
+//! two decisions.
 
 use std::borrow::Cow;
 
 use super::hostmatch::glob_match;
 
 /// The path without its query, normalised for matching. Borrows when already normal, which is
-/// the common case, so the hot path does not allocate. A path with any `%` is always copied:
-/// `Policy::decide` relies on that to skip the `%2F` check for borrowed paths.
+/// the common case, so the hot path does not allocate. A path with any `%` or a `.` after a
+/// slash is always copied: `Policy::decide` relies on that to skip the `%2F` and dot-segment
+/// readings for borrowed paths.
 pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
     // One pass finds both the end of the path and whether it is already normal.
     let b = path_and_query.as_bytes();
@@ -43,6 +50,54 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
     if !work || path.is_empty() {
         return Cow::Borrowed(if path.is_empty() { "/" } else { path });
     }
+    Cow::Owned(normal_form(path, true))
+}
+
+/// The path without its query in the form origins that do not resolve dot segments route
+/// on: as [`normalize`] but with `.` and `..` kept as ordinary segments. `None` when the path
+/// has no dot segment (`.` or `..`, also spelled `%2e`, also with `;params`), where this form
+/// is the normal form; that answer needs no allocation.
+pub fn literal(path_and_query: &str) -> Option<String> {
+    let path = path_only(path_and_query);
+    has_dot_segment(path).then(|| normal_form(path, false))
+}
+
+/// Whether the path (and query) has a `.` or `..` segment once `%2e` is read as `.` and
+/// `;params` are cut; `\` separates segments as `/` does.
+pub fn has_dot_segment(path_and_query: &str) -> bool {
+    path_only(path_and_query)
+        .as_bytes()
+        .split(|&c| c == b'/' || c == b'\\')
+        .any(|seg| is_dot_segment(seg.split(|&c| c == b';').next().unwrap_or_default()))
+}
+
+/// `.` or `..`, each dot possibly written `%2e` or `%2E` (what [`decode_unreserved`] turns
+/// into a dot).
+fn is_dot_segment(mut seg: &[u8]) -> bool {
+    let mut dots = 0;
+    while let Some(&c) = seg.first() {
+        seg = match (c, seg.get(1), seg.get(2)) {
+            (b'.', _, _) => &seg[1..],
+            (b'%', Some(b'2'), Some(b'e' | b'E')) => &seg[3..],
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
+fn path_only(path_and_query: &str) -> &str {
+    let end = path_and_query
+        .bytes()
+        .position(|c| c == b'?' || c == b'#')
+        .unwrap_or(path_and_query.len());
+    &path_and_query[..end]
+}
+
+/// The normal form of a path (no query): unreserved escapes decoded, `;params` cut, `\` read
+/// as `/`, empty segments dropped, ASCII lowercase; dot segments resolved when `resolve_dots`,
+/// else kept as segments.
+fn normal_form(path: &str, resolve_dots: bool) -> String {
     let decoded = decode_unreserved(path);
     let mut out: Vec<&str> = Vec::new();
     // A trailing `/` is kept, also when it was followed by `;params` only.
@@ -52,8 +107,9 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
         let seg = seg.split(';').next().unwrap_or_default();
         trailing = seg.is_empty();
         match seg {
-            "" | "." => {}
-            ".." => {
+            "" => {}
+            "." if resolve_dots => {}
+            ".." if resolve_dots => {
                 out.pop();
             }
             s => out.push(s),
@@ -68,7 +124,7 @@ pub fn normalize(path_and_query: &str) -> Cow<'_, str> {
         s.push('/');
     }
     s.make_ascii_lowercase();
-    Cow::Owned(s)
+    s
 }
 
 /// The path part with every `%2F` (and `%5C`, a backslash) read as `/` (the query dropped),
@@ -460,6 +516,54 @@ mod tests {
         assert_eq!(normalize("/%4"), "/%4");
         // `decide` tries the `%2F` reading only for copied paths.
         for p in ["/a%2Fb", "/%2f", "/v1/%", "/a%2Fb?x", "/x/%2F/"] {
+            assert!(matches!(normalize(p), Cow::Owned(_)), "{p}");
+        }
+    }
+
+    #[test]
+    fn literal_form_keeps_dot_segments() {
+        for (spelled, literal_form) in [
+            ("/v1/files/..", "/v1/files/.."),
+            ("/v1/files/%2e%2e", "/v1/files/.."),
+            ("/v1/files/%2E.", "/v1/files/.."),
+            (
+                "/v1/files/..;/file-abc/content",
+                "/v1/files/../file-abc/content",
+            ),
+            ("/v1/batches/..;x/cancel", "/v1/batches/../cancel"),
+            ("/V1/./Batches/?q=/../x", "/v1/./batches/"),
+            ("/v1\\..\\files", "/v1/../files"),
+            ("/v1/files/.;x", "/v1/files/."),
+            ("..", "/.."),
+        ] {
+            assert_eq!(literal(spelled).as_deref(), Some(literal_form), "{spelled}");
+            assert!(has_dot_segment(spelled), "{spelled}");
+        }
+        // No dot segment: the literal form is the normal form, and nothing is copied.
+        for plain in [
+            "/v1/files",
+            "/v1/.well-known/x",
+            "/v1/...",
+            "/v1/%2e%2e%2e",
+            "/v1/a..",
+            "/v1/%2e%2",
+            "/v1/files?x=/..",
+            "/v1/files#/..",
+            "/v1/%252e%252e",
+            "/",
+            "",
+        ] {
+            assert_eq!(literal(plain), None, "{plain}");
+        }
+        // A dot segment always makes `normalize` copy: `decide` tries the literal form only then.
+        for p in [
+            "/v1/files/..",
+            "/v1/files/%2e%2e",
+            "/a/.",
+            "\\..",
+            "..",
+            "/a;/..",
+        ] {
             assert!(matches!(normalize(p), Cow::Owned(_)), "{p}");
         }
     }
