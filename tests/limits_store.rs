@@ -422,3 +422,103 @@ async fn redis_outage_applies_on_store_error_within_timeout() {
         "errors stop once reconnected (were {before})"
     );
 }
+
+/// Sends one inline command on a raw connection and returns its one-line reply.
+async fn redis_line(conn: &mut tokio::net::TcpStream, cmd: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("{cmd}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    while !reply.ends_with(b"\r\n") {
+        let mut b = [0u8; 1];
+        conn.read_exact(&mut b).await.unwrap();
+        reply.push(b[0]);
+    }
+    String::from_utf8(reply).unwrap().trim_end().to_string()
+}
+
+async fn redis_raw(server: &RedisServer) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap()
+}
+
+/// Takes `max` slots at once and checks that one more is refused; `None` while it cannot.
+async fn whole_cap(
+    lim: &Limiter,
+    spec: &LimitSpec,
+    keys: &KeyValues<'_>,
+    max: u32,
+) -> Option<Vec<portcullis::limits::Permit>> {
+    let mut held = Vec::new();
+    for _ in 0..max {
+        held.push(lim.acquire(spec, keys).await.ok()?);
+    }
+    lim.acquire(spec, keys).await.is_err().then_some(held)
+}
+
+/// An acquire that times out has already been sent: Redis runs it late, once it answers
+/// again. That late slot must not stay counted (it would for the lease TTL, an hour by
+/// default, locking the client out) under either `on_store_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_timed_out_acquires_do_not_leak_slots() {
+    let server = RedisServer::start();
+    let deny = Limiter::redis(&server.url(), redis_cfg(OnStoreError::Deny))
+        .await
+        .unwrap();
+    let allow = Limiter::redis(&server.url(), redis_cfg(OnStoreError::Allow))
+        .await
+        .unwrap();
+    let max = 2;
+    let spec = concurrent_spec("stalled", max);
+    let (c_deny, c_allow) = (client(1), client(2));
+    for (lim, c) in [(&deny, &c_deny), (&allow, &c_allow)] {
+        let held = whole_cap(lim, &spec, c, max).await.expect("healthy cap");
+        drop(held);
+    }
+    // Releases run on spawned tasks: wait until they have emptied the store.
+    let mut raw = redis_raw(&server).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while redis_line(&mut raw, "DBSIZE").await != ":0" {
+        assert!(Instant::now() < deadline, "slots not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A stall: the server holds every command for 2 s, then runs them in order (what
+    // `DEBUG SLEEP 2` does; Redis 7 refuses DEBUG by default).
+    assert_eq!(redis_line(&mut raw, "CLIENT PAUSE 2000").await, "+OK");
+    let t = Instant::now();
+    let tries = 2 * max as usize;
+    let (denied, allowed) = tokio::join!(
+        futures_util::future::join_all((0..tries).map(|_| deny.acquire(&spec, &c_deny))),
+        futures_util::future::join_all((0..tries).map(|_| allow.acquire(&spec, &c_allow))),
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "acquires must time out inside the stall, took {:?}",
+        t.elapsed()
+    );
+    assert!(denied.iter().all(|r| r.is_err()), "{denied:?}");
+    assert!(allowed.iter().all(|r| r.is_ok()), "{allowed:?}");
+    assert!(deny.store_errors() >= tries as u64);
+    assert!(allow.store_errors() >= tries as u64);
+    drop(allowed);
+
+    // Redis answers again (this PING waits out the pause) and runs the late acquires: each
+    // client gets its whole cap back (and no more) within moments, not after the lease TTL.
+    assert_eq!(redis_line(&mut raw, "PING").await, "+PONG");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (lim, c) in [(&deny, &c_deny), (&allow, &c_allow)] {
+        loop {
+            if whole_cap(lim, &spec, c, max).await.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slots taken by timed-out acquires are still held after Redis recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -6,18 +6,28 @@
 //! `TIME`, so replicas with skewed clocks still agree. Each key expires (`PX`) when its TAT
 //! passes, which is exactly when its state stops mattering.
 //!
-//! Concurrent: `INCR` (undone by `DECR` when over the cap) with a TTL refreshed on every
-//! acquire; the permit's drop spawns the `DECR`. Crash safety: slots held by a replica that
-//! dies (or whose release cannot reach Redis) stay counted until the key has seen no acquire
-//! for `concurrent_ttl`, then the whole counter expires. So `concurrent_ttl` must exceed the
-//! longest exchange you expect to hold a slot (a long tunnel), and bounds how long a crash can
-//! keep slots occupied on a quiet key; a busy key keeps leaked slots until it goes quiet.
+//! Concurrent: each slot in flight is a lease, a member of a sorted set: a token unique to the
+//! acquire, scored by the server's `TIME` (ms) when it was taken. The acquire script drops the
+//! leases older than `concurrent_ttl`, counts the rest and adds its token if under the cap (and
+//! sets the key to expire with its newest lease); the permit's drop spawns the `ZREM` of its
+//! token. The key is the hashed key plus `:slots`: the `INCR` counters of older versions are
+//! plain strings under the bare key, so the two never meet (during a rolling upgrade old and new
+//! replicas count apart; the old counters expire by themselves).
+//!
+//! A failed or timed-out acquire may still run on the server (it was sent: a stalled Redis runs
+//! it when it wakes), so the failure spawns a best-effort `ZREM` of its token (`abandon`): on
+//! the same connection it is ordered after the late script, and it is a no-op if the script
+//! never ran or took no slot. Last resort, when a release never arrives (the replica died, or
+//! Redis could not be reached): the lease stops counting `concurrent_ttl` after it was taken,
+//! however busy the key. So `concurrent_ttl` must exceed the longest exchange you expect to
+//! hold a slot (a long tunnel), and bounds how long a lost release can occupy a slot.
 //!
 //! Outages: every call is bounded by `timeout`; an error or a timeout applies
 //! `on_store_error` and is counted. `redis::aio::ConnectionManager` reconnects in the
 //! background.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +45,8 @@ pub struct RedisConfig {
     pub on_store_error: OnStoreError,
     /// Longest a check may wait on Redis before `on_store_error` applies.
     pub timeout: Duration,
-    /// TTL of an in-flight counter, refreshed on each acquire (see the module docs).
+    /// Lease of an in-flight slot: a slot whose release never reaches Redis stops counting
+    /// this long after it was taken (see the module docs).
     pub concurrent_ttl: Duration,
     /// Incremented with every store error (`portcullis_limit_store_errors_total`).
     pub errors_metric: Option<prometheus::IntCounter>,
@@ -78,23 +89,28 @@ if ahead > tol then return {0, ahead - tol} end
 return {1, 0}
 "#;
 
-/// ARGV: max, ttl ms. Returns 1 if a slot was taken.
+/// KEYS[1]: the set of leases. ARGV: max, lease ms, token. Returns 1 if the token took a slot.
+/// Scores are the server's `TIME` in ms (replicas with skewed clocks agree); the key expires
+/// with its newest lease (an empty sorted set is deleted by Redis itself).
 const ACQUIRE_LUA: &str = r#"
-local n = redis.call('INCR', KEYS[1])
-if n > tonumber(ARGV[1]) then
-  redis.call('DECR', KEYS[1])
-  return 0
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - lease)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], lease)
 return 1
 "#;
 
-/// Deletes the counter at zero so an expired-then-recreated key never goes negative.
-const RELEASE_LUA: &str = r#"
-local n = redis.call('DECR', KEYS[1])
-if n <= 0 then redis.call('DEL', KEYS[1]) end
-return n
-"#;
+/// Waits before the retries of the `ZREM` that takes back a failed acquire: the first goes out
+/// at once (on the same connection, right behind the script), the retries cover a connection
+/// that was replaced meanwhile or a Redis still stalled.
+const ABANDON_RETRIES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(5)];
+
+/// Most take-backs waiting to retry at once (an outage fails every acquire): past it, a
+/// take-back whose first `ZREM` fails leaves the slot to its lease.
+const ABANDON_RETRYING_MAX: usize = 1024;
 
 struct Shared {
     conn: ConnectionManager,
@@ -104,7 +120,11 @@ struct Shared {
     epoch: Instant,
     gcra: Script,
     acquire: Script,
-    release: Script,
+    /// Random per store (128 bits) and a counter: lease tokens unique across replicas.
+    instance: String,
+    next_token: AtomicU64,
+    /// Take-backs of failed acquires waiting to retry (see `abandon`).
+    abandon_retrying: AtomicUsize,
 }
 
 pub(crate) struct RedisStore {
@@ -142,7 +162,9 @@ impl RedisStore {
             epoch: Instant::now(),
             gcra: Script::new(GCRA_LUA),
             acquire: Script::new(ACQUIRE_LUA),
-            release: Script::new(RELEASE_LUA),
+            instance: instance_id(),
+            next_token: AtomicU64::new(0),
+            abandon_retrying: AtomicUsize::new(0),
         });
         // Connect now so the first request does not pay for it, but start either way: an
         // outage at startup is handled like any other (the proxy must keep serving).
@@ -192,11 +214,12 @@ impl RedisStore {
         keys: &KeyValues<'_>,
         max: u32,
     ) -> Result<Permit, Verdict> {
-        let key = redis_key(spec, keys);
+        let key = format!("{}:slots", redis_key(spec, keys));
+        let token = self.shared.token();
         let ttl_ms = self.shared.cfg.concurrent_ttl.as_millis().max(1) as u64;
         let mut conn = self.shared.conn.clone();
         let mut call = self.shared.acquire.key(&key);
-        call.arg(max).arg(ttl_ms);
+        call.arg(max).arg(ttl_ms).arg(&token);
         match self
             .shared
             .bounded(call.invoke_async::<i64>(&mut conn))
@@ -207,20 +230,76 @@ impl RedisStore {
                     Release::Redis(RedisRelease {
                         shared: self.shared.clone(),
                         key,
+                        token,
                         rt,
                     })
                 }),
             }),
             Some(_) => Err(Verdict::denied_after(Duration::ZERO)),
-            None => match self.shared.on_error() {
-                Verdict::Allowed => Ok(Permit::none()),
-                denied => Err(denied),
-            },
+            None => {
+                // The script may still run (late): take back whatever it takes.
+                abandon(self.shared.clone(), key, token);
+                match self.shared.on_error() {
+                    Verdict::Allowed => Ok(Permit::none()),
+                    denied => Err(denied),
+                }
+            }
         }
     }
 }
 
+/// 128 random bits (std's `RandomState` keys come from the OS), in hex.
+fn instance_id() -> String {
+    let seed = (std::process::id(), Instant::now());
+    let (a, b) = (RandomState::new(), RandomState::new());
+    format!("{:016x}{:016x}", a.hash_one(seed), b.hash_one(seed))
+}
+
+/// Takes back the lease `token` may hold under `key` after its acquire failed: best effort, in
+/// the background, and not counted as a store error (the acquire already was). A `ZREM` of a
+/// token the script never added does nothing, so it is sent whether or not the script ran.
+fn abandon(shared: Arc<Shared>, key: String, token: String) {
+    tokio::spawn(async move {
+        let zrem = zrem(&key, &token);
+        if shared.answered(&zrem).await {
+            return;
+        }
+        if shared.abandon_retrying.fetch_add(1, Ordering::Relaxed) >= ABANDON_RETRYING_MAX {
+            shared.abandon_retrying.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        for wait in ABANDON_RETRIES {
+            tokio::time::sleep(wait).await;
+            if shared.answered(&zrem).await {
+                break;
+            }
+        }
+        shared.abandon_retrying.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+fn zrem(key: &str, token: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("ZREM");
+    cmd.arg(key).arg(token);
+    cmd
+}
+
 impl Shared {
+    fn token(&self) -> String {
+        let n = self.next_token.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{n}", self.instance)
+    }
+
+    /// Sends `cmd` and tells whether Redis answered it within `timeout`; errors uncounted.
+    async fn answered(&self, cmd: &redis::Cmd) -> bool {
+        let mut conn = self.conn.clone();
+        let reply = cmd.query_async::<redis::Value>(&mut conn);
+        matches!(
+            tokio::time::timeout(self.cfg.timeout, reply).await,
+            Ok(Ok(_))
+        )
+    }
+
     async fn bounded<T>(
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -266,22 +345,28 @@ impl Shared {
     }
 }
 
-/// Gives a slot back when its permit drops. Drop cannot await, so the `DECR` runs on a task
-/// spawned on the runtime that acquired it; if it fails the slot stays counted until the
-/// counter's TTL (see the module docs).
+/// Gives a slot back when its permit drops. Drop cannot await, so the `ZREM` runs on a task
+/// spawned on the runtime that acquired it; if it fails the slot stays counted until its
+/// lease ends (see the module docs).
 pub(crate) struct RedisRelease {
     shared: Arc<Shared>,
     key: String,
+    token: String,
     rt: tokio::runtime::Handle,
 }
 
 impl RedisRelease {
     pub(crate) fn release(self) {
-        let RedisRelease { shared, key, rt } = self;
+        let RedisRelease {
+            shared,
+            key,
+            token,
+            rt,
+        } = self;
         rt.spawn(async move {
             let mut conn = shared.conn.clone();
-            let call = shared.release.key(&key);
-            shared.bounded(call.invoke_async::<i64>(&mut conn)).await;
+            let zrem = zrem(&key, &token);
+            shared.bounded(zrem.query_async::<i64>(&mut conn)).await;
         });
     }
 }
