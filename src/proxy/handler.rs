@@ -106,31 +106,13 @@ pub fn rejected(
     start: Instant,
 ) {
     let rec = Record {
-        ts: SystemTime::now(),
-        id: state.audit.next_id(),
-        client: peer.addr,
-        user: None,
-        method: method.clone(),
         scheme: uri
             .scheme_str()
             .map_or("none", |s| if s == "https" { "https" } else { "http" }),
         host: uri.host().unwrap_or("").into(),
         port: uri.port_u16().unwrap_or(0),
         path: uri.path_and_query().map(|p| redact_path(p.as_str())),
-        vendor: None,
-        endpoint: "none",
-        rule: None,
-        action: "reject",
-        mode: "enforce",
-        reason: e.kind().into(),
-        status: e.status().as_u16(),
-        bytes_in: 0,
-        bytes_out: 0,
-        duration_ms: 0.0,
-        tls: "none",
-        sni: None,
-        key_id: None,
-        model: None,
+        ..refusal_record(state, peer, method.clone(), e, e.kind().into())
     };
     state.finish(Box::new(rec), start);
 }
@@ -142,13 +124,27 @@ pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
         true => ProxyError::RequestHeadTooLarge(e.to_string()),
         false => ProxyError::MalformedRequest(e.to_string()),
     };
-    let rec = Record {
+    // A token (RFC 9110 §9.1) that no real method is.
+    let method = Method::from_bytes(b"-").unwrap_or_default();
+    let reason = format!("{}: {e}", e.kind()).into();
+    let rec = refusal_record(state, peer, method, &e, reason);
+    state.finish(Box::new(rec), Instant::now());
+}
+
+/// A `reject` record with no target yet.
+fn refusal_record(
+    state: &State,
+    peer: Peer,
+    method: Method,
+    e: &ProxyError,
+    reason: Arc<str>,
+) -> Record {
+    Record {
         ts: SystemTime::now(),
         id: state.audit.next_id(),
         client: peer.addr,
         user: None,
-        // A token (RFC 9110 §9.1) that no real method is.
-        method: Method::from_bytes(b"-").unwrap_or_default(),
+        method,
         scheme: "none",
         host: "".into(),
         port: 0,
@@ -158,7 +154,7 @@ pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
         rule: None,
         action: "reject",
         mode: "enforce",
-        reason: format!("{}: {e}", e.kind()).into(),
+        reason,
         status: e.status().as_u16(),
         bytes_in: 0,
         bytes_out: 0,
@@ -167,8 +163,7 @@ pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
         sni: None,
         key_id: None,
         model: None,
-    };
-    state.finish(Box::new(rec), Instant::now());
+    }
 }
 
 /// A decided request the policy lets through, with what it holds while it runs.
