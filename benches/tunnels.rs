@@ -49,6 +49,27 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
+/// The first record of a TLS 1.2-style ServerHello (no session id, no extensions): enough for
+/// the proxy to tell it is not a HelloRetryRequest.
+const SERVER_HELLO: [u8; 49] = {
+    let mut r = [0u8; 49];
+    let head = [0x16, 0x03, 0x03, 0x00, 44, 0x02, 0x00, 0x00, 40, 0x03, 0x03];
+    let mut i = 0;
+    while i < head.len() {
+        r[i] = head[i];
+        i += 1;
+    }
+    // The random: anything but the HelloRetryRequest's.
+    while i < head.len() + 32 {
+        r[i] = 0x5a;
+        i += 1;
+    }
+    // session id length 0, cipher suite, compression 0, extensions length 0.
+    r[i + 1] = 0xc0;
+    r[i + 2] = 0x2f;
+    r
+};
+
 /// A ClientHello as rustls sends it for `name`.
 fn client_hello(name: &str) -> Vec<u8> {
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -118,8 +139,11 @@ async fn main() {
     let sink_addr = sink.local_addr().expect("sink addr");
     tokio::spawn(async move {
         let mut held = Vec::new();
-        while let Ok((s, _)) = sink.accept().await {
-            held.push(s); // never read, never answer: an idle tunnel
+        while let Ok((mut s, _)) = sink.accept().await {
+            // A ServerHello that is not a HelloRetryRequest: the proxy passes it on and splices,
+            // as after a real handshake. Then nothing more either way: an idle tunnel.
+            let _ = s.write_all(&SERVER_HELLO).await;
+            held.push(s);
         }
     });
 

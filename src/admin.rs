@@ -7,6 +7,7 @@
 //! request head within 2 s (and the next one within 2 s of a response), one source address may
 //! hold 8 connections, and all of them together 64.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,14 +21,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 
 use crate::proxy::per_client::ClientCap;
 use crate::proxy::stall::SendTimeout;
 use crate::proxy::State;
 
-/// Scrapers and operators need few connections: more than this at once are closed at accept,
-/// so a client holding admin connections open cannot take the proxy's file descriptors.
+/// Scrapers and operators need few connections: beyond this many at once the oldest is
+/// closed, so clients holding admin connections open cannot take the proxy's file
+/// descriptors, nor every slot.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// Connections one source address may hold at once; further ones are closed at accept. One
@@ -45,7 +47,11 @@ const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 const ADMIN_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // Oldest first. When every slot is taken the oldest connection is closed for the new
+    // one: connections from many addresses (each under its cap) that hold their slots
+    // idle cannot keep the probe out, since it is always the newest and done in
+    // milliseconds, while a flood would have to reopen all of its slots that fast.
+    let mut live: VecDeque<AbortHandle> = VecDeque::with_capacity(MAX_ADMIN_CONNECTIONS);
     let per_source = ClientCap::new(MAX_ADMIN_CONNECTIONS_PER_SOURCE);
     let mut builder = http1::Builder::new();
     builder
@@ -76,11 +82,13 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
             drop(stream);
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(client = %addr, "admin connection refused: connection cap");
-            drop(stream);
-            continue;
-        };
+        live.retain(|c| !c.is_finished());
+        if live.len() >= MAX_ADMIN_CONNECTIONS {
+            if let Some(oldest) = live.pop_front() {
+                tracing::debug!(client = %addr, "admin connection cap: closing the oldest");
+                oldest.abort();
+            }
+        }
         let st = state.clone();
         let conn = builder.serve_connection(
             TokioIo::new(SendTimeout::new(stream, ADMIN_SEND_TIMEOUT)),
@@ -89,11 +97,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 async move { Ok::<_, Infallible>(route(&st, req).await) }
             }),
         );
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _ = conn.await;
-            drop(slot);
             drop(source_slot);
         });
+        live.push_back(task.abort_handle());
     }
 }
 

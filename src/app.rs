@@ -96,7 +96,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let own: Vec<SocketAddr> = std::iter::once(proxy_addr).chain(admin_addr).collect();
     let upstream =
         Arc::new(Upstream::new(&settings.upstream, own).map_err(StartError::UpstreamTls)?);
-    let client = crate::proxy::https_client(upstream.clone(), &settings.upstream);
+    let client = crate::proxy::https_client(upstream.clone(), &settings.upstream, usize::MAX);
+    let inner_streams =
+        crate::proxy::per_client::ClientCap::new(settings.proxy.max_connections_per_client);
     let h1 = crate::upstream::pool::Pool::new(
         upstream.clone(),
         settings.upstream.pool_idle_timeout,
@@ -155,6 +157,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         settings,
         upstream,
         client,
+        inner_streams,
         h1,
         audit: sink,
         metrics,

@@ -67,6 +67,10 @@ pub enum ProxyError {
     MalformedRequest(String),
     #[error("request head too large: {0}")]
     RequestHeadTooLarge(String),
+    /// Each request inside an intercepted HTTP/2 tunnel can take an upstream connection of
+    /// its own, so they count against `[proxy] max_connections_per_client` too.
+    #[error("this client already has {0} requests in flight inside intercepted tunnels ([proxy] max_connections_per_client)")]
+    TooManyStreams(usize),
 }
 
 impl ProxyError {
@@ -100,6 +104,7 @@ impl ProxyError {
             ProxyError::ClientAborted => "client_aborted",
             ProxyError::MalformedRequest(_) => "malformed_request",
             ProxyError::RequestHeadTooLarge(_) => "request_head_too_large",
+            ProxyError::TooManyStreams(_) => "too_many_streams",
         }
     }
 
@@ -112,6 +117,7 @@ impl ProxyError {
             | ProxyError::MalformedRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RequestHeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,

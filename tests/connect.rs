@@ -245,6 +245,8 @@ async fn non_tls_bytes_in_a_tunnel_close_it() {
     assert_eq!(read_until_closed(&mut tunnel).await, 0);
     let rec = proxy.audit_connect("api.openai.com").await;
     assert_reason(&rec, "not_tls");
+    // Answered 200, then refused: not an allowed tunnel on the dashboard.
+    assert_eq!(rec["action"], "reject");
     assert_eq!(origin.received(), 0, "plain bytes were spliced");
 }
 
@@ -434,4 +436,45 @@ async fn a_second_client_hello_after_a_retry_request_must_name_the_same_server()
             }
         }
     }
+}
+
+/// A tunnel answered 200 before a reload, whose ClientHello comes after it, is decided on the
+/// new policy: holding tunnels open between their 200 and their hello must not carry them
+/// past a block rolled out meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_hello_comes_after_a_reload_is_decided_again() {
+    let origin = Sink::start().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let (status, _, mut tunnel) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 200);
+
+    let path = proxy.dir.path().join("portcullis.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let tmp = proxy.dir.path().join("portcullis.toml.new");
+    std::fs::write(
+        &tmp,
+        text + "[[rule]]\nid = \"block-openai\"\nvendor = \"openai\"\naction = \"block\"\n",
+    )
+    .expect("write config");
+    std::fs::rename(&tmp, &path).expect("replace config");
+    let reload = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .post(format!("http://{}/reload", proxy.admin))
+        .send()
+        .await
+        .expect("POST /reload");
+    assert_eq!(reload.status(), 200);
+
+    tunnel
+        .write_all(&hello(Some("api.openai.com"), true))
+        .await
+        .unwrap();
+    assert_eq!(read_until_closed(&mut tunnel).await, 0);
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_eq!(rec["rule"], "block-openai", "{rec}");
+    assert_reason(&rec, "policy_reloaded");
+    assert_eq!(origin.received(), 0, "the hello reached the origin");
 }

@@ -242,3 +242,47 @@ async fn origin_form_request_is_400_and_never_forwarded() {
         "an origin-form request was forwarded"
     );
 }
+
+/// A path that reads two ways (dot segments kept or resolved, `%2F` decoded or not) lands on
+/// a limit rule one way and a tenant restriction the other. Keeping either lets the client
+/// pick which applies by how it spells the path: the request is refused as ambiguous, and
+/// nothing reaches the origin. A detour through a rule that restricts nothing keeps the
+/// restriction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_reads_as_two_restricted_rules_is_refused() {
+    let openai = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", openai.addr).tail(
+        "[[rule]]\nid = \"bulk\"\nvendor = \"openai\"\nendpoint = [\"batches\", \"files\"]\n\
+             action = \"limit\"\nlimit = { requests = 100, per = \"1m\" }\n\n\
+             [[rule]]\nid = \"audit-models\"\nvendor = \"openai\"\nendpoint = \"models\"\n\
+             action = \"audit\"\n\n\
+             [[rule]]\nid = \"company-only\"\nvendor = \"openai\"\naction = \"allow\"\n\
+             require_key = [\"k_000000000000\"]\n",
+    ))
+    .await;
+    for path in [
+        "/v1/batches/../chat/completions",
+        "/v1/files/%2e%2e/chat/completions",
+        "/v1/batches%2F..%2Fchat/completions",
+    ] {
+        let r = raw_get(
+            proxy.addr,
+            &format!("http://api.openai.com{path}"),
+            &["Authorization: Bearer sk-personal"],
+        )
+        .await;
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        let rec = proxy.audit_path(path).await;
+        assert_reason(&rec, "ambiguous_request");
+    }
+    let path = "/v1/models/../chat/completions";
+    let r = raw_get(
+        proxy.addr,
+        &format!("http://api.openai.com{path}"),
+        &["Authorization: Bearer sk-personal"],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{path}: {r:?}");
+    assert_reason(&proxy.audit_path(path).await, "key_not_allowed");
+    assert!(openai.requests().is_empty(), "{:?}", openai.requests());
+}

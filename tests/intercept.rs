@@ -793,3 +793,77 @@ async fn a_client_that_stops_reading_stalls_only_its_own_tunnel() {
     assert_eq!(body.len(), 300_000);
     drop(unread);
 }
+
+/// Each stream of an intercepted HTTP/2 tunnel to an HTTP/1.1 origin is an upstream
+/// connection of its own: one tunnel could hold hundreds of descriptors, and a handful of
+/// tunnels exhaust the proxy's. Requests in flight inside a client's tunnels count against
+/// `max_connections_per_client`, until their responses end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_inside_intercepted_tunnels_count_against_the_client_cap() {
+    let ca = OrgCa::new();
+    let origin = Origin::https().await; // HTTP/1.1 only: a connection per stream
+    let roots = TempDir::new().expect("tempdir");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .proxy("max_connections_per_client = 3")
+            .tail(&ca.section("vendors = [\"openai\"]")),
+    )
+    .await;
+    let tcp = tunnel(proxy.addr, "api.openai.com:443").await;
+    let mut cfg = ca.client_config();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let get = |path: String| {
+        http::Request::get(format!("https://api.openai.com{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    // Responses whose bodies are never read hold their streams (and upstream connections).
+    let mut held = Vec::new();
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let resp = within(
+            "a response head",
+            send.send_request(get(format!("/download/5000000?held={i}"))),
+        )
+        .await
+        .expect("response head");
+        statuses.push(resp.status().as_u16());
+        held.push(resp);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let rec = proxy
+        .audit_where("too_many_streams", |r| {
+            r["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("too_many_streams")
+        })
+        .await;
+    assert_eq!(rec["status"], 429);
+    // Responses that end give their slots back.
+    drop(held);
+    within("a slot to come back", async {
+        loop {
+            let resp = send.send_request(get("/v1/models".into())).await;
+            if resp.is_ok_and(|r| r.status() == 200) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

@@ -770,3 +770,45 @@ async fn idle_admin_connections_from_one_address_do_not_starve_the_probe() {
     );
     assert_eq!(healthz_from(ip("127.0.0.5"), admin).await, Ok(200));
 }
+
+/// Idle connections from many addresses, each within its per-source cap, together fill every
+/// admin slot and reopen as they are closed. The probe must still be answered: when the
+/// slots are full the oldest connection gives way to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_from_many_addresses_do_not_starve_the_probe() {
+    let proxy = Proxy::start(Config::new()).await;
+    let admin = proxy.admin;
+    let flood_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    // 10 addresses × 8 connections: more than the 64 slots.
+    let flood: Vec<_> = (0..80)
+        .map(|i| {
+            let from: std::net::IpAddr = format!("127.0.0.{}", 10 + i / 8).parse().expect("ip");
+            tokio::spawn(async move {
+                while tokio::time::Instant::now() < flood_until {
+                    if let Ok(mut s) = connect_from(from, admin).await {
+                        let left =
+                            flood_until.saturating_duration_since(tokio::time::Instant::now());
+                        closed_within(&mut s, left).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut failures = Vec::new();
+    for i in 0..8 {
+        match healthz_from("127.0.0.2".parse().expect("ip"), admin).await {
+            Ok(200) => {}
+            other => failures.push(format!("probe {i}: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for t in flood {
+        within("flood task", t).await.expect("flood task");
+    }
+    assert!(
+        failures.is_empty(),
+        "/healthz failed while 10 addresses held the admin slots: {failures:?}"
+    );
+}

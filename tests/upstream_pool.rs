@@ -21,7 +21,7 @@ struct Counts {
     requests: AtomicUsize,
 }
 
-/// A keep-alive HTTP/1.1 origin. `/close` answers and then closes the connection (without
+/// A keep-alive HTTP/1.1 origin. `/close` answers and closes the connection at once (without
 /// saying so: the proxy learns it only from the socket), `/head-only` answers HEAD, `/204` and
 /// `/304` have no body; anything else gets a 5-byte body.
 async fn counting_origin() -> (SocketAddr, Arc<Counts>) {
@@ -67,10 +67,29 @@ async fn serve(mut s: TcpStream, c: &Counts) {
             _ if method == "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
             _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
         };
-        if s.write_all(answer).await.is_err() {
+        if path == "/close" {
+            // Corked, the answer goes out with the FIN of the close in one segment. Written
+            // and then closed, a preempted origin would leave a gap between them, in which
+            // the proxy could send the next request on the connection: lost at the origin
+            // like any request to an origin that dies mid-exchange, which no proxy can tell
+            // from one the origin acted on.
+            use std::os::fd::AsRawFd;
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket and a c_int option of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "TCP_CORK");
+            let _ = s.write_all(answer).await;
             return;
         }
-        if path == "/close" {
+        if s.write_all(answer).await.is_err() {
             return;
         }
     }

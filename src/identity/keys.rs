@@ -9,12 +9,46 @@ use http::HeaderMap;
 use percent_encoding::percent_decode_str;
 use sha2::Sha256;
 
-/// Headers vendors read API keys from, in the order they are tried.
-const KEY_HEADERS: [http::HeaderName; 3] = [
+/// Headers the catalog's vendors read API keys from (besides `Authorization`): Anthropic and
+/// many others, Google, Azure OpenAI, Azure AI services (APIM), ElevenLabs.
+const KEY_HEADERS: [http::HeaderName; 5] = [
     http::HeaderName::from_static("x-api-key"),
     http::HeaderName::from_static("x-goog-api-key"),
     http::HeaderName::from_static("api-key"),
+    http::HeaderName::from_static("ocp-apim-subscription-key"),
+    http::HeaderName::from_static("xi-api-key"),
 ];
+
+/// Query parameters vendors read keys from: Google's `key`, Baidu's `access_token`, and the
+/// usual `api_key` / `apikey`.
+const KEY_PARAMS: [&[u8]; 4] = [b"key", b"api_key", b"apikey", b"access_token"];
+
+/// The credential an `Authorization` value carries, whatever its scheme (RFC 9110 §11.4:
+/// `scheme 1*SP credentials`, spaces and tabs tolerated as origins tolerate them): the token
+/// of `Bearer`, `Token` and the like; the access key id of AWS Signature V4, whose signature
+/// changes with every request; the whole value when it has no scheme (a bare key).
+fn authorization_credential(v: &[u8]) -> &[u8] {
+    let v = v.trim_ascii();
+    let Some(gap) = v.iter().position(|b| *b == b' ' || *b == b'\t') else {
+        return v;
+    };
+    let (scheme, rest) = (&v[..gap], v[gap..].trim_ascii());
+    if scheme.len() > 5 && scheme[..5].eq_ignore_ascii_case(b"aws4-") {
+        // `Credential=AKID/date/region/service/aws4_request, SignedHeaders=…, Signature=…`
+        let at = rest
+            .windows(11)
+            .position(|w| w.eq_ignore_ascii_case(b"credential="));
+        if let Some(at) = at {
+            let id = &rest[at + 11..];
+            let end = id
+                .iter()
+                .position(|b| matches!(b, b'/' | b',' | b' '))
+                .unwrap_or(id.len());
+            return &id[..end];
+        }
+    }
+    rest
+}
 
 pub struct KeyFingerprinter {
     mac: Hmac<Sha256>,
@@ -100,9 +134,7 @@ impl KeyFingerprinter {
         for (name, v) in headers {
             let v = v.as_bytes();
             if name == http::header::AUTHORIZATION {
-                if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-                    take(Cow::Borrowed(v[7..].trim_ascii()));
-                }
+                take(Cow::Borrowed(authorization_credential(v)));
             } else if KEY_HEADERS.contains(name) {
                 take(Cow::Borrowed(v.trim_ascii()));
             }
@@ -112,7 +144,9 @@ impl KeyFingerprinter {
                 continue;
             };
             // The vendor decodes both: `%6Bey=` is `key=`, `%41Iza…` is `AIza…`.
-            if name == "key" || percent_decode_str(name).eq(*b"key") {
+            let named =
+                |n: &[u8]| name.as_bytes() == n || percent_decode_str(name).eq(n.iter().copied());
+            if KEY_PARAMS.iter().any(|n| named(n)) {
                 take(percent_decode_str(value).into());
             }
         }
@@ -161,6 +195,47 @@ pub const AMBIGUOUS_KEY: &str = "k_ambiguous";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every place a catalog vendor reads a key from, in every spelling an origin accepts,
+    /// is that key: a personal key in one of them beside the company key in another is two
+    /// keys, not the company's.
+    #[test]
+    fn keys_are_found_wherever_vendors_read_them() {
+        let f = KeyFingerprinter::new(b"secret");
+        let key = f.fingerprint(b"sk-personal");
+        for (name, value) in [
+            ("authorization", "Bearer sk-personal"),
+            ("authorization", "bearer\tsk-personal"),
+            ("authorization", "Bearer   sk-personal "),
+            ("authorization", "Token sk-personal"),
+            ("authorization", "sk-personal"),
+            ("authorization", "AWS4-HMAC-SHA256 Credential=sk-personal/20261129/us-east-1/bedrock/aws4_request, SignedHeaders=host, Signature=abc"),
+            ("xi-api-key", "sk-personal"),
+            ("ocp-apim-subscription-key", "sk-personal"),
+            ("api-key", "sk-personal"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, value.parse().unwrap());
+            assert_eq!(f.from_request(&h, None).id.as_deref(), Some(&*key), "{name}: {value}");
+            h.insert("x-api-key", "sk-company".parse().unwrap());
+            assert_eq!(
+                f.from_request(&h, None).id.as_deref(),
+                Some(AMBIGUOUS_KEY),
+                "{name}: {value} beside another key"
+            );
+        }
+        for q in [
+            "access_token=sk-personal",
+            "api_key=sk-personal",
+            "apikey=sk-personal",
+        ] {
+            assert_eq!(
+                f.from_request(&HeaderMap::new(), Some(q)).id.as_deref(),
+                Some(&*key),
+                "{q}"
+            );
+        }
+    }
 
     #[test]
     fn finds_keys_and_never_echoes_them() {

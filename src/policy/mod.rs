@@ -86,6 +86,14 @@ pub struct Decision<'p> {
     pub reason: &'p Arc<str>,
 }
 
+/// The reason of a request whose readings different rules restrict ([`Decision::merge`]).
+static AMBIGUOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| {
+    Arc::from(
+        "ambiguous_request: the path or method reads several ways here, and different rules \
+         restrict the readings",
+    )
+});
+
 impl Decision<'_> {
     /// What the proxy actually does: shadow rules never block.
     pub fn enforced(&self) -> Action {
@@ -95,29 +103,55 @@ impl Decision<'_> {
         }
     }
 
-    /// Orders decisions by how much they hold a request back: a block, a limit, a tenant
-    /// restriction, then an audit, then a plain allow.
-    fn strictness(&self) -> u8 {
+    /// Whether letting the request through on this decision loses nothing another decision
+    /// of the same request would have applied: no block, no limit, no tenant restriction,
+    /// no headers to set. Shadow rules never act, so they hold nothing back either.
+    fn holds_nothing_back(&self) -> bool {
         match self.enforced() {
-            Action::Block => 4,
-            Action::Limit => 3,
-            _ if self
-                .rule
-                .is_some_and(|r| !r.require_keys.is_empty() || !r.require_orgs.is_empty()) =>
-            {
-                2
-            }
-            Action::Audit => 1,
-            Action::Allow => 0,
+            Action::Block | Action::Limit => false,
+            _ if self.mode == Mode::Shadow => true,
+            _ => !self.rule.is_some_and(|r| {
+                !r.require_keys.is_empty()
+                    || !r.require_orgs.is_empty()
+                    || !r.set_headers.is_empty()
+            }),
         }
     }
 
-    /// Whichever of two decisions on spellings of one request holds it back more (`self`
-    /// on a tie).
-    pub fn stricter(self, other: Self) -> Self {
-        match other.strictness() > self.strictness() {
-            true => other,
-            false => self,
+    /// One decision for a request that can be read two ways (two spellings of its path, or
+    /// the method an override header names), when which reading the origin acts on is not
+    /// known here. A block on either reading blocks. A reading that holds nothing back
+    /// yields to the other. Two different rules that each restrict the request (two limits,
+    /// a limit and a tenant restriction, a rule that sets headers) cannot both be applied,
+    /// and keeping one would let the client choose which by how it spells the request: the
+    /// request is refused as ambiguous instead.
+    pub fn merge(self, other: Self) -> Self {
+        let same_rule = match (self.rule, other.rule) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same_rule || self.enforced() == Action::Block {
+            return self;
+        }
+        if other.enforced() == Action::Block {
+            return other;
+        }
+        match (self.holds_nothing_back(), other.holds_nothing_back()) {
+            // An audit rule still marks the request.
+            (true, true) if self.action != Action::Audit && other.enforced() == Action::Audit => {
+                other
+            }
+            (true, true) | (false, true) => self,
+            (true, false) => other,
+            (false, false) => Decision {
+                vendor: self.vendor.or(other.vendor),
+                endpoint: self.endpoint,
+                rule: None,
+                action: Action::Block,
+                mode: Mode::Enforce,
+                reason: &AMBIGUOUS,
+            },
         }
     }
 
@@ -143,7 +177,8 @@ impl Policy {
     }
 
     /// Origins disagree on how to read some paths, and which reading the origin will use is
-    /// unknown here, so each such path is decided every way and the stricter decision wins:
+    /// unknown here, so each such path is decided every way and the decisions merged
+    /// ([`Decision::merge`]):
     /// - dot segments: the normal form resolves them, but origins that route on the path as
     ///   sent (Express, many gateways) still see `/v1/files/..` under `/v1/files`;
     /// - `%2F` (and `%5C`) is data to RFC 3986 and to most origins, but some (ASGI servers
@@ -158,19 +193,14 @@ impl Policy {
         raw: &str,
         mut d: Decision<'p>,
     ) -> Decision<'p> {
-        let mut stricter = |path: &str| {
-            let alt = self.decide_on(req, Some(path));
-            if alt.strictness() > d.strictness() {
-                d = alt;
-            }
-        };
+        let mut also = |path: &str| d = d.merge(self.decide_on(req, Some(path)));
         if let Some(literal) = path::literal(raw) {
-            stricter(&literal);
+            also(&literal);
         }
         if let Some(decoded) = path::with_slashes_decoded(raw) {
-            stricter(&path::normalize(&decoded));
+            also(&path::normalize(&decoded));
             if let Some(literal) = path::literal(&decoded) {
-                stricter(&literal);
+                also(&literal);
             }
         }
         d
@@ -390,6 +420,80 @@ action = "block"
                 "{path}"
             );
         }
+    }
+
+    /// A path that reads several ways must not let the client pick which rule applies: a
+    /// limit on one reading and a tenant restriction (or headers to set, or another limit)
+    /// on another cannot both be kept, so the request is refused; a reading whose rule holds
+    /// nothing back yields to the other.
+    #[test]
+    fn readings_restricted_by_different_rules_are_refused() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "bulk"
+vendor = "openai"
+endpoint = ["batches", "files"]
+action = "limit"
+limit = { requests = 5, per = "1m" }
+
+[[rule]]
+id = "audit-models"
+vendor = "openai"
+endpoint = "models"
+action = "audit"
+
+[[rule]]
+id = "company-only"
+vendor = "openai"
+action = "allow"
+require_key = ["k_000000000000"]
+set_headers = { "openai-organization" = "org-company" }
+"#,
+        );
+        let post = Method::POST;
+        for path in [
+            "/v1/batches/../chat/completions",
+            "/v1/files/../chat/completions",
+            "/v1/batches%2F..%2Fchat/completions",
+        ] {
+            let (action, rule, _) = decide(&p, &post, "api.openai.com", path);
+            assert_eq!(
+                (action, rule.as_str()),
+                (Action::Block, "default"),
+                "{path}"
+            );
+        }
+        // One rule on every reading, or a detour through a rule that restricts nothing.
+        for (path, action, rule) in [
+            ("/v1/batches/../files", Action::Limit, "bulk"),
+            ("/v1/chat/./completions", Action::Allow, "company-only"),
+            // The audit rule restricts nothing: the tenant restriction holds.
+            (
+                "/v1/models/../chat/completions",
+                Action::Allow,
+                "company-only",
+            ),
+            ("/v1/batches/./x", Action::Limit, "bulk"),
+        ] {
+            let got = decide(&p, &post, "api.openai.com", path);
+            assert_eq!((got.0, got.1.as_str()), (action, rule), "{path}");
+        }
+        let merged = {
+            let host = Host::parse("api.openai.com").unwrap();
+            p.decide(&Request {
+                client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                user: None,
+                method: &post,
+                host: &host,
+                port: 443,
+                path: Some("/v1/files/../chat/completions"),
+                body: Default::default(),
+            })
+            .reason
+            .to_string()
+        };
+        assert!(merged.starts_with("ambiguous_request"), "{merged}");
     }
 
     /// `post` is not `POST` to `http`, but some origins read it so: a method rule holds for

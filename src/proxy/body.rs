@@ -29,6 +29,9 @@ pub struct Pending {
     pub uploaded: Arc<AtomicU64>,
     /// In-flight slots of `concurrent` limits, released when the exchange ends.
     pub permits: Vec<crate::limits::Permit>,
+    /// The client's slot for a request inside an intercepted tunnel
+    /// ([`super::State::inner_streams`]): held until the response has ended.
+    pub stream_slot: Option<super::per_client::ClientSlot>,
     /// Byte limits charged as the response streams.
     pub meter: Option<super::limit::ByteMeter>,
     /// The plain-HTTP upstream connection, back to its pool once the body has ended.

@@ -224,13 +224,18 @@ impl Tunnel {
             }
         };
 
+        // Taken before anything is read: a reload from here on is seen by the splice loop's
+        // `changed()`, and one since the CONNECT was decided by the check below.
+        let mut swaps = self.state.policy_swapped.subscribe();
         let mut hello = BytesMut::with_capacity(2048);
         let settings = &self.state.settings.proxy;
-        let peeked = tokio::time::timeout(
-            settings.client_hello_timeout,
-            peek_client_hello(&mut client, &mut hello, MAX_CLIENT_HELLO),
-        )
-        .await;
+        let peeked = tokio::select! {
+            p = tokio::time::timeout(
+                settings.client_hello_timeout,
+                peek_client_hello(&mut client, &mut hello, MAX_CLIENT_HELLO),
+            ) => p,
+            _ = shutdown.stopping() => return self.close("shutdown".into()),
+        };
         // The first hello's SNI, when the tunnel carries TLS.
         let mut tls_sni: Option<Option<String>> = None;
         match peeked {
@@ -258,8 +263,16 @@ impl Tunnel {
         }
 
         let Some(upstream) = upstream else {
+            // Each request inside is decided on the policy of its time.
             return self.intercept(client, hello.freeze()).await;
         };
+        // An opaque tunnel held between its 200 and its hello while a reload lands must not
+        // go on under the policy it was admitted by.
+        if !Arc::ptr_eq(&self.policy, &self.state.policy.load()) {
+            if let Some(why) = self.decide_again() {
+                return self.close(why);
+            }
+        }
         let stats = Arc::new(Stats {
             out: AtomicU64::new(0),
             inn: AtomicU64::new(0),
@@ -273,11 +286,13 @@ impl Tunnel {
         let sent_hello = tls_sni.is_some();
         if let Some(sni) = tls_sni {
             let wait = self.state.settings.proxy.client_hello_timeout;
-            let followed = tokio::time::timeout(
-                wait,
-                follow_hello_retry(&mut client, &mut upstream, &hello, sni.as_deref()),
-            )
-            .await;
+            let followed = tokio::select! {
+                f = tokio::time::timeout(
+                    wait,
+                    follow_hello_retry(&mut client, &mut upstream, &hello, sni.as_deref()),
+                ) => f,
+                _ = shutdown.stopping() => return self.close("shutdown".into()),
+            };
             let refused = match followed {
                 Ok(Ok(())) => None,
                 Ok(Err(Retry::Renamed(second))) => {
@@ -302,7 +317,6 @@ impl Tunnel {
             }
         }
         let idle = self.state.settings.proxy.idle_timeout;
-        let mut swaps = self.state.policy_swapped.subscribe();
         // The copy borrows both ends; its scope ends before the meter is read below.
         let reason = {
             let outcome = async {
@@ -483,7 +497,13 @@ impl Tunnel {
             user: self.user.take(),
             sni: self.rec.sni.clone(),
             requests: AtomicU64::new(0),
-            client: super::https_client(self.state.upstream.clone(), &self.state.settings.upstream),
+            // Two idle connections: a burst of streams (each its own connection to an
+            // HTTP/1.1 origin) must not leave a tunnel holding a descriptor for each.
+            client: super::https_client(
+                self.state.upstream.clone(),
+                &self.state.settings.upstream,
+                2,
+            ),
         });
         let io = Rewind::new(hello, client);
         let outcome = intercept::serve(self.state.clone(), self.peer, inside.clone(), io).await;
@@ -497,9 +517,25 @@ impl Tunnel {
         self.state.finish(self.rec, self.start);
     }
 
+    /// Ends a tunnel that never reached the splice. The CONNECT was answered 200, but what
+    /// the proxy then refused is not an allowed tunnel: a name the policy blocks is `block`,
+    /// bytes that are not the TLS the tunnel must carry are `reject`. An origin or client that
+    /// failed or went away keeps the decision it was admitted with.
     fn close(mut self, reason: String) {
-        if reason.starts_with("sni_mismatch") || reason.starts_with("sni_invalid") {
+        const REJECTED: [&str; 5] = [
+            "not_tls",
+            "client_hello_malformed",
+            "client_hello_too_large",
+            "client_hello_incomplete",
+            "client_hello_timeout",
+        ];
+        if ["sni_mismatch", "sni_invalid", "policy_reloaded"]
+            .iter()
+            .any(|p| reason.starts_with(p))
+        {
             self.rec.action = "block";
+        } else if REJECTED.iter().any(|p| reason.starts_with(p)) {
+            self.rec.action = "reject";
         }
         self.rec.reason = reason.into();
         self.state.finish(self.rec, self.start);
@@ -533,7 +569,10 @@ where
 {
     let failed = |e: io::Error| Retry::Failed(format!("tunnel_error: {e}"));
     upstream.write_all(hello).await.map_err(failed)?;
-    let mut answer = BytesMut::with_capacity(4096);
+    // Enough to tell a HelloRetryRequest (the first 43 bytes); what else came is passed on
+    // here, the rest by the splice. Small, since a tunnel whose origin is slow to answer
+    // holds it meanwhile.
+    let mut answer = BytesMut::with_capacity(512);
     let retry = loop {
         if let Some(retry) = is_hello_retry(&answer) {
             break retry;

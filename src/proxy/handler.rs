@@ -36,7 +36,7 @@ pub async fn handle(
     if req.method() == Method::CONNECT {
         return Ok(super::connect::handle(state, peer, req).await);
     }
-    Ok(forward(state, peer, None, req).await)
+    Ok(forward(state, peer, None, None, req).await)
 }
 
 /// Facts about the request that every audit record repeats.
@@ -323,7 +323,16 @@ pub async fn inner(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     inside.requests.fetch_add(1, Ordering::Relaxed);
-    Ok(forward(state, peer, Some(&inside), req).await)
+    let slot = match state.inner_streams.acquire(peer.addr.ip()) {
+        Ok(slot) => slot,
+        Err(_) => {
+            let e = ProxyError::TooManyStreams(state.settings.proxy.max_connections_per_client);
+            rejected(&state, peer, req.method(), req.uri(), &e, Instant::now());
+            let html = respond::wants_html(req.headers());
+            return Ok(respond::error(&e, None, html));
+        }
+    };
+    Ok(forward(state, peer, Some(&inside), slot, req).await)
 }
 
 /// The target of a request: from its absolute URI, or (intercepted) the tunnel's, after
@@ -371,6 +380,7 @@ async fn forward(
     state: Arc<State>,
     peer: Peer,
     inside: Option<&Arc<Inside>>,
+    stream_slot: Option<super::per_client::ClientSlot>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -470,7 +480,7 @@ async fn forward(
                     method: &m,
                     ..asked
                 };
-                d = d.stricter(policy.decide(&overridden));
+                d = d.merge(policy.decide(&overridden));
             }
         }
     }
@@ -641,6 +651,7 @@ async fn forward(
                 start,
                 uploaded,
                 permits,
+                stream_slot,
                 meter,
                 lease,
             };

@@ -324,9 +324,9 @@ pub struct InPlay {
 
 /// The body conditions in play for a decided request: those of enforcing rules at or before
 /// the decision (the first match wins, so later rules never decide; shadow rules never
-/// refuse) whose every other condition this request meets. When the policy decided two
-/// spellings of a path (`%2F`) and kept the stricter, or the decision is a shadow rule or
-/// the default, every rule counts. Only run when something was not read: it walks the rules.
+/// refuse) whose every other condition this request meets. When the policy decided several
+/// readings of a path (dot segments, `%2F`) and merged them, or the decision is a shadow
+/// rule or the default, every rule counts. Only run when something was not read: it walks the rules.
 pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record) -> InPlay {
     let Ok(host) = Host::parse(&rec.host) else {
         return InPlay {
@@ -336,13 +336,17 @@ pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record) -> InPlay {
     };
     let hit = policy.catalog.lookup(&host);
     let path_q = rec.path.as_deref().unwrap_or("/");
+    // Every reading `Policy::decide` merges: the normal form, dot segments kept as sent, and
+    // both again with `%2F` decoded.
     let decoded = path::with_slashes_decoded(path_q);
     let mut paths = vec![path::normalize(path_q)];
+    paths.extend(path::literal(path_q).map(Cow::Owned));
     if let Some(p) = &decoded {
         paths.push(Cow::Owned(path::normalize(p).into_owned()));
+        paths.extend(path::literal(p).map(Cow::Owned));
     }
     let last = match d.rule {
-        Some(r) if r.mode == Mode::Enforce && decoded.is_none() => policy
+        Some(r) if r.mode == Mode::Enforce && paths.len() == 1 => policy
             .rules
             .iter()
             .position(|x| std::ptr::eq(x, r))

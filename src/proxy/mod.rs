@@ -54,6 +54,10 @@ pub struct State {
     /// `https` origins (HTTP/1.1 or HTTP/2, as ALPN decides) for absolute-form requests;
     /// an intercepted tunnel has its own ([`intercept::Inside::client`]).
     pub client: HttpsClient,
+    /// Requests in flight inside each client address's intercepted tunnels, capped like its
+    /// connections: an HTTP/2 tunnel multiplexes hundreds of streams, and to an HTTP/1.1
+    /// origin each is an upstream connection (a file descriptor) of its own.
+    pub inner_streams: Arc<per_client::ClientCap>,
     /// Plain-`http` origins.
     pub h1: Arc<crate::upstream::pool::Pool<Counted<body::RequestBody>>>,
     /// The interception CA, when `[intercept]` is configured.
@@ -82,10 +86,11 @@ pub type HttpsClient = Client<Connector, Counted<body::RequestBody>>;
 pub fn https_client(
     upstream: Arc<Upstream>,
     settings: &crate::config::UpstreamSettings,
+    max_idle: usize,
 ) -> HttpsClient {
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
-        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host.min(max_idle))
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .build(Connector::new(upstream))
