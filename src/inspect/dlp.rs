@@ -256,18 +256,22 @@ impl Scanner {
     /// Which patterns occur in `body`, as sent or with its JSON escapes
     /// decoded.
     pub fn scan(&self, body: &[u8]) -> Hits {
-        let hits = self.scan_bytes(body);
+        let mut hits = self.scan_bytes(body);
         // JSON lets a client spell any character as an escape (`\u002d` for
         // `-`; PHP writes `/` as `\/` by default), so a secret can hide from
         // the patterns in the raw bytes. Without a backslash there is no
         // escape, and the usual body costs one memchr more.
-        if !body.contains(&b'\\') {
-            return hits;
+        if body.contains(&b'\\') {
+            if let Some(decoded) = unescaped(body) {
+                hits |= self.scan_bytes(&decoded);
+            }
         }
-        match unescaped(body) {
-            Some(decoded) => hits | self.scan_bytes(&decoded),
-            None => hits,
+        // A form body (or a query string) spells any byte as `%XX` and a
+        // space as `+`: `-----BEGIN+RSA+PRIVATE+KEY-----`, `sk%2Dproj…`.
+        if let Some(decoded) = form_decoded(body) {
+            hits |= self.scan_bytes(&decoded);
         }
+        hits
     }
 
     /// Which patterns occur in `body`, taken as it is.
@@ -303,6 +307,19 @@ impl Scanner {
             run_has_card(run.as_bytes(), tail_ok)
         })
     }
+}
+
+/// `body` as a form decoder reads it (`+` a space, `%XX` the byte); `None`
+/// when it has neither. One level, as the vendor decodes it.
+fn form_decoded(body: &[u8]) -> Option<Vec<u8>> {
+    if !body.iter().any(|&b| b == b'%' || b == b'+') {
+        return None;
+    }
+    let spaced: Vec<u8> = body
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    Some(percent_encoding::percent_decode(&spaced).collect())
 }
 
 /// `body` with its JSON escapes decoded, lone surrogates as U+FFFD; `None`
@@ -579,6 +596,28 @@ mod tests {
         (0..len)
             .map(|i| alphabet[(i * 7 + offset) % alphabet.len()] as char)
             .collect()
+    }
+
+    /// A form body spells the same secrets with `+` for spaces and `%XX` for
+    /// any byte; the form-decoded view is scanned too.
+    #[test]
+    fn form_encoded_secrets_are_found() {
+        let s = scanner();
+        let key = format!("sk-proj-{}", "A".repeat(40));
+        let encoded_key = key.replace('-', "%2D");
+        for body in [
+            "prompt=-----BEGIN+RSA+PRIVATE+KEY-----%0AMIIE".to_string(),
+            "prompt=-----BEGIN%20RSA%20PRIVATE%20KEY-----%0AMIIE".to_string(),
+            format!("prompt=hello+{encoded_key}+bye"),
+            format!(
+                "prompt={}",
+                "%2D".repeat(5) + "BEGIN+PRIVATE+KEY" + &"%2D".repeat(5)
+            ),
+        ] {
+            let hits = s.scan(body.as_bytes());
+            assert!(!hits.is_empty(), "{body}");
+        }
+        assert!(s.scan(b"prompt=hello+world%21").is_empty());
     }
 
     fn scanner() -> Scanner {
