@@ -478,3 +478,51 @@ async fn a_tunnel_whose_hello_comes_after_a_reload_is_decided_again() {
     assert_reason(&rec, "policy_reloaded");
     assert_eq!(origin.received(), 0, "the hello reached the origin");
 }
+
+/// A client may send its second ClientHello before the origin's HelloRetryRequest, in the
+/// same write as the first. Those bytes must wait for the origin's answer like any other:
+/// forwarded at once, a renamed hello would reach an origin that (leniently) reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_hello_sent_ahead_of_the_retry_request_is_checked_too() {
+    use tokio::io::AsyncReadExt;
+    let (origin, mut received) = retrying_origin().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin)
+            .vendor("api.deepseek.com", origin),
+    )
+    .await;
+    let ccs: &[u8] = &[0x14, 3, 3, 0, 1, 1];
+    for (i, (ahead, through)) in [("api.deepseek.com", false), ("api.openai.com", true)]
+        .into_iter()
+        .enumerate()
+    {
+        let (status, _, mut tunnel) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+        assert_eq!(status, 200, "case {i}");
+        let second_hello = hello(Some(ahead), true);
+        tunnel
+            .write_all(&[&hello(Some("api.openai.com"), false), ccs, &second_hello].concat())
+            .await
+            .unwrap();
+        let mut hrr = vec![0u8; hello_retry_request().len()];
+        within("the retry request", tunnel.read_exact(&mut hrr))
+            .await
+            .unwrap();
+        let after = within("the origin's report", received.recv())
+            .await
+            .unwrap();
+        drop(tunnel);
+        let rec = proxy.audit_at_least(i + 1).await[i].clone();
+        if through {
+            assert_eq!(after, [ccs, &second_hello].concat(), "case {i}: {rec}");
+            assert_eq!(rec["action"], "allow", "case {i}: {rec}");
+        } else {
+            assert!(
+                after.is_empty(),
+                "case {i}: the renamed hello reached the origin"
+            );
+            assert_eq!(rec["action"], "block", "case {i}: {rec}");
+            assert_reason(&rec, "sni_mismatch");
+        }
+    }
+}

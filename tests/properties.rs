@@ -1018,8 +1018,10 @@ proptest! {
         let expected = ClientHelloInfo {
             sni: h.sni.as_ref().map(|s| s.to_ascii_lowercase()),
             alpn: h.alpn.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect(),
+            len: wire.len(),
         };
-        // Every strict prefix is Incomplete; the whole hello parses; what follows is ignored.
+        // Every strict prefix is Incomplete; the whole hello parses; what follows is not part
+        // of it.
         for cut in [0, wire.len() / 2, wire.len() - 1] {
             prop_assert_eq!(parse_client_hello(&wire[..cut]), Err(SniError::Incomplete));
         }

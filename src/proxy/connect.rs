@@ -238,9 +238,11 @@ impl Tunnel {
         };
         // The first hello's SNI, when the tunnel carries TLS.
         let mut tls_sni: Option<Option<String>> = None;
+        let mut hello_len = hello.len();
         match peeked {
             Ok(Ok(info)) => {
                 tls_sni = Some(info.sni.clone());
+                hello_len = info.len;
                 if let Some(sni) = info.sni {
                     if let Some(refusal) = self.check_sni(&sni, upstream.is_some()) {
                         self.rec.sni = Some(sni.into());
@@ -289,7 +291,7 @@ impl Tunnel {
             let followed = tokio::select! {
                 f = tokio::time::timeout(
                     wait,
-                    follow_hello_retry(&mut client, &mut upstream, &hello, sni.as_deref()),
+                    follow_hello_retry(&mut client, &mut upstream, &hello, hello_len, sni.as_deref()),
                 ) => f,
                 _ = shutdown.stopping() => return self.close("shutdown".into()),
             };
@@ -556,11 +558,14 @@ enum Retry {
 /// so a client could name an allowed host first and a blocked one second. So: the hello is
 /// sent, the server's first record is read (and passed on) before anything more from the
 /// client goes upstream, and after a retry request the second hello must name the same
-/// server as the first (or none, if the first named none) before it is sent on.
+/// server as the first (or none, if the first named none) before it is sent on. What the
+/// client sent after its first hello without waiting (`peeked[hello_len..]`: a second hello
+/// sent ahead of the retry request, or early data) waits with the rest.
 async fn follow_hello_retry<C, U>(
     client: &mut C,
     upstream: &mut U,
-    hello: &[u8],
+    peeked: &[u8],
+    hello_len: usize,
     sni: Option<&str>,
 ) -> Result<(), Retry>
 where
@@ -568,6 +573,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let failed = |e: io::Error| Retry::Failed(format!("tunnel_error: {e}"));
+    let (hello, ahead) = peeked.split_at(hello_len.min(peeked.len()));
     upstream.write_all(hello).await.map_err(failed)?;
     // Enough to tell a HelloRetryRequest (the first 43 bytes); what else came is passed on
     // here, the rest by the splice. Small, since a tunnel whose origin is slow to answer
@@ -584,9 +590,10 @@ where
     };
     client.write_all(&answer).await.map_err(failed)?;
     if !retry {
-        return Ok(());
+        return upstream.write_all(ahead).await.map_err(failed);
     }
-    let mut second = BytesMut::with_capacity(2048);
+    let mut second = BytesMut::with_capacity(2048.max(ahead.len()));
+    second.extend_from_slice(ahead);
     let info = peek_retried_client_hello(client, &mut second, MAX_CLIENT_HELLO)
         .await
         .map_err(|e| Retry::Failed(format!("{}: {}", e.kind(), ProxyError::ClientHello(e))))?;

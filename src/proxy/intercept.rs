@@ -77,8 +77,13 @@ where
         }
     };
     let settings = &state.settings.proxy;
+    let mut signal = state.shutdown_signal();
     let accept = TlsAcceptor::from(config).accept(io);
-    let tls = match tokio::time::timeout(settings.client_hello_timeout, accept).await {
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(settings.client_hello_timeout, accept) => a,
+        _ = signal.past(Phase::Draining) => return Err("shutdown".into()),
+    };
+    let tls = match accepted {
         Ok(Ok(t)) => t,
         // Typically a client that does not trust the org CA (or pins): it aborts the handshake.
         Ok(Err(e)) => return Err(format!("client_tls: {e}")),
@@ -94,7 +99,6 @@ where
     let st = state.clone();
     let ins = inside.clone();
     let service = service_fn(move |req| handler::inner(st.clone(), peer, ins.clone(), req));
-    let mut signal = state.shutdown_signal();
     let idle = settings.idle_timeout;
 
     macro_rules! drive {

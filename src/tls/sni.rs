@@ -16,6 +16,9 @@ pub struct ClientHelloInfo {
     pub sni: Option<String>,
     /// ALPN protocol names in the client's order of preference.
     pub alpn: Vec<String>,
+    /// Bytes of the peeked buffer up to the end of the record that completes the hello:
+    /// what follows is the client's next flight, sent before the server answered.
+    pub len: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,9 +128,13 @@ fn parse_records(buf: &[u8]) -> Result<ClientHelloInfo, Stop> {
             let msg_len = u24(&handshake[1..4]);
             let end = HANDSHAKE_HEADER_LEN + msg_len;
             if handshake.len() >= end {
-                return Ok(parse_client_hello_body(
-                    &handshake[HANDSHAKE_HEADER_LEN..end],
-                )?);
+                let mut info = parse_client_hello_body(&handshake[HANDSHAKE_HEADER_LEN..end])?;
+                // The record that completes the hello is passed on whole, with the hello.
+                if take < len {
+                    return Err(Stop::NeedAtLeast(body_start + len));
+                }
+                info.len = body_start + len;
+                return Ok(info);
             }
         }
 
@@ -399,10 +406,14 @@ pub async fn peek_retried_client_hello<R: AsyncRead + Unpin>(
 ) -> Result<ClientHelloInfo, SniError> {
     peek(io, buf, max, |b| {
         let skip = change_cipher_spec_prefix(b)?;
-        parse_records(&b[skip..]).map_err(|stop| match stop {
-            Stop::NeedAtLeast(n) => Stop::NeedAtLeast(skip + n),
-            fail => fail,
-        })
+        match parse_records(&b[skip..]) {
+            Ok(info) => Ok(ClientHelloInfo {
+                len: skip + info.len,
+                ..info
+            }),
+            Err(Stop::NeedAtLeast(n)) => Err(Stop::NeedAtLeast(skip + n)),
+            Err(fail) => Err(fail),
+        }
     })
     .await
 }
@@ -555,6 +566,23 @@ mod tests {
         let info = parse_client_hello(&hello).unwrap();
         assert_eq!(info.sni.as_deref(), Some("api.openai.com"));
         assert_eq!(info.alpn, vec!["h2".to_string(), "http/1.1".to_string()]);
+    }
+
+    /// `len` ends the hello's records: bytes sent after it (a second flight sent ahead) are
+    /// not part of it, and a record the hello ends inside is part of it whole.
+    #[test]
+    fn len_is_where_the_hello_records_end() {
+        let hello = synthetic_hello(&[sni_ext(&[(0, b"x.org")])]);
+        let ccs = [0x14, 3, 3, 0, 1, 1];
+        let both = [&hello[..], &ccs[..], &hello[..]].concat();
+        assert_eq!(parse_client_hello(&both).unwrap().len, hello.len());
+        // The hello's record padded with one more handshake byte: incomplete until it is whole.
+        let mut padded = hello.clone();
+        let record_len = u16::from_be_bytes([padded[3], padded[4]]) + 1;
+        padded[3..5].copy_from_slice(&record_len.to_be_bytes());
+        assert_eq!(parse_client_hello(&padded), Err(SniError::Incomplete));
+        padded.push(0);
+        assert_eq!(parse_client_hello(&padded).unwrap().len, padded.len());
     }
 
     #[test]
@@ -715,7 +743,10 @@ mod tests {
         let no_ext = synthetic_hello(&[]);
         assert_eq!(
             parse_client_hello(&no_ext).unwrap(),
-            ClientHelloInfo::default()
+            ClientHelloInfo {
+                len: no_ext.len(),
+                ..ClientHelloInfo::default()
+            }
         );
 
         let dup_alpn = synthetic_hello(&[
