@@ -403,7 +403,7 @@ async fn forward(
             return respond::error(&e, realm, html);
         }
     };
-    if let Err(e) = framing(req.headers()) {
+    if let Err(e) = framing(&req, state.settings.proxy.max_header_bytes) {
         rejected(&state, peer, req.method(), req.uri(), &e, start);
         return respond::error(&e, realm, html);
     }
@@ -768,7 +768,25 @@ fn refusal(
 /// What hyper's parser lets through but a proxy must not forward as is: two Host fields
 /// (RFC 9112 §3.2: 400), and transfer codings other than chunked, which we would strip (the
 /// field is hop-by-hop) without decoding, changing the content (RFC 9112 §6.1: 501).
-fn framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+fn framing(req: &Request<Incoming>, max_head: usize) -> Result<(), ProxyError> {
+    let headers = req.headers();
+    // hyper bounds its read buffer, which a head arriving in one read can overshoot: the
+    // limit is on the head itself (request line and fields, as on the wire).
+    let uri = req.uri();
+    let line = req.method().as_str().len()
+        + uri.authority().map_or(0, |a| a.as_str().len() + 8)
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if line + fields > max_head {
+        return Err(ProxyError::RequestHeadTooLarge(format!(
+            "{} bytes, over max_header_bytes {max_head}",
+            line + fields
+        )));
+    }
     let mut hosts = headers.get_all(header::HOST).iter();
     if hosts.next().is_some() && hosts.next().is_some() {
         return Err(ProxyError::DuplicateHost);
