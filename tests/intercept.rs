@@ -867,3 +867,32 @@ async fn streams_inside_intercepted_tunnels_count_against_the_client_cap() {
     })
     .await;
 }
+
+/// `OPTIONS *` inside a tunnel names no resource: refused as a bad target (400), not sent on
+/// and counted as an origin failure, which would let any client trip the upstream-error alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_asterisk_inside_a_tunnel_is_a_bad_request_not_an_upstream_error() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .expect("handshake");
+    tls.write_all(b"OPTIONS * HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(s.origin.requests().is_empty());
+    let metrics = s.proxy.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("portcullis_upstream_errors_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -352,6 +352,11 @@ fn target_of(req: &Request<Incoming>, inside: Option<&Inside>) -> Result<Target,
             "CONNECT inside an intercepted tunnel".into(),
         ));
     }
+    // `OPTIONS *` asks about a server, not a resource: there is no path to decide, and it
+    // is not sent on as an origin's failure either.
+    if req.uri().path() == "*" {
+        return Err(ProxyError::Target(target::TargetError::NotAbsolute));
+    }
     // HTTP/2 carries :authority in the URI; HTTP/1.1 origin-form carries Host.
     let named = match req.uri().authority() {
         Some(a) => Some(a.as_str()),
