@@ -286,3 +286,45 @@ async fn a_path_that_reads_as_two_restricted_rules_is_refused() {
     assert_reason(&proxy.audit_path(path).await, "key_not_allowed");
     assert!(openai.requests().is_empty(), "{:?}", openai.requests());
 }
+
+/// IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL`, and Rails, Laravel and
+/// Express's method-override act on a `_method` parameter: what they name is decided too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_and_methods_named_by_rewrite_fields_and_parameters_are_decided() {
+    let openai = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", openai.addr).tail(
+        "[[rule]]\nid = \"no-files\"\nvendor = \"openai\"\nendpoint = \"files\"\naction = \"block\"\n\n\
+         [[rule]]\nid = \"no-deletes\"\nvendor = \"openai\"\nmethod = \"DELETE\"\naction = \"block\"\n",
+    ))
+    .await;
+    let client = proxy.client();
+    for (i, name) in ["X-Original-URL", "x-rewrite-url"].into_iter().enumerate() {
+        let r = fetch(
+            client
+                .get(format!("http://api.openai.com/v1/models?h{i}"))
+                .header(name, "/v1/files"),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{name}: {r:?}");
+        assert_eq!(
+            proxy.audit_path(&format!("/v1/models?h{i}")).await["rule"],
+            "no-files"
+        );
+    }
+    for (i, q) in ["_method=DELETE", "x=1&_method=delete", "%5Fmethod=DELETE"]
+        .into_iter()
+        .enumerate()
+    {
+        let path = format!("/v1/models/m?{q}&q{i}");
+        let r = fetch(client.post(format!("http://api.openai.com{path}"))).await;
+        assert_eq!(r.status, 403, "{q}: {r:?}");
+        assert_eq!(proxy.audit_path(&path).await["rule"], "no-deletes");
+    }
+    let r = fetch(client.get("http://api.openai.com/v1/models?_method=GET")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        openai.requests().len(),
+        1,
+        "only the honest request is forwarded"
+    );
+}

@@ -478,6 +478,8 @@ async fn forward(
     let mut d = policy.decide(&asked);
     // Some front ends (Google's) and many frameworks act on a method-override header instead
     // of the request line: a rule on `DELETE` must see a `POST` that says it is one.
+    // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
+    // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
     for field in parts.headers.iter() {
         if let Some(m) = overriding_method(field) {
             if m != parts.method {
@@ -487,6 +489,24 @@ async fn forward(
                 };
                 d = d.merge(policy.decide(&overridden));
             }
+        } else if let Some(p) = overriding_path(field) {
+            let overridden = policy::Request {
+                path: Some(p),
+                ..asked
+            };
+            d = d.merge(policy.decide(&overridden));
+        }
+    }
+    if let Some(m) = path_q
+        .split_once('?')
+        .and_then(|(_, q)| method_parameter(q))
+    {
+        if m != parts.method {
+            let overridden = policy::Request {
+                method: &m,
+                ..asked
+            };
+            d = d.merge(policy.decide(&overridden));
         }
     }
     let seen = Seen {
@@ -823,6 +843,41 @@ fn overriding_method((name, value): (&HeaderName, &HeaderValue)) -> Option<Metho
     }
     let v = value.as_bytes().trim_ascii();
     Method::from_bytes(&v.to_ascii_uppercase()).ok()
+}
+
+/// The path an `X-Original-URL` or `X-Rewrite-URL` field names (origin-form), which some
+/// servers route on instead of the request line's.
+fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<&'a str> {
+    let n = name.as_str();
+    if !matches!(n.len(), 13 | 14) || !matches!(n, "x-original-url" | "x-rewrite-url") {
+        return None;
+    }
+    value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|p| p.starts_with('/'))
+}
+
+/// The method a `_method` query parameter names (percent-decoded, upper case).
+fn method_parameter(query: &str) -> Option<Method> {
+    // One memchr for the usual query, which names none.
+    if !query.contains("method") {
+        return None;
+    }
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        let name = percent_encoding::percent_decode_str(name)
+            .decode_utf8()
+            .ok()?;
+        if name != "_method" {
+            return None;
+        }
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .ok()?;
+        Method::from_bytes(value.trim().to_ascii_uppercase().as_bytes()).ok()
+    })
 }
 
 /// RFC 9110 §7.6.1: connection-specific fields, and any the Connection header names, are for
