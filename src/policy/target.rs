@@ -139,30 +139,42 @@ pub struct Dotted {
     len: u8,
 }
 
+/// Each octet's decimal digits and their count: formatting an address is four copies.
+const OCTET_TEXT: [([u8; 3], u8); 256] = {
+    let mut t = [([0u8; 3], 0u8); 256];
+    let mut o = 0;
+    while o < 256 {
+        let (h, d, u) = ((o / 100) as u8, (o / 10 % 10) as u8, (o % 10) as u8);
+        t[o] = match o {
+            0..=9 => ([b'0' + u, 0, 0], 1),
+            10..=99 => ([b'0' + d, b'0' + u, 0], 2),
+            _ => ([b'0' + h, b'0' + d, b'0' + u], 3),
+        };
+        o += 1;
+    }
+    t
+};
+
 impl Dotted {
     pub fn new(ip: Ipv4Addr) -> Dotted {
         let mut d = Dotted {
             buf: [0; 15],
             len: 0,
         };
+        let mut at = 0usize;
         for (i, o) in ip.octets().into_iter().enumerate() {
-            if i > 0 {
-                d.push(b'.');
+            let (digits, n) = OCTET_TEXT[usize::from(o)];
+            // Three bytes always fit: at most 3 × 4 digits and 3 dots, and the last octet
+            // starts at 12 at the latest.
+            d.buf[at..at + 3].copy_from_slice(&digits);
+            at += usize::from(n);
+            if i < 3 {
+                d.buf[at] = b'.';
+                at += 1;
             }
-            if o >= 100 {
-                d.push(b'0' + o / 100);
-            }
-            if o >= 10 {
-                d.push(b'0' + o / 10 % 10);
-            }
-            d.push(b'0' + o % 10);
         }
+        d.len = at as u8;
         d
-    }
-
-    fn push(&mut self, b: u8) {
-        self.buf[self.len as usize] = b;
-        self.len += 1;
     }
 
     pub fn as_str(&self) -> &str {
@@ -283,7 +295,9 @@ fn split_authority(authority: &str) -> Result<(Host, Option<u16>), TargetError> 
     // Refused rather than stripped: credentials have no business passing
     // through a policy proxy, and `allowed.com@blocked.com` style confusion
     // is a classic way to make a log and a connection disagree.
-    if authority.contains('@') {
+    // Byte searches: the authority is short, and a `char` search is built for long text.
+    let bytes = authority.as_bytes();
+    if bytes.contains(&b'@') {
         return Err(TargetError::UserInfo);
     }
     let (host_part, port_part) = if authority.starts_with('[') {
@@ -298,10 +312,11 @@ fn split_authority(authority: &str) -> Result<(Host, Option<u16>), TargetError> 
             (host, Some(port))
         }
     } else {
-        match authority.rsplit_once(':') {
+        match bytes.iter().rposition(|&b| b == b':') {
             // "::1:443" cannot be split reliably, so no guess is made.
-            Some((host, _)) if host.contains(':') => return Err(TargetError::UnbracketedIpv6),
-            Some((host, port)) => (host, Some(port)),
+            Some(at) if bytes[..at].contains(&b':') => return Err(TargetError::UnbracketedIpv6),
+            // ':' is ASCII, so both sides are on char boundaries.
+            Some(at) => (&authority[..at], Some(&authority[at + 1..])),
             None => (authority, None),
         }
     };
