@@ -526,3 +526,59 @@ async fn a_second_client_hello_sent_ahead_of_the_retry_request_is_checked_too() 
         }
     }
 }
+
+/// A ServerHello's first record, not a HelloRetryRequest: enough for the proxy to splice.
+fn server_hello() -> Vec<u8> {
+    let mut r = vec![0x16, 3, 3, 0, 44, 2, 0, 0, 40, 3, 3];
+    r.extend_from_slice(&[0x5a; 32]);
+    r.extend_from_slice(&[0, 0xc0, 0x2f, 0, 0, 0]);
+    r
+}
+
+/// A client that leaves a tunnel whose origin stays silent frees the tunnel, and the
+/// `concurrent` slot it holds, within seconds: not when the origin next writes, nor at
+/// `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_left_ends_though_the_origin_stays_silent() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(&server_hello()).await;
+            held.push(s);
+        }
+    });
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin).tail(
+        "[[rule]]\nid = \"one-tunnel\"\nvendor = \"openai\"\naction = \"limit\"\n\
+         limit = { concurrent = 1 }\n",
+    ))
+    .await;
+    let (status, _, mut first) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 200);
+    first
+        .write_all(&hello(Some("api.openai.com"), true))
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; server_hello().len()];
+    within("the origin's hello", first.read_exact(&mut answer))
+        .await
+        .unwrap();
+    let (status, _, _) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 429, "the slot is held while the tunnel is open");
+
+    drop(first);
+    let left = std::time::Instant::now();
+    within("the slot to come back", async {
+        loop {
+            let (status, _, _) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(left.elapsed() < std::time::Duration::from_secs(15));
+}

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
@@ -327,7 +327,8 @@ impl Tunnel {
                 }
                 // An idle tunnel keeps no buffers: not the peeked hello, not copy buffers.
                 drop(hello);
-                super::splice::splice(&mut client, &mut upstream, 16 * 1024).await
+                let half_closed = idle.min(HALF_CLOSED_IDLE);
+                super::splice::splice(&mut client, &mut upstream, 16 * 1024, half_closed).await
             };
             tokio::pin!(outcome);
             loop {
@@ -543,6 +544,9 @@ impl Tunnel {
         self.state.finish(self.rec, self.start);
     }
 }
+
+/// How long a tunnel one side has closed waits for the other to finish while nothing moves.
+const HALF_CLOSED_IDLE: Duration = Duration::from_secs(5);
 
 /// Why a tunnel's handshake was not let through after a HelloRetryRequest.
 enum Retry {

@@ -6,11 +6,12 @@
 //! the source has bytes and gives it back as soon as the source has none and everything read
 //! has been written.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -107,13 +108,25 @@ impl Half {
 
 /// Copies `a`→`b` and `b`→`a` until both directions reach end of stream (each then shuts down
 /// its writer), or either fails. Returns the bytes moved a→b and b→a.
-pub async fn splice<A, B>(a: &mut A, b: &mut B, buf_size: usize) -> io::Result<(u64, u64)>
+///
+/// Once one side has ended, the other has `half_closed_idle` of silence to finish in: a client
+/// that went away must not hold its tunnel (and the limit slots it holds) until the origin
+/// happens to write or the tunnel's idle timeout, hours later for a silent origin. TLS, what
+/// tunnels carry, does not use half-closed connections to wait for answers.
+pub async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    buf_size: usize,
+    half_closed_idle: Duration,
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut a_to_b = Half::new(buf_size);
     let mut b_to_a = Half::new(buf_size);
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut moved_then = 0;
     poll_fn(|cx| {
         if !a_to_b.done {
             if let Poll::Ready(r) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
@@ -128,10 +141,21 @@ where
             }
         }
         if a_to_b.done && b_to_a.done {
-            Poll::Ready(Ok((a_to_b.moved, b_to_a.moved)))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok((a_to_b.moved, b_to_a.moved)));
         }
+        if a_to_b.done || b_to_a.done {
+            let moved = a_to_b.moved + b_to_a.moved;
+            let deadline = tokio::time::Instant::now() + half_closed_idle;
+            let timer = linger.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if moved != moved_then {
+                moved_then = moved;
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok((a_to_b.moved, b_to_a.moved)));
+            }
+        }
+        Poll::Pending
     })
     .await
 }
@@ -145,7 +169,10 @@ mod tests {
     async fn copies_both_ways_and_counts() {
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { splice(&mut near, &mut far, 64).await });
+        let task =
+            tokio::spawn(
+                async move { splice(&mut near, &mut far, 64, Duration::from_secs(5)).await },
+            );
         let up = vec![7u8; 10_000];
         let up2 = up.clone();
         let writer = tokio::spawn(async move {
@@ -167,5 +194,28 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"pong");
         assert_eq!(task.await.unwrap().unwrap(), (10_000, 4));
+    }
+
+    /// One side ends and the other stays silent: the splice ends after the half-closed
+    /// grace, not never. Bytes still moving keep it going.
+    #[tokio::test]
+    async fn a_half_closed_splice_ends_after_its_grace() {
+        let grace = Duration::from_secs(2);
+        let (mut client, mut near) = tokio::io::duplex(1024);
+        let (mut far, mut server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(async move { splice(&mut near, &mut far, 64, grace).await });
+        client.shutdown().await.unwrap();
+        let mut byte = [0u8; 1];
+        // The client's end reaches the server.
+        assert_eq!(server.read(&mut byte).await.unwrap(), 0);
+        for _ in 0..4 {
+            tokio::time::sleep(grace / 6).await;
+            server.write_all(b"x").await.unwrap();
+            client.read_exact(&mut byte).await.unwrap();
+        }
+        assert!(!task.is_finished(), "bytes were still moving");
+        let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert_eq!(ended.expect("ended").unwrap().unwrap(), (0, 4));
+        drop(server);
     }
 }
