@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +51,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
     // one: connections from many addresses (each under its cap) that hold their slots
     // idle cannot keep the probe out, since it is always the newest and done in
     // milliseconds, while a flood would have to reopen all of its slots that fast.
-    let mut live: VecDeque<AbortHandle> = VecDeque::with_capacity(MAX_ADMIN_CONNECTIONS);
+    // A connection answering a request is passed over: the churn must not cut a probe
+    // whose head has arrived.
+    let mut live: VecDeque<(AbortHandle, Arc<AtomicBool>)> =
+        VecDeque::with_capacity(MAX_ADMIN_CONNECTIONS);
     let per_source = ClientCap::new(MAX_ADMIN_CONNECTIONS_PER_SOURCE);
     let mut builder = http1::Builder::new();
     builder
@@ -82,26 +85,38 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
             drop(stream);
             continue;
         };
-        live.retain(|c| !c.is_finished());
+        live.retain(|(c, _)| !c.is_finished());
         if live.len() >= MAX_ADMIN_CONNECTIONS {
-            if let Some(oldest) = live.pop_front() {
-                tracing::debug!(client = %addr, "admin connection cap: closing the oldest");
+            let idle = live
+                .iter()
+                .position(|(_, busy)| !busy.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            if let Some((oldest, _)) = live.remove(idle) {
+                tracing::debug!(client = %addr, "admin connection cap: closing the oldest idle");
                 oldest.abort();
             }
         }
+        let busy = Arc::new(AtomicBool::new(false));
+        let answering = busy.clone();
         let st = state.clone();
         let conn = builder.serve_connection(
             TokioIo::new(SendTimeout::new(stream, ADMIN_SEND_TIMEOUT)),
             service_fn(move |req| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(route(&st, req).await) }
+                let answering = answering.clone();
+                async move {
+                    answering.store(true, Ordering::Relaxed);
+                    let resp = route(&st, req).await;
+                    answering.store(false, Ordering::Relaxed);
+                    Ok::<_, Infallible>(resp)
+                }
             }),
         );
         let task = tokio::spawn(async move {
             let _ = conn.await;
             drop(source_slot);
         });
-        live.push_back(task.abort_handle());
+        live.push_back((task.abort_handle(), busy));
     }
 }
 

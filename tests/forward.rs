@@ -245,46 +245,67 @@ async fn origin_form_request_is_400_and_never_forwarded() {
 
 /// A path that reads two ways (dot segments kept or resolved, `%2F` decoded or not) lands on
 /// a limit rule one way and a tenant restriction the other. Keeping either lets the client
-/// pick which applies by how it spells the path: the request is refused as ambiguous, and
-/// nothing reaches the origin. A detour through a rule that restricts nothing keeps the
-/// restriction.
+/// pick which applies by how it spells the path: both apply. Two limit rules cannot, and the
+/// request is refused as ambiguous. Nothing refused reaches the origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_path_that_reads_as_two_restricted_rules_is_refused() {
+async fn a_path_that_reads_two_ways_meets_the_restrictions_of_both() {
     let openai = Origin::http().await;
-    let proxy = Proxy::start(Config::new().vendor("api.openai.com", openai.addr).tail(
-        "[[rule]]\nid = \"bulk\"\nvendor = \"openai\"\nendpoint = [\"batches\", \"files\"]\n\
-             action = \"limit\"\nlimit = { requests = 100, per = \"1m\" }\n\n\
-             [[rule]]\nid = \"audit-models\"\nvendor = \"openai\"\nendpoint = \"models\"\n\
-             action = \"audit\"\n\n\
+    let fp = portcullis::identity::keys::KeyFingerprinter::new(b"a-deployment-secret-of-32-bytes!");
+    let company = fp.fingerprint(b"sk-company");
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let secret = dir.path().join("key-secret");
+    std::fs::write(&secret, "a-deployment-secret-of-32-bytes!").expect("secret");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", openai.addr)
+            .tail(&format!(
+            "[[rule]]\nid = \"bulk\"\nvendor = \"openai\"\nendpoint = [\"batches\", \"files\"]\n\
+             action = \"limit\"\nlimit = {{ requests = 100, per = \"1m\" }}\n\n\
+             [[rule]]\nid = \"chat-cap\"\nvendor = \"openai\"\nendpoint = \"chat\"\n\
+             action = \"limit\"\nlimit = {{ requests = 100, per = \"1m\" }}\n\n\
              [[rule]]\nid = \"company-only\"\nvendor = \"openai\"\naction = \"allow\"\n\
-             require_key = [\"k_000000000000\"]\n",
-    ))
-    .await;
-    for path in [
-        "/v1/batches/../chat/completions",
-        "/v1/files/%2e%2e/chat/completions",
-        "/v1/batches%2F..%2Fchat/completions",
-    ] {
-        let r = raw_get(
-            proxy.addr,
-            &format!("http://api.openai.com{path}"),
-            &["Authorization: Bearer sk-personal"],
-        )
-        .await;
-        assert_eq!(r.status, 403, "{path}: {r:?}");
-        let rec = proxy.audit_path(path).await;
-        assert_reason(&rec, "ambiguous_request");
-    }
-    let path = "/v1/models/../chat/completions";
-    let r = raw_get(
-        proxy.addr,
-        &format!("http://api.openai.com{path}"),
-        &["Authorization: Bearer sk-personal"],
+             require_key = [\"{company}\"]\n\
+             set_headers = {{ \"openai-organization\" = \"org-company\" }}\n\n\
+             [keys]\nsecret_file = \"{}\"\n",
+            secret.display()
+        )),
     )
     .await;
-    assert_eq!(r.status, 403, "{path}: {r:?}");
-    assert_reason(&proxy.audit_path(path).await, "key_not_allowed");
+    let addr = proxy.addr;
+    let send = |path: &str, key: &str| {
+        let target = format!("http://api.openai.com{path}");
+        let auth = format!("Authorization: Bearer {key}");
+        async move { raw_get(addr, &target, &[&auth]).await }
+    };
+    // A limit one way, the tenant restriction the other: a personal key is refused.
+    for path in ["/v1/batches/../assistants", "/v1/files/%2e%2e/assistants"] {
+        let r = send(path, "sk-personal").await;
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        assert_reason(&proxy.audit_path(path).await, "key_not_allowed");
+    }
+    // Two limit rules: refused as ambiguous.
+    for path in [
+        "/v1/batches/../chat/completions",
+        "/v1/batches%2F..%2Fchat/completions",
+    ] {
+        let r = send(path, "sk-company").await;
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        assert_reason(&proxy.audit_path(path).await, "ambiguous_request");
+    }
     assert!(openai.requests().is_empty(), "{:?}", openai.requests());
+    // The company key passes both: counted by the limit, and the tenant headers are set.
+    let path = "/v1/batches/../assistants";
+    let r = send(&format!("{path}?company"), "sk-company").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = openai.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["openai-organization"], "org-company");
+    assert_eq!(
+        proxy.audit_path(&format!("{path}?company")).await["rule"],
+        "bulk"
+    );
 }
 
 /// IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL`, and Rails, Laravel and

@@ -609,3 +609,45 @@ async fn intercepted_h2_bodies_past_max_body_are_refused() {
     }
     origin_saw_only(&origin, &["h2-exact", "h2-exact-streamed"]);
 }
+
+/// A method-override field lets the request be decided under another rule too (here an audit
+/// rule on `DELETE`, before the model and DLP rules): that must not take the model and DLP
+/// rules out of play, or an ambiguous body and an unreadable one pass just by naming the
+/// method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_override_does_not_take_body_rules_out_of_play() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&format!(
+                "[[rule]]\nid = \"audit-deletes\"\nvendor = \"openai\"\nmethod = \"DELETE\"\n\
+         action = \"audit\"\n\n{RULES}"
+            )),
+    )
+    .await;
+    let send = |tag: &str, content_type: &str, body: Vec<u8>| {
+        let req = proxy
+            .client()
+            .post(format!("http://api.openai.com/v1/chat/completions?{tag}"))
+            .header("content-type", content_type)
+            .header("x-http-method-override", "DELETE")
+            .body(body);
+        fetch(req)
+    };
+    let r = send(
+        "twice",
+        "application/json",
+        br#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#.to_vec(),
+    )
+    .await;
+    assert_not_inspectable(&proxy, &path("twice"), &r).await;
+    let r = send(
+        "utf16",
+        "application/json; charset=utf-16le",
+        utf16(r#"{"model":"gpt-4o-mini","messages":[]}"#, true),
+    )
+    .await;
+    assert_not_inspectable(&proxy, &path("utf16"), &r).await;
+    origin_saw_only(&origin, &[]);
+}

@@ -84,13 +84,16 @@ pub struct Decision<'p> {
     pub action: Action,
     pub mode: Mode,
     pub reason: &'p Arc<str>,
+    /// A second rule whose tenant restriction and headers apply too: another reading of the
+    /// request (its path spelled another way, an override) met it ([`Decision::merge`]).
+    pub also: Option<&'p Rule>,
 }
 
 /// The reason of a request whose readings different rules restrict ([`Decision::merge`]).
 static AMBIGUOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| {
     Arc::from(
-        "ambiguous_request: the path or method reads several ways here, and different rules \
-         restrict the readings",
+        "ambiguous_request: the path or method reads several ways here, and the readings are \
+         restricted by rules that cannot all be applied (two limit rules)",
     )
 });
 
@@ -121,10 +124,11 @@ impl Decision<'_> {
     /// One decision for a request that can be read two ways (two spellings of its path, or
     /// the method an override header names), when which reading the origin acts on is not
     /// known here. A block on either reading blocks. A reading that holds nothing back
-    /// yields to the other. Two different rules that each restrict the request (two limits,
-    /// a limit and a tenant restriction, a rule that sets headers) cannot both be applied,
-    /// and keeping one would let the client choose which by how it spells the request: the
-    /// request is refused as ambiguous instead.
+    /// yields to the other. Two different rules that each restrict the request both apply:
+    /// the limit rule's limits (there is one) and the other's tenant restriction and headers
+    /// ([`Decision::also`]), so the client cannot choose by its spelling which one it meets.
+    /// What cannot be applied together (two limit rules, a third restricting rule) is refused
+    /// as ambiguous.
     pub fn merge(self, other: Self) -> Self {
         let same_rule = match (self.rule, other.rule) {
             (Some(a), Some(b)) => std::ptr::eq(a, b),
@@ -144,15 +148,39 @@ impl Decision<'_> {
             }
             (true, true) | (false, true) => self,
             (true, false) => other,
-            (false, false) => Decision {
-                vendor: self.vendor.or(other.vendor),
-                endpoint: self.endpoint,
-                rule: None,
-                action: Action::Block,
-                mode: Mode::Enforce,
-                reason: &AMBIGUOUS,
-            },
+            (false, false) => {
+                let (main, extra) = match other.enforced() == Action::Limit {
+                    true => (other, self),
+                    false => (self, other),
+                };
+                let fits = |r: &Rule| {
+                    extra.enforced() != Action::Limit
+                        && extra.also.is_none()
+                        && main.also.is_none_or(|a| std::ptr::eq(a, r))
+                };
+                match extra.rule {
+                    Some(r) if fits(r) => Decision {
+                        also: Some(r),
+                        ..main
+                    },
+                    _ => Decision {
+                        vendor: self.vendor.or(other.vendor),
+                        endpoint: self.endpoint,
+                        rule: None,
+                        action: Action::Block,
+                        mode: Mode::Enforce,
+                        reason: &AMBIGUOUS,
+                        also: None,
+                    },
+                }
+            }
         }
+    }
+
+    /// The rules whose tenant restrictions and headers apply: the deciding one, and the one
+    /// another reading met.
+    pub fn restricting_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rule.into_iter().chain(self.also)
     }
 
     pub fn vendor_id(&self) -> Option<&Arc<str>> {
@@ -302,6 +330,7 @@ impl Policy {
                 action: rule.action,
                 mode: rule.mode,
                 reason: &rule.reason,
+                also: None,
             },
             None => Decision {
                 vendor,
@@ -310,6 +339,7 @@ impl Policy {
                 action: self.default.action,
                 mode: Mode::Enforce,
                 reason: &self.default.reason,
+                also: None,
             },
         }
     }
@@ -423,11 +453,11 @@ action = "block"
     }
 
     /// A path that reads several ways must not let the client pick which rule applies: a
-    /// limit on one reading and a tenant restriction (or headers to set, or another limit)
-    /// on another cannot both be kept, so the request is refused; a reading whose rule holds
+    /// limit on one reading and a tenant restriction (or headers to set) on another both
+    /// apply; two limit rules cannot, and the request is refused; a reading whose rule holds
     /// nothing back yields to the other.
     #[test]
-    fn readings_restricted_by_different_rules_are_refused() {
+    fn readings_restricted_by_different_rules_all_apply() {
         let p = policy(
             r#"
 [[rule]]
@@ -436,6 +466,13 @@ vendor = "openai"
 endpoint = ["batches", "files"]
 action = "limit"
 limit = { requests = 5, per = "1m" }
+
+[[rule]]
+id = "chat-cap"
+vendor = "openai"
+endpoint = "chat"
+action = "limit"
+limit = { requests = 50, per = "1m" }
 
 [[rule]]
 id = "audit-models"
@@ -452,48 +489,52 @@ set_headers = { "openai-organization" = "org-company" }
 "#,
         );
         let post = Method::POST;
-        for path in [
-            "/v1/batches/../chat/completions",
-            "/v1/files/../chat/completions",
-            "/v1/batches%2F..%2Fchat/completions",
-        ] {
-            let (action, rule, _) = decide(&p, &post, "api.openai.com", path);
-            assert_eq!(
-                (action, rule.as_str()),
-                (Action::Block, "default"),
-                "{path}"
-            );
-        }
-        // One rule on every reading, or a detour through a rule that restricts nothing.
-        for (path, action, rule) in [
-            ("/v1/batches/../files", Action::Limit, "bulk"),
-            ("/v1/chat/./completions", Action::Allow, "company-only"),
-            // The audit rule restricts nothing: the tenant restriction holds.
-            (
-                "/v1/models/../chat/completions",
-                Action::Allow,
-                "company-only",
-            ),
-            ("/v1/batches/./x", Action::Limit, "bulk"),
-        ] {
-            let got = decide(&p, &post, "api.openai.com", path);
-            assert_eq!((got.0, got.1.as_str()), (action, rule), "{path}");
-        }
-        let merged = {
-            let host = Host::parse("api.openai.com").unwrap();
+        let host = Host::parse("api.openai.com").unwrap();
+        let decide_full = |path: &str| {
             p.decide(&Request {
                 client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
                 user: None,
                 method: &post,
                 host: &host,
                 port: 443,
-                path: Some("/v1/files/../chat/completions"),
+                path: Some(path),
                 body: Default::default(),
             })
-            .reason
-            .to_string()
         };
-        assert!(merged.starts_with("ambiguous_request"), "{merged}");
+        // Two limit rules: refused.
+        for path in [
+            "/v1/batches/../chat/completions",
+            "/v1/files/%2e%2e/chat/completions",
+            "/v1/batches%2F..%2Fchat/completions",
+        ] {
+            let d = decide_full(path);
+            assert_eq!((d.enforced(), d.rule_id()), (Action::Block, None), "{path}");
+            assert!(
+                d.reason.starts_with("ambiguous_request"),
+                "{path}: {}",
+                d.reason
+            );
+        }
+        // A limit and a tenant restriction: both.
+        for path in ["/v1/batches/../vector_stores", "/v1/files/../assistants"] {
+            let d = decide_full(path);
+            assert_eq!(d.enforced(), Action::Limit, "{path}");
+            assert_eq!(d.rule_id().map(|r| &**r), Some("bulk"), "{path}");
+            let also = d.also.map(|r| &*r.id);
+            assert_eq!(also, Some("company-only"), "{path}");
+            let rules: Vec<&str> = d.restricting_rules().map(|r| &*r.id).collect();
+            assert_eq!(rules, ["bulk", "company-only"], "{path}");
+        }
+        // One rule on every reading, or a detour through a rule that restricts nothing.
+        for (path, action, rule) in [
+            ("/v1/batches/../files", Action::Limit, "bulk"),
+            ("/v1/batches/./x", Action::Limit, "bulk"),
+            ("/v1/models/../embeddings", Action::Allow, "company-only"),
+        ] {
+            let got = decide(&p, &post, "api.openai.com", path);
+            assert_eq!((got.0, got.1.as_str()), (action, rule), "{path}");
+            assert!(decide_full(path).also.is_none(), "{path}");
+        }
     }
 
     /// `post` is not `POST` to `http`, but some origins read it so: a method rule holds for

@@ -480,33 +480,37 @@ async fn forward(
     // of the request line: a rule on `DELETE` must see a `POST` that says it is one.
     // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
     // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
+    let mut overridden = false;
     for field in parts.headers.iter() {
         if let Some(m) = overriding_method(field) {
+            overridden = true;
             if m != parts.method {
-                let overridden = policy::Request {
+                let other = policy::Request {
                     method: &m,
                     ..asked
                 };
-                d = d.merge(policy.decide(&overridden));
+                d = d.merge(policy.decide(&other));
             }
         } else if let Some(p) = overriding_path(field) {
-            let overridden = policy::Request {
+            overridden = true;
+            let other = policy::Request {
                 path: Some(p),
                 ..asked
             };
-            d = d.merge(policy.decide(&overridden));
+            d = d.merge(policy.decide(&other));
         }
     }
     if let Some(m) = path_q
         .split_once('?')
         .and_then(|(_, q)| method_parameter(q))
     {
+        overridden = true;
         if m != parts.method {
-            let overridden = policy::Request {
+            let other = policy::Request {
                 method: &m,
                 ..asked
             };
-            d = d.merge(policy.decide(&overridden));
+            d = d.merge(policy.decide(&other));
         }
     }
     let seen = Seen {
@@ -526,7 +530,7 @@ async fn forward(
     }
     if let Some(i) = &inspected {
         rec.model = i.model.as_deref().map(Into::into);
-        note_inspection(&policy, i, &d, &mut rec);
+        note_inspection(&policy, i, &d, &mut rec, overridden);
     }
 
     // Tenant restriction and uninspectable bodies refuse what the rule would let through.
@@ -586,9 +590,11 @@ async fn forward(
         parts.headers.insert(header::HOST, v);
     }
     append_via(&mut parts.headers);
-    if let Some(rule) = d.rule.filter(|_| d.enforced() != Action::Block) {
-        for (name, value) in &rule.set_headers {
-            parts.headers.insert(name.clone(), value.clone());
+    if d.enforced() != Action::Block {
+        for rule in d.restricting_rules() {
+            for (name, value) in &rule.set_headers {
+                parts.headers.insert(name.clone(), value.clone());
+            }
         }
     }
     // The pools speak HTTP/1.1 or HTTP/2 upstream, whatever the client spoke to us.
@@ -715,7 +721,13 @@ impl Drop for InFlight<'_> {
 /// Puts what inspection found into the record: pattern names (never the matched text), and
 /// that only the first part of a longer body was inspected. Then, with the decision known,
 /// whether what inspection could not read must refuse the request (see [`refusal`]).
-fn note_inspection(policy: &Policy, i: &Inspected, d: &Decision<'_>, rec: &mut Record) {
+fn note_inspection(
+    policy: &Policy,
+    i: &Inspected,
+    d: &Decision<'_>,
+    rec: &mut Record,
+    overridden: bool,
+) {
     let Some(ins) = &policy.inspection else {
         return;
     };
@@ -730,7 +742,7 @@ fn note_inspection(policy: &Policy, i: &Inspected, d: &Decision<'_>, rec: &mut R
         }
         rec.reason = reason.into();
     }
-    if let Some(why) = i.unverifiable(policy, d, rec) {
+    if let Some(why) = i.unverifiable(policy, d, rec, overridden) {
         let _ = i.refused.set(why);
     }
 }
@@ -752,7 +764,12 @@ fn refusal(
     if let Some(why) = inspected.and_then(|i| i.refused.get()) {
         return Some(why.clone());
     }
-    let rule = d.rule?;
+    d.restricting_rules()
+        .find_map(|rule| tenant_refusal(rule, rec, headers))
+}
+
+/// Why `rule`'s tenant restriction refuses the request, if it does.
+fn tenant_refusal(rule: &crate::policy::Rule, rec: &Record, headers: &HeaderMap) -> Option<String> {
     if !rule.require_keys.is_empty() {
         let ok = rec
             .key_id

@@ -265,7 +265,16 @@ impl Inspected {
     ///   `max_body` (a second `model` past the cap is what Python and JavaScript parsers read).
     ///
     /// A partly read body where only DLP rules are in play streams on, as documented.
-    pub fn unverifiable(&self, policy: &Policy, d: &Decision<'_>, rec: &Record) -> Option<String> {
+    ///
+    /// `overridden`: the request names another method or path in a field or parameter
+    /// (which some origins act on instead); see [`in_play`].
+    pub fn unverifiable(
+        &self,
+        policy: &Policy,
+        d: &Decision<'_>,
+        rec: &Record,
+        overridden: bool,
+    ) -> Option<String> {
         if d.enforced() == Action::Block {
             return None;
         }
@@ -281,7 +290,7 @@ impl Inspected {
         if !model_doubt && self.unreadable.is_none() {
             return None;
         }
-        let play = in_play(policy, d, rec);
+        let play = in_play(policy, d, rec, overridden);
         if let Some(why) = self.unreadable.as_deref() {
             if play.model || play.dlp {
                 return Some(format!(
@@ -327,7 +336,10 @@ pub struct InPlay {
 /// refuse) whose every other condition this request meets. When the policy decided several
 /// readings of a path (dot segments, `%2F`) and merged them, or the decision is a shadow
 /// rule or the default, every rule counts. Only run when something was not read: it walks the rules.
-pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record) -> InPlay {
+///
+/// A request that names another method or path (`overridden`) may be acted on as any of
+/// them: every enforcing rule for its host counts, whatever its method and path conditions.
+pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record, overridden: bool) -> InPlay {
     let Ok(host) = Host::parse(&rec.host) else {
         return InPlay {
             model: true,
@@ -346,7 +358,7 @@ pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record) -> InPlay {
         paths.extend(path::literal(p).map(Cow::Owned));
     }
     let last = match d.rule {
-        Some(r) if r.mode == Mode::Enforce && paths.len() == 1 => policy
+        Some(r) if r.mode == Mode::Enforce && paths.len() == 1 && !overridden => policy
             .rules
             .iter()
             .position(|x| std::ptr::eq(x, r))
@@ -368,24 +380,25 @@ pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record) -> InPlay {
         }
         // A model its globs match, so that only its other conditions decide.
         let witness = rule.models.first().map(|g| g.replace('*', ""));
-        let fits = paths.iter().any(|p| {
-            let segments = Segments::new(p);
-            let facts = Facts {
-                client: rec.client.ip(),
-                user: rec.user.as_deref(),
-                groups,
-                method: &rec.method,
-                port: rec.port,
-                path: Some(&segments),
-                vendor: hit.map(|h| h.vendor),
-                endpoint: hit.map_or(Endpoint::None, |h| {
-                    policy.catalog.classify(h, Some(&segments))
-                }),
-                model: witness.as_deref(),
-                dlp: rule.dlp,
-            };
-            rule.matches(&facts)
-        });
+        let fits = overridden
+            || paths.iter().any(|p| {
+                let segments = Segments::new(p);
+                let facts = Facts {
+                    client: rec.client.ip(),
+                    user: rec.user.as_deref(),
+                    groups,
+                    method: &rec.method,
+                    port: rec.port,
+                    path: Some(&segments),
+                    vendor: hit.map(|h| h.vendor),
+                    endpoint: hit.map_or(Endpoint::None, |h| {
+                        policy.catalog.classify(h, Some(&segments))
+                    }),
+                    model: witness.as_deref(),
+                    dlp: rule.dlp,
+                };
+                rule.matches(&facts)
+            });
         if fits {
             play.model |= model;
             play.dlp |= dlp;
@@ -461,7 +474,7 @@ mod tests {
             path: Some(path_q),
             body: BodyFacts { model, dlp: 0 },
         });
-        in_play(p, &d, &record(client, host, path_q, &d))
+        in_play(p, &d, &record(client, host, path_q, &d), false)
     }
 
     const NONE: InPlay = InPlay {

@@ -128,6 +128,12 @@ fn parse_records(buf: &[u8]) -> Result<ClientHelloInfo, Stop> {
             let msg_len = u24(&handshake[1..4]);
             let end = HANDSHAKE_HEADER_LEN + msg_len;
             if handshake.len() >= end {
+                // Nothing else of the client's first flight is a handshake message: bytes
+                // after the hello in its record would be a second hello sent inside the
+                // first's record, past the check of what follows the server's answer.
+                if handshake.len() > end {
+                    return Err(SniError::Malformed("handshake bytes after the ClientHello").into());
+                }
                 let mut info = parse_client_hello_body(&handshake[HANDSHAKE_HEADER_LEN..end])?;
                 // The record that completes the hello is passed on whole, with the hello.
                 if take < len {
@@ -418,17 +424,47 @@ pub async fn peek_retried_client_hello<R: AsyncRead + Unpin>(
     .await
 }
 
-/// Length of a leading change_cipher_spec record (0 when there is none).
+/// Length of what a client may send before its second ClientHello: the one
+/// change_cipher_spec record of middlebox-compatibility mode, and early data (application_data
+/// records) it sent after its first hello, which the server skips after a retry request
+/// (RFC 8446 §4.2.10). 0 when there is none.
 fn change_cipher_spec_prefix(b: &[u8]) -> Result<usize, Stop> {
     const CCS_LEN: usize = RECORD_HEADER_LEN + 1;
-    match b.first() {
-        None => Err(Stop::NeedAtLeast(1)),
-        Some(&t) if t != CONTENT_TYPE_CHANGE_CIPHER_SPEC => Ok(0),
-        Some(_) if b.len() < CCS_LEN => Err(Stop::NeedAtLeast(CCS_LEN)),
-        Some(_) if b[3..6] != [0, 1, 1] => {
-            Err(SniError::Malformed("change_cipher_spec record is not the one byte 1").into())
+    const CONTENT_TYPE_APPLICATION_DATA: u8 = 0x17;
+    let mut at = 0;
+    let mut ccs = false;
+    loop {
+        let rest = &b[at..];
+        match rest.first() {
+            None => return Err(Stop::NeedAtLeast(at + 1)),
+            Some(&CONTENT_TYPE_CHANGE_CIPHER_SPEC) if !ccs => {
+                if rest.len() < CCS_LEN {
+                    return Err(Stop::NeedAtLeast(at + CCS_LEN));
+                }
+                if rest[3..6] != [0, 1, 1] {
+                    return Err(SniError::Malformed(
+                        "change_cipher_spec record is not the one byte 1",
+                    )
+                    .into());
+                }
+                ccs = true;
+                at += CCS_LEN;
+            }
+            Some(&CONTENT_TYPE_APPLICATION_DATA) => {
+                if rest.len() < RECORD_HEADER_LEN {
+                    return Err(Stop::NeedAtLeast(at + RECORD_HEADER_LEN));
+                }
+                let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+                if len > MAX_RECORD_LEN {
+                    return Err(SniError::Malformed("record length exceeds maximum").into());
+                }
+                if rest.len() < RECORD_HEADER_LEN + len {
+                    return Err(Stop::NeedAtLeast(at + RECORD_HEADER_LEN + len));
+                }
+                at += RECORD_HEADER_LEN + len;
+            }
+            Some(_) => return Ok(at),
         }
-        Some(_) => Ok(CCS_LEN),
     }
 }
 
@@ -568,21 +604,49 @@ mod tests {
         assert_eq!(info.alpn, vec!["h2".to_string(), "http/1.1".to_string()]);
     }
 
+    /// A second hello packed into the first's record would reach the origin with it,
+    /// unchecked: refused. Early data and the change_cipher_spec record before a second
+    /// hello are skipped to it.
+    #[tokio::test]
+    async fn packed_hellos_are_refused_and_early_data_is_skipped() {
+        let hello = synthetic_hello(&[sni_ext(&[(0, b"x.org")])]);
+        let body = &hello[RECORD_HEADER_LEN..];
+        let mut packed = record(&[body, body].concat());
+        assert!(matches!(
+            parse_client_hello(&packed),
+            Err(SniError::Malformed(_))
+        ));
+        packed.clear();
+        let early = [0x17, 3, 3, 0, 3, 9, 9, 9];
+        let ccs = [0x14, 3, 3, 0, 1, 1];
+        let mut buf = BytesMut::from(&[&ccs[..], &early, &early, &hello].concat()[..]);
+        let mut none: &[u8] = &[];
+        let info = peek_retried_client_hello(&mut none, &mut buf, 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(info.sni.as_deref(), Some("x.org"));
+        assert_eq!(info.len, buf.len());
+    }
+
     /// `len` ends the hello's records: bytes sent after it (a second flight sent ahead) are
-    /// not part of it, and a record the hello ends inside is part of it whole.
+    /// not part of it.
     #[test]
     fn len_is_where_the_hello_records_end() {
         let hello = synthetic_hello(&[sni_ext(&[(0, b"x.org")])]);
         let ccs = [0x14, 3, 3, 0, 1, 1];
         let both = [&hello[..], &ccs[..], &hello[..]].concat();
         assert_eq!(parse_client_hello(&both).unwrap().len, hello.len());
-        // The hello's record padded with one more handshake byte: incomplete until it is whole.
+        // The hello's record with one more handshake byte: incomplete until it is whole,
+        // then refused (nothing may follow the hello in its record).
         let mut padded = hello.clone();
         let record_len = u16::from_be_bytes([padded[3], padded[4]]) + 1;
         padded[3..5].copy_from_slice(&record_len.to_be_bytes());
         assert_eq!(parse_client_hello(&padded), Err(SniError::Incomplete));
         padded.push(0);
-        assert_eq!(parse_client_hello(&padded).unwrap().len, padded.len());
+        assert!(matches!(
+            parse_client_hello(&padded),
+            Err(SniError::Malformed(_))
+        ));
     }
 
     #[test]
