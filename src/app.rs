@@ -64,6 +64,29 @@ impl Running {
     }
 }
 
+/// Reads every file the settings name, as `start` will (user file, admin token, key
+/// secret, upstream CA file, interception CA), without binding or starting anything:
+/// `portcullis check` runs this so a config it passes also starts. Errors name the key.
+pub fn check_files(settings: &crate::config::Settings) -> Result<(), StartError> {
+    let named = |key: &str, e: String| StartError::Secret(format!("{key}: {e}"));
+    if let Some(a) = &settings.auth {
+        crate::secrets::refuse_world_readable(&a.htpasswd)
+            .map_err(|e| named("[auth] htpasswd", e))?;
+        Htpasswd::load(&a.htpasswd).map_err(|e| named("[auth] htpasswd", e.to_string()))?;
+    }
+    if let Some(p) = &settings.admin.token_file {
+        crate::secrets::read_secret_file(p).map_err(|e| named("[admin] token_file", e))?;
+    }
+    KeyFingerprinter::configured(settings.key_secret_file.as_deref())
+        .map_err(|e| named("[keys] secret_file", e))?;
+    Upstream::new(&settings.upstream, Vec::new())
+        .map_err(|e| StartError::UpstreamTls(format!("[upstream]: {e}")))?;
+    if let Some(a) = &settings.intercept {
+        crate::tls::ca::Authority::load(a)?;
+    }
+    Ok(())
+}
+
 /// Binds the listeners and starts serving.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let settings = loaded.settings;

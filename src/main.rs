@@ -235,6 +235,10 @@ impl Signals {
 fn check(path: &Path) -> ExitCode {
     match load(Some(path)) {
         Ok(l) => {
+            if let Err(e) = portcullis::app::check_files(&l.settings) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::from(2);
+            }
             let p = &l.policy;
             println!(
                 "{}: ok: {} vendors, {} hosts, {} rules, default {}; proxy {}",

@@ -57,7 +57,23 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
     let source = state.source.clone();
     // File reads and compilation are blocking work: keep them off the request threads.
     let loaded = tokio::task::spawn_blocking(move || match source {
-        Some(p) => config::load(&p),
+        Some(p) => {
+            // An editor that truncates the file and then writes it wakes the watcher in
+            // between: an empty file is valid TOML with no catalog and no rules (everything
+            // allowed), never what an operator means. The old policy stays.
+            let empty = std::fs::read(&p).is_ok_and(|b| b.trim_ascii().is_empty());
+            if empty {
+                return Err(ConfigError {
+                    file: p.display().to_string(),
+                    line: 1,
+                    col: 1,
+                    msg:
+                        "the config file is empty (a save in progress?); keeping the current policy"
+                            .into(),
+                });
+            }
+            config::load(&p)
+        }
         None => config::load_default(),
     })
     .await

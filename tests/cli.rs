@@ -200,3 +200,43 @@ async fn ca_init_writes_a_private_key_only_the_owner_reads() {
     let again = portcullis(&["ca", "init", "--out", out_dir.to_str().unwrap()]).await;
     assert!(!again.status.success());
 }
+
+/// A config `check` passes must start: the files it names (users, admin token, key secret,
+/// upstream CA file) are read by `check` as `run` reads them, and a missing one is named by
+/// its key.
+#[tokio::test]
+async fn check_reads_the_files_a_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, key) in [
+        (
+            "[auth]\nhtpasswd = \"missing.htpasswd\"\n",
+            "[auth] htpasswd",
+        ),
+        (
+            "[admin]\ntoken_file = \"missing.token\"\n",
+            "[admin] token_file",
+        ),
+        (
+            "[keys]\nsecret_file = \"missing-secret\"\n",
+            "[keys] secret_file",
+        ),
+        ("[upstream]\nca_file = \"missing-ca.pem\"\n", "[upstream]"),
+    ] {
+        let path = config(dir.path(), "files.toml", body);
+        let check = portcullis(&["check", "--config", &path]).await;
+        assert_eq!(check.status.code(), Some(2), "{body}: {check:?}");
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert!(stderr.contains(key), "{body}: {stderr}");
+    }
+    // Present and private: accepted.
+    let secret = dir.path().join("key-secret");
+    std::fs::write(&secret, "a-deployment-secret-of-32-bytes!").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = config(
+        dir.path(),
+        "files.toml",
+        &format!("[keys]\nsecret_file = \"{}\"\n", secret.display()),
+    );
+    let check = portcullis(&["check", "--config", &path]).await;
+    assert!(check.status.success(), "{check:?}");
+}

@@ -173,6 +173,34 @@ async fn broken_file_keeps_the_old_policy_and_names_line_and_column() {
     );
 }
 
+/// An editor that truncates the file before writing it wakes the watcher on an empty file,
+/// which is valid TOML with no catalog and no rules: that must not open the proxy.
+#[tokio::test]
+async fn an_emptied_file_keeps_the_old_policy() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(BLOCK_OPENAI),
+    )
+    .await;
+    let get = || async {
+        proxy
+            .client()
+            .get("http://api.openai.com/v1/models")
+            .send()
+            .await
+            .expect("request")
+            .status()
+    };
+    assert_eq!(get().await, 403);
+    edit_config(&proxy, |_| "\n  \n".to_string());
+    let (status, body) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("empty"), "{body}");
+    assert_eq!(get().await, 403, "the old policy still blocks");
+}
+
 #[tokio::test]
 async fn saving_the_file_reloads() {
     let origin = Origin::http().await;
