@@ -85,6 +85,9 @@ async fn check_names_file_line_and_column_of_each_error() {
         ("\n[[rule]]\nid = \"r1\"\naction = \"block\"\n\n[[rule]]\n  id = \"r1\"\naction = \"allow\"\n", 11, 8, "r1"),
         ("\n[upstream]\nresolve_typo = {}\n", 7, 1, "resolve_typo"),
         ("\n[inspect]\nmax_body = \"1MiB\"\nmax_buffered = \"10KiB\"\n", 8, 16, "max_buffered"),
+        ("\n[defaults]\naction = \"limit\"\n", 7, 10, "defaults"),
+        ("\n[[rule]]\nid = \"r1\"\nhost = []\naction = \"block\"\n", 8, 8, "host = []"),
+        ("\n[[rule]]\nid = \"r1\"\nport = 0\naction = \"block\"\n", 8, 8, "port"),
     ];
     for &(body, line, col, word) in cases {
         let (l, c, msg) = check_error(dir.path(), body).await;

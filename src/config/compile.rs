@@ -83,6 +83,14 @@ pub(super) fn compile(src: &Sources, parsed: Parsed) -> Result<(Settings, Policy
         Some(d) => {
             let d = d.get_ref();
             let action = match &d.action {
+                // A default has no limits to apply: "limit" would refuse nothing and be
+                // counted as limiting everything.
+                Some(a) if a.get_ref() == "limit" => {
+                    return Err(src.error(
+                        src.at(0, a),
+                        "[defaults] action must be allow, audit or block (a limit needs a rule with limits)",
+                    ))
+                }
                 Some(a) => parse_action(src, 0, a)?,
                 None => Action::Allow,
             };
@@ -277,6 +285,90 @@ fn compile_rule(
             }
         },
     };
+    // An empty list would read as "no condition" and widen the rule to every request.
+    let conditions: [(&str, Option<(super::At, usize)>); 11] = [
+        (
+            "vendor",
+            def.vendor
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "host",
+            def.host
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "endpoint",
+            def.endpoint
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "path",
+            def.path
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "method",
+            def.method
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "port",
+            def.port
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "client",
+            def.client
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "user",
+            def.user
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "group",
+            def.group
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "model",
+            def.model
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+        (
+            "dlp",
+            def.dlp
+                .as_ref()
+                .map(|v| (src.at(file, v), v.get_ref().as_slice().len())),
+        ),
+    ];
+    for (key, given) in conditions {
+        if let Some((at, 0)) = given {
+            return Err(err(
+                at,
+                format!("{key} = [] matches nothing; leave the key out to match any {key}"),
+            ));
+        }
+    }
+    if let Some(p) = def
+        .port
+        .as_ref()
+        .filter(|p| p.get_ref().as_slice().contains(&0))
+    {
+        return Err(err(src.at(file, p), "port must be 1-65535".into()));
+    }
     let list = |v: &Option<S<super::types::OneOrMany<String>>>| -> Vec<(super::At, String)> {
         v.as_ref()
             .map(|s| {
