@@ -255,11 +255,24 @@ fn pac_proxy(state: &State, req: &Request<Incoming>) -> String {
     if !listen.ip().is_unspecified() {
         return listen.to_string();
     }
+    // The Host header is the client's to write: only a plain name, IPv4 address or
+    // bracketed IPv6 address is taken from it.
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.rsplit_once(':').map_or(Some(h), |(h, _)| Some(h)))
-        .unwrap_or("127.0.0.1");
-    format!("{host}:{}", listen.port())
+        .map(|h| match h.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map_or("", |(a, _)| a),
+            None => h.split(':').next().unwrap_or(""),
+        })
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        });
+    match host {
+        Some(h) if h.contains(':') => format!("[{h}]:{}", listen.port()),
+        Some(h) => format!("{h}:{}", listen.port()),
+        None => format!("127.0.0.1:{}", listen.port()),
+    }
 }

@@ -355,6 +355,22 @@ async fn admin_endpoints_answer() {
     assert_eq!(resp.status(), 405, "reload is POST only");
 }
 
+/// Browsers configured by the PAC file send the proxy only what it lists: hosts a rule names
+/// beyond the catalog must be there too, or a block on them never sees their traffic.
+#[tokio::test]
+async fn the_pac_file_lists_the_hosts_rules_name() {
+    let proxy = Proxy::start(Config::new().tail(
+        "[[rule]]\nid = \"block-new-ai\"\nhost = [\"*.example.ai\", \"203.0.113.7\", \"chat.example.org\"]\n\
+         action = \"block\"\n",
+    ))
+    .await;
+    let (status, pac) = proxy.admin_get("/proxy.pac").await;
+    assert_eq!(status, 200);
+    for listed in ["\".example.ai\"", "\"203.0.113.7\"", "\"chat.example.org\""] {
+        assert!(pac.contains(listed), "{listed} missing: {pac}");
+    }
+}
+
 /// A mounted Kubernetes ConfigMap: `portcullis.toml -> ..data/portcullis.toml`, and an update
 /// swaps the `..data` symlink to a new directory. The watcher must follow it.
 #[tokio::test]

@@ -104,16 +104,27 @@ pub fn describe(p: &Policy) -> Value {
 /// A proxy auto-config file. `all`: everything through the proxy; otherwise only the
 /// catalog's hosts (so the proxy sees AI traffic and nothing else).
 pub fn pac(p: &Policy, proxy: &str, all: bool) -> String {
-    let target = format!("PROXY {proxy}");
+    // Every string goes into the script as a JSON string literal, which is a JavaScript one:
+    // nothing in a name or the proxy address can end the literal.
+    let js = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let target = js(&format!("PROXY {proxy}"));
     if all {
         return format!(
-            "// portcullis: send everything to the proxy\nfunction FindProxyForURL(url, host) {{\n  return \"{target}\";\n}}\n"
+            "// portcullis: send everything to the proxy\nfunction FindProxyForURL(url, host) {{\n  return {target};\n}}\n"
         );
     }
     let mut exact = Vec::new();
     let mut suffixes = Vec::new();
     let mut globs = Vec::new();
-    for (pat, _, _) in p.catalog.patterns() {
+    // The catalog's hosts, and those rules name beyond it (a rule blocking a host the
+    // catalog does not list must see that host's traffic too).
+    let catalog = p.catalog.patterns().map(|(pat, _, _)| pat.to_string());
+    let ruled = p
+        .rules
+        .iter()
+        .flat_map(|r| r.hosts.iter().map(|h| h.to_string()));
+    for pat in catalog.chain(ruled) {
+        let pat = pat.as_str();
         if let Some(rest) = pat.strip_prefix("*.") {
             suffixes.push(format!(".{rest}"));
         } else if let Some(rest) = pat.strip_prefix('.') {
@@ -129,15 +140,10 @@ pub fn pac(p: &Policy, proxy: &str, all: bool) -> String {
         v.sort();
         v.dedup();
     }
-    let list = |v: &[String]| {
-        v.iter()
-            .map(|s| format!("\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(",\n    ")
-    };
+    let list = |v: &[String]| v.iter().map(|s| js(s)).collect::<Vec<_>>().join(",\n    ");
     format!(
-        "// portcullis: send the AI vendors' hosts in the catalog to the proxy, the rest direct\n\
-         var PROXY = \"{target}\";\n\
+        "// portcullis: send the AI vendors' hosts (the catalog's and the rules') to the proxy, the rest direct\n\
+         var PROXY = {target};\n\
          var EXACT = {{}};\n\
          [\n    {exact}\n].forEach(function (h) {{ EXACT[h] = true; }});\n\
          var SUFFIXES = [\n    {suffixes}\n];\n\
