@@ -270,6 +270,12 @@ impl Scanner {
         // space as `+`: `-----BEGIN+RSA+PRIVATE+KEY-----`, `sk%2Dproj…`.
         if let Some(decoded) = form_decoded(body) {
             hits |= self.scan_bytes(&decoded);
+            // A form field holding JSON: its escapes, once the form is decoded.
+            if decoded.contains(&b'\\') {
+                if let Some(both) = unescaped(&decoded) {
+                    hits |= self.scan_bytes(&both);
+                }
+            }
         }
         hits
     }
@@ -618,6 +624,12 @@ mod tests {
             assert!(!hits.is_empty(), "{body}");
         }
         assert!(s.scan(b"prompt=hello+world%21").is_empty());
+        // JSON inside a form field: both decodings, one after the other.
+        let nested = format!(
+            "payload=%7B%22k%22%3A%22{}%22%7D",
+            key.replace('-', "\\u002d")
+        );
+        assert!(!s.scan(nested.as_bytes()).is_empty(), "{nested}");
     }
 
     fn scanner() -> Scanner {
