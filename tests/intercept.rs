@@ -743,6 +743,28 @@ async fn a_python_client_over_https_proxy() {
     assert_eq!(rec["rule"], "no-o1");
 }
 
+/// HTTP/2 over TLS (trusting the org CA) to api.openai.com inside the tunnel `tcp`.
+async fn h2_inside(
+    ca: &OrgCa,
+    tcp: TcpStream,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let mut cfg = ca.client_config();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
 /// A client inside one tunnel asks for large responses over HTTP/2 and never reads them. With
 /// one upstream connection shared by every tunnel, their data filled its connection window
 /// and every other client's responses from that vendor stalled until `body_timeout`. Each
@@ -751,20 +773,7 @@ async fn a_python_client_over_https_proxy() {
 async fn a_client_that_stops_reading_stalls_only_its_own_tunnel() {
     let s = setup("", "vendors = [\"openai\"]").await;
     let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the proxy");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut send = h2_inside(&s.ca, tcp).await;
     let mut unread = Vec::new();
     for i in 0..4 {
         let req = http::Request::get(format!(
@@ -812,20 +821,7 @@ async fn streams_inside_intercepted_tunnels_count_against_the_client_cap() {
     )
     .await;
     let tcp = tunnel(proxy.addr, "api.openai.com:443").await;
-    let mut cfg = ca.client_config();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the proxy");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut send = h2_inside(&ca, tcp).await;
     let get = |path: String| {
         http::Request::get(format!("https://api.openai.com{path}"))
             .body(http_body_util::Empty::<bytes::Bytes>::new())

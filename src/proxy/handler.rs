@@ -480,38 +480,29 @@ async fn forward(
     // of the request line: a rule on `DELETE` must see a `POST` that says it is one.
     // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
     // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
-    let mut overridden = false;
-    for field in parts.headers.iter() {
-        if let Some(m) = overriding_method(field) {
-            overridden = true;
-            if m != parts.method {
-                let other = policy::Request {
-                    method: &m,
-                    ..asked
-                };
-                d = d.merge(policy.decide(&other));
-            }
-        } else if let Some(p) = overriding_path(field) {
-            overridden = true;
-            let other = policy::Request {
-                path: Some(p),
-                ..asked
-            };
-            d = d.merge(policy.decide(&other));
-        }
-    }
-    if let Some(m) = path_q
+    let param = path_q
         .split_once('?')
-        .and_then(|(_, q)| method_parameter(q))
-    {
+        .and_then(|(_, q)| method_parameter(q));
+    let named = parts
+        .headers
+        .iter()
+        .filter_map(|field| match overriding_method(field) {
+            Some(m) => Some((Some(m), None)),
+            None => overriding_path(field).map(|p| (None, Some(p))),
+        })
+        .chain(param.map(|m| (Some(m), None)));
+    let mut overridden = false;
+    for (method, path) in named {
         overridden = true;
-        if m != parts.method {
-            let other = policy::Request {
-                method: &m,
-                ..asked
-            };
-            d = d.merge(policy.decide(&other));
+        if method.as_ref().is_some_and(|m| *m == parts.method) {
+            continue;
         }
+        let other = policy::Request {
+            method: method.as_ref().unwrap_or(&parts.method),
+            path: path.or(asked.path),
+            ..asked
+        };
+        d = d.merge(policy.decide(&other));
     }
     let seen = Seen {
         peer,
