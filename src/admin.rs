@@ -222,19 +222,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             };
             text(StatusCode::OK, "application/json", body.unwrap_or_default())
         }
-        (&Method::GET | &Method::HEAD, "/proxy.pac") => {
-            let proxy = pac_proxy(state, &req);
-            let policy = state.policy.load();
-            text(
-                StatusCode::OK,
-                "application/x-ns-proxy-autoconfig",
-                crate::policy::describe::pac(
-                    &policy,
-                    &proxy,
-                    state.settings.admin.pac == crate::config::PacMode::All,
-                ),
-            )
-        }
+        (&Method::GET | &Method::HEAD, "/proxy.pac") => pac_file(state, &req),
         (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
         (_, "/metrics" | "/healthz" | "/readyz" | "/policy" | "/proxy.pac" | "/top") => text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -245,9 +233,25 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// The proxy auto-config file, served here and (origin-form `GET /proxy.pac` or `/wpad.dat`) on
+/// the proxy listener, which every client that may use the proxy can already reach.
+pub fn pac_file<B>(state: &State, req: &Request<B>) -> Response<Full<Bytes>> {
+    let proxy = pac_proxy(state, req);
+    let policy = state.policy.load();
+    text(
+        StatusCode::OK,
+        "application/x-ns-proxy-autoconfig",
+        crate::policy::describe::pac(
+            &policy,
+            &proxy,
+            state.settings.admin.pac == crate::config::PacMode::All,
+        ),
+    )
+}
+
 /// The proxy address to hand clients: configured, else the listen address, with an
 /// unspecified IP replaced by the host the PAC file was fetched from.
-fn pac_proxy(state: &State, req: &Request<Incoming>) -> String {
+fn pac_proxy<B>(state: &State, req: &Request<B>) -> String {
     if let Some(p) = &state.settings.admin.pac_proxy {
         return p.clone();
     }

@@ -577,3 +577,60 @@ async fn two_proxies_share_one_redis_limit_and_survive_its_loss() {
         "{m}"
     );
 }
+
+/// `on_store_error = "deny"` fails closed while Redis is down, and says so: a 503 naming the
+/// store, not a 429 that reads as the client's own overuse, and no rate-limited count (the
+/// alert on that series is about clients, the store has its own).
+#[tokio::test]
+async fn redis_outage_with_deny_is_503_store_unavailable_not_a_rate_limit() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::http().await;
+    let store = format!(
+        "[limit_store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\non_store_error = \"deny\"\ntimeout = \"200ms\"\n",
+        redis.port
+    );
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&store)
+            .tail(&limit_rule("{ requests = 100, per = \"10m\" }")),
+    )
+    .await;
+    let client = proxy.client();
+    assert_eq!(get(&client, "/v1/models?up=1").await.status(), 200);
+
+    redis.stop();
+    let resp = get(&client, "/v1/models?down=1").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "limit_store_unavailable", "{body}");
+    assert_eq!(body["limit"], "openai-bulk/requests");
+    assert_eq!(
+        origin.requests().len(),
+        1,
+        "fail closed: nothing more reached the origin"
+    );
+
+    let rec = proxy.audit_path("/v1/models?down=1").await;
+    assert_eq!(rec["status"], 503);
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("limit_store_unavailable: openai-bulk/requests"),
+        "{rec}"
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        metric(&m, "portcullis_limit_store_errors_total", &[]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "portcullis_rate_limited_total",
+            &[("rule", "openai-bulk")]
+        ),
+        0.0,
+        "{m}"
+    );
+}

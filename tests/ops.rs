@@ -371,6 +371,45 @@ async fn the_pac_file_lists_the_hosts_rules_name() {
     }
 }
 
+/// Clients can reach the proxy listener but (rightly) not the admin one, so the PAC file is
+/// served there too, to an origin-form `GET /proxy.pac` or `/wpad.dat`; nothing else in origin
+/// form is answered but the usual 400.
+#[tokio::test]
+async fn the_pac_file_is_served_on_the_proxy_listener_too() {
+    let proxy = Proxy::start(Config::new()).await;
+    let direct = admin_client();
+    for path in ["/proxy.pac", "/wpad.dat"] {
+        let resp = direct
+            .get(format!("http://{}{path}", proxy.addr))
+            .send()
+            .await
+            .expect("GET the PAC file from the proxy port");
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/x-ns-proxy-autoconfig"
+        );
+        let pac = resp.text().await.expect("PAC text");
+        assert!(pac.contains(&format!("PROXY {}", proxy.addr)), "{pac}");
+        assert!(pac.contains("\"api.deepseek.com\""), "{pac}");
+    }
+    for (method, path) in [
+        ("GET", "/proxy.pac.js"),
+        ("POST", "/proxy.pac"),
+        ("GET", "/"),
+    ] {
+        let resp = direct
+            .request(
+                method.parse().unwrap(),
+                format!("http://{}{path}", proxy.addr),
+            )
+            .send()
+            .await
+            .expect("origin-form request");
+        assert_eq!(resp.status(), 400, "{method} {path}");
+    }
+}
+
 /// A mounted Kubernetes ConfigMap: `portcullis.toml -> ..data/portcullis.toml`, and an update
 /// swaps the `..data` symlink to a new directory. The watcher must follow it.
 #[tokio::test]

@@ -1179,10 +1179,11 @@ mod tests {
         crate::config::load(&file)
     }
 
-    /// A host pattern with a port (or brackets) used to load and then match nothing: rules,
-    /// the catalog and `[intercept] hosts` refuse it, at the value, saying what to write.
+    /// A host pattern with a port (or brackets), or ending in a number without being an IPv4
+    /// address, used to load and then match nothing: rules, the catalog and `[intercept] hosts`
+    /// refuse it, at the value, saying what to write.
     #[test]
-    fn host_patterns_with_a_port_are_refused_where_written() {
+    fn host_patterns_that_match_nothing_are_refused_where_written() {
         let cases = [
             // (config after the include line, line, column, words the message must carry)
             (
@@ -1220,6 +1221,12 @@ mod tests {
                 5,
                 10,
                 "port = [443]",
+            ),
+            (
+                "[[rule]]\nid = \"r\"\nhost = [\"a.example\", \"300.1.1.1\"]\naction = \"block\"\n",
+                4,
+                22,
+                "not a valid IPv4 address",
             ),
         ];
         for (text, line, col, words) in cases {

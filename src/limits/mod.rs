@@ -87,6 +87,9 @@ pub enum Verdict {
     Denied {
         retry_after: Duration,
     },
+    /// The store could not answer and `on_store_error = "deny"`: refused, but not because the
+    /// client used up anything, so it is told (and audited) apart from a rate limit.
+    Unavailable,
 }
 
 impl Verdict {
@@ -99,6 +102,7 @@ impl Verdict {
         match self {
             Verdict::Allowed => None,
             Verdict::Denied { retry_after } => Some(retry_after.as_secs().max(1)),
+            Verdict::Unavailable => Some(1),
         }
     }
 

@@ -340,7 +340,7 @@ impl Shared {
     fn on_error(&self) -> Verdict {
         match self.cfg.on_store_error {
             OnStoreError::Allow => Verdict::Allowed,
-            OnStoreError::Deny => Verdict::denied_after(Duration::ZERO),
+            OnStoreError::Deny => Verdict::Unavailable,
         }
     }
 }

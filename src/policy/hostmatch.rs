@@ -32,6 +32,10 @@ pub enum PatternError {
     /// nothing.
     #[error("host pattern {0:?} has ':', '[' or ']': a host pattern is a name; match a port with `port = [...]` in a rule, and write an IPv6 address as a rule's host (\"2001:db8::1\" or \"[2001:db8::1]\")")]
     NotAName(String),
+    /// `300.1.1.1`, `example.123`: a host whose last label is a number is an IPv4 address to
+    /// every URL parser (and to the proxy), so a pattern that is not a valid one names no host.
+    #[error("host pattern {0:?} ends in a number but is not a valid IPv4 address: no request can name such a host")]
+    NotAnAddress(String),
 }
 
 /// How specific a match was: exact beats glob beats the longest suffix.
@@ -75,6 +79,9 @@ impl HostPattern {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'*' | b'_'))
         {
             return Err(PatternError::BadChar(text.to_string()));
+        }
+        if super::target::ends_in_number(t) {
+            return Err(PatternError::NotAnAddress(text.to_string()));
         }
         let kind = if let Some(rest) = t.strip_prefix("*.").filter(|r| !r.contains('*')) {
             Kind::Suffix(rest.into(), false)
@@ -419,6 +426,28 @@ mod tests {
             HostPattern::parse("API.Example.COM.").unwrap().as_str(),
             "api.example.com"
         );
+    }
+
+    /// The proxy reads a host ending in a number as an IPv4 address, as URL parsers do: a
+    /// pattern of that shape that is not a valid address could never match and is refused.
+    #[test]
+    fn numeric_last_label_refused() {
+        for p in [
+            "300.1.1.1",
+            "1.2.3.4.5",
+            "example.123",
+            ".0x7f",
+            "*.10",
+            "a.*.b.99",
+        ] {
+            assert!(
+                matches!(HostPattern::parse(p), Err(PatternError::NotAnAddress(_))),
+                "{p}"
+            );
+        }
+        for p in ["example.com", "1.example.com", "x-1.io", "a.0xyz"] {
+            assert!(HostPattern::parse(p).is_ok(), "{p}");
+        }
     }
 
     /// A port or brackets in a pattern used to be accepted and then matched nothing: the host

@@ -384,7 +384,8 @@ fn parse_domain_or_ipv4(input: &str) -> Result<Host, TargetError> {
     Ok(Host::Name(name.into()))
 }
 
-fn ends_in_number(name: &str) -> bool {
+/// WHATWG's "ends in a number": the host is an IPv4 address (or an error), never a name.
+pub(crate) fn ends_in_number(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
     if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
         return true;

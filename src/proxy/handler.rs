@@ -36,6 +36,15 @@ pub async fn handle(
     if req.method() == Method::CONNECT {
         return Ok(super::connect::handle(state, peer, req).await);
     }
+    // Browsers and OS settings fetch the auto-config file before they use any proxy: serve it
+    // where clients can reach, not only on the admin listener (which a NetworkPolicy or
+    // firewall rightly keeps to the monitoring network). Nothing is forwarded.
+    if req.uri().scheme().is_none()
+        && matches!(req.uri().path(), "/proxy.pac" | "/wpad.dat")
+        && matches!(*req.method(), Method::GET | Method::HEAD)
+    {
+        return Ok(crate::admin::pac_file(&state, &req).map(ProxyBody::Left));
+    }
     Ok(forward(state, peer, None, None, req).await)
 }
 
@@ -213,7 +222,7 @@ pub async fn admit(
             meter,
         }),
         Err(refused) => {
-            rec.status = 429;
+            rec.status = if refused.store_unavailable { 503 } else { 429 };
             state.finish(rec, start);
             Err(respond::limited(d, &refused, html))
         }
@@ -265,6 +274,19 @@ async fn apply_limits(
                 permits,
                 ByteMeter::for_rule(&state.limiter, rule, &kv, more),
             ))
+        }
+        Err(refused) if refused.store_unavailable => {
+            // Not the client's doing: `portcullis_limit_store_errors_total` counts these, and
+            // the rate-limited series (and its alert) stay about clients over their limits.
+            rec.reason = format!(
+                "limit_store_unavailable: {} cannot be checked and on_store_error = \"deny\"; {}",
+                refused.limit, rule.reason
+            )
+            .into();
+            if d.mode == Mode::Shadow {
+                return Ok((Vec::new(), None));
+            }
+            Err(refused)
         }
         Err(refused) => {
             rec.reason = format!(

@@ -18,12 +18,15 @@ const CHARGE_EVERY: u64 = 16 * 1024;
 pub struct Refused {
     pub limit: Arc<str>,
     pub retry_after: u64,
+    /// The limit store could not answer (`on_store_error = "deny"`): a 503, not a 429.
+    pub store_unavailable: bool,
 }
 
 fn refused(spec: &LimitSpec, v: Verdict) -> Refused {
     Refused {
         limit: spec.id.clone(),
         retry_after: v.retry_after_secs().unwrap_or(1),
+        store_unavailable: v == Verdict::Unavailable,
     }
 }
 

@@ -105,7 +105,8 @@ pub fn blocked_because(d: &Decision<'_>, reason: &str, html: bool) -> Response<P
     resp
 }
 
-/// 429 for a request or CONNECT over one of its rule's limits.
+/// 429 for a request or CONNECT over one of its rule's limits; 503 when the limit store cannot
+/// answer and `on_store_error = "deny"`.
 pub fn limited(
     d: &Decision<'_>,
     refused: &super::limit::Refused,
@@ -113,20 +114,28 @@ pub fn limited(
 ) -> Response<ProxyBody> {
     let rule = d.rule_id().map(|r| &**r);
     let vendor = d.vendor_id().map(|v| &**v);
+    let (status, error, title) = if refused.store_unavailable {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_store_unavailable",
+            "Limit store unavailable",
+        )
+    } else {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Rate limited by policy",
+        )
+    };
     let body = json!({
-        "error": "rate_limited",
+        "error": error,
         "rule": rule,
         "vendor": vendor,
         "limit": &*refused.limit,
         "retry_after": refused.retry_after,
         "reason": &**d.reason,
     });
-    let mut resp = build(
-        StatusCode::TOO_MANY_REQUESTS,
-        html,
-        body,
-        "Rate limited by policy",
-    );
+    let mut resp = build(status, html, body, title);
     add_policy_headers(&mut resp, Some(rule.unwrap_or("default")), vendor);
     resp.headers_mut().insert(
         http::header::RETRY_AFTER,
