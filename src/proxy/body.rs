@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -25,8 +25,8 @@ pub struct Pending {
     pub state: Arc<State>,
     pub record: Box<Record>,
     pub start: Instant,
-    /// Request body bytes sent upstream, counted by the request body's own [`Counted`].
-    pub uploaded: Arc<AtomicU64>,
+    /// The request body's progress: the record is written once both bodies have ended.
+    pub uploaded: Arc<Upload>,
     /// In-flight slots of `concurrent` limits, released when the exchange ends.
     pub permits: Vec<crate::limits::Permit>,
     /// The client's slot for a request inside an intercepted tunnel
@@ -40,14 +40,76 @@ pub struct Pending {
 
 pub type UpstreamLease = crate::upstream::pool::Lease<Counted<RequestBody>>;
 
+/// The upload of one exchange, shared by its request body (which counts and ends it) and its
+/// response body. An origin may answer before it has read the whole upload (a 401 up front)
+/// while the client goes on sending and the origin on reading: the exchange, its audit record
+/// (`bytes_out`) and its `concurrent` slots last until both bodies have ended.
+#[derive(Default)]
+pub struct Upload {
+    sent: AtomicU64,
+    /// Per exchange, so never contended but by its own two bodies.
+    state: Mutex<UploadState>,
+}
+
+#[derive(Default)]
+struct UploadState {
+    done: bool,
+    /// The record of a response that ended first, written when the upload ends.
+    parked: Option<Box<Pending>>,
+}
+
+impl Upload {
+    /// Request body bytes sent upstream so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The request body ended (or was dropped): a record waiting for it is written now.
+    fn ended(&self) {
+        let parked = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.done = true;
+            s.parked.take()
+        };
+        if let Some(p) = parked {
+            p.write();
+        }
+    }
+
+    /// Writes `p` now if the upload is over, or parks it until it is.
+    fn after_upload(&self, p: Box<Pending>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.done {
+            drop(s);
+            p.write();
+        } else {
+            s.parked = Some(p);
+        }
+    }
+}
+
 impl Pending {
-    fn finish(mut self, downloaded: u64) {
+    /// The response has ended (or the client went away): write the record, once the upload
+    /// has ended too.
+    fn finish(mut self: Box<Self>, downloaded: u64) {
         if let Some(m) = &mut self.meter {
             m.flush();
         }
-        self.record.bytes_out = self.uploaded.load(Ordering::Relaxed);
         self.record.bytes_in = downloaded;
-        self.state.finish(self.record, self.start);
+        let upload = self.uploaded.clone();
+        upload.after_upload(self);
+    }
+
+    fn write(self: Box<Self>) {
+        let Pending {
+            state,
+            mut record,
+            start,
+            uploaded,
+            ..
+        } = *self;
+        record.bytes_out = uploaded.sent();
+        state.finish(record, start);
     }
 
     /// The origin's body failed or stalled mid-way: the record and the metric say which.
@@ -89,7 +151,7 @@ pub struct Counted<B> {
     inner: B,
     count: u64,
     /// Where a request body publishes its count for the response side to read.
-    shared: Option<Arc<AtomicU64>>,
+    shared: Option<Arc<Upload>>,
     /// Boxed: a body moves several times on its way through hyper, and most of its size
     /// would otherwise be this record of the exchange.
     pending: Option<Box<Pending>>,
@@ -99,7 +161,7 @@ pub struct Counted<B> {
 
 impl<B> Counted<B> {
     /// A request body whose count the response side reads.
-    pub fn shared(inner: B, counter: Arc<AtomicU64>) -> Counted<B> {
+    pub fn shared(inner: B, counter: Arc<Upload>) -> Counted<B> {
         Counted {
             inner,
             count: 0,
@@ -131,6 +193,9 @@ impl<B> Counted<B> {
     fn complete(&mut self) {
         if let Some(p) = self.pending.take() {
             p.finish(self.count);
+        }
+        if let Some(u) = self.shared.take() {
+            u.ended();
         }
     }
 
@@ -191,7 +256,7 @@ where
                     let n = d.len() as u64;
                     this.count += n;
                     if let Some(c) = &this.shared {
-                        c.fetch_add(n, Ordering::Relaxed);
+                        c.sent.fetch_add(n, Ordering::Relaxed);
                     }
                     if this.pending.as_mut().is_some_and(|p| p.over_limit(n)) {
                         // This frame is replaced by the error: the client never gets it.

@@ -3,12 +3,12 @@
 
 use std::convert::Infallible;
 use std::error::Error as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -612,7 +612,18 @@ async fn forward(
     }
     // The pools speak HTTP/1.1 or HTTP/2 upstream, whatever the client spoke to us.
     parts.version = Version::HTTP_11;
-    let uploaded = Arc::new(AtomicU64::new(0));
+    // hyper sends a GET or HEAD body of unknown length (a chunked one) only when told to frame
+    // it: left to itself it would send the head alone and the origin would never see the body.
+    if matches!(parts.method, Method::GET | Method::HEAD)
+        && !http_body::Body::is_end_stream(&body)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    let uploaded = Arc::new(super::body::Upload::default());
     let body =
         Counted::shared(body, uploaded.clone()).idle_timeout(state.settings.proxy.body_timeout);
 
@@ -654,6 +665,11 @@ async fn forward(
         }
     };
     let mut rec = in_flight.disarm();
+    let result = result.and_then(|(mut resp, lease)| match unrelayable(&mut resp) {
+        // Dropping the lease closes the connection: what follows on it cannot be framed.
+        Some(e) => Err(e),
+        None => Ok((resp, lease)),
+    });
     match result {
         Err(e) => {
             if e.is_upstream() {
@@ -669,17 +685,12 @@ async fn forward(
                 // The policy allowed it, the address guard refused it: the request was blocked.
                 rec.action = Action::Block.as_str();
             }
-            rec.bytes_out = uploaded.load(Ordering::Relaxed);
+            rec.bytes_out = uploaded.sent();
             state.finish(rec, start);
             respond::error(&e, realm, html)
         }
         Ok((resp, mut lease)) => {
             let (mut parts, body) = resp.into_parts();
-            // hyper decoded a chunked body; a Content-Length beside it (RFC 9112 §6.3: ignored)
-            // would now frame the decoded body wrongly for the client.
-            if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-                parts.headers.remove(header::CONTENT_LENGTH);
-            }
             if http_body::Body::is_end_stream(&body) {
                 // No body to wait for (HEAD, 204, 304, Content-Length: 0).
                 if let Some(l) = lease.take() {
@@ -704,13 +715,44 @@ async fn forward(
     }
 }
 
+/// A response head that cannot be passed on as it is:
+/// - a transfer coding besides `chunked` (`gzip`): hyper takes off only the chunked framing, and
+///   removing the field as hop-by-hop would hand the client compressed bytes labelled as plain.
+///   Requests get a 501 for the same; a response gets a 502;
+/// - `101 Switching Protocols`: the proxy forwards no `Upgrade`, so it never asked for one.
+///
+/// A chunked head passes with its `Content-Length` (RFC 9112 §6.3: ignored beside chunked)
+/// removed: it would frame the decoded body wrongly for the client.
+fn unrelayable<B>(resp: &mut Response<B>) -> Option<ProxyError> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Some(ProxyError::Upstream(
+            "the origin switched protocols unasked (upgrades are not forwarded)".into(),
+        ));
+    }
+    let mut codings = resp.headers().get_all(header::TRANSFER_ENCODING).iter();
+    let first = codings.next()?;
+    let other = std::iter::once(first)
+        .chain(codings)
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"));
+    if let Some(coding) = other {
+        return Some(ProxyError::Upstream(format!(
+            "the origin's transfer coding {:?} is not supported; only chunked",
+            String::from_utf8_lossy(coding)
+        )));
+    }
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    None
+}
+
 /// The record of an exchange whose request may be at the origin, finished as `client_aborted`
 /// if the handler's future is dropped before it takes the record back.
 struct InFlight<'a> {
     state: &'a State,
     rec: Option<Box<Record>>,
     start: Instant,
-    uploaded: &'a AtomicU64,
+    uploaded: &'a super::body::Upload,
 }
 
 impl InFlight<'_> {
@@ -725,7 +767,7 @@ impl Drop for InFlight<'_> {
             let e = ProxyError::ClientAborted;
             rec.status = e.status().as_u16();
             rec.reason = format!("{}: {e}", e.kind()).into();
-            rec.bytes_out = self.uploaded.load(Ordering::Relaxed);
+            rec.bytes_out = self.uploaded.sent();
             self.state.finish(rec, self.start);
         }
     }
