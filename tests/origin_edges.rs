@@ -205,3 +205,27 @@ async fn a_chunked_get_body_reaches_the_origin() {
     let rec = proxy.audit_path("/v1/search").await;
     assert_eq!(rec["bytes_out"], 5, "{rec}");
 }
+
+/// `http://host?q` (no path at all) is the path `/` with a query: a rule on `/` meets it, and
+/// the record says `/?q`.
+#[tokio::test]
+async fn an_empty_path_is_the_root() {
+    let (addr, _done) = origin(|mut s, _, _| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", addr).tail(
+        "[[rule]]\nid = \"no-root\"\nhost = \"api.openai.com\"\npath = \"/\"\naction = \"block\"\n",
+    ))
+    .await;
+    let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
+    c.write_all(b"GET http://api.openai.com?x=1 HTTP/1.1\r\nhost: api.openai.com\r\n\r\n")
+        .await
+        .expect("request");
+    let (answer, _) = read_head(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let rec = proxy.audit_path("/?x=1").await;
+    assert_eq!(rec["rule"], "no-root");
+}

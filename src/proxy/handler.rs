@@ -457,7 +457,17 @@ async fn forward(
     // Taken out so the path can be borrowed while the parts change; the upstream request gets
     // its own URI below.
     let uri_in = std::mem::take(&mut parts.uri);
-    let path_q = uri_in.path_and_query().map_or("/", |p| p.as_str());
+    let sent = uri_in.path_and_query().map_or("/", |p| p.as_str());
+    // `http://host?q` has an empty path, which is `/` (RFC 9112 §3.2.1): decided, logged and
+    // forwarded as `/?q`, or a rule on `/` would miss it.
+    let rooted;
+    let path_q = match sent.starts_with('?') {
+        true => {
+            rooted = format!("/{sent}");
+            rooted.as_str()
+        }
+        false => sent,
+    };
     let keys = state.keys.from_request(&parts.headers, uri_in.query());
 
     // Body rules need the body before the decision; only read it when one could apply.
