@@ -122,6 +122,11 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let client = crate::proxy::https_client(upstream.clone(), &settings.upstream, usize::MAX);
     let inner_streams =
         crate::proxy::per_client::ClientCap::new(settings.proxy.max_connections_per_client);
+    let direct = crate::upstream::direct::DirectPool::new(
+        upstream.clone(),
+        settings.upstream.pool_idle_timeout,
+        settings.upstream.pool_max_idle_per_host,
+    );
     let h1 = crate::upstream::pool::Pool::new(
         upstream.clone(),
         settings.upstream.pool_idle_timeout,
@@ -182,6 +187,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         client,
         inner_streams,
         h1,
+        direct,
         audit: sink,
         metrics,
         auth,

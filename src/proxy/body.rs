@@ -18,7 +18,11 @@ use crate::audit::Record;
 use crate::error::ProxyError;
 
 /// What the proxy answers with: a small generated body, or an origin's body streamed through.
-pub type ProxyBody = Either<Full<Bytes>, Counted<Incoming>>;
+pub type ProxyBody = Either<Full<Bytes>, Counted<OriginBody>>;
+
+/// An origin's body: from hyper's client, or read by the request's task
+/// ([`crate::upstream::direct`]).
+pub type OriginBody = Either<Incoming, crate::upstream::direct::DirectBody>;
 
 /// An audit record waiting for its body to end.
 pub struct Pending {

@@ -653,14 +653,28 @@ async fn forward(
                 Some(pq) => Uri::from(pq.clone()),
                 None => Uri::from_static("/"),
             };
-            let upstream_req = Request::from_parts(parts, body);
-            let sent = state
-                .h1
-                .send(authority, &target.host, target.port, upstream_req);
-            match tokio::time::timeout(timeout, sent).await {
-                Err(_) => Err(ProxyError::ResponseTimeout),
-                Ok(Err(e)) => Err(e),
-                Ok(Ok((resp, lease))) => Ok((resp, Some(lease))),
+            if http_body::Body::is_end_stream(&body) {
+                // Nothing to upload: the exchange runs on this task. (Dropping the empty body
+                // ends the upload for the record.)
+                drop(body);
+                let sent = state
+                    .direct
+                    .send(authority, &target.host, target.port, &parts);
+                match tokio::time::timeout(timeout, sent).await {
+                    Err(_) => Err(ProxyError::ResponseTimeout),
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(resp)) => Ok((resp.map(Either::Right), None)),
+                }
+            } else {
+                let upstream_req = Request::from_parts(parts, body);
+                let sent = state
+                    .h1
+                    .send(authority, &target.host, target.port, upstream_req);
+                match tokio::time::timeout(timeout, sent).await {
+                    Err(_) => Err(ProxyError::ResponseTimeout),
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok((resp, lease))) => Ok((resp.map(Either::Left), Some(lease))),
+                }
             }
         }
         Scheme::Https => {
@@ -670,7 +684,7 @@ async fn forward(
             match tokio::time::timeout(timeout, client.request(upstream_req)).await {
                 Err(_) => Err(ProxyError::ResponseTimeout),
                 Ok(Err(e)) => Err(upstream_error(&e)),
-                Ok(Ok(resp)) => Ok((resp, None)),
+                Ok(Ok(resp)) => Ok((resp.map(Either::Left), None)),
             }
         }
     };

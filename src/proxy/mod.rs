@@ -60,6 +60,8 @@ pub struct State {
     pub inner_streams: Arc<per_client::ClientCap>,
     /// Plain-`http` origins.
     pub h1: Arc<crate::upstream::pool::Pool<Counted<body::RequestBody>>>,
+    /// Plain-HTTP exchanges of requests without a body.
+    pub direct: Arc<crate::upstream::direct::DirectPool>,
     /// The interception CA, when `[intercept]` is configured.
     pub interceptor: Option<intercept::Interceptor>,
     pub audit: AuditSink,

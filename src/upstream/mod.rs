@@ -2,7 +2,9 @@
 //! every resolved address, and connecting to exactly the address that was checked.
 
 pub mod connector;
+pub mod direct;
 pub mod guard;
+pub mod idle;
 pub mod pool;
 
 use std::net::SocketAddr;
