@@ -37,8 +37,10 @@ use crate::policy::target::Host;
 /// header fields, and a head that fits its read buffer's ceiling (8 KiB + 100 × 4 KiB).
 const MAX_HEADERS: usize = 100;
 const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
-/// Read size: a whole small answer in one `recv`.
+/// Read sizes: a whole small answer in one `recv`; doubled while reads fill them, up to what
+/// a loopback or LAN socket hands over at once, so a large body takes few system calls.
 const READ_CHUNK: usize = 8192;
+const MAX_READ_CHUNK: usize = 128 * 1024;
 /// A chunk-size line (size, extensions) longer than this is an attack, not an answer.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Trailer section bytes read (and dropped) before the answer counts as malformed.
@@ -53,6 +55,26 @@ pub struct DirectPool {
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// The next body read's size (see [`MAX_READ_CHUNK`]).
+    read_size: usize,
+}
+
+impl Conn {
+    /// Reads more into the buffer: the count read, 0 at end of stream. The read size follows
+    /// the answers (see [`MAX_READ_CHUNK`]) and lasts with the connection, as the buffer does.
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        // Polled once and dropped: the wake-up is registered with the socket, not the future.
+        let read = tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf);
+        let n = ready!(std::pin::pin!(read).poll(cx))?;
+        self.read_size = match n {
+            n if n >= room => (self.read_size * 2).min(MAX_READ_CHUNK),
+            n if n < self.read_size / 4 => (self.read_size / 2).max(READ_CHUNK),
+            _ => self.read_size,
+        };
+        Poll::Ready(Ok(n))
+    }
 }
 
 impl Reusable for Conn {
@@ -143,6 +165,7 @@ impl DirectPool {
         Ok(Conn {
             io,
             buf: BytesMut::new(),
+            read_size: READ_CHUNK,
         })
     }
 }
@@ -190,8 +213,7 @@ async fn exchange(mut conn: Conn, head: &[u8], is_head: bool) -> Result<Answer, 
                 return Err(Failed::Other(ProxyError::ResponseHeadTooLarge));
             }
         }
-        conn.buf.reserve(READ_CHUNK);
-        let closed = match tokio::io::AsyncReadExt::read_buf(&mut conn.io, &mut conn.buf).await {
+        let closed = match std::future::poll_fn(|cx| conn.fill(cx)).await {
             Ok(0) => None,
             Ok(_) => {
                 got_any = true;
@@ -413,13 +435,10 @@ impl DirectBody {
 
     /// Reads more of the connection into its buffer: the count read, 0 at end of stream.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Poll::Ready(Ok(0));
-        };
-        conn.buf.reserve(READ_CHUNK);
-        // Polled once and dropped: the wake-up is registered with the socket, not the future.
-        let read = tokio::io::AsyncReadExt::read_buf(&mut conn.io, &mut conn.buf);
-        std::pin::pin!(read).poll(cx)
+        match self.conn.as_mut() {
+            Some(conn) => conn.fill(cx),
+            None => Poll::Ready(Ok(0)),
+        }
     }
 
     /// The next step of the chunked decoder over what is buffered: data, the end, or a need
@@ -624,6 +643,7 @@ mod tests {
             conn: Some(Conn {
                 io,
                 buf: BytesMut::from(&wire[..split]),
+                read_size: READ_CHUNK,
             }),
             framing,
             keep_alive: false,
