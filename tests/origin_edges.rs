@@ -229,3 +229,67 @@ async fn an_empty_path_is_the_root() {
     let rec = proxy.audit_path("/?x=1").await;
     assert_eq!(rec["rule"], "no-root");
 }
+
+/// A GET goes upstream by the proxy's own exchange (`upstream::direct`), a POST with a body by
+/// hyper's client: both must refuse the same broken heads and relay the same odd but valid
+/// answers, or which path a request takes would change what a client can be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_upstream_paths_agree_on_what_an_answer_is() {
+    let broken: [&'static [u8]; 5] = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+        b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\ncontent-length: 0\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    ];
+    let valid: [(&'static [u8], &str); 4] = [
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n\
+              3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: 1\r\n\r\n",
+            "abcde",
+        ),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil the close", "until the close"),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "ok",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello",
+            "hello",
+        ),
+    ];
+    for with_body in [false, true] {
+        let send = |proxy: &Proxy| {
+            let c = proxy.client();
+            match with_body {
+                true => c.post("http://api.openai.com/v1/x").body("up"),
+                false => c.get("http://api.openai.com/v1/x"),
+            }
+        };
+        for answer in broken {
+            let (addr, _done) = origin(move |mut s, _, _| async move {
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            })
+            .await;
+            let proxy = proxy_for(addr).await;
+            let r = fetch(send(&proxy)).await;
+            let case = format!("body {with_body}: {}", String::from_utf8_lossy(answer));
+            assert_eq!(r.status, 502, "{case}: {}", r.body);
+            assert_eq!(r.json()["error"], "upstream", "{case}");
+        }
+        for (answer, want) in valid {
+            let (addr, _done) = origin(move |mut s, _, _| async move {
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            })
+            .await;
+            let proxy = proxy_for(addr).await;
+            let r = fetch(send(&proxy)).await;
+            let case = format!("body {with_body}: {}", String::from_utf8_lossy(answer));
+            assert_eq!((r.status, r.body.as_str()), (200, want), "{case}");
+            let rec = proxy.audit_path("/v1/x").await;
+            assert_eq!(rec["bytes_in"], want.len() as u64, "{case}: {rec}");
+        }
+    }
+}

@@ -289,7 +289,7 @@ fn parse_head(
             let value = unsafe {
                 HeaderValue::from_maybe_shared_unchecked(head.slice(vs as usize..ve as usize))
             };
-            facts.note(&name, &value)?;
+            facts.note(&name, &value);
             headers.append(name, value);
         }
         let (framing, framed) = facts.framing(status, is_head)?;
@@ -318,13 +318,15 @@ struct Facts {
     /// `Some(final coding is chunked)` once a `Transfer-Encoding` is seen.
     chunked: Option<bool>,
     length: Option<u64>,
+    /// A `Content-Length` that is not one number: an error only if it would frame the body.
+    length_invalid: bool,
     keep_alive: bool,
     close: bool,
     http10: bool,
 }
 
 impl Facts {
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), ProxyError> {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
         if name == header::CONTENT_LENGTH {
             // A list (`5, 5`) or repeated fields are one length only if they all agree.
             for item in value.as_bytes().split(|&b| b == b',') {
@@ -336,14 +338,21 @@ impl Facts {
                 match (n, self.length) {
                     (Some(n), None) => self.length = Some(n),
                     (Some(n), Some(l)) if n == l => {}
-                    _ => return Err(ProxyError::Upstream("invalid Content-Length".into())),
+                    _ => self.length_invalid = true,
                 }
             }
         } else if name == header::TRANSFER_ENCODING {
-            // The last field's last coding is the one that frames the body.
-            let last = value.as_bytes().rsplit(|&b| b == b',').next();
-            let last = last.map(<[u8]>::trim_ascii).unwrap_or_default();
-            self.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            // The last field's last coding is the one that frames the body (empty list
+            // items, as in `chunked, `, count for nothing: RFC 9110 §5.6.1).
+            let last = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .find(|c| !c.is_empty());
+            match last {
+                Some(c) => self.chunked = Some(c.eq_ignore_ascii_case(b"chunked")),
+                None => _ = self.chunked.get_or_insert(false),
+            }
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -357,17 +366,17 @@ impl Facts {
         if self.close {
             self.keep_alive = false;
         }
-        Ok(())
     }
 
     /// How the answer's body ends (RFC 9112 §6.3), and whether that leaves the connection
     /// usable.
     fn framing(&self, status: StatusCode, is_head: bool) -> Result<(Framing, bool), ProxyError> {
-        if is_head || matches!(status.as_u16(), 204 | 304) {
-            return Ok((Framing::Length(0), true));
-        }
+        // Before the bodiless cases: a 101 to a HEAD is still a connection that left HTTP.
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Ok((Framing::Length(0), false));
+        }
+        if is_head || matches!(status.as_u16(), 204 | 304) {
+            return Ok((Framing::Length(0), true));
         }
         if self.chunked.is_some() && self.http10 {
             return Err(ProxyError::Upstream(
@@ -375,8 +384,16 @@ impl Facts {
             ));
         }
         Ok(match (self.chunked, self.length) {
-            (Some(true), _) => (Framing::Chunked(Chunked::Size(0, 0)), true),
+            // A length beside chunked is ignored (RFC 9112 §6.3), but an origin that sends
+            // both may be read differently by another hop: its connection is not reused.
+            (Some(true), _) => (
+                Framing::Chunked(Chunked::Size(0, 0)),
+                self.length.is_none() && !self.length_invalid,
+            ),
             (Some(false), _) => (Framing::UntilClose, false),
+            (None, _) if self.length_invalid => {
+                return Err(ProxyError::Upstream("invalid Content-Length".into()))
+            }
             (None, Some(n)) => (Framing::Length(n), true),
             (None, None) => (Framing::UntilClose, false),
         })
@@ -428,6 +445,12 @@ impl DirectBody {
         };
         if self.keep_alive && conn.buf.is_empty() {
             if let Some(pool) = pool.upgrade() {
+                let mut conn = conn;
+                if conn.buf.capacity() > 2 * READ_CHUNK {
+                    // Idle, a connection keeps its read size but not a large body's buffer:
+                    // a thousand idle connections would otherwise hold 128 MiB.
+                    conn.buf = BytesMut::new();
+                }
                 pool.idle.put(key, conn);
             }
         }
@@ -528,16 +551,26 @@ fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
         .iter()
         .position(|b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
-    if digits == 0 || digits > 16 {
+    let zeros = line[..digits].iter().take_while(|&&b| b == b'0').count();
+    if digits == 0 || digits - zeros > 16 {
         return Err(BodyError("invalid chunk size"));
     }
+    // Only blanks (`BWS`) may stand between the size and its extensions.
     let rest = &line[digits..];
-    let rest = rest.trim_ascii_start();
+    let blanks = rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    let rest = &rest[blanks..];
     if !(rest.is_empty() || rest[0] == b';') || rest.contains(&b'\r') {
         return Err(BodyError("invalid chunk size"));
     }
-    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| BodyError("invalid chunk size"))?;
-    u64::from_str_radix(hex, 16).map_err(|_| BodyError("invalid chunk size"))
+    let hex =
+        std::str::from_utf8(&line[zeros..digits]).map_err(|_| BodyError("invalid chunk size"))?;
+    match hex.is_empty() {
+        true => Ok(0),
+        false => u64::from_str_radix(hex, 16).map_err(|_| BodyError("invalid chunk size")),
+    }
 }
 
 impl Body for DirectBody {
@@ -679,6 +712,8 @@ mod tests {
             b"5\nhello\r\n0\r\n\r\n",         // bare LF after the size
             b"g\r\n",                         // not hex
             b"\r\n",                          // no size at all
+            b"5\r\r\nhello\r\n0\r\n\r\n",     // CR is not a blank
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",   // nor is form feed
             b"11111111111111111\r\n",         // 17 digits: over u64
             b"5 x\r\nhello\r\n0\r\n\r\n",     // junk after the size
             b"5\r\nhel",                      // cut short
@@ -693,6 +728,13 @@ mod tests {
         }
         let long = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
         assert!(read_body(chunked(), long.as_bytes(), 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn chunk_sizes_may_have_leading_zeros_and_blanks_before_extensions() {
+        let wire = b"000000000000000000005 \t;e\r\nhello\r\n00\r\n\r\n";
+        let got = read_body(chunked(), wire, 0).await;
+        assert_eq!(got.as_deref(), Ok(&b"hello"[..]));
     }
 
     #[tokio::test]
@@ -751,10 +793,28 @@ mod tests {
             (ok, "length", true)
         );
         assert_eq!(
+            framed("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            (ok, "chunked", true)
+        );
+        // Chunked wins over a length, but an origin that sends both loses its connection.
+        assert_eq!(
+            framed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
+            (ok, "chunked", false)
+        );
+        assert_eq!(
             framed(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n"
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, \r\nTransfer-Encoding: ,\r\n\r\n"
             ),
             (ok, "chunked", true)
+        );
+        // A length that frames nothing is not checked.
+        assert_eq!(
+            framed("HTTP/1.1 204 No Content\r\nContent-Length: x\r\n\r\n"),
+            (StatusCode::NO_CONTENT, "length", true)
+        );
+        assert_eq!(
+            framed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n"),
+            (ok, "chunked", false)
         );
         assert_eq!(
             framed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
@@ -781,6 +841,13 @@ mod tests {
         assert_eq!(
             framed("HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"),
             (StatusCode::SWITCHING_PROTOCOLS, "length", false)
+        );
+        let (_, f, keep) = head("HTTP/1.1 101 Switching Protocols\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(f, Framing::Length(0)) && !keep,
+            "a 101 to a HEAD left HTTP"
         );
         let (_, f, _) = head("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true)
             .unwrap()
