@@ -259,37 +259,36 @@ async fn both_upstream_paths_agree_on_what_an_answer_is() {
         ),
     ];
     for with_body in [false, true] {
-        let send = |proxy: &Proxy| {
-            let c = proxy.client();
-            match with_body {
-                true => c.post("http://api.openai.com/v1/x").body("up"),
-                false => c.get("http://api.openai.com/v1/x"),
-            }
-        };
         for answer in broken {
-            let (addr, _done) = origin(move |mut s, _, _| async move {
-                let _ = s.write_all(answer).await;
-                let _ = s.shutdown().await;
-            })
-            .await;
-            let proxy = proxy_for(addr).await;
-            let r = fetch(send(&proxy)).await;
+            let (_proxy, r) = relayed(answer, with_body).await;
             let case = format!("body {with_body}: {}", String::from_utf8_lossy(answer));
             assert_eq!(r.status, 502, "{case}: {}", r.body);
             assert_eq!(r.json()["error"], "upstream", "{case}");
         }
         for (answer, want) in valid {
-            let (addr, _done) = origin(move |mut s, _, _| async move {
-                let _ = s.write_all(answer).await;
-                let _ = s.shutdown().await;
-            })
-            .await;
-            let proxy = proxy_for(addr).await;
-            let r = fetch(send(&proxy)).await;
+            let (proxy, r) = relayed(answer, with_body).await;
             let case = format!("body {with_body}: {}", String::from_utf8_lossy(answer));
             assert_eq!((r.status, r.body.as_str()), (200, want), "{case}");
             let rec = proxy.audit_path("/v1/x").await;
             assert_eq!(rec["bytes_in"], want.len() as u64, "{case}: {rec}");
         }
     }
+}
+
+/// What a client got through a fresh proxy from an origin that writes `answer` and closes: a
+/// GET, or a POST with a body.
+async fn relayed(answer: &'static [u8], with_body: bool) -> (Proxy, Raw) {
+    let (addr, _done) = origin(move |mut s, _, _| async move {
+        let _ = s.write_all(answer).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let proxy = proxy_for(addr).await;
+    let c = proxy.client();
+    let req = match with_body {
+        true => c.post("http://api.openai.com/v1/x").body("up"),
+        false => c.get("http://api.openai.com/v1/x"),
+    };
+    let r = fetch(req).await;
+    (proxy, r)
 }
