@@ -102,3 +102,56 @@ async fn stalled_request_head_is_disconnected() {
         "closed before the timeout"
     );
 }
+
+/// The header read timeout bounds how long a connection waits for a head: from its opening or
+/// from the end of the previous answer, never while an answer is still streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_waits_for_a_head_only_between_answers() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .proxy("header_read_timeout = \"1s\""),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let get = |path: &str| {
+        format!("GET http://api.openai.com{path} HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+    };
+    // An answer that streams for three timeouts: its first event, a pause, then the rest.
+    s.write_all(get("/sse").as_bytes()).await.unwrap();
+    let (status, _) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    origin.release();
+    let mut seen = Vec::new();
+    within("the rest of the event stream", async {
+        let mut buf = [0u8; 1024];
+        // The chunked body's last chunk.
+        while !seen.ends_with(b"0\r\n\r\n") {
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                .await
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed while the answer streamed: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    // Kept alive after it: a second request within the timeout is answered.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(get("/v1/models").as_bytes()).await.unwrap();
+    let (status, _) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+    // Then, with no further head, it is closed once the timeout has passed since that answer.
+    let answered = std::time::Instant::now();
+    read_until_closed(&mut s).await;
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
+        "closed {idle:?} after the last answer"
+    );
+}

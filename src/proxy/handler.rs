@@ -13,6 +13,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::body::{Counted, Pending, ProxyBody, RequestBody};
+use super::head_wait::{Busy, Held};
 use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
@@ -32,20 +33,24 @@ pub async fn handle(
     state: Arc<State>,
     peer: Peer,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    if req.method() == Method::CONNECT {
-        return Ok(super::connect::handle(state, peer, req).await);
-    }
-    // Browsers and OS settings fetch the auto-config file before they use any proxy: serve it
-    // where clients can reach, not only on the admin listener (which a NetworkPolicy or
-    // firewall rightly keeps to the monitoring network). Nothing is forwarded.
-    if req.uri().scheme().is_none()
+    busy: Busy,
+) -> Result<Response<Held<ProxyBody>>, Infallible> {
+    let answer = if req.method() == Method::CONNECT {
+        super::connect::handle(state, peer, req).await
+    } else if req.uri().scheme().is_none()
         && matches!(req.uri().path(), "/proxy.pac" | "/wpad.dat")
         && matches!(*req.method(), Method::GET | Method::HEAD)
     {
-        return Ok(crate::admin::pac_file(&state, &req).map(ProxyBody::Left));
-    }
-    Ok(forward(state, peer, None, None, req).await)
+        // Browsers and OS settings fetch the auto-config file before they use any proxy:
+        // serve it where clients can reach, not only on the admin listener (which a
+        // NetworkPolicy or firewall rightly keeps to the monitoring network). Nothing is
+        // forwarded.
+        crate::admin::pac_file(&state, &req).map(ProxyBody::Left)
+    } else {
+        forward(state, peer, None, None, req).await
+    };
+    // The connection awaits no head until hyper is done with this answer.
+    Ok(answer.map(|body| Held::new(body, busy)))
 }
 
 /// Facts about the request that every audit record repeats.

@@ -6,6 +6,7 @@ pub mod body;
 pub mod budget;
 pub mod connect;
 pub mod handler;
+pub mod head_wait;
 pub mod inspect;
 pub mod intercept;
 pub mod limit;

@@ -1,17 +1,18 @@
 //! Accepting client connections and serving HTTP/1.1 on them, with the connection limits:
 //! max connections, max connections per client address, header read timeout (slowloris; it
-//! also bounds keep-alive idleness), send timeout (a client that stops reading), max header
-//! size (431).
+//! also bounds keep-alive idleness; [`HeadTimer`]), send timeout (a client that stops reading),
+//! max header size (431).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::head_wait::{HeadTimer, HeadWait};
 use super::per_client::ClientCap;
 use super::shutdown::Phase;
 use super::stall::SendTimeout;
@@ -48,8 +49,8 @@ pub async fn serve(
     let per_client = ClientCap::new(settings.max_connections_per_client);
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // Kept by each connection's `HeadTimer` instead: hyper's is a timer per request.
+        .header_read_timeout(None)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .keep_alive(true)
         .writev(true);
@@ -83,7 +84,9 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let st = state.clone();
-        let service = service_fn(move |req| handler::handle(st.clone(), peer, req));
+        let wait = HeadWait::new();
+        let head_timer = HeadTimer::new(wait.clone(), settings.header_read_timeout);
+        let service = service_fn(move |req| handler::handle(st.clone(), peer, req, wait.busy()));
         let audit = state.clone();
         let conn = builder
             .serve_connection(
@@ -100,6 +103,7 @@ pub async fn serve(
             let _client_slot = client_slot;
             metrics.connections_active.inc();
             tokio::pin!(conn);
+            tokio::pin!(head_timer);
             let mut phase = Phase::Serving;
             loop {
                 // Biased: the connection is what woke this task nearly every time, and an
@@ -124,6 +128,11 @@ pub async fn serve(
                         }
                         // Finish the request in flight, then close instead of keeping alive.
                         conn.as_mut().graceful_shutdown();
+                    }
+                    () = &mut head_timer => {
+                        // As hyper's own timeout: closed without an answer.
+                        tracing::debug!(client = %addr, "no request head within header_read_timeout");
+                        break;
                     }
                 }
             }
