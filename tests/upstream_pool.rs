@@ -23,7 +23,7 @@ struct Counts {
 
 /// A keep-alive HTTP/1.1 origin. `/close` answers and closes the connection at once (without
 /// saying so: the proxy learns it only from the socket), `/head-only` answers HEAD, `/204` and
-/// `/304` have no body; anything else gets a 5-byte body.
+/// `/304` have no body, `/hang` is never answered; anything else gets a 5-byte body.
 async fn counting_origin() -> (SocketAddr, Arc<Counts>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -67,6 +67,15 @@ async fn serve(mut s: TcpStream, c: &Counts) {
             _ if method == "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
             _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
         };
+        if path == "/hang" {
+            // Held open, unanswered, until the proxy gives up on it.
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 {
+                    return;
+                }
+            }
+            return;
+        }
         if path == "/close" {
             // Corked, the answer goes out with the FIN of the close in one segment. Written
             // and then closed, a preempted origin would leave a gap between them, in which
@@ -157,6 +166,34 @@ async fn an_idle_connection_the_origin_closed_is_not_a_failure() {
     }
     assert_eq!(counts.requests.load(Ordering::SeqCst), 100);
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 100);
+}
+
+/// A pooled connection keeps its timer from the exchange before, armed for that one's
+/// deadline: a late answer on it is still cut at its own `response_timeout`, not at the
+/// earlier deadline and not never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_on_a_reused_connection_is_cut_at_its_own_deadline() {
+    let (origin, counts) = counting_origin().await;
+    let proxy = proxy_to(origin, &["response_timeout = \"1s\""]).await;
+    let client = proxy.client();
+    assert_eq!(
+        status(&client, reqwest::Method::GET, "/v1/models").await,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let r = fetch(client.get("http://api.openai.com/hang")).await;
+    let took = started.elapsed();
+    assert_error(&r, 504, "timeout");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_secs(5),
+        "cut after {took:?}"
+    );
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        1,
+        "the late request went on the reused connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -664,11 +664,10 @@ async fn forward(
                 drop(body);
                 let sent = state
                     .direct
-                    .send(authority, &target.host, target.port, &parts);
-                match tokio::time::timeout(timeout, sent).await {
-                    Err(_) => Err(ProxyError::ResponseTimeout),
-                    Ok(Err(e)) => Err(e),
-                    Ok(Ok(resp)) => Ok((resp.map(Either::Right), None)),
+                    .send(authority, &target.host, target.port, &parts, timeout);
+                match sent.await {
+                    Err(e) => Err(e),
+                    Ok(resp) => Ok((resp.map(Either::Right), None)),
                 }
             } else {
                 let upstream_req = Request::from_parts(parts, body);

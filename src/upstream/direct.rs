@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
@@ -25,8 +26,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::idle::{IdleSet, Reusable};
 use super::Upstream;
@@ -45,6 +47,8 @@ const MAX_READ_CHUNK: usize = 128 * 1024;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Trailer section bytes read (and dropped) before the answer counts as malformed.
 const MAX_TRAILERS: usize = 16 * 1024;
+/// A fresh connection's timer, until an exchange sets it (a year: never, in practice).
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct DirectPool {
     idle: IdleSet<Conn>,
@@ -57,9 +61,42 @@ pub struct Conn {
     buf: BytesMut,
     /// The next body read's size (see [`MAX_READ_CHUNK`]).
     read_size: usize,
+    /// Wakes an exchange whose answer is late (see [`Conn::late`]).
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
+    fn new(io: TcpStream, buf: BytesMut) -> Conn {
+        Conn {
+            io,
+            buf,
+            read_size: READ_CHUNK,
+            timer: Box::pin(tokio::time::sleep(FAR)),
+        }
+    }
+
+    /// Ready once `deadline` has passed; else pending, with this task woken by then.
+    ///
+    /// The timer lasts with the connection and is re-armed only when it fires early: a new
+    /// one for each request (`tokio::time::timeout`) cost 750 instructions of a request's
+    /// 31,000 to make, register and cancel. Each exchange's deadline is later than the last
+    /// one's, so the timer, armed for an earlier exchange, fires at most once per timeout
+    /// before the one that counts, and is then set to it.
+    fn late(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        if self.timer.deadline() > deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        // Polled even while armed: that registers this task, as the connection moves between
+        // clients' tasks.
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.timer.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
     /// Reads more into the buffer: the count read, 0 at end of stream. The read size follows
     /// the answers (see [`MAX_READ_CHUNK`]) and lasts with the connection, as the buffer does.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -118,23 +155,30 @@ impl DirectPool {
 
     /// Sends the head of a request without a body (`parts`: origin-form URI, `Host` set) to
     /// `host:port` (`key` is its authority) and returns the answer, its body streaming from the
-    /// connection.
+    /// connection; [`ProxyError::ResponseTimeout`] once `timeout` passes without its head.
     pub async fn send(
         self: &Arc<Self>,
         key: String,
         host: &Host,
         port: u16,
         parts: &request::Parts,
+        timeout: Duration,
     ) -> Result<Response<DirectBody>, ProxyError> {
+        let deadline = Instant::now() + timeout;
         let head = encode(parts);
         let is_head = parts.method == Method::HEAD;
         loop {
             let (conn, reused) = match self.idle.checkout(&key) {
                 Some(c) => (c, true),
                 // Boxed: the connect future is large and rare; the send future moves per request.
-                None => (Box::pin(self.connect(host, port)).await?, false),
+                None => match Box::pin(tokio::time::timeout_at(deadline, self.connect(host, port)))
+                    .await
+                {
+                    Ok(c) => (c?, false),
+                    Err(_) => return Err(ProxyError::ResponseTimeout),
+                },
             };
-            match exchange(conn, &head, is_head).await {
+            match exchange(conn, &head, is_head, deadline).await {
                 Ok((parts, conn, framing, keep_alive)) => {
                     let mut body = DirectBody {
                         conn: Some(conn),
@@ -162,11 +206,7 @@ impl DirectPool {
 
     async fn connect(&self, host: &Host, port: u16) -> Result<Conn, ProxyError> {
         let (io, _) = self.upstream.connect(host, port).await?;
-        Ok(Conn {
-            io,
-            buf: BytesMut::new(),
-            read_size: READ_CHUNK,
-        })
+        Ok(Conn::new(io, BytesMut::new()))
     }
 }
 
@@ -195,12 +235,29 @@ fn encode(parts: &request::Parts) -> Vec<u8> {
 type Answer = (http::response::Parts, Conn, Framing, bool);
 
 /// Writes `head` and reads the answer's head (past any 1xx).
-async fn exchange(mut conn: Conn, head: &[u8], is_head: bool) -> Result<Answer, Failed> {
-    if let Err(e) = conn.io.write_all(head).await {
-        return Err(Failed::Stale(ProxyError::Upstream(format!(
-            "writing the request: {e}"
-        ))));
-    }
+async fn exchange(
+    mut conn: Conn,
+    head: &[u8],
+    is_head: bool,
+    deadline: Instant,
+) -> Result<Answer, Failed> {
+    let late = || Failed::Other(ProxyError::ResponseTimeout);
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < head.len() {
+            match Pin::new(&mut conn.io).poll_write(cx, &head[written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => written += n,
+                Poll::Ready(r) => {
+                    let e = r.err().unwrap_or_else(|| io::ErrorKind::WriteZero.into());
+                    let e = ProxyError::Upstream(format!("writing the request: {e}"));
+                    return Poll::Ready(Err(Failed::Stale(e)));
+                }
+                Poll::Pending => return conn.late(cx, deadline).map(|()| Err(late())),
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await?;
     let mut got_any = false;
     loop {
         if !conn.buf.is_empty() {
@@ -213,7 +270,11 @@ async fn exchange(mut conn: Conn, head: &[u8], is_head: bool) -> Result<Answer, 
                 return Err(Failed::Other(ProxyError::ResponseHeadTooLarge));
             }
         }
-        let closed = match std::future::poll_fn(|cx| conn.fill(cx)).await {
+        let read = std::future::poll_fn(|cx| match conn.fill(cx) {
+            Poll::Pending => conn.late(cx, deadline).map(|()| Err(late())),
+            Poll::Ready(r) => Poll::Ready(Ok(r)),
+        });
+        let closed = match read.await? {
             Ok(0) => None,
             Ok(_) => {
                 got_any = true;
@@ -240,9 +301,16 @@ fn parse_head(
     is_head: bool,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, ProxyError> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        let len = match res.parse(buf) {
+        // Left uninitialised: httparse writes the fields it finds, and filling a hundred
+        // empty ones first was most of what a head with eight fields cost here.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::ResponseHeadTooLarge),
@@ -673,11 +741,7 @@ mod tests {
         });
         let io = TcpStream::connect(addr).await.unwrap();
         let body = DirectBody {
-            conn: Some(Conn {
-                io,
-                buf: BytesMut::from(&wire[..split]),
-                read_size: READ_CHUNK,
-            }),
+            conn: Some(Conn::new(io, BytesMut::from(&wire[..split]))),
             framing,
             keep_alive: false,
             home: None,
