@@ -186,6 +186,9 @@ impl<T> Default for Slots<T> {
 pub struct HostIndex<T> {
     names: FxHashMap<Box<str>, Slots<T>>,
     globs: FxHashMap<Box<str>, GlobList<T>>,
+    /// The shortest and longest names of `.x` and `*.x` patterns: a parent suffix outside
+    /// them has nothing to find, so the walk up a host's suffixes skips its probe.
+    suffix_lens: (usize, usize),
 }
 
 impl<T> Default for HostIndex<T> {
@@ -193,6 +196,7 @@ impl<T> Default for HostIndex<T> {
         HostIndex {
             names: FxHashMap::default(),
             globs: FxHashMap::default(),
+            suffix_lens: (usize::MAX, 0),
         }
     }
 }
@@ -204,6 +208,10 @@ impl<T> HostIndex<T> {
         fn slot<T>(s: &mut Option<T>, make: impl FnOnce() -> T) -> (&mut T, bool) {
             let fresh = s.is_none();
             (s.get_or_insert_with(make), fresh)
+        }
+        if let Kind::Suffix(k, _) = &p.kind {
+            let (min, max) = &mut self.suffix_lens;
+            (*min, *max) = ((*min).min(k.len()), (*max).max(k.len()));
         }
         match &p.kind {
             Kind::Exact(k) => slot(&mut self.names.entry(k.clone()).or_default().exact, make),
@@ -275,8 +283,15 @@ impl<T> HostIndex<T> {
         }
         let mut rest = host;
         // A byte scan: host labels are short and `str::find` costs more to set up than this.
+        let (shortest, longest) = self.suffix_lens;
         while let Some(dot) = rest.bytes().position(|c| c == b'.') {
             rest = &rest[dot + 1..];
+            if rest.len() < shortest {
+                break;
+            }
+            if rest.len() > longest {
+                continue;
+            }
             let Some(s) = self.names.get(rest) else {
                 continue;
             };
@@ -387,6 +402,39 @@ mod tests {
             true
         });
         assert_eq!(seen, vec![1, 2, 3]);
+    }
+
+    /// The walk skips suffixes shorter or longer than every `.x`/`*.x` name: patterns of
+    /// several lengths still match every host the one-pattern form does.
+    #[test]
+    fn suffixes_of_every_length_are_still_found() {
+        let pats = [".io", ".bb.io", "*.a-long-name.example", "exact.bb.io"];
+        let ix = index(&[(pats[0], 0), (pats[1], 1), (pats[2], 2), (pats[3], 3)]);
+        let hosts = [
+            "io",
+            "x.io",
+            "bb.io",
+            "x.bb.io",
+            "exact.bb.io",
+            "y.x.bb.io",
+            "a-long-name.example",
+            "q.a-long-name.example",
+            "r.q.a-long-name.example",
+            "example",
+            "q.example",
+        ];
+        for h in hosts {
+            let mut got = vec![];
+            ix.for_each_match(h, |v, _| {
+                got.push(*v);
+                true
+            });
+            got.sort_unstable();
+            let want: Vec<u32> = (0..pats.len() as u32)
+                .filter(|&i| HostPattern::parse(pats[i as usize]).unwrap().matches(h))
+                .collect();
+            assert_eq!(got, want, "{h}");
+        }
     }
 
     #[test]
