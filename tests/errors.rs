@@ -103,6 +103,62 @@ async fn stalled_request_head_is_disconnected() {
     );
 }
 
+/// An origin may answer before it has read the upload (a 401, a 413, or as here a 200): the
+/// client is still sending its body, and the header read timeout does not run until that
+/// body has ended, as with hyper's own timer, which started only at the next head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_early_is_not_cut_by_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    // Answers each request at once, then reads (and drops) what follows.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin)
+            .proxy("header_read_timeout = \"1s\""),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST http://api.openai.com/v1/files HTTP/1.1\r\nHost: api.openai.com\r\n\
+          Content-Length: 10\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Three timeouts' worth of upload, a byte at a time (body_timeout is far longer).
+    for _ in 0..10 {
+        s.write_all(b"a").await.expect("the upload was cut");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, _) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+    let rec = proxy.audit_path("/v1/files").await;
+    assert_eq!(rec["bytes_out"], 10, "{rec}");
+}
+
 /// The header read timeout bounds how long a connection waits for a head: from its opening or
 /// from the end of the previous answer, never while an answer is still streaming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use super::head_wait::Busy;
 use super::stall::{ClientBodyStalled, IdleTimer};
 use super::State;
 use crate::audit::Record;
@@ -161,6 +162,8 @@ pub struct Counted<B> {
     pending: Option<Box<Pending>>,
     /// `[proxy] body_timeout`: the longest wait for the next chunk.
     idle: Option<IdleTimer>,
+    /// A request body keeps its client connection from awaiting the next head until it ends.
+    busy: Option<Busy>,
 }
 
 impl<B> Counted<B> {
@@ -172,7 +175,14 @@ impl<B> Counted<B> {
             shared: Some(counter),
             pending: None,
             idle: None,
+            busy: None,
         }
+    }
+
+    /// Holds `busy` until the body ends or is dropped (see [`Busy`]).
+    pub fn holding(mut self, busy: Option<Busy>) -> Counted<B> {
+        self.busy = busy;
+        self
     }
 
     /// Fails the body once the next chunk has been awaited for `timeout`.
@@ -191,10 +201,12 @@ impl<B> Counted<B> {
             shared: None,
             pending: Some(Box::new(pending)),
             idle: Some(idle),
+            busy: None,
         }
     }
 
     fn complete(&mut self) {
+        self.busy = None;
         if let Some(p) = self.pending.take() {
             p.finish(self.count);
         }

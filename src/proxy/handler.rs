@@ -32,9 +32,13 @@ const VIA: &str = "1.1 portcullis";
 pub async fn handle(
     state: Arc<State>,
     peer: Peer,
-    req: Request<Incoming>,
     busy: Busy,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Held<ProxyBody>>, Infallible> {
+    if !http_body::Body::is_end_stream(req.body()) {
+        // The upload keeps the connection busy too, until it ends (`forward` hands it on).
+        req.extensions_mut().insert(busy.clone());
+    }
     let answer = if req.method() == Method::CONNECT {
         super::connect::handle(state, peer, req).await
     } else if req.uri().scheme().is_none()
@@ -639,8 +643,9 @@ async fn forward(
         );
     }
     let uploaded = Arc::new(super::body::Upload::default());
-    let body =
-        Counted::shared(body, uploaded.clone()).idle_timeout(state.settings.proxy.body_timeout);
+    let body = Counted::shared(body, uploaded.clone())
+        .idle_timeout(state.settings.proxy.body_timeout)
+        .holding(parts.extensions.remove::<Busy>());
 
     let timeout = state.settings.upstream.response_timeout;
     // From here the origin may have the request: if this future is dropped before the answer

@@ -5,8 +5,9 @@
 //! 33,100 user-space instructions a proxied request cost (`benches/instructions.sh`). Here a
 //! request costs two counter updates and a clock read, and one timer per connection wakes
 //! once per timeout to look. The rule is hyper's: a head must arrive within the timeout of
-//! the connection opening or of the previous answer ending; while an answer is being made or
-//! sent, no head is awaited (a stalled body or a client that stops reading is `stall.rs`'s).
+//! the connection opening or of the previous exchange ending; while an answer is being made
+//! or sent, or the request's body is still arriving, no head is awaited (a stalled body or a
+//! client that stops reading is `stall.rs`'s).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,8 +40,17 @@ impl HeadWait {
     }
 }
 
-/// Held from a request's head until hyper is done with its answer.
+/// Held from a request's head until hyper is done with its answer, and by a request body
+/// until it ends: an upload the origin answered early is still being read, as it was when
+/// hyper's timer only started at the next head.
 pub struct Busy(Arc<HeadWait>);
+
+/// Another hold on the same connection (request extensions must be `Clone`).
+impl Clone for Busy {
+    fn clone(&self) -> Busy {
+        self.0.busy()
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -101,9 +111,11 @@ impl Future for HeadTimer {
             return Poll::Ready(());
         }
         this.sleep.as_mut().reset(due);
-        // Registers the wake-up; not yet due, so pending.
+        // Registers the wake-up; not yet due, so pending. Out of cooperative budget (the
+        // connection, polled first, may have spent it) the sleep registers nothing and has the
+        // task polled again instead: then it is not armed, and is polled again next time.
+        this.armed = tokio::task::coop::has_budget_remaining();
         let _ = this.sleep.as_mut().poll(cx);
-        this.armed = true;
         Poll::Pending
     }
 }

@@ -86,7 +86,7 @@ pub async fn serve(
         let st = state.clone();
         let wait = HeadWait::new();
         let head_timer = HeadTimer::new(wait.clone(), settings.header_read_timeout);
-        let service = service_fn(move |req| handler::handle(st.clone(), peer, req, wait.busy()));
+        let service = service_fn(move |req| handler::handle(st.clone(), peer, wait.busy(), req));
         let audit = state.clone();
         let conn = builder
             .serve_connection(

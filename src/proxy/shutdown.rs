@@ -114,7 +114,9 @@ impl<F: Future<Output = Phase>> Future for Gated<'_, F> {
         if *this.polled && this.now.load(Ordering::Acquire) <= *this.seen {
             return Poll::Pending;
         }
-        *this.polled = true;
+        // Out of cooperative budget the watch registers nothing (and has the task polled
+        // again): only a poll with budget left counts.
+        *this.polled = tokio::task::coop::has_budget_remaining();
         this.changed.poll(cx)
     }
 }
@@ -137,14 +139,15 @@ impl Shutdown {
         self.phase.send_if_modified(|p| {
             let was = *p;
             *p = was.max(Phase::Draining);
-            // Inside the closure: stored before the watch wakes its receivers.
-            self.now.store(*p as u8, Ordering::Release);
+            // Inside the closure: stored before the watch wakes its receivers; the greater
+            // phase wins should `stop_now` run meanwhile.
+            self.now.fetch_max(*p as u8, Ordering::Release);
             *p != was
         });
     }
 
     pub fn stop_now(&self) {
-        self.now.store(Phase::Stopping as u8, Ordering::Release);
+        self.now.fetch_max(Phase::Stopping as u8, Ordering::Release);
         self.phase.send_replace(Phase::Stopping);
     }
 
