@@ -157,6 +157,15 @@ async fn an_upload_answered_early_is_not_cut_by_the_header_read_timeout() {
     assert_eq!(status, 200);
     let rec = proxy.audit_path("/v1/files").await;
     assert_eq!(rec["bytes_out"], 10, "{rec}");
+    // The upload ended in the upstream client's task: the connection, idle now, is still
+    // closed once the timeout has passed (within two, as that end is seen when the timer fires).
+    let idle = std::time::Instant::now();
+    read_until_closed(&mut s).await;
+    assert!(
+        idle.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        idle.elapsed()
+    );
 }
 
 /// The header read timeout bounds how long a connection waits for a head: from its opening or

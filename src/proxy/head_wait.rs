@@ -94,19 +94,26 @@ impl Future for HeadTimer {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let word = this.wait.0.load(Ordering::Acquire);
-        if word & (ONE_ENDED - 1) != 0 {
-            // An answer in hand; its end is seen in the wake-up it happens in.
+        let busy = word & (ONE_ENDED - 1) != 0;
+        if busy && this.armed && !this.sleep.is_elapsed() {
+            // An exchange in hand. Its end in this task is seen in the wake-up it happens in;
+            // an upload that ends in the upstream client's task is seen when the timer next
+            // fires, so that wait may last up to twice the timeout.
             return Poll::Pending;
         }
         let now = Instant::now();
-        if word != this.seen {
+        if !busy && word != this.seen {
             this.seen = word;
             this.idle_since = now;
         }
         if this.armed && now < this.sleep.deadline() {
             return Poll::Pending;
         }
-        let due = this.idle_since + this.timeout;
+        let due = match busy {
+            // Nothing awaited yet: look again a timeout from now.
+            true => now + this.timeout,
+            false => this.idle_since + this.timeout,
+        };
         if due <= now {
             return Poll::Ready(());
         }
