@@ -194,13 +194,20 @@ impl Decision<'_> {
 
 impl Policy {
     pub fn decide<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
-        let path = req.path.map(path::normalize);
-        let d = self.decide_on(req, path.as_deref());
+        let Some(raw) = req.path else {
+            return self.decide_on(req, None);
+        };
+        // The usual API path is already normal: split in the same pass that checks it.
+        if let Some(segments) = path::Segments::of_normal(raw) {
+            return self.decide_on(req, Some(&segments));
+        }
+        let path = path::normalize(raw);
+        let d = self.decide_on(req, Some(&path::Segments::new(&path)));
         // Only a path `normalize` had to copy (it has a `%`, a `.` after a slash, `;`, `\` or
-        // upper case) can be read another way; the usual API path is borrowed and done here.
-        match (req.path, &path) {
-            (Some(raw), Some(std::borrow::Cow::Owned(_))) => self.other_readings(req, raw, d),
-            _ => d,
+        // upper case) can be read another way.
+        match path {
+            std::borrow::Cow::Owned(_) => self.other_readings(req, raw, d),
+            std::borrow::Cow::Borrowed(_) => d,
         }
     }
 
@@ -221,7 +228,9 @@ impl Policy {
         raw: &str,
         mut d: Decision<'p>,
     ) -> Decision<'p> {
-        let mut also = |path: &str| d = d.merge(self.decide_on(req, Some(path)));
+        let mut also = |path: &str| {
+            d = d.merge(self.decide_on(req, Some(&path::Segments::new(path))));
+        };
         if let Some(literal) = path::literal(raw) {
             also(&literal);
         }
@@ -235,11 +244,14 @@ impl Policy {
     }
 
     /// The decision on an already normalised path.
-    fn decide_on<'p>(&'p self, req: &Request<'_>, path: Option<&str>) -> Decision<'p> {
+    fn decide_on<'p>(
+        &'p self,
+        req: &Request<'_>,
+        segments: Option<&path::Segments<'_>>,
+    ) -> Decision<'p> {
         let hit = self.catalog.lookup(req.host);
-        let segments = path.map(path::Segments::new);
         let endpoint = match hit {
-            Some(h) => self.catalog.classify(h, segments.as_ref()),
+            Some(h) => self.catalog.classify(h, segments),
             None => Endpoint::None,
         };
         let groups = match req.user {
@@ -254,7 +266,7 @@ impl Policy {
             groups,
             method: req.method,
             port: req.port,
-            path: segments.as_ref(),
+            path: segments,
             vendor: hit.map(|h| h.vendor),
             endpoint,
             model: req.body.model,

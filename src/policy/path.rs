@@ -242,6 +242,54 @@ impl<'a> Segments<'a> {
         Segments { spans, n, path }
     }
 
+    /// [`normalize`] and [`Segments::new`] in one pass, for the usual request path that is
+    /// already in normal form: `None` where `normalize` would copy (or the path is not
+    /// origin-form, or is too long for the offsets), and the caller takes the general route.
+    /// A decision runs on every request and this halves its walks over the path.
+    pub fn of_normal(path_and_query: &'a str) -> Option<Segments<'a>> {
+        let b = path_and_query.as_bytes();
+        if b.first() != Some(&b'/') || b.len() > u16::MAX as usize {
+            return None;
+        }
+        let mut spans = [(0u16, 0u16); MAX_SEGMENTS];
+        let mut n = 0;
+        let mut start = 1;
+        let mut after_slash = true;
+        let mut end = b.len();
+        for (i, &c) in b.iter().enumerate().skip(1) {
+            match c {
+                b'/' if after_slash => return None,
+                b'/' => {
+                    // As `new`: segments past the sixteenth are not held.
+                    if n < MAX_SEGMENTS {
+                        spans[n] = (start as u16, i as u16);
+                        n += 1;
+                    }
+                    start = i + 1;
+                    after_slash = true;
+                    continue;
+                }
+                b'?' | b'#' => {
+                    end = i;
+                    break;
+                }
+                b'.' if after_slash => return None,
+                b'%' | b';' | b'\\' | b'A'..=b'Z' => return None,
+                _ => {}
+            }
+            after_slash = false;
+        }
+        if end > start && n < MAX_SEGMENTS {
+            spans[n] = (start as u16, end as u16);
+            n += 1;
+        }
+        Some(Segments {
+            spans,
+            n,
+            path: &path_and_query[..end],
+        })
+    }
+
     pub fn as_str(&self) -> &'a str {
         self.path
     }
@@ -467,6 +515,78 @@ impl PathPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass split of an already-normal path is exactly `normalize` then `new`, and
+    /// declines every path `normalize` would copy (those get their other readings).
+    fn assert_split_as_normalize(raw: &str) {
+        let normal = normalize(raw);
+        let slow = Segments::new(&normal);
+        match Segments::of_normal(raw) {
+            Some(fast) => {
+                assert!(matches!(normal, Cow::Borrowed(_)), "{raw:?} needs copying");
+                assert_eq!(fast.as_str(), slow.as_str(), "{raw:?}");
+                assert_eq!(fast.n, slow.n, "{raw:?}");
+                for i in 0..fast.n {
+                    assert_eq!(fast.get(i), slow.get(i), "{raw:?} segment {i}");
+                }
+            }
+            None => assert!(
+                matches!(normal, Cow::Owned(_)) || !raw.starts_with('/'),
+                "{raw:?} is normal but was not split"
+            ),
+        }
+    }
+
+    #[test]
+    fn one_pass_split_agrees_with_normalize() {
+        for raw in [
+            "/",
+            "/?",
+            "/#x",
+            "/v1/chat/completions",
+            "/v1/chat/completions?stream=1",
+            "/v1/",
+            "/v1//x",
+            "//",
+            "/./x",
+            "/x/.",
+            "/x/..",
+            "/x/.hidden",
+            "/x.y/z.",
+            "/a.b",
+            "/V1",
+            "/v1/%2e",
+            "/v1;x",
+            "/v1\\x",
+            "/v1/x?/..//%",
+            "/v1/x#/./",
+            "",
+            "?x",
+            "x/y",
+            "*",
+            "/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s",
+            "/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/",
+            "/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p",
+            "/é/ü",
+            "/~user/-_.!$&'()*+,=:@",
+        ] {
+            assert_split_as_normalize(raw);
+        }
+        // Every string over the bytes that steer the scan, up to five long.
+        let alphabet = ["/", ".", "a", "A", "%", ";", "?", "#", "\\"];
+        let mut frontier = vec![String::new()];
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for s in &frontier {
+                for c in alphabet {
+                    let t = format!("{s}{c}");
+                    assert_split_as_normalize(&t);
+                    next.push(t);
+                }
+            }
+            frontier = next;
+        }
+    }
 
     #[test]
     fn normal_form() {
