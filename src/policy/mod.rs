@@ -398,6 +398,62 @@ mod tests {
         (d.enforced(), rule, d.endpoint)
     }
 
+    /// The vendor of a decision is the catalog's most specific match, also where rules name
+    /// the same or nearby hosts.
+    #[test]
+    fn the_vendor_is_the_catalogs_whatever_the_rules_name() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "near"
+host = [".openai.com", "api.openai.com", "*.deepseek.com", ".com", "x.googleapis.com"]
+action = "audit"
+"#,
+        );
+        let mut hosts = vec!["example.org".to_string(), "com".into(), "openai.com".into()];
+        for (pat, _, _) in p.catalog.patterns() {
+            let bare = pat.trim_start_matches("*.").trim_start_matches('.');
+            let named = bare.replace('*', "x");
+            hosts.extend([named.clone(), format!("x.{named}"), format!("x.y.{named}")]);
+        }
+        for host in &hosts {
+            let h = Host::parse(host).unwrap();
+            let d = p.decide(&Request {
+                client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                user: None,
+                method: &Method::GET,
+                host: &h,
+                port: 443,
+                path: Some("/"),
+                body: Default::default(),
+            });
+            let want = p
+                .catalog
+                .lookup(&h)
+                .map(|hit| &*p.catalog.vendor(hit.vendor).id);
+            assert_eq!(d.vendor.map(|v| &*v.id), want, "{host}");
+        }
+    }
+
+    /// A host under many patterns has every one's rules considered: the least specific
+    /// pattern here is the first rule, and it is found.
+    #[test]
+    fn a_host_under_many_patterns_has_all_their_rules() {
+        let labels = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"];
+        let host = format!("{}.example", labels.join("."));
+        let mut rules =
+            String::from("[[rule]]\nid = \"widest\"\nhost = \".example\"\naction = \"block\"\n");
+        for i in 1..labels.len() {
+            let suffix = format!("{}.example", labels[i..].join("."));
+            rules.push_str(&format!(
+                "[[rule]]\nid = \"r{i}\"\nhost = \".{suffix}\"\naction = \"audit\"\n"
+            ));
+        }
+        let p = policy(&rules);
+        let (action, rule, _) = decide(&p, &Method::GET, &host, "/");
+        assert_eq!((action, rule.as_str()), (Action::Block, "widest"));
+    }
+
     const DOT_RULES: &str = r#"
 [[rule]]
 id = "no-files"
