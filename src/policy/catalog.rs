@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::hostmatch::{HostIndex, HostKey, HostPattern};
+use super::hostmatch::{HostIndex, HostPattern};
 use super::path::{PathPattern, PathTrie, Segments};
 use super::target::Host;
 
@@ -169,12 +169,8 @@ impl Catalog {
     /// Vendors are recognised by name only: an IP literal says nothing reliable about the
     /// vendor (shared CDNs), so rules on addresses use `host` instead.
     pub fn lookup(&self, host: &Host) -> Option<VendorHit> {
-        self.lookup_key(&HostKey::new(host.as_name()?))
-    }
-
-    /// [`Catalog::lookup`] of a name whose hashes are made.
-    pub fn lookup_key(&self, key: &HostKey<'_>) -> Option<VendorHit> {
-        self.hosts.best_key(key).map(|e| VendorHit {
+        let name = host.as_name()?;
+        self.hosts.best(name).map(|e| VendorHit {
             vendor: e.vendor,
             app: e.app,
         })

@@ -2,9 +2,6 @@
 //!
 //! A lookup is a handful of hash probes (the name, then each parent suffix), never a scan over
 //! every pattern: catalogs and rule sets grow to thousands of hosts and this runs per request.
-//! The probes' hashes come from a [`HostKey`], made once per request in one pass over the
-//! name: each suffix's hash extends its parent's by one label, so the catalog and the rule
-//! index share them and no suffix is hashed twice.
 //!
 //! Pattern forms, as operators write them:
 //! - `api.example.com`: that name only;
@@ -13,7 +10,7 @@
 //! - a `*` inside a label (`*-aiplatform.googleapis.com`, `bedrock.*.amazonaws.com`) matches
 //!   within that one label; such globs are grouped under their last two literal labels.
 
-use hashbrown::HashTable;
+use rustc_hash::FxHashMap;
 
 /// A host pattern that failed validation; the caller adds file:line:col.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,165 +160,10 @@ fn port_or_address(text: &str) -> PatternError {
 /// Label globs sharing a two-label key, each with its value.
 type GlobList<T> = Vec<(Vec<Box<str>>, T)>;
 
-/// The hash of a name with no label yet: the seed every suffix chain starts from.
-const ROOT: u64 = 0x243f_6a88_85a3_08d3;
-const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// A full 64×64 multiply folded to 64 bits: spreads every input bit over the whole word, so
-/// both the table's bucket (low bits) and its tag (high bits) depend on every byte.
-#[inline(always)]
-fn fold_mul(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
-}
-
-#[inline(always)]
-fn word_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// `b[start..end]` (at most 8 bytes) as a little-endian word, read with one load when the
-/// name allows it.
-#[inline(always)]
-fn short_label(b: &[u8], start: usize, end: usize) -> u64 {
-    let len = end - start;
-    if len == 0 {
-        0
-    } else if end >= 8 {
-        word_at(b, end - 8) >> (8 * (8 - len))
-    } else if b.len() >= 8 {
-        // Here `end < 8`, so the label is shorter than 8 bytes.
-        (word_at(b, 0) >> (8 * start)) & ((1 << (8 * len)) - 1)
-    } else {
-        b[start..end]
-            .iter()
-            .rev()
-            .fold(0, |w, &c| (w << 8) | u64::from(c))
-    }
-}
-
-/// The hash of `label.parent`, from the hash of `parent` (the label is `b[start..end]`).
-/// Built by labels, from the right, so a name's hash passes through every suffix's on the
-/// way. Not collision-proof, and need not be: a probe compares the names too.
-#[inline(always)]
-fn extend(parent: u64, b: &[u8], start: usize, end: usize) -> u64 {
-    let mut h = parent.wrapping_add((end - start) as u64);
-    if end - start <= 8 {
-        h ^= short_label(b, start, end);
-    } else {
-        let mut at = start;
-        while end - at > 8 {
-            h = fold_mul(h ^ word_at(b, at), MIX);
-            at += 8;
-        }
-        // The last 8 bytes, overlapping the word before: the length is already in `h`.
-        h ^= word_at(b, end - 8);
-    }
-    fold_mul(h, MIX)
-}
-
-/// The hash a [`HostKey`] gives `name`; tables are built with it.
-fn name_hash(name: &str) -> u64 {
-    HostKey::new(name).whole
-}
-
-/// The top bit of each byte of `word` that is a '.', and no other bit: the zero-byte test
-/// of "Bit Twiddling Hacks" on `word ^ "........"`, exact because no byte carries into the next.
-#[inline]
-fn dots_in(word: u64) -> u64 {
-    const DOTS: u64 = u64::from_ne_bytes([b'.'; 8]);
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    let x = word ^ DOTS;
-    !(((x & LOW7) + LOW7) | x | LOW7)
-}
-
-/// Suffixes whose hash a [`HostKey`] keeps: names with more labels than this (rare) have
-/// their longer suffixes hashed when probed.
-const KEPT: usize = 8;
-
-/// A host name (lowercase, no trailing dot) with the hashes a lookup probes, made in one pass
-/// from the right: the whole name's, and the suffix's after each of the last [`KEPT`] dots.
-#[derive(Debug, Clone)]
-pub struct HostKey<'a> {
-    name: &'a str,
-    whole: u64,
-    /// Where each kept suffix starts, and its hash; the shortest (the last label) first.
-    starts: [usize; KEPT],
-    hashes: [u64; KEPT],
-    kept: usize,
-    /// Whether the name has dots left of the kept suffixes.
-    more: bool,
-}
-
-impl<'a> HostKey<'a> {
-    pub fn new(name: &'a str) -> HostKey<'a> {
-        let b = name.as_bytes();
-        let mut key = HostKey {
-            name,
-            whole: 0,
-            starts: [0; KEPT],
-            hashes: [0; KEPT],
-            kept: 0,
-            more: false,
-        };
-        let mut h = ROOT;
-        // Labels are found from the right, eight bytes at a time.
-        let mut end = b.len();
-        let mut at = b.len();
-        while at > 0 {
-            let start = at.saturating_sub(8);
-            let word = match b.get(..8) {
-                Some(_) if at >= 8 => u64::from_le_bytes(b[start..at].try_into().expect("8 bytes")),
-                // The first bytes of a name of 8 or more: the word they begin, without the
-                // bytes already seen.
-                Some(first) => {
-                    u64::from_le_bytes(first.try_into().expect("8 bytes")) & ((1 << (8 * at)) - 1)
-                }
-                None => b[..at]
-                    .iter()
-                    .rev()
-                    .fold(0, |w, &c| (w << 8) | u64::from(c)),
-            };
-            let mut dots = dots_in(word);
-            while dots != 0 {
-                let bit = 63 - dots.leading_zeros() as usize;
-                let dot = start + bit / 8;
-                h = extend(h, b, dot + 1, end);
-                if key.kept < KEPT {
-                    key.starts[key.kept] = dot + 1;
-                    key.hashes[key.kept] = h;
-                    key.kept += 1;
-                } else {
-                    key.more = true;
-                }
-                end = dot;
-                dots ^= 1 << bit;
-            }
-            at = start;
-        }
-        key.whole = extend(h, b, 0, end);
-        key
-    }
-
-    pub fn name(&self) -> &'a str {
-        self.name
-    }
-
-    /// The last two labels and their hash: where label globs are filed.
-    fn last_two_labels(&self) -> Option<(&'a str, u64)> {
-        match self.kept {
-            0 => None,
-            1 => Some((self.name, self.whole)),
-            _ => Some((&self.name[self.starts[1]..], self.hashes[1])),
-        }
-    }
-}
-
 /// What the patterns naming one domain hold: `example.com`, `.example.com`, `*.example.com`.
 /// Kept together so a lookup probes the table once per suffix, not once per form.
 #[derive(Debug, Clone)]
 struct Slots<T> {
-    name: Box<str>,
     exact: Option<T>,
     /// The name and its subdomains.
     incl: Option<T>,
@@ -329,11 +171,21 @@ struct Slots<T> {
     subs: Option<T>,
 }
 
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            exact: None,
+            incl: None,
+            subs: None,
+        }
+    }
+}
+
 /// Maps host patterns to values of `T`.
 #[derive(Debug, Clone)]
 pub struct HostIndex<T> {
-    names: HashTable<Slots<T>>,
-    globs: HashTable<(Box<str>, GlobList<T>)>,
+    names: FxHashMap<Box<str>, Slots<T>>,
+    globs: FxHashMap<Box<str>, GlobList<T>>,
     /// The shortest and longest names of `.x` and `*.x` patterns: a parent suffix outside
     /// them has nothing to find, so the walk up a host's suffixes skips its probe.
     suffix_lens: (usize, usize),
@@ -342,8 +194,8 @@ pub struct HostIndex<T> {
 impl<T> Default for HostIndex<T> {
     fn default() -> Self {
         HostIndex {
-            names: HashTable::new(),
-            globs: HashTable::new(),
+            names: FxHashMap::default(),
+            globs: FxHashMap::default(),
             suffix_lens: (usize::MAX, 0),
         }
     }
@@ -362,16 +214,13 @@ impl<T> HostIndex<T> {
             (*min, *max) = ((*min).min(k.len()), (*max).max(k.len()));
         }
         match &p.kind {
-            Kind::Exact(k) => slot(&mut self.slots(k).exact, make),
-            Kind::Suffix(k, true) => slot(&mut self.slots(k).incl, make),
-            Kind::Suffix(k, false) => slot(&mut self.slots(k).subs, make),
+            Kind::Exact(k) => slot(&mut self.names.entry(k.clone()).or_default().exact, make),
+            Kind::Suffix(k, true) => slot(&mut self.names.entry(k.clone()).or_default().incl, make),
+            Kind::Suffix(k, false) => {
+                slot(&mut self.names.entry(k.clone()).or_default().subs, make)
+            }
             Kind::Glob { key, labels } => {
-                let list = &mut self
-                    .globs
-                    .entry(name_hash(key), |(k, _)| k == key, |(k, _)| name_hash(k))
-                    .or_insert_with(|| (key.clone(), Vec::new()))
-                    .into_mut()
-                    .1;
+                let list = self.globs.entry(key.clone()).or_default();
                 match list.iter().position(|(l, _)| l == labels) {
                     Some(i) => (&mut list[i].1, false),
                     None => {
@@ -383,28 +232,11 @@ impl<T> HostIndex<T> {
         }
     }
 
-    fn slots(&mut self, name: &str) -> &mut Slots<T> {
-        self.names
-            .entry(
-                name_hash(name),
-                |s| &*s.name == name,
-                |s| name_hash(&s.name),
-            )
-            .or_insert_with(|| Slots {
-                name: name.into(),
-                exact: None,
-                incl: None,
-                subs: None,
-            })
-            .into_mut()
-    }
-
     /// The patterns held, spelled as in a config (for display; order unspecified).
     pub fn patterns(&self) -> impl Iterator<Item = String> + '_ {
         self.names
             .iter()
-            .flat_map(|s| {
-                let k = &s.name;
+            .flat_map(|(k, s)| {
                 [
                     s.exact.as_ref().map(|_| k.to_string()),
                     s.incl.as_ref().map(|_| format!(".{k}")),
@@ -414,8 +246,8 @@ impl<T> HostIndex<T> {
             .flatten()
             .chain(
                 self.globs
-                    .iter()
-                    .flat_map(|(_, list)| list)
+                    .values()
+                    .flatten()
                     .map(|(labels, _)| labels.join(".")),
             )
     }
@@ -424,32 +256,18 @@ impl<T> HostIndex<T> {
         self.names.is_empty() && self.globs.is_empty()
     }
 
-    fn probe(&self, name: &str, hash: u64) -> Option<&Slots<T>> {
-        self.names.find(hash, |s| &*s.name == name)
-    }
-
     /// Calls `f` for every pattern that matches `host` (lowercase, no trailing dot), most
     /// specific first; stops when `f` returns false.
-    pub fn for_each_match<'a>(&'a self, host: &str, f: impl FnMut(&'a T, Specificity) -> bool) {
-        self.for_each_match_key(&HostKey::new(host), f)
-    }
-
-    /// [`HostIndex::for_each_match`] with the hashes already made.
-    pub fn for_each_match_key<'a>(
-        &'a self,
-        key: &HostKey<'_>,
-        mut f: impl FnMut(&'a T, Specificity) -> bool,
-    ) {
-        let host = key.name;
-        let own = self.probe(host, key.whole);
+    pub fn for_each_match<'a>(&'a self, host: &str, mut f: impl FnMut(&'a T, Specificity) -> bool) {
+        let own = self.names.get(host);
         if let Some(v) = own.and_then(|s| s.exact.as_ref()) {
             if !f(v, Specificity::Exact) {
                 return;
             }
         }
         if !self.globs.is_empty() {
-            if let Some((two, hash)) = key.last_two_labels() {
-                if let Some((_, list)) = self.globs.find(hash, |(k, _)| &**k == two) {
+            if let Some(key) = last_two_labels(host) {
+                if let Some(list) = self.globs.get(key) {
                     for (labels, v) in list {
                         if glob_labels_match(labels, host) && !f(v, Specificity::Glob) {
                             return;
@@ -463,59 +281,46 @@ impl<T> HostIndex<T> {
                 return;
             }
         }
+        let mut rest = host;
+        // A byte scan: host labels are short and `str::find` costs more to set up than this.
         let (shortest, longest) = self.suffix_lens;
-        let mut visit = |start: usize, hash: Option<u64>| {
-            let rest = &host[start..];
-            if rest.len() > longest {
-                return true;
-            }
-            let hash = hash.unwrap_or_else(|| name_hash(rest));
-            let Some(s) = self.probe(rest, hash) else {
-                return true;
-            };
-            let spec = Specificity::Suffix(rest.len());
-            [&s.subs, &s.incl].into_iter().flatten().all(|v| f(v, spec))
-        };
-        // Longest first. Suffixes left of the kept ones are hashed here, and only if a
-        // pattern is that long.
-        if key.more {
-            let first_kept = key.starts[KEPT - 1];
-            let mut at = 0;
-            while let Some(dot) = host.as_bytes()[at..first_kept - 1]
-                .iter()
-                .position(|&c| c == b'.')
-            {
-                at += dot + 1;
-                if !visit(at, None) {
-                    return;
-                }
-            }
-        }
-        for i in (0..key.kept).rev() {
-            let start = key.starts[i];
-            if host.len() - start < shortest {
+        while let Some(dot) = rest.bytes().position(|c| c == b'.') {
+            rest = &rest[dot + 1..];
+            if rest.len() < shortest {
                 break;
             }
-            if !visit(start, Some(key.hashes[i])) {
-                return;
+            if rest.len() > longest {
+                continue;
+            }
+            let Some(s) = self.names.get(rest) else {
+                continue;
+            };
+            let spec = Specificity::Suffix(rest.len());
+            for v in [&s.subs, &s.incl].into_iter().flatten() {
+                if !f(v, spec) {
+                    return;
+                }
             }
         }
     }
 
     /// The most specific match.
     pub fn best(&self, host: &str) -> Option<&T> {
-        self.best_key(&HostKey::new(host))
-    }
-
-    /// [`HostIndex::best`] with the hashes already made.
-    pub fn best_key(&self, key: &HostKey<'_>) -> Option<&T> {
         let mut out = None;
-        self.for_each_match_key(key, |v, _| {
+        self.for_each_match(host, |v, _| {
             out = Some(v);
             false
         });
         out
     }
+}
+
+fn last_two_labels(host: &str) -> Option<&str> {
+    let last = host.bytes().rposition(|c| c == b'.')?;
+    Some(match host[..last].bytes().rposition(|c| c == b'.') {
+        Some(i) => &host[i + 1..],
+        None => host,
+    })
 }
 
 fn glob_labels_match(pattern: &[Box<str>], host: &str) -> bool {
@@ -632,54 +437,8 @@ mod tests {
         }
     }
 
-    /// Each suffix's hash, read off the whole name (labels loaded from wherever they sit in
-    /// it), is the hash that suffix gets as a name of its own, which is what tables are built
-    /// with. Labels of 0 to 17 bytes, names under and over 8 bytes, more dots than kept.
-    #[test]
-    fn suffix_hashes_are_the_suffixes_own() {
-        let labels = [
-            "",
-            "a",
-            "io",
-            "com",
-            "abcdefg",
-            "deepseek",
-            "abcdefghi",
-            "x".repeat(17).leak(),
-        ];
-        let mut names = vec![];
-        for a in labels {
-            for b in labels {
-                for c in labels {
-                    names.push(format!("{a}.{b}.{c}"));
-                    names.push(format!("{a}.{b}"));
-                }
-                names.push(a.to_string());
-            }
-        }
-        names.push("a.b.c.d.e.f.g.h.i.j.k.l".into());
-        names.push("p.q.deepseek.abcdefghi.r.s.t.u.v.w.com".into());
-        for name in &names {
-            let key = HostKey::new(name);
-            assert_eq!(key.kept, name.matches('.').count().min(KEPT), "{name}");
-            assert_eq!(key.more, name.matches('.').count() > KEPT, "{name}");
-            for i in 0..key.kept {
-                let suffix = &name[key.starts[i]..];
-                assert_eq!(name.as_bytes()[key.starts[i] - 1], b'.', "{name}");
-                assert_eq!(key.hashes[i], name_hash(suffix), "{name}: {suffix}");
-            }
-        }
-        // The hash tells apart names that differ in a byte, a label boundary or a length.
-        let mut seen = std::collections::HashMap::new();
-        for name in &names {
-            if let Some(other) = seen.insert(name_hash(name), name) {
-                assert_eq!(other, name);
-            }
-        }
-    }
-
-    /// The index finds what the one-pattern form matches, for hosts of 1 to 12 labels (past
-    /// the suffixes a key keeps) and patterns of every form, long ones included.
+    /// The index finds what the one-pattern form matches, for hosts of 1 to 12 labels and
+    /// patterns of every form, long ones included.
     #[test]
     fn the_index_agrees_with_each_pattern_alone() {
         let pats = [

@@ -21,7 +21,7 @@ use http::Method;
 use rustc_hash::FxHashMap;
 
 pub use catalog::{Catalog, Endpoint, Vendor, VendorId};
-pub use hostmatch::{HostIndex, HostKey, HostPattern};
+pub use hostmatch::{HostIndex, HostPattern};
 pub use inside::{BodyFacts, Inspection, InterceptLists};
 pub use rules::{Action, Facts, Mode, Rule};
 pub use target::{Host, Scheme, Target};
@@ -249,9 +249,7 @@ impl Policy {
         req: &Request<'_>,
         segments: Option<&path::Segments<'_>>,
     ) -> Decision<'p> {
-        // The catalog and the rule index probe the same suffixes: hash them once.
-        let key = req.host.as_name().map(HostKey::new);
-        let hit = key.as_ref().and_then(|k| self.catalog.lookup_key(k));
+        let hit = self.catalog.lookup(req.host);
         let endpoint = match hit {
             Some(h) => self.catalog.classify(h, segments),
             None => Endpoint::None,
@@ -307,17 +305,16 @@ impl Policy {
                 consider(list);
             }
         }
-        match (&key, req.host) {
-            (Some(key), _) => self.index.by_host.for_each_match_key(key, |list, _| {
+        match req.host {
+            Host::Name(name) => self.index.by_host.for_each_match(name, |list, _| {
                 consider(list);
                 true
             }),
-            (None, Host::Ip(ip)) => {
+            Host::Ip(ip) => {
                 if let Some(list) = self.index.by_ip.get(ip) {
                     consider(list);
                 }
             }
-            (None, Host::Name(_)) => {}
         }
 
         let vendor = hit.map(|h| self.catalog.vendor(h.vendor));

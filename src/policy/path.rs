@@ -217,32 +217,6 @@ pub struct Segments<'a> {
     path: &'a str,
 }
 
-/// How [`Segments::of_normal`] reads each byte of a path.
-const ORDINARY: u8 = 0;
-const SLASH: u8 = 1;
-/// `?` or `#`: the path ends.
-const PATH_END: u8 = 2;
-/// A `.` is normal except at a segment's start.
-const DOT: u8 = 3;
-/// `%`, `;`, `\` and upper case: `normalize` would copy the path.
-const NOT_NORMAL: u8 = 4;
-static BYTE_CLASS: [u8; 256] = {
-    let mut t = [ORDINARY; 256];
-    t[b'/' as usize] = SLASH;
-    t[b'?' as usize] = PATH_END;
-    t[b'#' as usize] = PATH_END;
-    t[b'.' as usize] = DOT;
-    t[b'%' as usize] = NOT_NORMAL;
-    t[b';' as usize] = NOT_NORMAL;
-    t[b'\\' as usize] = NOT_NORMAL;
-    let mut c = b'A';
-    while c <= b'Z' {
-        t[c as usize] = NOT_NORMAL;
-        c += 1;
-    }
-    t
-};
-
 impl<'a> Segments<'a> {
     /// `path` must already be [`normalize`]d.
     pub fn new(path: &'a str) -> Segments<'a> {
@@ -283,11 +257,9 @@ impl<'a> Segments<'a> {
         let mut after_slash = true;
         let mut end = b.len();
         for (i, &c) in b.iter().enumerate().skip(1) {
-            // Most bytes of a path are ordinary: one table load decides that.
-            match BYTE_CLASS[c as usize] {
-                ORDINARY => {}
-                SLASH if after_slash => return None,
-                SLASH => {
+            match c {
+                b'/' if after_slash => return None,
+                b'/' => {
                     // As `new`: segments past the sixteenth are not held.
                     if n < MAX_SEGMENTS {
                         spans[n] = (start as u16, i as u16);
@@ -297,13 +269,13 @@ impl<'a> Segments<'a> {
                     after_slash = true;
                     continue;
                 }
-                PATH_END => {
+                b'?' | b'#' => {
                     end = i;
                     break;
                 }
-                DOT if after_slash => return None,
-                DOT => {}
-                _ => return None,
+                b'.' if after_slash => return None,
+                b'%' | b';' | b'\\' | b'A'..=b'Z' => return None,
+                _ => {}
             }
             after_slash = false;
         }
