@@ -217,6 +217,32 @@ pub struct Segments<'a> {
     path: &'a str,
 }
 
+/// How [`Segments::of_normal`] reads each byte of a path.
+const ORDINARY: u8 = 0;
+const SLASH: u8 = 1;
+/// `?` or `#`: the path ends.
+const PATH_END: u8 = 2;
+/// A `.` is normal except at a segment's start.
+const DOT: u8 = 3;
+/// `%`, `;`, `\` and upper case: `normalize` would copy the path.
+const NOT_NORMAL: u8 = 4;
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [ORDINARY; 256];
+    t[b'/' as usize] = SLASH;
+    t[b'?' as usize] = PATH_END;
+    t[b'#' as usize] = PATH_END;
+    t[b'.' as usize] = DOT;
+    t[b'%' as usize] = NOT_NORMAL;
+    t[b';' as usize] = NOT_NORMAL;
+    t[b'\\' as usize] = NOT_NORMAL;
+    let mut c = b'A';
+    while c <= b'Z' {
+        t[c as usize] = NOT_NORMAL;
+        c += 1;
+    }
+    t
+};
+
 impl<'a> Segments<'a> {
     /// `path` must already be [`normalize`]d.
     pub fn new(path: &'a str) -> Segments<'a> {
@@ -254,30 +280,36 @@ impl<'a> Segments<'a> {
         let mut spans = [(0u16, 0u16); MAX_SEGMENTS];
         let mut n = 0;
         let mut start = 1;
-        let mut after_slash = true;
         let mut end = b.len();
-        for (i, &c) in b.iter().enumerate().skip(1) {
-            match c {
-                b'/' if after_slash => return None,
-                b'/' => {
+        // Most bytes of a path are ordinary, and the inner loop passes them with one table
+        // load and one compare each. A byte at `start` is the first of its segment.
+        let mut i = 1;
+        loop {
+            while i < b.len() && BYTE_CLASS[b[i] as usize] == ORDINARY {
+                i += 1;
+            }
+            let Some(&c) = b.get(i) else {
+                break;
+            };
+            match BYTE_CLASS[c as usize] {
+                // An empty segment, or one starting with a dot: `normalize` would copy.
+                SLASH | DOT if i == start => return None,
+                SLASH => {
                     // As `new`: segments past the sixteenth are not held.
                     if n < MAX_SEGMENTS {
                         spans[n] = (start as u16, i as u16);
                         n += 1;
                     }
                     start = i + 1;
-                    after_slash = true;
-                    continue;
                 }
-                b'?' | b'#' => {
+                PATH_END => {
                     end = i;
                     break;
                 }
-                b'.' if after_slash => return None,
-                b'%' | b';' | b'\\' | b'A'..=b'Z' => return None,
-                _ => {}
+                DOT => {}
+                _ => return None,
             }
-            after_slash = false;
+            i += 1;
         }
         if end > start && n < MAX_SEGMENTS {
             spans[n] = (start as u16, end as u16);
