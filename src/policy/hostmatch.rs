@@ -404,12 +404,39 @@ mod tests {
         assert_eq!(seen, vec![1, 2, 3]);
     }
 
+    /// Every pattern matching each host, as the index visits them, is every pattern whose
+    /// one-pattern form matches it.
+    fn index_agrees_with_each_pattern(
+        pats: &[&str],
+        hosts: impl IntoIterator<Item = impl AsRef<str>>,
+    ) {
+        let ix = index(
+            &pats
+                .iter()
+                .zip(0..)
+                .map(|(p, i)| (*p, i))
+                .collect::<Vec<_>>(),
+        );
+        for h in hosts {
+            let h = h.as_ref();
+            let mut got = vec![];
+            ix.for_each_match(h, |v, _| {
+                got.push(*v);
+                true
+            });
+            got.sort_unstable();
+            let want: Vec<u32> = (0..pats.len() as u32)
+                .filter(|&i| HostPattern::parse(pats[i as usize]).unwrap().matches(h))
+                .collect();
+            assert_eq!(got, want, "{h}");
+        }
+    }
+
     /// The walk skips suffixes shorter or longer than every `.x`/`*.x` name: patterns of
     /// several lengths still match every host the one-pattern form does.
     #[test]
     fn suffixes_of_every_length_are_still_found() {
         let pats = [".io", ".bb.io", "*.a-long-name.example", "exact.bb.io"];
-        let ix = index(&[(pats[0], 0), (pats[1], 1), (pats[2], 2), (pats[3], 3)]);
         let hosts = [
             "io",
             "x.io",
@@ -423,18 +450,7 @@ mod tests {
             "example",
             "q.example",
         ];
-        for h in hosts {
-            let mut got = vec![];
-            ix.for_each_match(h, |v, _| {
-                got.push(*v);
-                true
-            });
-            got.sort_unstable();
-            let want: Vec<u32> = (0..pats.len() as u32)
-                .filter(|&i| HostPattern::parse(pats[i as usize]).unwrap().matches(h))
-                .collect();
-            assert_eq!(got, want, "{h}");
-        }
+        index_agrees_with_each_pattern(&pats, hosts);
     }
 
     /// The index finds what the one-pattern form matches, for hosts of 1 to 12 labels and
@@ -454,13 +470,6 @@ mod tests {
             "*y.j.k.l",
             ".longer-than-eight.l",
         ];
-        let ix = index(
-            &pats
-                .iter()
-                .zip(0..)
-                .map(|(p, i)| (*p, i))
-                .collect::<Vec<_>>(),
-        );
         let mut hosts = vec![];
         let alpha = "abcdefghijkl"
             .split("")
@@ -480,18 +489,7 @@ mod tests {
             ]
             .map(String::from),
         );
-        for h in &hosts {
-            let mut got = vec![];
-            ix.for_each_match(h, |v, _| {
-                got.push(*v);
-                true
-            });
-            got.sort_unstable();
-            let want: Vec<u32> = (0..pats.len() as u32)
-                .filter(|&i| HostPattern::parse(pats[i as usize]).unwrap().matches(h))
-                .collect();
-            assert_eq!(got, want, "{h}");
-        }
+        index_agrees_with_each_pattern(&pats, &hosts);
     }
 
     #[test]
