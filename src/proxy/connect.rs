@@ -23,6 +23,7 @@ use super::body::ProxyBody;
 use super::handler::{admit, authenticate, record, rejected, Admitted, Seen, Who};
 use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
+use super::on_wake::OnWake;
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
@@ -330,21 +331,27 @@ impl Tunnel {
                 let half_closed = idle.min(HALF_CLOSED_IDLE);
                 super::splice::splice(&mut client, &mut upstream, 16 * 1024, half_closed).await
             };
-            tokio::pin!(outcome);
-            loop {
-                tokio::select! {
-                    r = &mut outcome => break match r {
-                        Ok(_) => None,
-                        Err(e) => Some(format!("tunnel_error: {e}")),
-                    },
-                    _ = stats.activity.idle(idle) => break Some("idle_timeout".to_string()),
-                    _ = shutdown.stopping() => break Some("shutdown".to_string()),
-                    Ok(()) = swaps.changed() => {
-                        if let Some(why) = self.decide_again() {
-                            break Some(why);
+            // What ends a tunnel besides its ends: polled only when one of them woke the task,
+            // not on each of the copy's wake-ups.
+            let watchers = OnWake::new(async {
+                loop {
+                    tokio::select! {
+                        _ = stats.activity.idle(idle) => break "idle_timeout".to_string(),
+                        _ = shutdown.stopping() => break "shutdown".to_string(),
+                        Ok(()) = swaps.changed() => {
+                            if let Some(why) = self.decide_again() {
+                                break why;
+                            }
                         }
                     }
                 }
+            });
+            tokio::select! {
+                r = outcome => match r {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("tunnel_error: {e}")),
+                },
+                why = watchers => Some(why),
             }
         };
         self.rec.bytes_out = stats.out.load(Ordering::Relaxed);

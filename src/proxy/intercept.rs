@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
 use super::activity::Activity;
+use super::on_wake::OnWake;
 use super::shutdown::Phase;
 use super::{handler, Peer, State};
 use crate::policy::Host;
@@ -106,17 +107,20 @@ where
             let conn = $conn;
             tokio::pin!(conn);
             let mut phase = Phase::Serving;
+            // The watchers are polled only when they woke the task, not on each of the
+            // connection's wake-ups.
+            let mut idled = OnWake::new(activity.idle(idle));
             loop {
                 tokio::select! {
                     r = conn.as_mut() => break r.map_err(|e| format!("inner_http: {e}")),
-                    p = signal.past(phase) => {
+                    p = OnWake::new(signal.past(phase)) => {
                         phase = p;
                         if phase == Phase::Stopping {
                             break Err("shutdown".to_string());
                         }
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = activity.idle(idle) => break Err("idle_timeout".to_string()),
+                    _ = &mut idled => break Err("idle_timeout".to_string()),
                 }
             }
         }};

@@ -10,6 +10,7 @@ pub mod head_wait;
 pub mod inspect;
 pub mod intercept;
 pub mod limit;
+pub mod on_wake;
 pub mod per_client;
 pub mod pressure;
 pub mod respond;

@@ -4,8 +4,11 @@
 //! tunnels (a browser's or an SDK's keep-alive connection) sit idle most of the time, so at
 //! 10,000 tunnels that is hundreds of MiB doing nothing. Here a direction takes its buffer when
 //! the source has bytes and gives it back as soon as the source has none and everything read
-//! has been written.
+//! has been written. Buffers given back are kept for reuse by the thread, a few of them: a busy
+//! tunnel takes and returns one per wake-up and direction, and a fresh 16 KiB allocation each
+//! time was a sixth of what relaying a request cost.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
@@ -15,12 +18,39 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+type Buffer = Box<[MaybeUninit<u8>]>;
+
+/// Buffers kept per thread: enough for the bursts of one wake-up, no more (16 × 16 KiB).
+const SPARE_MAX: usize = 16;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Buffer>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer(size: usize) -> Buffer {
+    let spare = SPARE.with_borrow_mut(|s| match s.last() {
+        Some(b) if b.len() == size => s.pop(),
+        _ => None,
+    });
+    spare.unwrap_or_else(|| Box::new_uninit_slice(size))
+}
+
+fn give_back(buf: Option<Buffer>) {
+    if let Some(b) = buf {
+        SPARE.with_borrow_mut(|s| {
+            if s.len() < SPARE_MAX {
+                s.push(b);
+            }
+        });
+    }
+}
+
 /// One direction's state.
 struct Half {
     size: usize,
     /// Uninitialised: a buffer is taken per burst of bytes, so zero-filling it each time would
     /// cost more than the copy. `buf[..cap]` is initialised.
-    buf: Option<Box<[MaybeUninit<u8>]>>,
+    buf: Option<Buffer>,
     pos: usize,
     cap: usize,
     read_done: bool,
@@ -56,14 +86,14 @@ impl Half {
         loop {
             if self.pos == self.cap && !self.read_done {
                 let size = self.size;
-                let buf = self.buf.get_or_insert_with(|| Box::new_uninit_slice(size));
+                let buf = self.buf.get_or_insert_with(|| take_buffer(size));
                 let mut rb = ReadBuf::uninit(buf);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
                         if n == 0 {
                             self.read_done = true;
-                            self.buf = None;
+                            give_back(self.buf.take());
                         } else {
                             self.pos = 0;
                             self.cap = n;
@@ -72,7 +102,7 @@ impl Half {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Idle: nothing to write either, so the buffer can go.
-                        self.buf = None;
+                        give_back(self.buf.take());
                         if self.need_flush {
                             ready!(writer.as_mut().poll_flush(cx))?;
                             self.need_flush = false;
@@ -194,6 +224,28 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"pong");
         assert_eq!(task.await.unwrap().unwrap(), (10_000, 4));
+    }
+
+    #[test]
+    fn given_back_buffers_are_reused_up_to_a_bound() {
+        let b = take_buffer(100);
+        let at = b.as_ptr();
+        give_back(Some(b));
+        let again = take_buffer(100);
+        assert_eq!(
+            again.as_ptr(),
+            at,
+            "the spare was taken, not a new allocation"
+        );
+        give_back(Some(again));
+        // A spare of another size is left for its own kind.
+        assert_eq!(take_buffer(64).len(), 64);
+        let kept = take_buffer(100);
+        assert_eq!(kept.as_ptr(), at);
+        for _ in 0..SPARE_MAX + 8 {
+            give_back(Some(Box::new_uninit_slice(100)));
+        }
+        assert_eq!(SPARE.with_borrow(|s| s.len()), SPARE_MAX);
     }
 
     /// One side ends and the other stays silent: the splice ends after the half-closed
