@@ -582,3 +582,72 @@ async fn a_tunnel_whose_client_left_ends_though_the_origin_stays_silent() {
     .await;
     assert!(left.elapsed() < std::time::Duration::from_secs(15));
 }
+
+/// Some clients send the ClientHello right behind the CONNECT, in the same write, without
+/// waiting for the 200. Those bytes were read with the CONNECT's head: the SNI check must still
+/// see them, and the origin must get them once, in order, if they pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_sent_with_the_connect_is_checked_and_passed_on() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let expected = hello(Some("api.openai.com"), true).len();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = vec![0u8; expected];
+                if s.read_exact(&mut got).await.is_ok() {
+                    let _ = tx.send(got);
+                    let _ = s.write_all(&server_hello()).await;
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin)
+            .vendor("api.deepseek.com", origin),
+    )
+    .await;
+    for (i, (named, through)) in [("api.openai.com", true), ("api.deepseek.com", false)]
+        .into_iter()
+        .enumerate()
+    {
+        let client_hello = hello(Some(named), true);
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let connect = b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n";
+        s.write_all(&[&connect[..], &client_hello].concat())
+            .await
+            .unwrap();
+        let (status, _) = within("the 200", read_head(&mut s)).await;
+        assert_eq!(status, 200, "case {i}");
+        if through {
+            let got = within("the hello at the origin", received.recv())
+                .await
+                .unwrap();
+            assert_eq!(got, client_hello, "case {i}");
+            let mut answer = vec![0u8; server_hello().len()];
+            within("the origin's answer", s.read_exact(&mut answer))
+                .await
+                .unwrap();
+            assert_eq!(answer, server_hello(), "case {i}");
+        } else {
+            assert_eq!(read_until_closed(&mut s).await, 0, "case {i}");
+        }
+        drop(s);
+        let rec = proxy.audit_at_least(i + 1).await[i].clone();
+        match through {
+            true => assert_eq!(rec["action"], "allow", "case {i}: {rec}"),
+            false => {
+                assert_eq!(rec["action"], "block", "case {i}: {rec}");
+                assert_reason(&rec, "sni_mismatch");
+            }
+        }
+    }
+    assert!(
+        received.try_recv().is_err(),
+        "the blocked hello reached the origin"
+    );
+}
