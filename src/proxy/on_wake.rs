@@ -16,17 +16,40 @@ use futures_util::task::AtomicWaker;
 
 pub struct OnWake<F> {
     inner: Pin<Box<F>>,
-    flag: Arc<Flag>,
+    flag: Arc<WakeFlag>,
     /// The flag as a waker, made once: cloning it for each poll would be an atomic add.
     waker: Waker,
 }
 
-struct Flag {
+/// A waker that notes it was used before it wakes the task: lets one task that waits on
+/// several things tell which of them is ready.
+pub struct WakeFlag {
     woken: AtomicBool,
     task: AtomicWaker,
 }
 
-impl Wake for Flag {
+impl WakeFlag {
+    /// Starts woken: whatever it stands for is polled the first time, to register.
+    pub fn new() -> Arc<WakeFlag> {
+        Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        })
+    }
+
+    /// Whether it was woken since the last call; to be called after [`WakeFlag::register`], so
+    /// a wake in between is not lost.
+    pub fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// The task to wake.
+    pub fn register(&self, task: &Waker) {
+        self.task.register(task);
+    }
+}
+
+impl Wake for WakeFlag {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -39,11 +62,7 @@ impl Wake for Flag {
 
 impl<F: Future> OnWake<F> {
     pub fn new(inner: F) -> OnWake<F> {
-        let flag = Arc::new(Flag {
-            // Polled the first time: that is when it registers what it waits on.
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
+        let flag = WakeFlag::new();
         OnWake {
             inner: Box::pin(inner),
             waker: Waker::from(flag.clone()),
@@ -56,9 +75,8 @@ impl<F: Future> Future for OnWake<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // Registered before the flag is read, so a wake between the two is not lost.
-        self.flag.task.register(cx.waker());
-        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+        self.flag.register(cx.waker());
+        if !self.flag.take() {
             return Poll::Pending;
         }
         let this = &mut *self;
