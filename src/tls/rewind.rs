@@ -15,7 +15,19 @@ pub struct Rewind<S> {
 
 impl<S> Rewind<S> {
     pub fn new(prefix: Bytes, inner: S) -> Rewind<S> {
-        Rewind { prefix, inner }
+        Rewind {
+            prefix: released_if_empty(prefix),
+            inner,
+        }
+    }
+}
+
+/// A slice, even an empty one, keeps the whole buffer it was cut from (hyper's read buffer, the
+/// peeked hello): held for a tunnel's life, that is kilobytes per idle tunnel.
+fn released_if_empty(b: Bytes) -> Bytes {
+    match b.is_empty() {
+        true => Bytes::new(),
+        false => b,
     }
 }
 
@@ -30,6 +42,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            this.prefix = released_if_empty(std::mem::take(&mut this.prefix));
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -78,5 +91,30 @@ mod tests {
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
+    }
+
+    /// The buffer a prefix was cut from is let go once the prefix is read, or at once if it is
+    /// empty: a tunnel must not hold the connection's read buffer for its whole life.
+    #[tokio::test]
+    async fn lets_go_of_the_buffer_behind_the_prefix() {
+        let mut whole = bytes::BytesMut::with_capacity(8192);
+        whole.extend_from_slice(b"CONNECT ... \r\n\r\nhello");
+        let whole = whole.freeze();
+        let at = whole.len() - 5;
+
+        let empty = Rewind::new(whole.slice(whole.len()..), tokio::io::empty());
+        assert!(whole.is_unique(), "an empty prefix still holds the buffer");
+        drop(empty);
+
+        let (_a, b) = tokio::io::duplex(64);
+        let mut r = Rewind::new(whole.slice(at..), b);
+        assert!(!whole.is_unique());
+        let mut got = [0u8; 5];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        assert!(
+            whole.is_unique(),
+            "a consumed prefix still holds the buffer"
+        );
     }
 }
