@@ -3,8 +3,8 @@
 //! timer on every read and write.
 //!
 //! The timestamp is the kernel's coarse monotonic clock (one tick, 1–10 ms): an idle timeout is
-//! minutes long, and the coarse clock is a load from the vDSO page where the precise one reads
-//! and scales the CPU's counter, twice per relayed request.
+//! minutes long, and a tunnel stamps twice per request it relays; the coarse clock is a load
+//! from the vDSO page, where the precise one reads and scales the CPU's counter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,9 +20,8 @@ fn coarse_ms() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant Linux has.
-    // CLOCK_MONOTONIC_COARSE cannot fail on Linux ≥ 2.6.32; a failure would leave 0, which
-    // reads as long idle only if it persisted, and it cannot.
+    // SAFETY: `ts` is a valid timespec to write. The only errors are a bad pointer or a clock
+    // the kernel lacks, and Linux has had this one since 2.6.32, so the result is not checked.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
