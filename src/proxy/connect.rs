@@ -20,10 +20,11 @@ use tokio::net::TcpStream;
 
 use super::activity::Activity;
 use super::body::ProxyBody;
-use super::handler::{admit, authenticate, record, rejected, Admitted, Seen, Who};
+use super::handler::{admit, authenticate, Admitted, Who};
 use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
 use super::on_wake::OnWake;
+use super::records::{record, rejected, Seen};
 use super::stall::SendTimeout;
 use super::{respond, Peer, State};
 use crate::audit::Record;

@@ -5,28 +5,27 @@ use std::convert::Infallible;
 use std::error::Error as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::body::{Counted, Pending, ProxyBody, RequestBody};
 use super::head_wait::{Busy, Held};
+use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
+use super::overrides::{method_parameter, overriding_method, overriding_path};
+use super::records::{record, rejected, Seen};
 use super::{respond, Peer, State};
-use crate::audit::{redact_path, Record};
+use crate::audit::Record;
 use crate::error::ProxyError;
 use crate::identity::htpasswd::parse_basic;
 use crate::limits::{KeyValues, Permit};
-use crate::policy::{
-    self, target, Action, BodyFacts, Decision, Host, Mode, Policy, Scheme, Target,
-};
-
-const VIA: &str = "1.1 portcullis";
+use crate::policy::{self, target, Action, BodyFacts, Decision, Mode, Policy, Scheme, Target};
 
 /// The service function behind every client connection.
 pub async fn handle(
@@ -55,133 +54,6 @@ pub async fn handle(
     };
     // The connection awaits no head until hyper is done with this answer.
     Ok(answer.map(|body| Held::new(body, busy)))
-}
-
-/// Facts about the request that every audit record repeats.
-pub struct Seen<'a> {
-    pub peer: Peer,
-    pub user: Option<&'a str>,
-    pub method: &'a Method,
-    pub scheme: &'static str,
-    pub host: &'a Host,
-    pub port: u16,
-    pub path: Option<&'a str>,
-    pub tls: &'static str,
-}
-
-/// A record for a decision; status and byte counts are filled in later.
-///
-/// Boxed from the start: a record is ~330 bytes and moves through admit, the response body
-/// and the audit queue; a pointer moves instead.
-pub fn record(
-    seen: &Seen<'_>,
-    d: &Decision<'_>,
-    status: u16,
-    key_id: Option<String>,
-) -> Box<Record> {
-    Box::new(Record {
-        ts: SystemTime::now(),
-        id: 0,
-        client: seen.peer.addr,
-        user: seen.user.map(Into::into),
-        method: seen.method.clone(),
-        scheme: seen.scheme,
-        // One exact allocation: a name is copied as it is, an address formatted to its length.
-        host: match seen.host {
-            Host::Name(name) => Box::from(&**name),
-            ip => {
-                let mut h = String::new();
-                ip.push_to(&mut h);
-                h.into_boxed_str()
-            }
-        },
-        port: seen.port,
-        path: seen.path.map(redact_path),
-        vendor: d.vendor_id().cloned(),
-        endpoint: d.endpoint.as_str(),
-        rule: d.rule_id().cloned(),
-        action: d.action.as_str(),
-        mode: d.mode.as_str(),
-        reason: d.reason.clone(),
-        status,
-        bytes_in: 0,
-        bytes_out: 0,
-        duration_ms: 0.0,
-        tls: seen.tls,
-        sni: None,
-        key_id: key_id.map(Into::into),
-        model: None,
-    })
-}
-
-/// A record for a request refused before any decision (malformed, unauthenticated).
-pub fn rejected(
-    state: &State,
-    peer: Peer,
-    method: &Method,
-    uri: &Uri,
-    e: &ProxyError,
-    start: Instant,
-) {
-    let rec = Record {
-        scheme: uri
-            .scheme_str()
-            .map_or("none", |s| if s == "https" { "https" } else { "http" }),
-        host: uri.host().unwrap_or("").into(),
-        port: uri.port_u16().unwrap_or(0),
-        path: uri.path_and_query().map(|p| redact_path(p.as_str())),
-        ..refusal_record(state, peer, method.clone(), e, e.kind().into())
-    };
-    state.finish(Box::new(rec), start);
-}
-
-/// A record for a request hyper refused while reading its head (it answered 400 or 431):
-/// there is no method or target to log, but the attempt and its client are.
-pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
-    let e = match e.is_parse_too_large() {
-        true => ProxyError::RequestHeadTooLarge(e.to_string()),
-        false => ProxyError::MalformedRequest(e.to_string()),
-    };
-    // A token (RFC 9110 §9.1) that no real method is.
-    let method = Method::from_bytes(b"-").unwrap_or_default();
-    let reason = format!("{}: {e}", e.kind()).into();
-    let rec = refusal_record(state, peer, method, &e, reason);
-    state.finish(Box::new(rec), Instant::now());
-}
-
-/// A `reject` record with no target yet.
-fn refusal_record(
-    state: &State,
-    peer: Peer,
-    method: Method,
-    e: &ProxyError,
-    reason: Arc<str>,
-) -> Record {
-    Record {
-        ts: SystemTime::now(),
-        id: state.audit.next_id(),
-        client: peer.addr,
-        user: None,
-        method,
-        scheme: "none",
-        host: "".into(),
-        port: 0,
-        path: None,
-        vendor: None,
-        endpoint: "none",
-        rule: None,
-        action: "reject",
-        mode: "enforce",
-        reason,
-        status: e.status().as_u16(),
-        bytes_in: 0,
-        bytes_out: 0,
-        duration_ms: 0.0,
-        tls: "none",
-        sni: None,
-        key_id: None,
-        model: None,
-    }
 }
 
 /// A decided request the policy lets through, with what it holds while it runs.
@@ -932,121 +804,6 @@ fn framing(req: &Request<Incoming>, max_head: usize) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The method a method-override field names (`X-HTTP-Method-Override`, `X-HTTP-Method`,
-/// `X-Method-Override`), in upper case as rules name them.
-fn overriding_method((name, value): (&HeaderName, &HeaderValue)) -> Option<Method> {
-    // By length first: the usual request has none of these, and most names are other lengths.
-    let n = name.as_str();
-    if !matches!(n.len(), 13 | 17 | 22) || !n.starts_with("x-") {
-        return None;
-    }
-    if !matches!(
-        n,
-        "x-http-method" | "x-method-override" | "x-http-method-override"
-    ) {
-        return None;
-    }
-    let v = value.as_bytes().trim_ascii();
-    Method::from_bytes(&v.to_ascii_uppercase()).ok()
-}
-
-/// The path an `X-Original-URL` or `X-Rewrite-URL` field names (origin-form), which some
-/// servers route on instead of the request line's.
-fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<&'a str> {
-    let n = name.as_str();
-    if !matches!(n.len(), 13 | 14) || !matches!(n, "x-original-url" | "x-rewrite-url") {
-        return None;
-    }
-    value
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|p| p.starts_with('/'))
-}
-
-/// The method a `_method` query parameter names (percent-decoded, upper case).
-fn method_parameter(query: &str) -> Option<Method> {
-    // One memchr for the usual query, which names none.
-    if !query.contains("method") {
-        return None;
-    }
-    query.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        let name = percent_encoding::percent_decode_str(name)
-            .decode_utf8()
-            .ok()?;
-        if name != "_method" {
-            return None;
-        }
-        let value = percent_encoding::percent_decode_str(value)
-            .decode_utf8()
-            .ok()?;
-        Method::from_bytes(value.trim().to_ascii_uppercase().as_bytes()).ok()
-    })
-}
-
-/// RFC 9110 §7.6.1: connection-specific fields, and any the Connection header names, are for
-/// one hop only. `Proxy-Authorization` is ours and never goes upstream.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes [`HOP_BY_HOP`] fields and those the Connection header names. Runs twice per
-/// exchange, so it looks before it removes: one pass over the names present, then a removal
-/// (a hash and a probe each) only for what is there.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let mut present = 0u16;
-    for name in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    let usual = |v: &HeaderValue| {
-        let b = v.as_bytes();
-        b.eq_ignore_ascii_case(b"keep-alive") || b.eq_ignore_ascii_case(b"close")
-    };
-    if present & 1 != 0 && !h.get_all(header::CONNECTION).iter().all(usual) {
-        // Only names actually present are kept, so the usual `keep-alive` / `close` allocate
-        // nothing.
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // The usual tokens name no header: not worth a header-name parse.
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|n| !HOP_BY_HOP.contains(n) && h.contains_key(n))
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-    }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            h.remove(n);
-        }
-    }
-}
-
-fn append_via(h: &mut HeaderMap) {
-    // A field of its own (RFC 9110 §5.3: the same as joining with commas), so earlier hops'
-    // fields stay as they came and the usual case costs one hash and probe.
-    h.append(header::VIA, HeaderValue::from_static(VIA));
-}
-
 /// The pooled client wraps our connector's error; dig it out so the client and the audit log
 /// see what really failed.
 fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
@@ -1079,44 +836,4 @@ fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
         msg = format!("{msg}: {s}");
     }
     ProxyError::Upstream(msg)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_removed_including_connection_named() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "close, x-secret-hop".parse().unwrap());
-        h.insert("x-secret-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("proxy-authorization", "Basic Zm9vOmJhcg==".parse().unwrap());
-        h.insert("proxy-connection", "keep-alive".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
-        h.insert("authorization", "Bearer x".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("authorization"));
-    }
-
-    #[test]
-    fn hop_by_hop_strip_leaves_end_to_end_fields_and_handles_every_listed_name() {
-        let mut h = HeaderMap::new();
-        h.insert("content-type", "application/json".parse().unwrap());
-        h.insert("x-request-id", "7".parse().unwrap());
-        let before = h.clone();
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h, before, "nothing hop-by-hop: untouched");
-
-        h.append("connection", "keep-alive".parse().unwrap());
-        h.append("connection", " X-Request-Id ,upgrade".parse().unwrap());
-        h.insert("upgrade", "websocket".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("trailer", "x-sum".parse().unwrap());
-        h.insert("proxy-authenticate", "Basic".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("content-type"));
-    }
 }

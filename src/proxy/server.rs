@@ -16,7 +16,7 @@ use super::head_wait::{HeadTimer, HeadWait};
 use super::per_client::ClientCap;
 use super::shutdown::Phase;
 use super::stall::SendTimeout;
-use super::{handler, Peer, State};
+use super::{handler, records, Peer, State};
 
 /// Pending connections the kernel holds for `accept` (capped by `net.core.somaxconn`). The
 /// common default of 128 overflows in a burst of new clients: the kernel then drops SYNs
@@ -115,7 +115,7 @@ pub async fn serve(
                             // hyper answered a head it could not parse itself (400, 431); the
                             // attempt still belongs in the audit log.
                             if e.is_parse() || e.is_parse_too_large() {
-                                handler::malformed(&audit, peer, &e);
+                                records::malformed(&audit, peer, &e);
                             }
                             tracing::debug!(client = %addr, error = %e, "connection ended with error");
                         }
