@@ -422,6 +422,8 @@ fn host_fits(rule: &Rule, host: &Host) -> bool {
 mod tests {
     use super::*;
     use crate::policy::{BodyFacts, Request};
+    use crate::proxy::records::{record, Seen};
+    use crate::proxy::Peer;
     use http::Method;
 
     fn policy(rules: &str) -> (tempfile::TempDir, Policy) {
@@ -431,35 +433,6 @@ mod tests {
         std::fs::write(&path, format!("include = [\"{vendors}\"]\n\n{rules}")).expect("write");
         let loaded = crate::config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
         (dir, loaded.policy)
-    }
-
-    /// The record the handler would make for this request and decision.
-    fn record(client: &str, host: &str, path_q: &str, d: &Decision<'_>) -> Record {
-        Record {
-            ts: std::time::SystemTime::now(),
-            id: 0,
-            client: format!("{client}:40000").parse().expect("client"),
-            user: None,
-            method: Method::POST,
-            scheme: "https",
-            host: host.into(),
-            port: 443,
-            path: Some(crate::audit::redact_path(path_q)),
-            vendor: d.vendor_id().cloned(),
-            endpoint: d.endpoint.as_str(),
-            rule: d.rule_id().cloned(),
-            action: d.action.as_str(),
-            mode: d.mode.as_str(),
-            reason: d.reason.clone(),
-            status: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0.0,
-            tls: "intercept",
-            sni: None,
-            key_id: None,
-            model: None,
-        }
     }
 
     /// What is in play for a request decided with this model (as the body showed it).
@@ -474,7 +447,18 @@ mod tests {
             path: Some(path_q),
             body: BodyFacts { model, dlp: 0 },
         });
-        in_play(p, &d, &record(client, host, path_q, &d), false)
+        // The record the handler makes for this request and decision.
+        let seen = Seen {
+            peer: Peer::new(format!("{client}:40000").parse().expect("client")),
+            user: None,
+            method: &Method::POST,
+            scheme: "https",
+            host: &host_parsed,
+            port: 443,
+            path: Some(path_q),
+            tls: "intercept",
+        };
+        in_play(p, &d, &record(&seen, &d, 0, None), false)
     }
 
     const NONE: InPlay = InPlay {
