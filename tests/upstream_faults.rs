@@ -182,6 +182,56 @@ async fn a_request_the_client_abandons_is_still_audited() {
     assert_reason(&rec, "client_aborted");
 }
 
+/// A client that hangs up mid-body got a 200 head but not the body: its record says the
+/// response was cut, as an origin's cut does, and not that it went through. An empty answer
+/// (HEAD), which hyper drops without reading, is no such cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_client_walks_away_from_is_audited_as_cut() {
+    let evil = evil_origin().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", evil)
+            .proxy("body_timeout = \"30s\""),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(
+        b"GET http://api.openai.com/hang-body/walk HTTP/1.1\r\nHost: api.openai.com\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut got = 0;
+    let mut buf = vec![0u8; 16 * 1024];
+    while got < 32 * 1024 {
+        let n = within("the start of the body", s.read(&mut buf))
+            .await
+            .expect("read");
+        assert!(n > 0, "closed early");
+        got += n;
+    }
+    drop(s);
+    let rec = proxy.audit_path("/hang-body/walk").await;
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_reason(&rec, "client_aborted");
+    assert!(
+        rec["reason"].as_str().unwrap().ends_with("response cut"),
+        "{rec}"
+    );
+    assert!(
+        rec["bytes_in"].as_u64().unwrap() < ANNOUNCED as u64,
+        "{rec}"
+    );
+
+    let r = raw(
+        proxy.addr,
+        b"HEAD http://api.openai.com/whole HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = proxy.audit_path("/whole").await;
+    assert_eq!(rec["reason"], "no rule matched; default action", "{rec}");
+}
+
 /// Runs `n` failures of mixed kinds, `parallel` at a time; returns how many of each status.
 async fn failures(proxy: SocketAddr, targets: &[String], n: usize, parallel: usize) {
     let mut i = 0;

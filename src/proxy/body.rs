@@ -164,6 +164,9 @@ pub struct Counted<B> {
     idle: Option<IdleTimer>,
     /// A request body keeps its client connection from awaiting the next head until it ends.
     busy: Option<Busy>,
+    /// A response body with something to send: dropped before its end, the client did not
+    /// get all of it.
+    cut_if_dropped: bool,
 }
 
 impl<B> Counted<B> {
@@ -176,6 +179,7 @@ impl<B> Counted<B> {
             pending: None,
             idle: None,
             busy: None,
+            cut_if_dropped: false,
         }
     }
 
@@ -193,9 +197,14 @@ impl<B> Counted<B> {
 
     /// A response body that writes `pending` when it ends.
     /// The origin's body is cut once it stalls for `[proxy] body_timeout`.
-    pub fn finishing(inner: B, pending: Pending) -> Counted<B> {
+    pub fn finishing(inner: B, pending: Pending) -> Counted<B>
+    where
+        B: Body,
+    {
         let idle = IdleTimer::new(pending.state.settings.proxy.body_timeout);
         Counted {
+            // An empty body (HEAD, 204, 304) is never polled: its drop is its end.
+            cut_if_dropped: !inner.is_end_stream(),
             inner,
             count: 0,
             shared: None,
@@ -227,6 +236,16 @@ impl<B> Counted<B> {
 
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
+        if let Some(p) = self.pending.as_mut().filter(|_| self.cut_if_dropped) {
+            // Not ended, failed or cut by us: hyper let go of it because the client went
+            // away, stopped reading (`send_timeout`) or shutdown closed the connection. The
+            // status stays what the client was sent; the reason says it did not get it all.
+            p.record.reason = format!(
+                "{}: the client connection closed before the response ended; response cut",
+                ProxyError::ClientAborted.kind()
+            )
+            .into();
+        }
         self.complete();
     }
 }
