@@ -67,6 +67,9 @@ pub enum ProxyError {
     MalformedRequest(String),
     #[error("request head too large: {0}")]
     RequestHeadTooLarge(String),
+    /// hyper answers a request target over its limit with 414 instead of 431.
+    #[error("request target too long: {0}")]
+    UriTooLong(String),
     /// Each request inside an intercepted HTTP/2 tunnel can take an upstream connection of
     /// its own, so they count against `[proxy] max_connections_per_client` too.
     #[error("this client already has {0} requests in flight inside intercepted tunnels ([proxy] max_connections_per_client)")]
@@ -104,6 +107,7 @@ impl ProxyError {
             ProxyError::ClientAborted => "client_aborted",
             ProxyError::MalformedRequest(_) => "malformed_request",
             ProxyError::RequestHeadTooLarge(_) => "request_head_too_large",
+            ProxyError::UriTooLong(_) => "uri_too_long",
             ProxyError::TooManyStreams(_) => "too_many_streams",
         }
     }
@@ -116,6 +120,7 @@ impl ProxyError {
             | ProxyError::DuplicateHost
             | ProxyError::MalformedRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RequestHeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,

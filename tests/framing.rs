@@ -1303,7 +1303,7 @@ async fn whitespace_before_a_header_colon_is_400() {
     }
 }
 
-/// hyper refuses some heads before the handler runs (it answers 400 or 431 itself); those
+/// hyper refuses some heads before the handler runs (it answers 400, 414 or 431 itself); those
 /// attempts, a blocked vendor's name among them, still leave an audit record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_hyper_refuses_are_audited() {
@@ -1317,10 +1317,15 @@ async fn heads_hyper_refuses_are_audited() {
             "malformed_request",
         ),
         ("a huge head", huge.as_str(), 431, "request_head_too_large"),
+        ("a huge target", "", 414, "uri_too_long"),
     ];
     for (i, (case, head, status, reason)) in cases.into_iter().enumerate() {
+        let path = match status {
+            414 => format!("/chat/{}", "a".repeat(70_000)),
+            _ => "/chat".to_string(),
+        };
         let req = format!(
-            "GET http://api.deepseek.com/chat HTTP/1.1\r\nHost: api.deepseek.com\r\n{head}\
+            "GET http://api.deepseek.com{path} HTTP/1.1\r\nHost: api.deepseek.com\r\n{head}\
              Connection: close\r\n\r\n"
         );
         let got = exchange(e.proxy.addr, req.as_bytes()).await;

@@ -89,12 +89,15 @@ pub fn rejected(
     state.finish(Box::new(rec), start);
 }
 
-/// A record for a request hyper refused while reading its head (it answered 400 or 431):
+/// A record for a request hyper refused while reading its head (it answered 400, 414 or 431):
 /// there is no method or target to log, but the attempt and its client are.
 pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
+    let text = e.to_string();
+    // hyper names no public kind for a target too long, only its message; it answered 414.
     let e = match e.is_parse_too_large() {
-        true => ProxyError::RequestHeadTooLarge(e.to_string()),
-        false => ProxyError::MalformedRequest(e.to_string()),
+        true if text.contains("URI too long") => ProxyError::UriTooLong(text),
+        true => ProxyError::RequestHeadTooLarge(text),
+        false => ProxyError::MalformedRequest(text),
     };
     // A token (RFC 9110 §9.1) that no real method is.
     let method = Method::from_bytes(b"-").unwrap_or_default();
