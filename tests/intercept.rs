@@ -606,6 +606,17 @@ async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
     let _ = tls.read_to_string(&mut out).await;
     assert!(out.starts_with("HTTP/1.1 421"), "{out}");
     assert!(s.origin.requests().is_empty());
+    // The attempt is on record as one at the vendor it named, inside this tunnel.
+    let rec = s
+        .proxy
+        .audit_where("the misdirected request", |r| r["reason"] == "misdirected")
+        .await;
+    assert_eq!(rec["host"], "api.deepseek.com", "{rec}");
+    assert_eq!(rec["vendor"], "deepseek", "{rec}");
+    assert_eq!(rec["tls"], "intercept", "{rec}");
+    assert_eq!(rec["sni"], "api.openai.com", "{rec}");
+    assert_eq!(rec["scheme"], "https", "{rec}");
+    assert_eq!(rec["action"], "reject", "{rec}");
 }
 
 #[tokio::test]

@@ -107,9 +107,12 @@ async fn userinfo_is_refused_and_never_logged() {
         // curl moves userinfo into an Authorization header; the proxy then sees no userinfo.
         assert!(code == "403" || code == "400", "{code}");
     }
-    proxy
+    let rec = proxy
         .audit_where("the refusal", |r| r["status"] == 400)
         .await;
+    // Refused before any decision, still counted as an attempt at the vendor it named.
+    assert_eq!(rec["host"], "api.openai.com", "{rec}");
+    assert_eq!(rec["vendor"], "openai", "{rec}");
     assert!(
         !proxy.audit_text().contains("pw-Zq81"),
         "a password reached the audit log"

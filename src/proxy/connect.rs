@@ -45,7 +45,7 @@ pub async fn handle(
     let html = respond::wants_html(req.headers());
     let realm = state.auth.as_ref().map(|a| a.realm.as_str());
     let reject = |e: ProxyError| {
-        rejected(&state, peer, req.method(), req.uri(), &e, start);
+        rejected(&state, peer, None, (&req).into(), &e, start);
         respond::error(&e, realm, html)
     };
 

@@ -19,7 +19,7 @@ use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
 use super::overrides::{method_parameter, overriding_method, overriding_path};
-use super::records::{record, rejected, Seen};
+use super::records::{record, rejected, Asked, Seen};
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
@@ -230,7 +230,14 @@ pub async fn inner(
         Ok(slot) => slot,
         Err(_) => {
             let e = ProxyError::TooManyStreams(state.settings.proxy.max_connections_per_client);
-            rejected(&state, peer, req.method(), req.uri(), &e, Instant::now());
+            rejected(
+                &state,
+                peer,
+                Some(&inside),
+                (&req).into(),
+                &e,
+                Instant::now(),
+            );
             let html = respond::wants_html(req.headers());
             return Ok(respond::error(&e, None, html));
         }
@@ -307,12 +314,12 @@ async fn forward(
     let target = match target_of(&req, inside.map(|i| &**i)) {
         Ok(t) => t,
         Err(e) => {
-            rejected(&state, peer, req.method(), req.uri(), &e, start);
+            rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
             return respond::error(&e, realm, html);
         }
     };
     if let Err(e) = framing(&req, state.settings.proxy.max_header_bytes) {
-        rejected(&state, peer, req.method(), req.uri(), &e, start);
+        rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
         return respond::error(&e, realm, html);
     }
     // The slow paths (a bcrypt check, reading a body prefix) are boxed so that the request
@@ -323,7 +330,7 @@ async fn forward(
         None => match Box::pin(authenticate(&state, peer.addr.ip(), req.headers())).await {
             Ok(u) => u,
             Err(e) => {
-                rejected(&state, peer, req.method(), req.uri(), &e, start);
+                rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
                 return respond::error(&e, realm, html);
             }
         },
@@ -367,7 +374,12 @@ async fn forward(
         {
             Ok((i, b)) => (Some(i), b),
             Err(e) => {
-                rejected(&state, peer, &parts.method, &uri_in, &e, start);
+                let asked = Asked {
+                    method: &parts.method,
+                    uri: &uri_in,
+                    headers: &parts.headers,
+                };
+                rejected(&state, peer, inside.map(|i| &**i), asked, &e, start);
                 return respond::error(&e, realm, html);
             }
         },

@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use http::{Method, Uri};
+use http::header;
+use http::uri::Authority;
+use http::{HeaderMap, Method, Request, Uri};
 
+use super::intercept::Inside;
 use super::{Peer, State};
 use crate::audit::{redact_path, Record};
 use crate::error::ProxyError;
@@ -68,23 +71,77 @@ pub fn record(
     })
 }
 
-/// A record for a request refused before any decision (malformed, unauthenticated).
+/// What a refused request asked for, as it came.
+pub struct Asked<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a, B> From<&'a Request<B>> for Asked<'a> {
+    fn from(req: &'a Request<B>) -> Asked<'a> {
+        Asked {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+        }
+    }
+}
+
+/// A record for a request refused before any decision (malformed, unauthenticated, another
+/// host than its tunnel's). The host is the one the request named (its URI's, else its Host
+/// field's, else the tunnel's), with the catalog's vendor for it: a refused attempt at a vendor
+/// counts as that vendor's on the dashboards. Inside an intercepted tunnel, the tunnel's user,
+/// SNI and `tls` too.
 pub fn rejected(
     state: &State,
     peer: Peer,
-    method: &Method,
-    uri: &Uri,
+    inside: Option<&Inside>,
+    asked: Asked<'_>,
     e: &ProxyError,
     start: Instant,
 ) {
+    let uri = asked.uri;
+    let field = asked
+        .headers
+        .get(header::HOST)
+        .and_then(|v| Authority::try_from(v.as_bytes()).ok());
+    let (host, port) = match (uri.host(), &field) {
+        (Some(h), _) => (h, uri.port_u16()),
+        (None, Some(a)) => (a.host(), a.port_u16()),
+        (None, None) => match inside {
+            Some(i) => ("", Some(i.port)),
+            None => ("", None),
+        },
+    };
+    let host: Box<str> = match (host, inside) {
+        ("", Some(i)) => i.host.to_string().into(),
+        (h, _) => h.into(),
+    };
+    let catalog = &state.policy.load().catalog;
+    let vendor = Host::parse(&host)
+        .ok()
+        .and_then(|h| catalog.lookup(&h))
+        .map(|hit| catalog.vendor(hit.vendor).id.clone());
+    let scheme = match (uri.scheme_str(), inside) {
+        (_, Some(_)) | (Some("https"), _) => "https",
+        (Some(_), None) => "http",
+        (None, None) => "none",
+    };
     let rec = Record {
-        scheme: uri
-            .scheme_str()
-            .map_or("none", |s| if s == "https" { "https" } else { "http" }),
-        host: uri.host().unwrap_or("").into(),
-        port: uri.port_u16().unwrap_or(0),
+        scheme,
+        host,
+        port: port.unwrap_or(0),
         path: uri.path_and_query().map(|p| redact_path(p.as_str())),
-        ..refusal_record(state, peer, method.clone(), e, e.kind().into())
+        vendor,
+        user: inside.and_then(|i| i.user.as_deref()).map(Into::into),
+        tls: if inside.is_some() {
+            "intercept"
+        } else {
+            "none"
+        },
+        sni: inside.and_then(|i| i.sni.clone()),
+        ..refusal_record(state, peer, asked.method.clone(), e, e.kind().into())
     };
     state.finish(Box::new(rec), start);
 }
