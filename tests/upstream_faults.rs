@@ -19,7 +19,7 @@ const ANNOUNCED: usize = 1 << 20;
 
 /// A raw HTTP/1.1 origin that misbehaves by path prefix: `/reset` (64 KiB of the announced
 /// body, then RST), `/hang-body` (64 KiB, then silence), `/hang-head` (no answer), `/big-head`
-/// (a 1 MiB header); anything else gets `200 ok`. Silent connections end when the peer does.
+/// (a 1 MiB header), `/head-N` (a field of N bytes, then `ok`); anything else gets `200 ok`. Silent connections end when the peer does.
 async fn evil_origin() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -57,6 +57,14 @@ async fn misbehave(mut s: TcpStream) {
         }
     } else if path.starts_with("/hang-head") {
         while let Ok(1..) = s.read(&mut buf).await {}
+    } else if let Some(n) = path.strip_prefix("/head-") {
+        // One field of n bytes, the whole answer in one write.
+        let n: usize = n.parse().unwrap_or(0);
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok",
+            "a".repeat(n)
+        );
+        let _ = s.write_all(answer.as_bytes()).await;
     } else if path.starts_with("/big-head") {
         let big = format!(
             "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n",
@@ -230,6 +238,33 @@ async fn a_response_the_client_walks_away_from_is_audited_as_cut() {
     assert_eq!(r.status, 200, "{r:?}");
     let rec = proxy.audit_path("/whole").await;
     assert_eq!(rec["reason"], "no rule matched; default action", "{rec}");
+}
+
+/// The limit on an answer's head (408 KiB, hyper's client's) holds at the same size on both
+/// upstream paths, however the reads split: a head sent in one write overshoots the read
+/// buffer's ceiling by what the socket had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_head_limit_is_the_same_size_on_both_paths() {
+    let evil = evil_origin().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", evil)).await;
+    for (size, status) in [(400_000, 200), (420_000, 502)] {
+        for method in ["GET", "POST"] {
+            let body = if method == "POST" {
+                "Content-Length: 1\r\n\r\nx"
+            } else {
+                "\r\n"
+            };
+            let req = format!(
+                "{method} http://api.openai.com/head-{size} HTTP/1.1\r\nHost: api.openai.com\r\n\
+                 Connection: close\r\n{body}"
+            );
+            let r = raw(proxy.addr, req.as_bytes()).await;
+            assert_eq!(r.status, status, "{method} with a {size}-byte field");
+            if status == 502 {
+                assert_error(&r, 502, "response_head_too_large");
+            }
+        }
+    }
 }
 
 /// Runs `n` failures of mixed kinds, `parallel` at a time; returns how many of each status.

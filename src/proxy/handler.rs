@@ -582,6 +582,13 @@ async fn forward(
         }
     };
     let mut rec = in_flight.disarm();
+    let result = result.and_then(|(resp, lease)| match &resp.body() {
+        // hyper's client (uploads, https) read this head: its size is checked here.
+        Either::Left(_) if crate::upstream::head_too_large(&resp) => {
+            Err(ProxyError::ResponseHeadTooLarge)
+        }
+        _ => Ok((resp, lease)),
+    });
     let result = result.and_then(|(mut resp, lease)| match unrelayable(&mut resp) {
         // Dropping the lease closes the connection: what follows on it cannot be framed.
         Some(e) => Err(e),

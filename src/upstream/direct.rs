@@ -38,7 +38,7 @@ use crate::policy::target::Host;
 /// hyper's client limits, kept so both upstream paths accept the same answers: at most 100
 /// header fields, and a head that fits its read buffer's ceiling (8 KiB + 100 × 4 KiB).
 const MAX_HEADERS: usize = 100;
-const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Read sizes: a whole small answer in one `recv`; doubled while reads fill them, up to what
 /// a loopback or LAN socket hands over at once, so a large body takes few system calls.
 const READ_CHUNK: usize = 8192;
@@ -311,6 +311,11 @@ fn parse_head(
             &mut fields,
         );
         let len = match parsed {
+            // A head read in one go can overshoot the ceiling the partial reads are held to:
+            // the limit is on the head, however its bytes arrived.
+            Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => {
+                return Err(ProxyError::ResponseHeadTooLarge)
+            }
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::ResponseHeadTooLarge),

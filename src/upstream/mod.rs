@@ -96,6 +96,20 @@ impl Upstream {
 }
 
 /// What a `hyper::Error` from an upstream exchange means for the client and the audit log.
+/// Whether an answer hyper's client read has a head over [`direct::MAX_HEAD_BYTES`]. hyper
+/// holds only its read buffer to that ceiling, and one read can overshoot it by whatever the
+/// socket had: counted here as on the wire, so the limit does not depend on how reads split.
+pub fn head_too_large<B>(resp: &http::Response<B>) -> bool {
+    // "HTTP/1.1 200 " and the line's CRLF, then each field's ": " and CRLF, and the blank line.
+    let line = 15 + resp.status().canonical_reason().map_or(0, str::len);
+    let fields: usize = resp
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    line + fields + 2 > direct::MAX_HEAD_BYTES
+}
+
 pub fn hyper_error(e: &hyper::Error) -> ProxyError {
     if let Some(p) = crate::proxy::stall::classify_hyper(e) {
         return p;
