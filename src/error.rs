@@ -67,6 +67,10 @@ pub enum ProxyError {
     MalformedRequest(String),
     #[error("request head too large: {0}")]
     RequestHeadTooLarge(String),
+    /// Part of a request head came and the rest did not within `[proxy] header_read_timeout`:
+    /// the connection is closed without an answer, as hyper's own timeout did.
+    #[error("no complete request head within header_read_timeout ({0:?})")]
+    HeaderReadTimeout(std::time::Duration),
     /// hyper answers a request target over its limit with 414 instead of 431.
     #[error("request target too long: {0}")]
     UriTooLong(String),
@@ -108,6 +112,7 @@ impl ProxyError {
             ProxyError::MalformedRequest(_) => "malformed_request",
             ProxyError::RequestHeadTooLarge(_) => "request_head_too_large",
             ProxyError::UriTooLong(_) => "uri_too_long",
+            ProxyError::HeaderReadTimeout(_) => "header_read_timeout",
             ProxyError::TooManyStreams(_) => "too_many_streams",
         }
     }
@@ -128,7 +133,9 @@ impl ProxyError {
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientHello(_) | ProxyError::ClientHelloTimeout => StatusCode::BAD_REQUEST,
-            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientBodyTimeout | ProxyError::HeaderReadTimeout(_) => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::UpstreamBodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::AuditUnavailable | ProxyError::InspectionBusy => {
                 StatusCode::SERVICE_UNAVAILABLE

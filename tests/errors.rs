@@ -87,20 +87,48 @@ async fn a_head_over_the_limit_gets_431_however_it_arrives() {
     assert_eq!(origin.requests().len(), 1);
 }
 
+/// A head begun and not finished within the timeout is closed and on record (a slowloris, or
+/// an attempt at a vendor cut short); a connection that sent nothing, or sits quiet after a
+/// whole exchange, is closed as quietly as it sat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_request_head_is_disconnected() {
-    let proxy = Proxy::start(Config::new().proxy("header_read_timeout = \"1s\"")).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET http://api.openai.com/ HTTP/1.1\r\nHost: api.openai.com\r\nX-Half")
+async fn stalled_request_head_is_disconnected_and_audited() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .proxy("header_read_timeout = \"1s\""),
+    )
+    .await;
+    let mut quiet = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut kept = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    kept.write_all(b"GET http://api.openai.com/whole HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
         .await
         .unwrap();
-    // The proxy closes the connection (with or without a 408); the test's deadline is the bound.
+    let (status, _) = read_head(&mut kept).await;
+    assert_eq!(status, 200);
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://api.deepseek.com/ HTTP/1.1\r\nHost: api.deepseek.com\r\nX-Half")
+        .await
+        .unwrap();
+    // The proxy closes the connection without an answer; the test's deadline is the bound.
     let started = std::time::Instant::now();
     read_until_closed(&mut s).await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "closed before the timeout"
     );
+    read_until_closed(&mut quiet).await;
+    read_until_closed(&mut kept).await;
+    let rec = proxy
+        .audit_where("the unfinished head", |r| r["method"] == "-")
+        .await;
+    assert_eq!(rec["status"], 408, "{rec}");
+    assert_eq!(rec["action"], "reject", "{rec}");
+    assert_reason(&rec, "header_read_timeout");
+    // One record for the whole exchange, one for the unfinished head: none for the quiet two.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all = proxy.audit_records();
+    assert_eq!(all.len(), 2, "{all:?}");
 }
 
 /// An origin may answer before it has read the upload (a 401, a 413, or as here a 200): the

@@ -19,7 +19,8 @@ const ANNOUNCED: usize = 1 << 20;
 
 /// A raw HTTP/1.1 origin that misbehaves by path prefix: `/reset` (64 KiB of the announced
 /// body, then RST), `/hang-body` (64 KiB, then silence), `/hang-head` (no answer), `/big-head`
-/// (a 1 MiB header), `/head-N` (a field of N bytes, then `ok`); anything else gets `200 ok`. Silent connections end when the peer does.
+/// (a 1 MiB header), `/head-N` (a field of N bytes, then `ok`), `/cut-chunked` (a chunk, then
+/// FIN); anything else gets `200 ok`. Silent connections end when the peer does.
 async fn evil_origin() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -57,6 +58,13 @@ async fn misbehave(mut s: TcpStream) {
         }
     } else if path.starts_with("/hang-head") {
         while let Ok(1..) = s.read(&mut buf).await {}
+    } else if path.starts_with("/cut-chunked") {
+        // One chunk of a chunked answer, a pause (the client gets the chunk), then an orderly
+        // close: the body never ends.
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     } else if let Some(n) = path.strip_prefix("/head-") {
         // One field of n bytes, the whole answer in one write.
         let n: usize = n.parse().unwrap_or(0);
@@ -265,6 +273,40 @@ async fn the_response_head_limit_is_the_same_size_on_both_paths() {
             }
         }
     }
+}
+
+/// An HTTP/1.0 client's answer has no length and ends when the connection does: one the origin
+/// cut short must not end in an orderly close, or the client takes the part for the whole. It
+/// ends in a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_short_ends_in_a_reset_even_for_http_1_0() {
+    let evil = evil_origin().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", evil)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(b"GET http://api.openai.com/cut-chunked HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = within("the end of the answer", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Some(e.kind()),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "an orderly close after {text:?}"
+    );
+    let rec = proxy.audit_path("/cut-chunked").await;
+    assert_reason(&rec, "upstream_body");
 }
 
 /// Runs `n` failures of mixed kinds, `parallel` at a time; returns how many of each status.

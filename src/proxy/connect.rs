@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use super::activity::Activity;
 use super::body::ProxyBody;
+use super::client_socket::ClientSocket;
 use super::handler::{admit, authenticate, Admitted, Who};
 use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
@@ -560,14 +561,14 @@ impl Tunnel {
 
 /// A tunnel's client connection: the socket the proxy listener accepted, after what hyper had
 /// already read from it.
-type ClientIo = Rewind<SendTimeout<TcpStream>>;
+type ClientIo = Rewind<SendTimeout<ClientSocket>>;
 
 /// Takes the client's socket out of hyper's upgrade wrapper, so that the relay reads and writes
 /// it without a boxed layer and two adapters in between, twice per request it carries. `None`
 /// if the connection is not the listener's (a bug: it is the only one that upgrades).
 fn unwrap_client(upgraded: hyper::upgrade::Upgraded) -> Option<ClientIo> {
     let parts = upgraded
-        .downcast::<TokioIo<SendTimeout<TcpStream>>>()
+        .downcast::<TokioIo<SendTimeout<ClientSocket>>>()
         .ok()?;
     Some(Rewind::new(parts.read_buf, parts.io.into_inner()))
 }

@@ -20,6 +20,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::client_socket::SocketNotes;
+
 /// Requests whose answer hyper is not done with (low half) and answers ended so far (high
 /// half), in one word so ending an answer is one update.
 #[derive(Default)]
@@ -64,6 +66,9 @@ impl Drop for Busy {
 /// only when it fires (once per timeout on a busy connection), never per request.
 pub struct HeadTimer {
     wait: Arc<HeadWait>,
+    socket: Arc<SocketNotes>,
+    /// The socket's reads when the current wait began: more now means part of a head came.
+    reads_at_wait: u64,
     timeout: Duration,
     /// The start of the current wait for a head.
     idle_since: Instant,
@@ -75,16 +80,27 @@ pub struct HeadTimer {
 }
 
 impl HeadTimer {
-    pub fn new(wait: Arc<HeadWait>, timeout: Duration) -> HeadTimer {
+    pub fn new(wait: Arc<HeadWait>, timeout: Duration, socket: Arc<SocketNotes>) -> HeadTimer {
         let now = Instant::now();
         HeadTimer {
             wait,
+            reads_at_wait: socket.reads(),
+            socket,
             timeout,
             idle_since: now,
             seen: 0,
             sleep: Box::pin(tokio::time::sleep_until(now + timeout)),
             armed: false,
         }
+    }
+}
+
+impl HeadTimer {
+    /// Whether bytes arrived during the wait that timed out: a head begun and never finished,
+    /// not a quiet keep-alive connection. (Bytes of a pipelined head that came with the end of
+    /// the answer before it count as before the wait.)
+    pub fn heard_part_of_a_head(&self) -> bool {
+        self.socket.reads() != self.reads_at_wait
     }
 }
 
@@ -105,6 +121,7 @@ impl Future for HeadTimer {
         if !busy && word != this.seen {
             this.seen = word;
             this.idle_since = now;
+            this.reads_at_wait = this.socket.reads();
         }
         if this.armed && now < this.sleep.deadline() {
             return Poll::Pending;
@@ -170,7 +187,7 @@ mod tests {
         let wait = HeadWait::new();
         let opened = Instant::now();
         // No head since the connection opened: cut at the timeout, not before.
-        HeadTimer::new(wait.clone(), timeout).await;
+        HeadTimer::new(wait.clone(), timeout, Arc::default()).await;
         let waited = opened.elapsed();
         assert!(waited >= timeout && waited < timeout * 5, "{waited:?}");
 
@@ -180,7 +197,7 @@ mod tests {
         let busy = Some(wait.busy());
         let cut = tokio::spawn(async move {
             let mut busy = busy;
-            let mut timer = std::pin::pin!(HeadTimer::new(wait, timeout));
+            let mut timer = std::pin::pin!(HeadTimer::new(wait, timeout, Arc::default()));
             loop {
                 tokio::select! {
                     biased;

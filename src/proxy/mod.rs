@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod body;
 pub mod budget;
+pub mod client_socket;
 pub mod connect;
 pub mod handler;
 pub mod head_wait;

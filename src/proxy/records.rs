@@ -156,10 +156,22 @@ pub fn malformed(state: &State, peer: Peer, e: &hyper::Error) {
         true => ProxyError::RequestHeadTooLarge(text),
         false => ProxyError::MalformedRequest(text),
     };
+    headless(state, peer, &e);
+}
+
+/// A record for a connection that sent part of a request head and not the rest within
+/// `header_read_timeout` (closed without an answer): no method or target yet, but the attempt
+/// and its client are logged, as for a malformed head.
+pub fn head_timed_out(state: &State, peer: Peer, timeout: std::time::Duration) {
+    headless(state, peer, &ProxyError::HeaderReadTimeout(timeout));
+}
+
+/// A `reject` record for a connection refused before any head was read whole.
+fn headless(state: &State, peer: Peer, e: &ProxyError) {
     // A token (RFC 9110 §9.1) that no real method is.
     let method = Method::from_bytes(b"-").unwrap_or_default();
     let reason = format!("{}: {e}", e.kind()).into();
-    let rec = refusal_record(state, peer, method, &e, reason);
+    let rec = refusal_record(state, peer, method, e, reason);
     state.finish(Box::new(rec), Instant::now());
 }
 

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::client_socket::ClientSocket;
 use super::head_wait::{HeadTimer, HeadWait};
 use super::per_client::ClientCap;
 use super::shutdown::Phase;
@@ -83,14 +84,16 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let (socket, notes) = ClientSocket::new(stream);
         let st = state.clone();
         let wait = HeadWait::new();
-        let head_timer = HeadTimer::new(wait.clone(), settings.header_read_timeout);
+        let head_timeout = settings.header_read_timeout;
+        let head_timer = HeadTimer::new(wait.clone(), head_timeout, notes.clone());
         let service = service_fn(move |req| handler::handle(st.clone(), peer, wait.busy(), req));
         let audit = state.clone();
         let conn = builder
             .serve_connection(
-                TokioIo::new(SendTimeout::new(stream, settings.send_timeout)),
+                TokioIo::new(SendTimeout::new(socket, settings.send_timeout)),
                 service,
             )
             .with_upgrades();
@@ -117,6 +120,12 @@ pub async fn serve(
                             if e.is_parse() || e.is_parse_too_large() {
                                 records::malformed(&audit, peer, &e);
                             }
+                            // Our answer's body failed (the origin cut it, a byte limit):
+                            // a reset tells even a client whose answer ends with the
+                            // connection (HTTP/1.0, no length) that it did not get all of it.
+                            if e.is_user() {
+                                notes.reset_on_close();
+                            }
                             tracing::debug!(client = %addr, error = %e, "connection ended with error");
                         }
                         break;
@@ -130,8 +139,12 @@ pub async fn serve(
                         conn.as_mut().graceful_shutdown();
                     }
                     () = &mut head_timer => {
-                        // As hyper's own timeout: closed without an answer.
+                        // As hyper's own timeout: closed without an answer. A head begun and
+                        // not finished (slowloris, or an attempt cut short) is on record.
                         tracing::debug!(client = %addr, "no request head within header_read_timeout");
+                        if head_timer.heard_part_of_a_head() {
+                            records::head_timed_out(&audit, peer, head_timeout);
+                        }
                         break;
                     }
                 }

@@ -1,7 +1,8 @@
 //! Peers that stall: a request body that stops arriving, a response body the origin stops
 //! sending (`[proxy] body_timeout`, the longest gap between two chunks), and a client that stops
 //! reading what we write (`[proxy] send_timeout`, the longest a write may wait). Slow heads are
-//! hyper's `header_read_timeout`; silent tunnels are `client_hello_timeout` and `idle_timeout`.
+//! `head_wait.rs`'s (hyper's inside intercepted tunnels); silent tunnels are `client_hello_timeout`
+//! and `idle_timeout`.
 //!
 //! The timers are armed only while the stalled side is being waited on: a body that returned a
 //! chunk the slow client has not yet taken is not "idle", and a write that completes disarms.
