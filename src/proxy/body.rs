@@ -202,15 +202,16 @@ impl<B> Counted<B> {
         B: Body,
     {
         let idle = IdleTimer::new(pending.state.settings.proxy.body_timeout);
+        // An empty body (HEAD, 204, 304) is never polled: its drop is its end.
+        let cut_if_dropped = !inner.is_end_stream();
         Counted {
-            // An empty body (HEAD, 204, 304) is never polled: its drop is its end.
-            cut_if_dropped: !inner.is_end_stream(),
             inner,
             count: 0,
             shared: None,
             pending: Some(Box::new(pending)),
             idle: Some(idle),
             busy: None,
+            cut_if_dropped,
         }
     }
 

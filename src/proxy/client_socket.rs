@@ -65,6 +65,7 @@ impl Drop for ClientSocket {
 }
 
 impl AsyncRead for ClientSocket {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

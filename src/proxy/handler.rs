@@ -12,7 +12,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::body::{Counted, Pending, ProxyBody, RequestBody};
+use super::body::{Counted, OriginBody, Pending, ProxyBody, RequestBody};
 use super::head_wait::{Busy, Held};
 use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::inspect::Inspected;
@@ -582,13 +582,6 @@ async fn forward(
         }
     };
     let mut rec = in_flight.disarm();
-    let result = result.and_then(|(resp, lease)| match &resp.body() {
-        // hyper's client (uploads, https) read this head: its size is checked here.
-        Either::Left(_) if crate::upstream::head_too_large(&resp) => {
-            Err(ProxyError::ResponseHeadTooLarge)
-        }
-        _ => Ok((resp, lease)),
-    });
     let result = result.and_then(|(mut resp, lease)| match unrelayable(&mut resp) {
         // Dropping the lease closes the connection: what follows on it cannot be framed.
         Some(e) => Err(e),
@@ -643,11 +636,16 @@ async fn forward(
 /// - a transfer coding besides `chunked` (`gzip`): hyper takes off only the chunked framing, and
 ///   removing the field as hop-by-hop would hand the client compressed bytes labelled as plain.
 ///   Requests get a 501 for the same; a response gets a 502;
-/// - `101 Switching Protocols`: the proxy forwards no `Upgrade`, so it never asked for one.
+/// - `101 Switching Protocols`: the proxy forwards no `Upgrade`, so it never asked for one;
+/// - a head over the size limit that hyper's client let through (see
+///   [`crate::upstream::head_too_large`]; the direct exchange checks its own as it parses).
 ///
 /// A chunked head passes with its `Content-Length` (RFC 9112 §6.3: ignored beside chunked)
 /// removed: it would frame the decoded body wrongly for the client.
-fn unrelayable<B>(resp: &mut Response<B>) -> Option<ProxyError> {
+fn unrelayable(resp: &mut Response<OriginBody>) -> Option<ProxyError> {
+    if matches!(resp.body(), Either::Left(_)) && crate::upstream::head_too_large(resp) {
+        return Some(ProxyError::ResponseHeadTooLarge);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return Some(ProxyError::Upstream(
             "the origin switched protocols unasked (upgrades are not forwarded)".into(),
