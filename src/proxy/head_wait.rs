@@ -93,9 +93,7 @@ impl HeadTimer {
             armed: false,
         }
     }
-}
 
-impl HeadTimer {
     /// Whether bytes arrived during the wait that timed out: a head begun and never finished,
     /// not a quiet keep-alive connection. (Bytes of a pipelined head that came with the end of
     /// the answer before it count as before the wait.)
