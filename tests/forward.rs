@@ -155,7 +155,8 @@ async fn headers_named_in_connection_are_gone_before_the_policy_reads_them() {
 }
 
 /// Google's front ends and many frameworks act on a method-override header: a `POST` that says
-/// it is a `DELETE` must meet the rule on `DELETE`, whatever the header's spelling and case.
+/// it is a `DELETE` must meet the rule on `DELETE`, whatever the header's spelling and case,
+/// and wherever in a list it stands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_override_header_is_decided_as_the_method_it_names() {
     let openai = Origin::http().await;
@@ -172,6 +173,9 @@ async fn a_method_override_header_is_decided_as_the_method_it_names() {
         ("X-HTTP-Method-Override", "DELETE"),
         ("x-http-method", "delete"),
         ("X-Method-Override", " Delete "),
+        // Express's method-override takes a list's first item.
+        ("X-HTTP-Method-Override", "DELETE, GET"),
+        ("X-HTTP-Method-Override", "GET,delete"),
     ]
     .into_iter()
     .enumerate()

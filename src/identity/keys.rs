@@ -50,6 +50,19 @@ fn authorization_credential(v: &[u8]) -> &[u8] {
     rest
 }
 
+/// The key in `Basic` credentials: the password, or the user name when the password is empty
+/// (`:KEY`, `any-name:KEY`, `KEY:` are one key however the other half is spelled, as vendors
+/// that take keys this way read them). `None` when the value is not Basic credentials.
+fn basic_credential(field: &http::HeaderValue) -> Option<Vec<u8>> {
+    let v = field.as_bytes().trim_ascii_start();
+    if v.len() < 6 || !v[..5].eq_ignore_ascii_case(b"basic") || !matches!(v[5], b' ' | b'\t') {
+        return None;
+    }
+    let (user, password) = crate::identity::htpasswd::parse_basic(field)?;
+    let secret = if password.is_empty() { user } else { password };
+    Some(secret.into_bytes())
+}
+
 pub struct KeyFingerprinter {
     mac: Hmac<Sha256>,
 }
@@ -131,15 +144,19 @@ impl KeyFingerprinter {
         };
         // One pass over the fields a request has (a handful) costs less than a hashed lookup
         // per place a key could be.
-        for (name, v) in headers {
-            let v = v.as_bytes();
+        for (name, field) in headers {
+            let v = field.as_bytes();
             if name == http::header::AUTHORIZATION {
-                take(Cow::Borrowed(authorization_credential(v)));
+                match basic_credential(field) {
+                    Some(secret) => take(Cow::Owned(secret)),
+                    None => take(Cow::Borrowed(authorization_credential(v))),
+                }
             } else if KEY_HEADERS.contains(name) {
                 take(Cow::Borrowed(v.trim_ascii()));
             }
         }
-        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        // `;` separates parameters too where origins split on it (the redactor reads it so).
+        for pair in query.into_iter().flat_map(|q| q.split(['&', ';'])) {
             let Some((name, value)) = pair.split_once('=') else {
                 continue;
             };
@@ -224,10 +241,26 @@ mod tests {
                 "{name}: {value} beside another key"
             );
         }
+        for basic in [
+            ":sk-personal",
+            "x:sk-personal",
+            "sk-personal:",
+            "user:sk-personal",
+        ] {
+            let value = format!("Basic {}", base64_of(basic));
+            let mut h = HeaderMap::new();
+            h.insert("authorization", value.parse().unwrap());
+            assert_eq!(
+                f.from_request(&h, None).id.as_deref(),
+                Some(&*key),
+                "{basic}"
+            );
+        }
         for q in [
             "access_token=sk-personal",
             "api_key=sk-personal",
             "apikey=sk-personal",
+            "a=b;key=sk-personal",
         ] {
             assert_eq!(
                 f.from_request(&HeaderMap::new(), Some(q)).id.as_deref(),
@@ -235,6 +268,11 @@ mod tests {
                 "{q}"
             );
         }
+    }
+
+    fn base64_of(text: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(text)
     }
 
     #[test]

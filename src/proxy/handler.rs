@@ -18,7 +18,7 @@ use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
-use super::overrides::{method_parameter, overriding_method, overriding_path};
+use super::overrides::named_overrides;
 use super::records::{record, rejected, Asked, Seen};
 use super::{respond, Peer, State};
 use crate::audit::Record;
@@ -405,17 +405,8 @@ async fn forward(
     // of the request line: a rule on `DELETE` must see a `POST` that says it is one.
     // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
     // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
-    let param = path_q
-        .split_once('?')
-        .and_then(|(_, q)| method_parameter(q));
-    let named = parts
-        .headers
-        .iter()
-        .filter_map(|field| match overriding_method(field) {
-            Some(m) => Some((Some(m), None)),
-            None => overriding_path(field).map(|p| (None, Some(p))),
-        })
-        .chain(param.map(|m| (Some(m), None)));
+    let query = path_q.split_once('?').map(|(_, q)| q);
+    let named = named_overrides(&parts.headers, query);
     let mut overridden = false;
     for (method, path) in named {
         overridden = true;

@@ -2,29 +2,60 @@
 //! line's: rules must match what the origin will act on, so these are read before deciding.
 
 use http::header::{HeaderName, HeaderValue};
-use http::Method;
+use http::{HeaderMap, Method};
 
-/// The method a method-override field names (`X-HTTP-Method-Override`, `X-HTTP-Method`,
-/// `X-Method-Override`), in upper case as rules name them.
-pub fn overriding_method((name, value): (&HeaderName, &HeaderValue)) -> Option<Method> {
+/// Another reading of a request: a method, a path, or both, as an origin may act on them.
+pub type Reading<'a> = (Option<Method>, Option<&'a str>);
+
+/// Every other method and path the request's fields and `_method` parameters name, for the
+/// decision to cover each. Empty (and unallocated) for the usual request, which names none.
+pub fn named_overrides<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<Reading<'a>> {
+    let mut named = Vec::new();
+    for field in headers {
+        if let Some(list) = method_field(field) {
+            named.extend(methods_in(list).map(|m| (Some(m), None)));
+        } else if let Some(path) = overriding_path(field) {
+            named.push((None, Some(path)));
+        }
+    }
+    if let Some(query) = query {
+        named.extend(
+            method_parameters(query)
+                .into_iter()
+                .map(|m| (Some(m), None)),
+        );
+    }
+    named
+}
+
+/// The value of a method-override field (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+/// `X-Method-Override`).
+fn method_field<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<&'a [u8]> {
     // By length first: the usual request has none of these, and most names are other lengths.
     let n = name.as_str();
     if !matches!(n.len(), 13 | 17 | 22) || !n.starts_with("x-") {
         return None;
     }
-    if !matches!(
+    matches!(
         n,
         "x-http-method" | "x-method-override" | "x-http-method-override"
-    ) {
-        return None;
-    }
-    let v = value.as_bytes().trim_ascii();
-    Method::from_bytes(&v.to_ascii_uppercase()).ok()
+    )
+    .then_some(value.as_bytes())
+}
+
+/// Each method a value names, in upper case as rules name them. A list (`DELETE, GET`) names
+/// each of its items: Express's method-override takes the first, other readers the last or
+/// the whole, so every one is decided. Items that are no method token are skipped.
+fn methods_in(list: &[u8]) -> impl Iterator<Item = Method> + '_ {
+    list.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
+        .filter_map(|item| Method::from_bytes(&item.to_ascii_uppercase()).ok())
 }
 
 /// The path an `X-Original-URL` or `X-Rewrite-URL` field names (origin-form), which some
 /// servers route on instead of the request line's.
-pub fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<&'a str> {
+fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<&'a str> {
     let n = name.as_str();
     if !matches!(n.len(), 13 | 14) || !matches!(n, "x-original-url" | "x-rewrite-url") {
         return None;
@@ -36,36 +67,43 @@ pub fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Opt
         .filter(|p| p.starts_with('/'))
 }
 
-/// The method a `_method` query parameter names (percent-decoded, upper case).
-pub fn method_parameter(query: &str) -> Option<Method> {
+/// The methods `_method` query parameters name (percent-decoded): every such parameter, as
+/// frameworks differ on which of several they take, split on `&` and `;` alike.
+fn method_parameters(query: &str) -> Vec<Method> {
+    let mut named = Vec::new();
     // One memchr for the usual query, which names none.
     if !query.contains("method") {
-        return None;
+        return named;
     }
-    query.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        let name = percent_encoding::percent_decode_str(name)
-            .decode_utf8()
-            .ok()?;
-        if name != "_method" {
-            return None;
+    for pair in query.split(['&', ';']) {
+        let Some((name, value)) = pair.split_once('=') else {
+            continue;
+        };
+        if percent_encoding::percent_decode_str(name).eq(b"_method".iter().copied()) {
+            let value: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
+            named.extend(methods_in(&value));
         }
-        let value = percent_encoding::percent_decode_str(value)
-            .decode_utf8()
-            .ok()?;
-        Method::from_bytes(value.trim().to_ascii_uppercase().as_bytes()).ok()
-    })
+    }
+    named
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn field(name: &'static str, value: &'static str) -> (HeaderName, HeaderValue) {
-        (
-            HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        )
+    fn named(fields: &[(&'static str, &'static str)], query: Option<&str>) -> Vec<String> {
+        let mut h = HeaderMap::new();
+        for (name, value) in fields {
+            h.append(*name, HeaderValue::from_static(value));
+        }
+        named_overrides(&h, query)
+            .into_iter()
+            .map(|(m, p)| match (m, p) {
+                (Some(m), None) => m.to_string(),
+                (None, Some(p)) => p.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
     }
 
     #[test]
@@ -75,37 +113,54 @@ mod tests {
             "x-method-override",
             "x-http-method-override",
         ] {
-            let (n, v) = field(name, " delete ");
-            assert_eq!(overriding_method((&n, &v)), Some(Method::DELETE), "{name}");
+            assert_eq!(named(&[(name, " delete ")], None), ["DELETE"], "{name}");
         }
         for name in [
             "x-http-methods",
-            "x-original-url",
+            "x-original-method",
             "content-length",
             "x-method",
         ] {
-            let (n, v) = field(name, "DELETE");
-            assert_eq!(overriding_method((&n, &v)), None, "{name}");
+            assert!(named(&[(name, "DELETE")], None).is_empty(), "{name}");
         }
+    }
+
+    #[test]
+    fn every_item_of_a_list_and_every_field_is_a_method_named() {
+        let fields = [("x-http-method-override", "DELETE, get,,POST")];
+        assert_eq!(named(&fields, None), ["DELETE", "GET", "POST"]);
+        let fields = [("x-http-method", "PUT"), ("x-http-method", "delete")];
+        assert_eq!(named(&fields, None), ["PUT", "DELETE"]);
+        let fields = [("x-http-method", "DEL ETE, (x)")];
+        assert!(named(&fields, None).is_empty(), "no method tokens");
     }
 
     #[test]
     fn rewrite_fields_name_origin_form_paths_only() {
-        let (n, v) = field("x-original-url", " /v1/batches ");
-        assert_eq!(overriding_path((&n, &v)), Some("/v1/batches"));
-        let (n, v) = field("x-rewrite-url", "/v1/files?x=1");
-        assert_eq!(overriding_path((&n, &v)), Some("/v1/files?x=1"));
-        let (n, v) = field("x-original-url", "http://other/v1");
-        assert_eq!(overriding_path((&n, &v)), None, "not origin-form");
-        let (n, v) = field("x-forwarded-url", "/v1/batches");
-        assert_eq!(overriding_path((&n, &v)), None);
+        let cases = [
+            ("x-original-url", " /v1/batches ", Some("/v1/batches")),
+            ("x-rewrite-url", "/v1/files?x=1", Some("/v1/files?x=1")),
+            ("x-original-url", "http://other/v1", None),
+            ("x-forwarded-url", "/v1/batches", None),
+        ];
+        for (name, value, want) in cases {
+            let got = named(&[(name, value)], None);
+            assert_eq!(got.first().map(String::as_str), want, "{name}: {value}");
+        }
     }
 
     #[test]
-    fn the_method_parameter_is_found_decoded_among_others() {
-        assert_eq!(method_parameter("_method=delete"), Some(Method::DELETE));
-        assert_eq!(method_parameter("a=1&%5Fmethod=%50UT"), Some(Method::PUT));
-        assert_eq!(method_parameter("a=1&method=DELETE"), None, "another name");
-        assert_eq!(method_parameter("a=1&b=2"), None);
+    fn every_method_parameter_is_found_decoded_among_others() {
+        assert_eq!(named(&[], Some("_method=delete")), ["DELETE"]);
+        assert_eq!(named(&[], Some("a=1&%5Fmethod=%50UT")), ["PUT"]);
+        assert_eq!(
+            named(&[], Some("_method=GET&_method=DELETE;_method=put,post")),
+            ["GET", "DELETE", "PUT", "POST"]
+        );
+        assert!(
+            named(&[], Some("a=1&method=DELETE")).is_empty(),
+            "another name"
+        );
+        assert!(named(&[], Some("a=1&b=2")).is_empty());
     }
 }
