@@ -248,3 +248,57 @@ async fn a_keep_alive_connection_waits_for_a_head_only_between_answers() {
         "closed {idle:?} after the last answer"
     );
 }
+
+/// The response timeout is the origin's time to answer once it has the request: an upload
+/// that keeps moving for longer (a large file over a slow link) is not cut by it, and an
+/// origin silent after the upload ended is cut a timeout later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_timeout_counts_from_the_end_of_the_upload() {
+    let origin = Origin::http().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        // Reads whatever comes and never answers.
+        while let Ok((mut s, _)) = silent.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {}
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .vendor("api.anthropic.com", silent_addr)
+            .upstream("response_timeout = \"1s\""),
+    )
+    .await;
+    for (host, status) in [("api.openai.com", 200), ("api.anthropic.com", 504)] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST http://{host}/v1/files HTTP/1.1\r\nHost: {host}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        // Eight chunks 300 ms apart: the upload lasts more than twice the timeout.
+        for _ in 0..8 {
+            s.write_all(b"400\r\n").await.unwrap();
+            s.write_all(&[b'u'; 0x400]).await.unwrap();
+            s.write_all(b"\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        let uploaded = started.elapsed();
+        let (got, _) = within(host, read_head(&mut s)).await;
+        assert_eq!(got, status, "{host}");
+        if status == 504 {
+            let waited = started.elapsed() - uploaded;
+            assert!(
+                waited >= Duration::from_millis(900),
+                "cut {waited:?} after the upload ended"
+            );
+        }
+    }
+    assert_eq!(origin.request("/v1/files").await.body_len, 8 * 0x400);
+}

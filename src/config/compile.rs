@@ -1028,7 +1028,8 @@ fn settings(src: &Sources, main: &ConfigFile) -> Result<Settings, ConfigError> {
         allow_private,
         ca_file: u.ca_file.as_ref().map(|c| src.relative(0, c.get_ref())),
         connect_timeout: dur(&u.connect_timeout, "5s")?,
-        response_timeout: dur(&u.response_timeout, "60s")?,
+        // As shipped: LLM calls can think for a while before their first byte.
+        response_timeout: dur(&u.response_timeout, "120s")?,
         pool_idle_timeout: dur(&u.pool_idle_timeout, "90s")?,
         pool_max_idle_per_host: count(&u.pool_max_idle_per_host, 64, 0)?,
     };

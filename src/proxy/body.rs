@@ -59,6 +59,8 @@ pub struct Upload {
 #[derive(Default)]
 struct UploadState {
     done: bool,
+    /// When the upload ended: the origin's time to answer counts from then.
+    ended_at: Option<Instant>,
     /// The record of a response that ended first, written when the upload ends.
     parked: Option<Box<Pending>>,
 }
@@ -74,10 +76,47 @@ impl Upload {
         let parked = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             s.done = true;
+            s.ended_at = Some(Instant::now());
             s.parked.take()
         };
         if let Some(p) = parked {
             p.write();
+        }
+    }
+
+    /// Resolves when the origin is late to answer: `timeout` after the upload ended, or after
+    /// the last upload byte it took if it stopped taking them. An upload still moving is never
+    /// cut by it (a 100 MB file over a slow link), and a client that stops sending is
+    /// `body_timeout`'s. Wakes once per `timeout` while the upload goes on.
+    pub async fn answer_late(&self, timeout: std::time::Duration) {
+        let mut seen = self.sent();
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            let ended_at = self
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ended_at;
+            let now = tokio::time::Instant::now();
+            match ended_at {
+                Some(at) => {
+                    let due = tokio::time::Instant::from_std(at) + timeout;
+                    if due <= now {
+                        return;
+                    }
+                    deadline = due;
+                }
+                None => {
+                    let sent = self.sent();
+                    if sent == seen {
+                        // Not one byte of the upload went on for `timeout`.
+                        return;
+                    }
+                    seen = sent;
+                    deadline = now + timeout;
+                }
+            }
         }
     }
 

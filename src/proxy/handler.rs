@@ -12,7 +12,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::body::{Counted, OriginBody, Pending, ProxyBody, RequestBody};
+use super::body::{Counted, OriginBody, Pending, ProxyBody, RequestBody, Upload};
 use super::head_wait::{Busy, Held};
 use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::inspect::Inspected;
@@ -554,10 +554,10 @@ async fn forward(
                 let sent = state
                     .h1
                     .send(authority, &target.host, target.port, upstream_req);
-                match tokio::time::timeout(timeout, sent).await {
-                    Err(_) => Err(ProxyError::ResponseTimeout),
-                    Ok(Err(e)) => Err(e),
-                    Ok(Ok((resp, lease))) => Ok((resp.map(Either::Left), Some(lease))),
+                match answered(&uploaded, timeout, sent).await {
+                    None => Err(ProxyError::ResponseTimeout),
+                    Some(Err(e)) => Err(e),
+                    Some(Ok((resp, lease))) => Ok((resp.map(Either::Left), Some(lease))),
                 }
             }
         }
@@ -565,10 +565,10 @@ async fn forward(
             parts.uri = respelled.unwrap_or(uri_in);
             let upstream_req = Request::from_parts(parts, body);
             let client = inside.map_or(&state.client, |i| &i.client);
-            match tokio::time::timeout(timeout, client.request(upstream_req)).await {
-                Err(_) => Err(ProxyError::ResponseTimeout),
-                Ok(Err(e)) => Err(upstream_error(&e)),
-                Ok(Ok(resp)) => Ok((resp.map(Either::Left), None)),
+            match answered(&uploaded, timeout, client.request(upstream_req)).await {
+                None => Err(ProxyError::ResponseTimeout),
+                Some(Err(e)) => Err(upstream_error(&e)),
+                Some(Ok(resp)) => Ok((resp.map(Either::Left), None)),
             }
         }
     };
@@ -620,6 +620,20 @@ async fn forward(
             };
             Response::from_parts(parts, Either::Right(Counted::finishing(body, pending)))
         }
+    }
+}
+
+/// The origin's answer, or `None` once it is late ([`Upload::answer_late`]): the response
+/// timeout counts from the end of the upload, not from the request's start.
+async fn answered<F: std::future::Future>(
+    upload: &Upload,
+    timeout: std::time::Duration,
+    answer: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        r = answer => Some(r),
+        () = upload.answer_late(timeout) => None,
     }
 }
 
