@@ -619,6 +619,46 @@ async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
     assert_eq!(rec["action"], "reject", "{rec}");
 }
 
+/// A client that writes its whole upload before it reads (as Python's requests does) still
+/// reads the 403 when a rule refuses the upload inside an intercepted HTTP/1.1 tunnel: the
+/// proxy reads and discards the rest instead of closing on it, which would reset the
+/// connection, and the answer with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_is_answered_to_a_client_that_writes_it_all_first() {
+    let s = setup(
+        "[[rule]]\nid = \"no-files\"\nvendor = \"openai\"\nendpoint = \"files\"\naction = \"block\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .expect("handshake");
+    let size = 8 << 20;
+    tls.write_all(
+        format!(
+            "POST /v1/files HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: {size}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("head");
+    let chunk = vec![b'u'; 64 * 1024];
+    for _ in 0..size / chunk.len() {
+        tls.write_all(&chunk).await.expect("the upload is not cut");
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("no-files"), "{out}");
+    assert!(s.origin.requests().is_empty());
+}
+
 #[tokio::test]
 async fn curl_through_interception_over_h2_and_http1() {
     let s = setup("", "vendors = [\"openai\"]").await;

@@ -6,6 +6,11 @@
 //!   not;
 //! - a close by reset, for an answer cut short: a client reading an answer that ends with the
 //!   connection (HTTP/1.0, or no length) would take an orderly close for its whole end.
+//!
+//! And a lingering close (nginx's): when the connection ends with the client still sending (an
+//! upload the proxy refused without reading it), what it sends is read and thrown away for a
+//! while. Closed with unread data, the socket would send a reset, and a client still writing
+//! its upload would see that reset instead of the 403 waiting in its receive buffer.
 
 use std::io;
 use std::pin::Pin;
@@ -39,8 +44,14 @@ impl SocketNotes {
     }
 }
 
+/// The longest a lingering close reads, and the longest it waits for the next bytes (nginx's
+/// `lingering_time` and `lingering_timeout`, shorter).
+const LINGER_FOR: Duration = Duration::from_secs(10);
+const LINGER_GAP: Duration = Duration::from_secs(2);
+
 pub struct ClientSocket {
-    stream: TcpStream,
+    /// Taken only by `drop`, for a lingering close.
+    stream: Option<TcpStream>,
     notes: Arc<SocketNotes>,
 }
 
@@ -48,18 +59,52 @@ impl ClientSocket {
     pub fn new(stream: TcpStream) -> (ClientSocket, Arc<SocketNotes>) {
         let notes = Arc::new(SocketNotes::default());
         let socket = ClientSocket {
-            stream,
+            stream: Some(stream),
             notes: notes.clone(),
         };
         (socket, notes)
+    }
+
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
 }
 
 impl Drop for ClientSocket {
     fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
         if self.notes.reset.load(Ordering::Relaxed) {
             // SO_LINGER with a zero timeout: the close sends RST and discards unsent data.
-            let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        // Bytes waiting unread: the client is still sending. (A quiet socket, one at its end
+        // or in error closes at once, as does every socket of a keep-alive client that left.)
+        let mut probe = [0u8; 64];
+        if matches!(stream.try_read(&mut probe), Ok(1..)) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(linger(stream));
+            }
+        }
+    }
+}
+
+/// Ends the answer's side (FIN), then reads and discards until the client closes, goes quiet
+/// for [`LINGER_GAP`] or [`LINGER_FOR`] has passed.
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let until = tokio::time::Instant::now() + LINGER_FOR;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let gap = (tokio::time::Instant::now() + LINGER_GAP).min(until);
+        match tokio::time::timeout_at(gap, stream.read(&mut buf)).await {
+            Ok(Ok(1..)) => {}
+            _ => return,
         }
     }
 }
@@ -73,7 +118,7 @@ impl AsyncRead for ClientSocket {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let r = Pin::new(this.stream()?).poll_read(cx, buf);
         if buf.filled().len() > before {
             let reads = &this.notes.reads;
             reads.store(reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
@@ -88,7 +133,7 @@ impl AsyncWrite for ClientSocket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -96,19 +141,19 @@ impl AsyncWrite for ClientSocket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        Pin::new(self.get_mut().stream()?).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        Pin::new(self.get_mut().stream()?).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        Pin::new(self.get_mut().stream()?).poll_shutdown(cx)
     }
 }
 
@@ -140,6 +185,41 @@ mod tests {
         drop(peer);
         assert_eq!(socket.read(&mut buf).await.expect("eof"), 0);
         assert_eq!(notes.reads(), 1, "the end of the stream is no bytes");
+    }
+
+    /// The client uploads 8 MiB; the proxy answers after the first bytes and closes without
+    /// reading the rest. Lingering, the client finishes its upload and reads the answer and an
+    /// orderly end; closed at once, it would get a reset mid-upload.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_still_uploading_at_the_close_gets_to_read_the_answer() {
+        let (mut socket, _notes, peer) = pair().await;
+        let (mut from_proxy, mut to_proxy) = peer.into_split();
+        let upload = tokio::spawn(async move {
+            let chunk = vec![b'u'; 64 * 1024];
+            for _ in 0..128 {
+                to_proxy.write_all(&chunk).await?;
+            }
+            to_proxy.shutdown().await
+        });
+        let mut first = [0u8; 1024];
+        let n = socket.read(&mut first).await.expect("the upload starts");
+        assert!(n > 0);
+        socket
+            .write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+            .await
+            .expect("answer");
+        drop(socket);
+        let sent = tokio::time::timeout(Duration::from_secs(10), upload)
+            .await
+            .expect("the upload ends")
+            .expect("task");
+        assert!(sent.is_ok(), "the upload was cut: {sent:?}");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), from_proxy.read_to_end(&mut answer))
+            .await
+            .expect("the answer ends")
+            .expect("an orderly end, not a reset");
+        assert_eq!(answer, b"HTTP/1.1 403 Forbidden\r\n\r\n");
     }
 
     #[tokio::test]
