@@ -619,6 +619,27 @@ async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
     assert_eq!(rec["action"], "reject", "{rec}");
 }
 
+/// A client that offers only `http/1.0` in ALPN is served as it is through an opaque tunnel.
+#[tokio::test]
+async fn a_client_offering_only_http_1_0_is_served_inside_the_tunnel() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"http/1.0".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .expect("handshake");
+    tls.write_all(b"GET /v1/models HTTP/1.0\r\nHost: api.openai.com\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+}
+
 /// A client that writes its whole upload before it reads (as Python's requests does) still
 /// reads the 403 when a rule refuses the upload inside an intercepted HTTP/1.1 tunnel: the
 /// proxy reads and discards the rest instead of closing on it, which would reset the

@@ -238,7 +238,9 @@ impl Authority {
                 authority: self.clone(),
                 fixed,
             }));
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // `http/1.0` too: a client that offers only it (`curl --http1.0`) works through an
+        // opaque tunnel, and would otherwise get a `no_application_protocol` alert here.
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         cfg
     }
 }
