@@ -619,6 +619,77 @@ async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
     assert_eq!(rec["action"], "reject", "{rec}");
 }
 
+/// An upload fed through a channel, so the test decides when each piece is sent.
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+/// The same inside an HTTP/2 tunnel: the refused stream's upload is read to its end, so it
+/// ends cleanly after the 403 instead of with `RST_STREAM`, which curl, httpx and Java's client
+/// report as an error while their upload is still going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_over_http2_is_read_to_its_end_not_reset() {
+    use http_body_util::BodyExt;
+    let s = setup(
+        "[[rule]]\nid = \"no-files\"\nvendor = \"openai\"\nendpoint = \"files\"\naction = \"block\"\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let req = http::Request::post("https://api.openai.com/v1/files")
+        .body(ChannelBody(rx))
+        .expect("request");
+    tx.send(bytes::Bytes::from(vec![b'u'; 64 * 1024]))
+        .await
+        .expect("the first piece");
+    let resp = within("the answer", send.send_request(req))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 403);
+    let text = within("its body", resp.into_body().collect())
+        .await
+        .expect("body");
+    assert!(String::from_utf8_lossy(&text.to_bytes()).contains("no-files"));
+    // The rest of the upload, after the answer: still taken, not refused by a reset.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for i in 0..32 {
+        let sent = within(
+            "a piece",
+            tx.send(bytes::Bytes::from(vec![b'u'; 64 * 1024])),
+        )
+        .await;
+        assert!(sent.is_ok(), "piece {i}: the stream was reset");
+    }
+    drop(tx);
+    assert!(s.origin.requests().is_empty());
+}
+
 /// A client that offers only `http/1.0` in ALPN is served as it is through an opaque tunnel.
 #[tokio::test]
 async fn a_client_offering_only_http_1_0_is_served_inside_the_tunnel() {

@@ -406,6 +406,46 @@ impl RequestBody {
     }
 }
 
+/// How long, and how much, a dropped upload is still read: see `Drop for RequestBody`.
+const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+const DISCARD_GAP: std::time::Duration = std::time::Duration::from_secs(2);
+const DISCARD_MAX: usize = 256 << 20;
+
+/// An upload let go of before its end (refused by a rule or a limit, or the origin stopped
+/// taking it) is read on and thrown away, for [`DISCARD_FOR`] at most: the client, still
+/// sending, gets to finish and read the answer. Dropped at once, it would cut the connection
+/// (HTTP/1.1) or end the stream with `RST_STREAM` (HTTP/2), which curl, httpx and Java's
+/// client report as an error in place of the 403.
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let Some(rest) = self.rest.take().filter(|b| !b.is_end_stream()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(discard(rest));
+        }
+    }
+}
+
+async fn discard(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let until = tokio::time::Instant::now() + DISCARD_FOR;
+    let mut left = DISCARD_MAX;
+    loop {
+        let gap = (tokio::time::Instant::now() + DISCARD_GAP).min(until);
+        match tokio::time::timeout_at(gap, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                if n >= left {
+                    return;
+                }
+                left -= n;
+            }
+            _ => return,
+        }
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
