@@ -375,6 +375,55 @@ async fn one_address_is_capped_others_are_not() {
     );
 }
 
+/// A tunnel is a connection for as long as it is open: CONNECTs from one address are capped
+/// by `max_connections_per_client` like any other connection, not only until their 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_count_against_the_per_client_cap() {
+    let sink = Sink::start().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .resolve("api.openai.com:443", sink.addr)
+            .loopback()
+            .proxy("max_connections_per_client = 2"),
+    )
+    .await;
+    let greedy: IpAddr = "127.0.0.2".parse().unwrap();
+    let open = |from: IpAddr| async move {
+        let mut s = connect_from(from, proxy.addr).await.ok()?;
+        s.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        within("a CONNECT answer or a close", s.read_exact(&mut head))
+            .await
+            .ok()?;
+        head.starts_with(b"HTTP/1.1 200").then_some(s)
+    };
+    let first = open(greedy).await.expect("the first tunnel");
+    let _second = open(greedy).await.expect("the second tunnel");
+    assert!(
+        open(greedy).await.is_none(),
+        "a third tunnel from the same address"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "portcullis_connections_refused_per_client_total", &[]),
+        1.0
+    );
+    // Closing a tunnel gives its place back.
+    drop(first);
+    let again = within("a freed place to be reused", async {
+        loop {
+            if let Some(s) = open(greedy).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(again);
+}
+
 #[test]
 fn new_keys_are_validated_with_file_line_col() {
     let dir = tempfile::tempdir().unwrap();

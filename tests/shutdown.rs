@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENTS: usize = 8;
 
@@ -132,4 +133,39 @@ async fn a_request_cut_by_shutdown_is_audited() {
         .expect("a record for the request shutdown cut");
     assert_eq!(rec["status"], 499, "{rec}");
     assert_reason(&rec, "client_aborted");
+}
+
+/// An answer still streaming when the grace period runs out is cut with a reset: a client whose
+/// answer ends at the close (HTTP/1.0, no length) would take an orderly close for its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_by_shutdown_ends_in_a_reset() {
+    let origin = Origin::http().await;
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .proxy("shutdown_grace = \"1s\""),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The fake origin's event stream: its first event, then nothing until released.
+    s.write_all(b"GET http://api.openai.com/sse HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+    let status = proxy.stop().await.expect("the binary's exit status");
+    assert!(status.success(), "exit status {status:?}");
+    let mut buf = [0u8; 4096];
+    let end = within("the end of the answer", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(e.kind()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
+    origin.release();
 }

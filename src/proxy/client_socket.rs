@@ -7,6 +7,10 @@
 //! - a close by reset, for an answer cut short: a client reading an answer that ends with the
 //!   connection (HTTP/1.0, or no length) would take an orderly close for its whole end.
 //!
+//! The socket also holds the connection's places under `max_connections` and
+//! `max_connections_per_client`, so they last as long as it is open: through a CONNECT tunnel
+//! the connection became, and through a lingering close.
+//!
 //! And a lingering close (nginx's): when the connection ends with the client still sending (an
 //! upload the proxy refused without reading it), what it sends is read and thrown away for a
 //! while. Closed with unread data, the socket would send a reset, and a client still writing
@@ -21,19 +25,23 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::per_client::ClientSlot;
 
 /// What the socket tells the connection task. Each field has one writer.
 #[derive(Default)]
 pub struct SocketNotes {
-    /// Reads that returned bytes, written by the socket only (so a load and a store, not a
-    /// locked add, on every read).
+    /// Reads that returned bytes other than CR and LF (a client may send an empty line after
+    /// a request, RFC 9112 §2.2, and it is no head), written by the socket only (so a load
+    /// and a store, not a locked add, on every read).
     reads: AtomicU64,
     /// Set by the connection task: close with a reset instead of a FIN.
     reset: AtomicBool,
 }
 
 impl SocketNotes {
-    /// Reads that returned bytes so far.
+    /// Reads that returned bytes other than CR and LF so far.
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
@@ -49,18 +57,28 @@ impl SocketNotes {
 const LINGER_FOR: Duration = Duration::from_secs(10);
 const LINGER_GAP: Duration = Duration::from_secs(2);
 
+/// A connection's places under the connection caps, given back when dropped.
+pub struct Slots {
+    pub permit: OwnedSemaphorePermit,
+    /// `None` when `max_connections_per_client` is 0 (no cap).
+    pub client: Option<ClientSlot>,
+}
+
 pub struct ClientSocket {
     /// Taken only by `drop`, for a lingering close.
     stream: Option<TcpStream>,
     notes: Arc<SocketNotes>,
+    /// Taken only by `drop`, with the stream.
+    slots: Option<Slots>,
 }
 
 impl ClientSocket {
-    pub fn new(stream: TcpStream) -> (ClientSocket, Arc<SocketNotes>) {
+    pub fn new(stream: TcpStream, slots: Slots) -> (ClientSocket, Arc<SocketNotes>) {
         let notes = Arc::new(SocketNotes::default());
         let socket = ClientSocket {
             stream: Some(stream),
             notes: notes.clone(),
+            slots: Some(slots),
         };
         (socket, notes)
     }
@@ -87,15 +105,16 @@ impl Drop for ClientSocket {
         let mut probe = [0u8; 64];
         if matches!(stream.try_read(&mut probe), Ok(1..)) {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(linger(stream));
+                runtime.spawn(linger(stream, self.slots.take()));
             }
         }
     }
 }
 
 /// Ends the answer's side (FIN), then reads and discards until the client closes, goes quiet
-/// for [`LINGER_GAP`] or [`LINGER_FOR`] has passed.
-async fn linger(mut stream: TcpStream) {
+/// for [`LINGER_GAP`] or [`LINGER_FOR`] has passed. The connection's slots are held meanwhile:
+/// lingering sockets count against the caps, or a client could hold any number open.
+async fn linger(mut stream: TcpStream, _slots: Option<Slots>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = stream.shutdown().await;
     let until = tokio::time::Instant::now() + LINGER_FOR;
@@ -119,7 +138,11 @@ impl AsyncRead for ClientSocket {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(this.stream()?).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        // The first byte settles it for every read but an empty line's.
+        if buf.filled()[before..]
+            .iter()
+            .any(|b| !matches!(b, b'\r' | b'\n'))
+        {
             let reads = &this.notes.reads;
             reads.store(reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
@@ -169,7 +192,14 @@ mod tests {
             .await
             .expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
-        let (socket, notes) = ClientSocket::new(accepted);
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let slots = Slots {
+            permit,
+            client: None,
+        };
+        let (socket, notes) = ClientSocket::new(accepted, slots);
         (socket, notes, peer)
     }
 
@@ -177,6 +207,10 @@ mod tests {
     async fn reads_that_bring_bytes_are_counted() {
         let (mut socket, notes, mut peer) = pair().await;
         assert_eq!(notes.reads(), 0);
+        peer.write_all(b"\r\n").await.expect("write");
+        let mut line = [0u8; 2];
+        socket.read_exact(&mut line).await.expect("read");
+        assert_eq!(notes.reads(), 0, "an empty line is no head");
         peer.write_all(b"GET ").await.expect("write");
         let mut buf = [0u8; 16];
         let n = socket.read(&mut buf).await.expect("read");

@@ -18,7 +18,7 @@ use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
-use super::overrides::named_overrides;
+use super::overrides::{named_overrides, MAX_READINGS};
 use super::records::{record, rejected, Asked, Seen};
 use super::{respond, Peer, State};
 use crate::audit::Record;
@@ -406,7 +406,18 @@ async fn forward(
     // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
     // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
     let query = path_q.split_once('?').map(|(_, q)| q);
-    let named = named_overrides(&parts.headers, query);
+    let Ok(named) = named_overrides(&parts.headers, query) else {
+        let e = ProxyError::MalformedRequest(format!(
+            "more than {MAX_READINGS} other methods and paths named by override fields and parameters"
+        ));
+        let asked = Asked {
+            method: &parts.method,
+            uri: &uri_in,
+            headers: &parts.headers,
+        };
+        rejected(&state, peer, inside.map(|i| &**i), asked, &e, start);
+        return respond::error(&e, realm, html);
+    };
     let mut overridden = false;
     for (method, path) in named {
         overridden = true;

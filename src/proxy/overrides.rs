@@ -7,26 +7,48 @@ use http::{HeaderMap, Method};
 /// Another reading of a request: a method, a path, or both, as an origin may act on them.
 pub type Reading<'a> = (Option<Method>, Option<&'a str>);
 
-/// Every other method and path the request's fields and `_method` parameters name, for the
-/// decision to cover each. Empty (and unallocated) for the usual request, which names none.
-pub fn named_overrides<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<Reading<'a>> {
+/// More different readings than any honest request names: each costs a decision, so a
+/// request naming more is refused rather than decided thousands of times.
+pub const MAX_READINGS: usize = 16;
+
+/// Every other method and path the request's fields and `_method` parameters name, each once,
+/// for the decision to cover each. Empty (and unallocated) for the usual request, which names
+/// none. `Err` when it names more than [`MAX_READINGS`].
+pub fn named_overrides<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<Vec<Reading<'a>>, TooManyReadings> {
     let mut named = Vec::new();
+    let mut add = |reading: Reading<'a>| {
+        if !named.contains(&reading) {
+            named.push(reading);
+        }
+        named.len() <= MAX_READINGS
+    };
     for field in headers {
-        if let Some(list) = method_field(field) {
-            named.extend(methods_in(list).map(|m| (Some(m), None)));
-        } else if let Some(path) = overriding_path(field) {
-            named.push((None, Some(path)));
+        let fits = match (method_field(field), overriding_path(field)) {
+            (Some(list), _) => methods_in(list).all(|m| add((Some(m), None))),
+            (None, Some(path)) => add((None, Some(path))),
+            (None, None) => true,
+        };
+        if !fits {
+            return Err(TooManyReadings);
         }
     }
     if let Some(query) = query {
-        named.extend(
-            method_parameters(query)
-                .into_iter()
-                .map(|m| (Some(m), None)),
-        );
+        if !method_parameters(query)
+            .into_iter()
+            .all(|m| add((Some(m), None)))
+        {
+            return Err(TooManyReadings);
+        }
     }
-    named
+    Ok(named)
 }
+
+/// A request naming more than [`MAX_READINGS`] other methods and paths.
+#[derive(Debug)]
+pub struct TooManyReadings;
 
 /// The value of a method-override field (`X-HTTP-Method-Override`, `X-HTTP-Method`,
 /// `X-Method-Override`).
@@ -67,6 +89,15 @@ fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<
         .filter(|p| p.starts_with('/'))
 }
 
+/// `_method`, percent-decoded, or as PHP reads a name into `$_GET` (Laravel, Symfony): a
+/// leading `.`, space, `+` (a space in a query) or `[` becomes `_`, so `.method` is `_method`.
+fn is_method_parameter(name: &str) -> bool {
+    let name: Vec<u8> = percent_encoding::percent_decode_str(name).collect();
+    name.len() == 7
+        && matches!(name[0], b'_' | b'.' | b' ' | b'+' | b'[')
+        && &name[1..] == b"method"
+}
+
 /// The methods `_method` query parameters name (percent-decoded): every such parameter, as
 /// frameworks differ on which of several they take, split on `&` and `;` alike.
 fn method_parameters(query: &str) -> Vec<Method> {
@@ -79,7 +110,7 @@ fn method_parameters(query: &str) -> Vec<Method> {
         let Some((name, value)) = pair.split_once('=') else {
             continue;
         };
-        if percent_encoding::percent_decode_str(name).eq(b"_method".iter().copied()) {
+        if is_method_parameter(name) {
             let value: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
             named.extend(methods_in(&value));
         }
@@ -97,6 +128,7 @@ mod tests {
             h.append(*name, HeaderValue::from_static(value));
         }
         named_overrides(&h, query)
+            .expect("a few readings")
             .into_iter()
             .map(|(m, p)| match (m, p) {
                 (Some(m), None) => m.to_string(),
@@ -136,6 +168,23 @@ mod tests {
     }
 
     #[test]
+    fn each_reading_counts_once_and_too_many_are_refused() {
+        let repeated = ["DELETE"; 1000].join(",");
+        let mut h = HeaderMap::new();
+        h.insert("x-http-method-override", repeated.parse().unwrap());
+        assert_eq!(named_overrides(&h, None).expect("one reading").len(), 1);
+        let many: Vec<String> = (0..=MAX_READINGS).map(|i| format!("M{i}")).collect();
+        h.insert("x-http-method-override", many.join(",").parse().unwrap());
+        assert!(named_overrides(&h, None).is_err());
+        let query = many
+            .iter()
+            .map(|m| format!("_method={m}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert!(named_overrides(&HeaderMap::new(), Some(&query)).is_err());
+    }
+
+    #[test]
     fn rewrite_fields_name_origin_form_paths_only() {
         let cases = [
             ("x-original-url", " /v1/batches ", Some("/v1/batches")),
@@ -157,8 +206,20 @@ mod tests {
             named(&[], Some("_method=GET&_method=DELETE;_method=put,post")),
             ["GET", "DELETE", "PUT", "POST"]
         );
+        for php in [
+            ".method=DELETE",
+            "+method=DELETE",
+            "%20method=DELETE",
+            "[method=DELETE",
+        ] {
+            assert_eq!(named(&[], Some(php)), ["DELETE"], "{php}");
+        }
         assert!(
             named(&[], Some("a=1&method=DELETE")).is_empty(),
+            "another name"
+        );
+        assert!(
+            named(&[], Some("a=1&xmethod=DELETE")).is_empty(),
             "another name"
         );
         assert!(named(&[], Some("a=1&b=2")).is_empty());

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::client_socket::ClientSocket;
+use super::client_socket::{ClientSocket, Slots};
 use super::head_wait::{HeadTimer, HeadWait};
 use super::per_client::ClientCap;
 use super::shutdown::Phase;
@@ -84,7 +84,12 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (socket, notes) = ClientSocket::new(stream);
+        // Held by the socket: a tunnel, or a lingering close, keeps its places.
+        let slots = Slots {
+            permit,
+            client: client_slot,
+        };
+        let (socket, notes) = ClientSocket::new(stream, slots);
         let st = state.clone();
         let wait = HeadWait::new();
         let head_timeout = settings.header_read_timeout;
@@ -102,8 +107,6 @@ pub async fn serve(
         let metrics = state.metrics.clone();
         tokio::spawn(async move {
             let _token = token;
-            let _permit = permit;
-            let _client_slot = client_slot;
             metrics.connections_active.inc();
             tokio::pin!(conn);
             tokio::pin!(head_timer);
@@ -133,6 +136,9 @@ pub async fn serve(
                     p = signal.past(phase) => {
                         phase = p;
                         if phase == Phase::Stopping {
+                            // What is still in flight is cut: a reset says so to a client
+                            // whose answer would otherwise end at the close.
+                            notes.reset_on_close();
                             break;
                         }
                         // Finish the request in flight, then close instead of keeping alive.

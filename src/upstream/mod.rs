@@ -95,7 +95,6 @@ impl Upstream {
     }
 }
 
-/// What a `hyper::Error` from an upstream exchange means for the client and the audit log.
 /// Whether an answer hyper's client read has a head over [`direct::MAX_HEAD_BYTES`]. hyper
 /// holds only its read buffer to that ceiling, and one read can overshoot it by whatever the
 /// socket had: counted here as on the wire, so the limit does not depend on how reads split.
@@ -110,6 +109,7 @@ pub fn head_too_large<B>(resp: &http::Response<B>) -> bool {
     line + fields + 2 > direct::MAX_HEAD_BYTES
 }
 
+/// What a `hyper::Error` from an upstream exchange means for the client and the audit log.
 pub fn hyper_error(e: &hyper::Error) -> ProxyError {
     if let Some(p) = crate::proxy::stall::classify_hyper(e) {
         return p;
