@@ -262,6 +262,23 @@ async fn tunnel(proxy: std::net::SocketAddr, authority: &str) -> TcpStream {
     s
 }
 
+/// A TLS connection to api.openai.com through a CONNECT tunnel the proxy intercepts, trusting
+/// the org CA and offering `alpn`.
+async fn intercepted(
+    proxy: std::net::SocketAddr,
+    ca: &OrgCa,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let stream = tunnel(proxy, "api.openai.com:443").await;
+    let mut cfg = ca.client_config();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .expect("handshake")
+}
+
 #[tokio::test]
 async fn an_untrusted_upstream_certificate_is_a_502_naming_tls() {
     let ca = OrgCa::new();
@@ -589,14 +606,7 @@ async fn hosts_not_listed_stay_opaque_and_exclusions_are_honoured() {
 #[tokio::test]
 async fn a_request_naming_another_host_inside_the_tunnel_is_misdirected() {
     let s = setup("", "vendors = [\"openai\"]").await;
-    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, stream)
-        .await
-        .expect("handshake");
+    let mut tls = intercepted(s.proxy.addr, &s.ca, b"http/1.1").await;
     tls.write_all(
         b"GET /v1/models HTTP/1.1\r\nHost: api.deepseek.com\r\nConnection: close\r\n\r\n",
     )
@@ -646,14 +656,7 @@ async fn a_refused_upload_over_http2_is_read_to_its_end_not_reset() {
         "vendors = [\"openai\"]",
     )
     .await;
-    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, stream)
-        .await
-        .expect("handshake");
+    let tls = intercepted(s.proxy.addr, &s.ca, b"h2").await;
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),
@@ -694,14 +697,7 @@ async fn a_refused_upload_over_http2_is_read_to_its_end_not_reset() {
 #[tokio::test]
 async fn a_client_offering_only_http_1_0_is_served_inside_the_tunnel() {
     let s = setup("", "vendors = [\"openai\"]").await;
-    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"http/1.0".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, stream)
-        .await
-        .expect("handshake");
+    let mut tls = intercepted(s.proxy.addr, &s.ca, b"http/1.0").await;
     tls.write_all(b"GET /v1/models HTTP/1.0\r\nHost: api.openai.com\r\n\r\n")
         .await
         .expect("write");
@@ -722,14 +718,7 @@ async fn a_refused_upload_is_answered_to_a_client_that_writes_it_all_first() {
         "vendors = [\"openai\"]",
     )
     .await;
-    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, stream)
-        .await
-        .expect("handshake");
+    let mut tls = intercepted(s.proxy.addr, &s.ca, b"http/1.1").await;
     let size = 8 << 20;
     tls.write_all(
         format!(
@@ -1012,14 +1001,7 @@ async fn streams_inside_intercepted_tunnels_count_against_the_client_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn options_asterisk_inside_a_tunnel_is_a_bad_request_not_an_upstream_error() {
     let s = setup("", "vendors = [\"openai\"]").await;
-    let stream = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, stream)
-        .await
-        .expect("handshake");
+    let mut tls = intercepted(s.proxy.addr, &s.ca, b"http/1.1").await;
     tls.write_all(b"OPTIONS * HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
         .await
         .expect("write");

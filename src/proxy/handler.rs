@@ -358,6 +358,13 @@ async fn forward(
     };
     let keys = state.keys.from_request(&parts.headers, uri_in.query());
 
+    // What a refusal from here on records the request asked for.
+    let asked_of = || Asked {
+        method: &parts.method,
+        uri: &uri_in,
+        headers: &parts.headers,
+    };
+
     // Body rules need the body before the decision; only read it when one could apply.
     let wants_body = policy
         .inspection
@@ -374,12 +381,7 @@ async fn forward(
         {
             Ok((i, b)) => (Some(i), b),
             Err(e) => {
-                let asked = Asked {
-                    method: &parts.method,
-                    uri: &uri_in,
-                    headers: &parts.headers,
-                };
-                rejected(&state, peer, inside.map(|i| &**i), asked, &e, start);
+                rejected(&state, peer, inside.map(|i| &**i), asked_of(), &e, start);
                 return respond::error(&e, realm, html);
             }
         },
@@ -410,12 +412,7 @@ async fn forward(
         let e = ProxyError::MalformedRequest(format!(
             "more than {MAX_READINGS} other methods and paths named by override fields and parameters"
         ));
-        let asked = Asked {
-            method: &parts.method,
-            uri: &uri_in,
-            headers: &parts.headers,
-        };
-        rejected(&state, peer, inside.map(|i| &**i), asked, &e, start);
+        rejected(&state, peer, inside.map(|i| &**i), asked_of(), &e, start);
         return respond::error(&e, realm, html);
     };
     let mut overridden = false;
