@@ -92,13 +92,8 @@ async fn a_head_over_the_limit_gets_431_however_it_arrives() {
 /// whole exchange (and an empty line), is closed as quietly as it sat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_request_head_is_disconnected_and_audited() {
-    let origin = Origin::http().await;
-    let proxy = Proxy::start(
-        Config::new()
-            .vendor("api.openai.com", origin.addr)
-            .proxy("header_read_timeout = \"1s\""),
-    )
-    .await;
+    // The origin must outlive the exchange on `kept`.
+    let (_origin, proxy) = proxy_with_a_1s_head_timeout().await;
     let mut quiet = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut kept = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     kept.write_all(b"GET http://api.openai.com/whole HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
@@ -202,13 +197,7 @@ async fn an_upload_answered_early_is_not_cut_by_the_header_read_timeout() {
 /// from the end of the previous answer, never while an answer is still streaming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_waits_for_a_head_only_between_answers() {
-    let origin = Origin::http().await;
-    let proxy = Proxy::start(
-        Config::new()
-            .vendor("api.openai.com", origin.addr)
-            .proxy("header_read_timeout = \"1s\""),
-    )
-    .await;
+    let (origin, proxy) = proxy_with_a_1s_head_timeout().await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let get = |path: &str| {
         format!("GET http://api.openai.com{path} HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
@@ -303,4 +292,16 @@ async fn the_response_timeout_counts_from_the_end_of_the_upload() {
         }
     }
     assert_eq!(origin.request("/v1/files").await.body_len, 8 * 0x400);
+}
+
+/// A fake origin for api.openai.com, and a proxy whose `header_read_timeout` is 1 s.
+async fn proxy_with_a_1s_head_timeout() -> (Origin, Proxy) {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .proxy("header_read_timeout = \"1s\""),
+    )
+    .await;
+    (origin, proxy)
 }
