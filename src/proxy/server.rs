@@ -118,7 +118,7 @@ pub async fn serve(
                     biased;
                     r = conn.as_mut() => {
                         if let Err(e) = r {
-                            // hyper answered a head it could not parse itself (400, 431); the
+                            // hyper answered a head it could not parse itself (400, 414, 431); the
                             // attempt still belongs in the audit log.
                             if e.is_parse() || e.is_parse_too_large() {
                                 records::malformed(&audit, peer, &e);
