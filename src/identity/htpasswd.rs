@@ -159,6 +159,11 @@ impl Htpasswd {
         self.users.len()
     }
 
+    /// The stored hash of `user`: what a login opened earlier was proven against.
+    pub fn hash_of(&self, user: &str) -> Option<&Arc<str>> {
+        self.users.get(user)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::activity::Activity;
 use super::body::ProxyBody;
 use super::client_socket::ClientSocket;
-use super::handler::{admit, authenticate, Admitted, Who};
+use super::handler::{admit, authenticate, still_authorised, Admitted, Who};
 use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
 use super::on_wake::OnWake;
@@ -30,6 +30,7 @@ use super::stall::SendTimeout;
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
+use crate::identity::ProxyUser;
 use crate::policy::{self, target, Action, Host, Policy};
 use crate::tls::rewind::Rewind;
 use crate::tls::sni::{is_hello_retry, peek_client_hello, peek_retried_client_hello, SniError};
@@ -65,7 +66,7 @@ pub async fn handle(
     let policy = state.policy.load_full();
     let d = policy.decide(&policy::Request {
         client: peer.addr.ip(),
-        user: user.as_deref(),
+        user: user.as_ref().map(ProxyUser::name),
         method: &Method::CONNECT,
         host: &host,
         port,
@@ -80,7 +81,7 @@ pub async fn handle(
             .intercepts(&host, policy.catalog.lookup(&host).map(|h| h.vendor));
     let seen = Seen {
         peer,
-        user: user.as_deref(),
+        user: user.as_ref().map(ProxyUser::name),
         method: &Method::CONNECT,
         scheme: "https",
         host: &host,
@@ -131,7 +132,7 @@ pub async fn handle(
     } else {
         let who = Who {
             peer,
-            user: user.as_deref(),
+            user: user.as_ref().map(ProxyUser::name),
             keys: &[],
         };
         admit(&state, &d, rec, who, html, start).await
@@ -203,7 +204,7 @@ struct Tunnel {
     state: Arc<State>,
     policy: Arc<Policy>,
     peer: Peer,
-    user: Option<String>,
+    user: Option<ProxyUser>,
     host: Host,
     port: u16,
     rec: Box<Record>,
@@ -400,13 +401,37 @@ impl Tunnel {
         self.policy = self.state.policy.load_full();
         let d = self.policy.decide(&policy::Request {
             client: self.peer.addr.ip(),
-            user: self.user.as_deref(),
+            user: self.user.as_ref().map(ProxyUser::name),
             method: &Method::CONNECT,
             host: &self.host,
             port: self.port,
             path: None,
             body: Default::default(),
         });
+        // What a new CONNECT would now be refused for before any rule: not the rule's doing.
+        let refused = if !self.policy.connect_ports.contains(&self.port) {
+            Some(ProxyError::PortNotAllowed(self.port).kind())
+        } else if let Some(u) = self
+            .user
+            .as_ref()
+            .filter(|u| !still_authorised(&self.state, u))
+        {
+            tracing::debug!(
+                user = u.name(),
+                "tunnel's proxy user no longer in the user file"
+            );
+            Some("proxy_user_revoked")
+        } else {
+            None
+        };
+        if let Some(why) = refused.filter(|_| d.enforced() != Action::Block) {
+            self.rec.vendor = d.vendor_id().cloned();
+            self.rec.endpoint = d.endpoint.as_str();
+            self.rec.rule = None;
+            self.rec.action = "block";
+            self.rec.mode = "enforce";
+            return Some(format!("policy_reloaded: {why}"));
+        }
         let unmet = match d.enforced() {
             Action::Block => Some(d.reason.to_string()),
             _ => self.unmet_by_tunnel(&d, &self.host).map(|what| {
@@ -443,7 +468,7 @@ impl Tunnel {
         }
         let d = self.policy.decide(&policy::Request {
             client: self.peer.addr.ip(),
-            user: self.user.as_deref(),
+            user: self.user.as_ref().map(ProxyUser::name),
             method: &Method::CONNECT,
             host: &sni_host,
             port: self.port,

@@ -24,6 +24,7 @@ use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
 use crate::identity::htpasswd::parse_basic;
+use crate::identity::ProxyUser;
 use crate::limits::{KeyValues, Permit};
 use crate::policy::{self, target, Action, BodyFacts, Decision, Mode, Policy, Scheme, Target};
 
@@ -194,7 +195,7 @@ pub async fn authenticate(
     state: &State,
     client: std::net::IpAddr,
     headers: &HeaderMap,
-) -> Result<Option<String>, ProxyError> {
+) -> Result<Option<ProxyUser>, ProxyError> {
     let Some(auth) = &state.auth else {
         return Ok(None);
     };
@@ -202,13 +203,11 @@ pub async fn authenticate(
         .get(header::PROXY_AUTHORIZATION)
         .and_then(parse_basic)
     {
-        if auth
-            .htpasswd
-            .load_full()
-            .verify(client, &user, &password)
-            .await
-        {
-            return Ok(Some(user));
+        let users = auth.htpasswd.load_full();
+        if users.verify(client, &user, &password).await {
+            if let Some(proof) = users.hash_of(&user) {
+                return Ok(Some(ProxyUser::new(user, proof.clone())));
+            }
         }
     }
     if auth.required {
@@ -216,6 +215,16 @@ pub async fn authenticate(
     } else {
         Ok(None)
     }
+}
+
+/// Whether a user who authenticated earlier (a tunnel's) is still in the user file with the
+/// password they proved. "A user removed is refused from the next request on" holds for the
+/// requests inside a tunnel too.
+pub fn still_authorised(state: &State, user: &ProxyUser) -> bool {
+    state
+        .auth
+        .as_ref()
+        .is_none_or(|a| user.still_in(&a.htpasswd.load()))
 }
 
 /// A request inside an intercepted tunnel: the same path as plain HTTP, scheme https.
@@ -324,11 +333,22 @@ async fn forward(
     }
     // The slow paths (a bcrypt check, reading a body prefix) are boxed so that the request
     // future, built and moved on every request, stays small when they do not run.
-    let user = match inside {
-        Some(i) => i.user.clone(),
+    let user = match inside.map(|i| &i.user) {
+        // Proven on the CONNECT; the user file may have changed since.
+        Some(Some(u)) if !still_authorised(&state, u) => {
+            let e = ProxyError::AuthRequired;
+            rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
+            let mut resp = respond::error(&e, realm, html);
+            // The tunnel's login is what failed: an HTTP/1.1 client closes it and its next
+            // CONNECT is asked for credentials.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+        Some(u) => u.as_ref().map(|u| u.name().to_owned()),
         None if state.auth.is_none() => None,
         None => match Box::pin(authenticate(&state, peer.addr.ip(), req.headers())).await {
-            Ok(u) => u,
+            Ok(u) => u.map(ProxyUser::into_name),
             Err(e) => {
                 rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
                 return respond::error(&e, realm, html);

@@ -19,6 +19,7 @@ use super::activity::Activity;
 use super::on_wake::OnWake;
 use super::shutdown::Phase;
 use super::{handler, Peer, State};
+use crate::identity::ProxyUser;
 use crate::policy::Host;
 use crate::tls::ca::Authority;
 
@@ -42,7 +43,7 @@ pub struct Inside {
     pub host: Host,
     pub port: u16,
     /// Authenticated on the CONNECT; inner requests carry no proxy credentials.
-    pub user: Option<String>,
+    pub user: Option<ProxyUser>,
     pub sni: Option<Box<str>>,
     pub requests: AtomicU64,
     /// This tunnel's own upstream connections. Shared ones would let one client starve the

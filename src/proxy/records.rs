@@ -134,7 +134,9 @@ pub fn rejected(
         port: port.unwrap_or(0),
         path: uri.path_and_query().map(|p| redact_path(p.as_str())),
         vendor,
-        user: inside.and_then(|i| i.user.as_deref()).map(Into::into),
+        user: inside
+            .and_then(|i| i.user.as_ref())
+            .map(|u| u.name().into()),
         tls: if inside.is_some() {
             "intercept"
         } else {
