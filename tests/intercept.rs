@@ -887,12 +887,13 @@ async fn h2_inside(
         .connect(name, tcp)
         .await
         .expect("TLS to the proxy");
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
+    // Room for heads larger than h2's default 16 KiB, as gRPC clients allow (4 MiB or more).
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_header_list_size(1 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
     tokio::spawn(conn);
     send
 }
@@ -1016,4 +1017,39 @@ async fn options_asterisk_inside_a_tunnel_is_a_bad_request_not_an_upstream_error
             .any(|l| l.starts_with("portcullis_upstream_errors_total{") && !l.ends_with(" 0")),
         "{metrics}"
     );
+}
+
+/// gRPC through interception, HTTP/2 both sides: the request's `TE: trailers` reaches the
+/// origin (gRPC servers reset a stream without it), and the answer's trailers reach the
+/// client, even a head and trailers past h2's default 16 KiB. The proxy used to drop `TE`
+/// as hop-by-hop, and hyper's client to refuse a head over 16 KiB with a 502 and drop
+/// larger trailers without a word.
+#[tokio::test]
+async fn grpc_keeps_te_trailers_and_gets_its_trailers_however_large() {
+    use http_body_util::BodyExt;
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut send = h2_inside(&s.ca, tcp).await;
+    for filler in [10, 40_000] {
+        let path = format!("/trailers/{filler}");
+        let req = http::Request::post(format!("https://api.openai.com{path}"))
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let resp = within("the answer", send.send_request(req))
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), 200, "{filler}");
+        assert_eq!(resp.headers()["x-filler"].len(), filler);
+        let got = within("body and trailers", resp.into_body().collect())
+            .await
+            .expect("body");
+        let trailers = got.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0", "{filler}");
+        assert_eq!(trailers["x-filler"].len(), filler);
+        assert_eq!(&got.to_bytes()[..], b"ok");
+        let seen = s.origin.request(&path).await;
+        assert_eq!(seen.headers["te"], "trailers", "{filler}");
+    }
 }

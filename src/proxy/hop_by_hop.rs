@@ -55,12 +55,31 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
+    // `TE: trailers` says the sender takes trailer fields; this hop does (it relays trailer
+    // frames as they come), so it says so to the next. gRPC origins refuse a request without
+    // it (its "detect incompatible proxies" check), and some send no trailers at all.
+    let trailers = present & TE_BIT != 0
+        && h.get_all(header::TE).iter().any(|v| {
+            v.as_bytes().split(|&b| b == b',').any(|t| {
+                t.split(|&b| b == b';')
+                    .next()
+                    .unwrap_or(t)
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"trailers")
+            })
+        });
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             h.remove(n);
         }
     }
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 }
+
+/// [`HOP_BY_HOP`]'s `TE`, as a bit of `present`.
+const TE_BIT: u16 = 1 << 5;
 
 /// Adds this hop's `Via` (RFC 9110 §7.6.3), on requests and answers alike.
 pub fn append_via(h: &mut HeaderMap) {
@@ -81,11 +100,34 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("proxy-authorization", "Basic Zm9vOmJhcg==".parse().unwrap());
         h.insert("proxy-connection", "keep-alive".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
+        h.insert("te", "gzip;q=0.5".parse().unwrap());
         h.insert("authorization", "Bearer x".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn te_trailers_is_said_again_and_nothing_else_of_te_passes() {
+        assert_eq!(HOP_BY_HOP[TE_BIT.trailing_zeros() as usize], header::TE);
+        for (sent, kept) in [
+            ("trailers", true),
+            ("gzip, Trailers", true),
+            ("deflate;q=0.5, trailers;q=1", true),
+            ("gzip", false),
+            ("trailersx", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("te", sent.parse().unwrap());
+            h.insert("connection", "TE".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            let te: Vec<_> = h.get_all("te").iter().collect();
+            match kept {
+                true => assert_eq!(te, ["trailers"], "{sent}"),
+                false => assert!(te.is_empty(), "{sent}"),
+            }
+            assert!(!h.contains_key("connection"), "{sent}");
+        }
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub fn https_client(
         .pool_max_idle_per_host(settings.pool_max_idle_per_host.min(max_idle))
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .timer(hyper_util::rt::TokioTimer::new())
+        // The same ceiling as an HTTP/1 answer's head (h2's default is 16 KiB): counted per
+        // field as its name and value plus 32 (RFC 9113 §6.5.2), and it bounds trailers too,
+        // which h2 otherwise drops without a word when they are larger.
+        .http2_max_header_list_size((crate::upstream::direct::MAX_HEAD_BYTES + 32 * 100) as u32)
         .build(Connector::new(upstream))
 }
 

@@ -292,6 +292,22 @@ async fn origin_answer(
             .insert("content-type", "text/event-stream".parse().expect("header"));
         return Ok(resp);
     }
+    if let Some(n) = path.strip_prefix("/trailers/") {
+        // As a gRPC answer ends: a body, then status in trailer fields; `n` bytes of filler
+        // in a head field and in a trailer field, to check how large each may be.
+        let filler = "f".repeat(n.parse().expect("filler size"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().expect("trailer"));
+        trailers.insert("x-filler", filler.parse().expect("trailer"));
+        let frames = futures_util::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"ok"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+        resp.headers_mut()
+            .insert("x-filler", filler.parse().expect("header"));
+        return Ok(resp);
+    }
     let body: OriginBody = match path.strip_prefix("/download/") {
         Some(n) => {
             let total: u64 = n.parse().expect("download size");
