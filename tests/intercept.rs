@@ -1053,3 +1053,27 @@ async fn grpc_keeps_te_trailers_and_gets_its_trailers_however_large() {
         assert_eq!(seen.headers["te"], "trailers", "{filler}");
     }
 }
+
+/// An HTTP/1.1 client inside the tunnel, an HTTP/2 origin: answers delivered whole (a length,
+/// HEAD, a keep-alive second request) are not recorded as cut. hyper lets go of a body once
+/// it has written the announced length, and the h2 body had not yet said it ended, so every
+/// such record read `client_aborted: …; response cut`.
+#[tokio::test]
+async fn whole_answers_from_an_h2_origin_to_an_http1_client_are_not_recorded_as_cut() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let c = client(&s, true);
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/first"),
+        (reqwest::Method::GET, "/v1/second"),
+        (reqwest::Method::HEAD, "/v1/head"),
+        (reqwest::Method::GET, "/sized/70000"),
+    ] {
+        let r = fetch(c.request(method, format!("https://api.openai.com{path}"))).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(s.origin.request(path).await.uri, path);
+        let rec = intercepted_record(&s.proxy, path).await;
+        let reason = rec["reason"].as_str().unwrap_or_default();
+        assert!(!reason.contains("client_aborted"), "{path}: {rec}");
+        assert_eq!(rec["status"], 200, "{path}: {rec}");
+    }
+}

@@ -203,9 +203,11 @@ pub struct Counted<B> {
     idle: Option<IdleTimer>,
     /// A request body keeps its client connection from awaiting the next head until it ends.
     busy: Option<Busy>,
-    /// A response body with something to send: dropped before its end, the client did not
-    /// get all of it.
-    cut_if_dropped: bool,
+    /// A response body's length as its head announced it (0 when it has none: HEAD, 204,
+    /// 304, or an empty body). Dropped at any other count before its end, the client did not
+    /// get all of it. hyper drops a body unpolled once it has written the announced length,
+    /// and an HTTP/2 origin's body does not say it ended until its END_STREAM arrives.
+    whole: Option<u64>,
 }
 
 impl<B> Counted<B> {
@@ -218,7 +220,7 @@ impl<B> Counted<B> {
             pending: None,
             idle: None,
             busy: None,
-            cut_if_dropped: false,
+            whole: None,
         }
     }
 
@@ -234,15 +236,19 @@ impl<B> Counted<B> {
         self
     }
 
-    /// A response body that writes `pending` when it ends.
+    /// A response body that writes `pending` when it ends; `announced` is its length as the
+    /// head says (`Some(0)` for an answer that has no body).
     /// The origin's body is cut once it stalls for `[proxy] body_timeout`.
-    pub fn finishing(inner: B, pending: Pending) -> Counted<B>
+    pub fn finishing(inner: B, pending: Pending, announced: Option<u64>) -> Counted<B>
     where
         B: Body,
     {
         let idle = IdleTimer::new(pending.state.settings.proxy.body_timeout);
-        // An empty body (HEAD, 204, 304) is never polled: its drop is its end.
-        let cut_if_dropped = !inner.is_end_stream();
+        // An empty body is never polled: its drop is its end.
+        let whole = match inner.is_end_stream() {
+            true => Some(0),
+            false => announced,
+        };
         Counted {
             inner,
             count: 0,
@@ -250,7 +256,7 @@ impl<B> Counted<B> {
             pending: Some(Box::new(pending)),
             idle: Some(idle),
             busy: None,
-            cut_if_dropped,
+            whole,
         }
     }
 
@@ -276,7 +282,8 @@ impl<B> Counted<B> {
 
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
-        if let Some(p) = self.pending.as_mut().filter(|_| self.cut_if_dropped) {
+        let delivered = self.whole == Some(self.count);
+        if let Some(p) = self.pending.as_mut().filter(|_| !delivered) {
             // Not ended, failed or cut by us: hyper let go of it because the client went
             // away, stopped reading (`send_timeout`) or shutdown closed the connection. The
             // status stays what the client was sent; the reason says it did not get it all.

@@ -551,6 +551,7 @@ async fn forward(
         .holding(parts.extensions.remove::<Busy>());
 
     let timeout = state.settings.upstream.response_timeout;
+    let method_was_head = parts.method == Method::HEAD;
     // From here the origin may have the request: if this future is dropped before the answer
     // (the client hung up, its stream was reset, shutdown cut it), the guard writes the record.
     let in_flight = InFlight {
@@ -636,6 +637,13 @@ async fn forward(
             strip_hop_by_hop(&mut parts.headers);
             append_via(&mut parts.headers);
             rec.status = parts.status.as_u16();
+            let announced = match (method_was_head, parts.status.as_u16()) {
+                (true, _) | (_, 100..=199 | 204 | 304) => Some(0),
+                _ => parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+            };
             let pending = Pending {
                 state: state.clone(),
                 record: rec,
@@ -646,7 +654,10 @@ async fn forward(
                 meter,
                 lease,
             };
-            Response::from_parts(parts, Either::Right(Counted::finishing(body, pending)))
+            Response::from_parts(
+                parts,
+                Either::Right(Counted::finishing(body, pending, announced)),
+            )
         }
     }
 }

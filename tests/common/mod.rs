@@ -292,6 +292,25 @@ async fn origin_answer(
             .insert("content-type", "text/event-stream".parse().expect("header"));
         return Ok(resp);
     }
+    if let Some(n) = path.strip_prefix("/sized/") {
+        // `n` bytes with their length announced, and the body's end only later: as an HTTP/2
+        // origin whose END_STREAM comes in a frame of its own.
+        let n: usize = n.parse().expect("size");
+        let frames = futures_util::stream::unfold(0u8, move |step| async move {
+            match step {
+                0 => Some((Ok(Frame::data(Bytes::from(vec![b's'; n]))), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    None
+                }
+                _ => None,
+            }
+        });
+        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+        resp.headers_mut()
+            .insert("content-length", n.to_string().parse().expect("header"));
+        return Ok(resp);
+    }
     if let Some(n) = path.strip_prefix("/trailers/") {
         // As a gRPC answer ends: a body, then status in trailer fields; `n` bytes of filler
         // in a head field and in a trailer field, to check how large each may be.
