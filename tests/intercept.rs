@@ -1077,3 +1077,50 @@ async fn whole_answers_from_an_h2_origin_to_an_http1_client_are_not_recorded_as_
         assert_eq!(rec["status"], 200, "{path}: {rec}");
     }
 }
+
+/// An intercepted tunnel's own record counts the HTTP that crossed it, each way; the metric
+/// counts those bytes once, through the requests' records. It used to hold 0 and 0 whatever
+/// the tunnel carried.
+#[tokio::test]
+async fn an_intercepted_tunnels_record_counts_its_bytes_and_the_metric_counts_them_once() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let c = client(&s, true);
+    let upload = vec![b'u'; 30_000];
+    let r = fetch(c.post("https://api.openai.com/v1/up").body(upload)).await;
+    assert_eq!(r.status, 200);
+    let r = fetch(c.get("https://api.openai.com/download/50000")).await;
+    assert_eq!(r.status, 200);
+    drop(c);
+    let up = intercepted_record(&s.proxy, "/v1/up").await;
+    let down = intercepted_record(&s.proxy, "/download/50000").await;
+    assert_eq!(
+        (up["bytes_out"].as_u64(), down["bytes_in"].as_u64()),
+        (Some(30_000), Some(50_000))
+    );
+    let tunnel = s.proxy.audit_connect("api.openai.com").await;
+    let (out, inn) = (
+        tunnel["bytes_out"].as_u64().unwrap(),
+        tunnel["bytes_in"].as_u64().unwrap(),
+    );
+    // Bodies plus heads (and chunk framing): more than the bodies, not wildly more.
+    assert!((30_000..32_000).contains(&out), "{tunnel}");
+    assert!((50_000..53_000).contains(&inn), "{tunnel}");
+    let m = s.proxy.metrics().await;
+    let series = |dir: &str| -> u64 {
+        let want = format!("portcullis_bytes_total{{direction=\"{dir}\",vendor=\"openai\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{want}: {m}"))
+    };
+    let sum = |field: &str| -> u64 {
+        s.proxy
+            .audit_records()
+            .iter()
+            .filter(|r| r["method"] != "CONNECT")
+            .map(|r| r[field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(series("out"), sum("bytes_out"), "{m}");
+    assert_eq!(series("in"), sum("bytes_in"), "{m}");
+}

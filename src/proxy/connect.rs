@@ -539,6 +539,8 @@ impl Tunnel {
             user: self.user.take(),
             sni: self.rec.sni.clone(),
             requests: AtomicU64::new(0),
+            from_client: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
             // Two idle connections: a burst of streams (each its own connection to an
             // HTTP/1.1 origin) must not leave a tunnel holding a descriptor for each.
             client: super::https_client(
@@ -556,7 +558,9 @@ impl Tunnel {
             reason.push_str(&e);
         }
         self.rec.reason = reason.into();
-        self.state.finish(self.rec, self.start);
+        self.rec.bytes_out = inside.from_client.load(Ordering::Relaxed);
+        self.rec.bytes_in = inside.to_client.load(Ordering::Relaxed);
+        self.state.finish_intercepted(self.rec, self.start);
     }
 
     /// Ends a tunnel that never reached the splice. The CONNECT was answered 200, but what

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -46,6 +46,9 @@ pub struct Inside {
     pub user: Option<ProxyUser>,
     pub sni: Option<Box<str>>,
     pub requests: AtomicU64,
+    /// The bytes of HTTP inside the TLS, from the client and to it: the tunnel's record.
+    pub from_client: AtomicU64,
+    pub to_client: AtomicU64,
     /// This tunnel's own upstream connections. Shared ones would let one client starve the
     /// others: an HTTP/2 client that stops reading its responses leaves their data in the
     /// upstream connection's window until no stream on it can receive anything.
@@ -96,6 +99,7 @@ where
     let io = TokioIo::new(Active {
         inner: tls,
         activity: activity.clone(),
+        inside: inside.clone(),
     });
 
     let st = state.clone();
@@ -143,10 +147,12 @@ where
     }
 }
 
-/// The client stream of an intercepted tunnel, noting when bytes last moved (idle timeout).
+/// The client stream of an intercepted tunnel, noting when bytes last moved (idle timeout)
+/// and how many moved (the tunnel's record).
 struct Active<S> {
     inner: S,
     activity: Arc<Activity>,
+    inside: Arc<Inside>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
@@ -158,10 +164,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             this.activity.touch();
+            this.inside
+                .from_client
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         r
+    }
+}
+
+impl<S> Active<S> {
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = *r {
+            if n > 0 {
+                self.activity.touch();
+                self.inside.to_client.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -173,9 +194,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.wrote(&r);
         r
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -191,9 +210,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.wrote(&r);
         r
     }
     fn is_write_vectored(&self) -> bool {

@@ -114,7 +114,21 @@ impl State {
     }
 
     /// Accounts one finished exchange: metrics, then the audit queue (never blocks).
-    pub fn finish(&self, mut rec: Box<Record>, start: Instant) {
+    pub fn finish(&self, rec: Box<Record>, start: Instant) {
+        self.account(rec, start, true);
+    }
+
+    /// An intercepted tunnel's own record. The bytes it holds are its requests', and each
+    /// request has counted its own in the metrics and bulk signals already.
+    pub fn finish_intercepted(&self, rec: Box<Record>, start: Instant) {
+        self.account(rec, start, false);
+    }
+
+    fn account(&self, mut rec: Box<Record>, start: Instant, count_bytes: bool) {
+        let (bytes_out, bytes_in) = match count_bytes {
+            true => (rec.bytes_out, rec.bytes_in),
+            false => (0, 0),
+        };
         let elapsed = start.elapsed();
         rec.duration_ms = elapsed.as_secs_f64() * 1000.0;
         // Shadow decisions get their own action label so dashboards of real blocks stay true.
@@ -133,11 +147,11 @@ impl State {
                 rule: rec.rule.as_ref(),
             },
             elapsed.as_secs_f64(),
-            rec.bytes_out,
-            rec.bytes_in,
+            bytes_out,
+            bytes_in,
         );
         if let (Some(bulk), Some(vendor)) = (&self.bulk, rec.vendor.clone()) {
-            self.observe_bulk(bulk, &rec, &vendor);
+            self.observe_bulk(bulk, &rec, &vendor, bytes_in);
         }
         self.audit.send(rec);
     }
@@ -148,6 +162,7 @@ impl State {
         bulk: &crate::signals::bulk::BulkDetector,
         rec: &Record,
         vendor: &Arc<str>,
+        bytes_in: u64,
     ) {
         let ip;
         let principal = match rec.user.as_deref() {
@@ -162,7 +177,7 @@ impl State {
             vendor,
             endpoint: rec.endpoint,
             key_id: rec.key_id.as_deref(),
-            bytes_in: rec.bytes_in,
+            bytes_in,
             now: Instant::now(),
         };
         if let Some(s) = bulk.observe(&seen) {
