@@ -160,3 +160,65 @@ async fn reload_reads_the_user_file_again() {
     assert_eq!(get("bob").await.status, 407, "bob was removed");
     assert_eq!(get("alice").await.status, 200);
 }
+
+/// A user removed from the user file at a reload loses the tunnels they opened, as they lose
+/// new requests; so does one whose password changed. Only what was proven at the CONNECT
+/// authorised those tunnels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_removed_at_reload_loses_the_tunnels_they_opened() {
+    use base64::Engine;
+    use tokio::io::AsyncWriteExt;
+    let users = htpasswd();
+    let file = users.path().join("users.htpasswd");
+    let openai = Origin::https().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", openai.addr)
+            .tail(&format!("[auth]\nhtpasswd = \"{}\"\n", file.display())),
+    )
+    .await;
+    let (p, o) = (&proxy, &openai);
+    let open = |user: &'static str| async move {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{PASSWORD}"));
+        let auth = format!("Proxy-Authorization: Basic {token}");
+        let (status, _, tcp) = raw_connect(p.addr, "api.openai.com:443", &[&auth]).await;
+        assert_eq!(status, 200, "{user}");
+        let mut tls = tls_handshake(tcp, "api.openai.com").await.expect("TLS");
+        let path = format!("/v1/{user}");
+        tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: api.openai.com\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        o.request(&path).await;
+        tls
+    };
+    let mut bob = open("bob").await;
+    let mut alice = open("alice").await;
+
+    // bob removed; alice still there, her line rewritten as it was (a new hash of the same
+    // password would end her tunnel too: only the hash she proved counts).
+    let text = std::fs::read_to_string(&file).unwrap();
+    let alice_line = text.lines().find(|l| l.starts_with("alice:")).unwrap();
+    std::fs::write(&file, format!("{alice_line}\n")).unwrap();
+    assert_eq!(proxy.reload_edited(|t| t).await, 200);
+    read_until_closed(&mut bob).await;
+    let rec = proxy
+        .audit_where("bob's tunnel", |r| {
+            r["method"] == "CONNECT" && r["user"] == "bob"
+        })
+        .await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_reason(&rec, "policy_reloaded: proxy_user_revoked");
+
+    // alice's tunnel still carries requests.
+    alice
+        .write_all(b"GET /v1/alice-after HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        .await
+        .unwrap();
+    openai.request("/v1/alice-after").await;
+
+    // A new password for alice ends hers.
+    let new_hash = bcrypt::hash("a new password", 4).unwrap();
+    std::fs::write(&file, format!("alice:{new_hash}\n")).unwrap();
+    assert_eq!(proxy.reload_edited(|t| t).await, 200);
+    read_until_closed(&mut alice).await;
+}

@@ -651,3 +651,30 @@ async fn a_client_hello_sent_with_the_connect_is_checked_and_passed_on() {
         "the blocked hello reached the origin"
     );
 }
+
+/// A reload that takes a port out of `connect_ports` ends the tunnels open to it, as it
+/// refuses new ones: a port closed by the operator stays open to no one who got in before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_closes_a_tunnels_port_ends_the_tunnel() {
+    let openai = Origin::https().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", openai.addr)).await;
+    let (status, _, tcp) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 200);
+    let mut tls = tls_handshake(tcp, "api.openai.com")
+        .await
+        .expect("TLS through the tunnel");
+    tls.write_all(b"GET /v1/before HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        .await
+        .unwrap();
+    openai.request("/v1/before").await;
+
+    let reloaded = proxy
+        .reload_edited(|t| t.replacen("[proxy]\n", "[proxy]\nconnect_ports = [8443]\n", 1))
+        .await;
+    assert_eq!(reloaded, 200);
+    read_until_closed(&mut tls).await;
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_eq!(rec["rule"], serde_json::Value::Null, "{rec}");
+    assert_reason(&rec, "policy_reloaded: port_not_allowed");
+}

@@ -1124,3 +1124,59 @@ async fn an_intercepted_tunnels_record_counts_its_bytes_and_the_metric_counts_th
     assert_eq!(series("out"), sum("bytes_out"), "{m}");
     assert_eq!(series("in"), sum("bytes_in"), "{m}");
 }
+
+/// Inside an intercepted tunnel each request is checked against the user file as it is now:
+/// a user removed at a reload gets 407 on the next request in the tunnel they opened, which
+/// the origin never sees. The tunnel's login used to carry them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_removed_at_reload_is_refused_inside_their_open_tunnel() {
+    use base64::Engine;
+    use http_body_util::BodyExt;
+    let users = TempDir::new().expect("tempdir");
+    let file = users.path().join("users.htpasswd");
+    let line = |u: &str| format!("{u}:{}\n", bcrypt::hash("pw", 4).unwrap());
+    std::fs::write(&file, line("bob") + &line("alice")).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let s = setup(
+        &format!("[auth]\nhtpasswd = \"{}\"\n", file.display()),
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let token = base64::engine::general_purpose::STANDARD.encode("bob:pw");
+    let auth = format!("Proxy-Authorization: Basic {token}");
+    let (status, _, tcp) = raw_connect(s.proxy.addr, "api.openai.com:443", &[&auth]).await;
+    assert_eq!(status, 200);
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("http/1.1");
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(format!("https://api.openai.com{path}"))
+            .header("host", "api.openai.com")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    let before = send.send_request(get("/v1/before")).await.expect("answer");
+    assert_eq!(before.status(), 200);
+    before.into_body().collect().await.expect("body");
+
+    std::fs::write(&file, line("alice")).unwrap();
+    assert_eq!(s.proxy.reload_edited(|t| t).await, 200);
+    let after = send.send_request(get("/v1/after")).await.expect("answer");
+    assert_eq!(after.status(), 407);
+    let rec = intercepted_record(&s.proxy, "/v1/after").await;
+    assert_eq!(
+        (rec["action"].as_str(), rec["user"].as_str()),
+        (Some("reject"), Some("bob")),
+        "{rec}"
+    );
+    assert_reason(&rec, "auth_required");
+    assert!(s.origin.requests().iter().all(|r| r.uri != "/v1/after"));
+}

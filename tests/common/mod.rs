@@ -724,6 +724,25 @@ impl Proxy {
     }
 
     /// Waits for the audit record of a CONNECT to `host`.
+    /// Rewrites this proxy's config through `edit`, then reloads it: the admin's status.
+    pub async fn reload_edited(&self, edit: impl FnOnce(String) -> String) -> u16 {
+        let path = self.dir.path().join("portcullis.toml");
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let tmp = self.dir.path().join("portcullis.toml.new");
+        std::fs::write(&tmp, edit(text)).expect("write config");
+        std::fs::rename(&tmp, &path).expect("replace config");
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client")
+            .post(format!("http://{}/reload", self.admin))
+            .send()
+            .await
+            .expect("POST /reload")
+            .status()
+            .as_u16()
+    }
+
     pub async fn audit_connect(&self, host: &str) -> Value {
         self.audit_where(host, |r| r["method"] == "CONNECT" && r["host"] == host)
             .await
