@@ -52,6 +52,8 @@ pub type UpstreamLease = crate::upstream::pool::Lease<Counted<RequestBody>>;
 #[derive(Default)]
 pub struct Upload {
     sent: AtomicU64,
+    /// Response body bytes sent to the client so far: the upload is not idle while they move.
+    answered: AtomicU64,
     /// Per exchange, so never contended but by its own two bodies.
     state: Mutex<UploadState>,
 }
@@ -317,7 +319,13 @@ where
             .map(|o| o.map(|r| r.map_err(Into::into)));
         if let Some(idle) = &mut this.idle {
             if res.is_pending() {
-                if idle.waiting(cx) {
+                // The exchange is idle only when neither direction moves.
+                let other = match (&this.shared, &this.pending) {
+                    (Some(upload), _) => upload.answered.load(Ordering::Relaxed),
+                    (None, Some(p)) => p.uploaded.sent(),
+                    (None, None) => 0,
+                };
+                if idle.waiting_beside(cx, other) {
                     // A stalled request body is the client's; a stalled response, the origin's.
                     return Poll::Ready(Some(Err(match this.pending.as_mut() {
                         Some(p) => {
@@ -339,6 +347,9 @@ where
                     this.count += n;
                     if let Some(c) = &this.shared {
                         c.sent.fetch_add(n, Ordering::Relaxed);
+                    }
+                    if let Some(p) = &this.pending {
+                        p.uploaded.answered.fetch_add(n, Ordering::Relaxed);
                     }
                     if this.pending.as_mut().is_some_and(|p| p.over_limit(n)) {
                         // This frame is replaced by the error: the client never gets it.

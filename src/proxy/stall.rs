@@ -23,6 +23,8 @@ pub struct IdleTimer {
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// The other direction's progress when the deadline was last set.
+    other: u64,
 }
 
 impl IdleTimer {
@@ -31,19 +33,29 @@ impl IdleTimer {
             timeout,
             sleep: None,
             armed: false,
+            other: 0,
         }
     }
 
     /// The wait goes on: arms the deadline if this is its start; true once it has passed.
     /// Registers `cx` to be woken at the deadline.
     pub fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.armed {
+        self.waiting_beside(cx, 0)
+    }
+
+    /// As [`IdleTimer::waiting`], for one direction of an exchange whose other direction has
+    /// made `other` progress so far: while that moves, the wait is not idle. A gRPC or
+    /// WebSocket-like client that listens while the origin streams, or an origin that reads
+    /// a long upload before it says more, is a live exchange.
+    pub fn waiting_beside(&mut self, cx: &mut Context<'_>, other: u64) -> bool {
+        if !self.armed || other != self.other {
             let deadline = Instant::now() + self.timeout;
             match &mut self.sleep {
                 Some(s) => s.as_mut().reset(deadline),
                 None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
             self.armed = true;
+            self.other = other;
         }
         match &mut self.sleep {
             Some(s) => s.as_mut().poll(cx).is_ready(),
