@@ -206,10 +206,12 @@ pub struct Counted<B> {
     /// A request body keeps its client connection from awaiting the next head until it ends.
     busy: Option<Busy>,
     /// A response body's length as its head announced it (0 when it has none: HEAD, 204,
-    /// 304, or an empty body). Dropped at any other count before its end, the client did not
-    /// get all of it. hyper drops a body unpolled once it has written the announced length,
-    /// and an HTTP/2 origin's body does not say it ended until its END_STREAM arrives.
-    whole: Option<u64>,
+    /// 304, or an empty body; [`UNANNOUNCED`] when not known). Dropped at any other count
+    /// before its end, the client did not get all of it. hyper drops a body unpolled once it
+    /// has written the announced length, and an HTTP/2 origin's body does not say it ended
+    /// until its END_STREAM arrives. (A sentinel, not an `Option`: the body moves several
+    /// times per exchange.)
+    whole: u64,
 }
 
 impl<B> Counted<B> {
@@ -222,7 +224,7 @@ impl<B> Counted<B> {
             pending: None,
             idle: None,
             busy: None,
-            whole: None,
+            whole: UNANNOUNCED,
         }
     }
 
@@ -248,8 +250,8 @@ impl<B> Counted<B> {
         let idle = IdleTimer::new(pending.state.settings.proxy.body_timeout);
         // An empty body is never polled: its drop is its end.
         let whole = match inner.is_end_stream() {
-            true => Some(0),
-            false => announced,
+            true => 0,
+            false => announced.unwrap_or(UNANNOUNCED),
         };
         Counted {
             inner,
@@ -284,7 +286,7 @@ impl<B> Counted<B> {
 
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
-        let delivered = self.whole == Some(self.count);
+        let delivered = self.whole == self.count;
         if let Some(p) = self.pending.as_mut().filter(|_| !delivered) {
             // Not ended, failed or cut by us: hyper let go of it because the client went
             // away, stopped reading (`send_timeout`) or shutdown closed the connection. The
@@ -298,6 +300,9 @@ impl<B> Drop for Counted<B> {
         self.complete();
     }
 }
+
+/// [`Counted`]'s `whole` when the head announced no length.
+const UNANNOUNCED: u64 = u64::MAX;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -639,6 +639,8 @@ async fn forward(
             rec.status = parts.status.as_u16();
             let announced = match (method_was_head, parts.status.as_u16()) {
                 (true, _) | (_, 100..=199 | 204 | 304) => Some(0),
+                // Only an HTTP/2 body may be whole without having said so (see `Counted`).
+                _ if parts.version != Version::HTTP_2 => None,
                 _ => parts
                     .headers
                     .get(header::CONTENT_LENGTH)
