@@ -48,6 +48,10 @@ pub enum ProxyError {
     Misdirected(String),
     #[error("the request body stalled: no bytes from the client for body_timeout")]
     ClientBodyTimeout,
+    /// Same kind as [`ProxyError::ClientBodyTimeout`]: the client was too slow with its body,
+    /// here for the wait the rules allow, which a streaming upload can be inside of.
+    #[error("the part of the request body the rules read ([inspect] max_body) did not arrive within [inspect] timeout; refusing rather than forwarding it uninspected")]
+    InspectionTimeout,
     #[error("the response head from the origin is too large")]
     ResponseHeadTooLarge,
     #[error("the response body stalled: no bytes from the origin for body_timeout")]
@@ -102,7 +106,7 @@ impl ProxyError {
             ProxyError::ClientHello(e) => e.kind(),
             ProxyError::ClientHelloTimeout => "client_hello_timeout",
             ProxyError::Misdirected(_) => "misdirected",
-            ProxyError::ClientBodyTimeout => "client_body_timeout",
+            ProxyError::ClientBodyTimeout | ProxyError::InspectionTimeout => "client_body_timeout",
             ProxyError::ResponseHeadTooLarge => "response_head_too_large",
             ProxyError::UpstreamBodyTimeout => "body_timeout",
             ProxyError::UpstreamBody(_) => "upstream_body",
@@ -133,9 +137,9 @@ impl ProxyError {
             ProxyError::PortNotAllowed(_) | ProxyError::AddressDenied(_) => StatusCode::FORBIDDEN,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientHello(_) | ProxyError::ClientHelloTimeout => StatusCode::BAD_REQUEST,
-            ProxyError::ClientBodyTimeout | ProxyError::HeaderReadTimeout(_) => {
-                StatusCode::REQUEST_TIMEOUT
-            }
+            ProxyError::ClientBodyTimeout
+            | ProxyError::InspectionTimeout
+            | ProxyError::HeaderReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamBodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::AuditUnavailable | ProxyError::InspectionBusy => {
                 StatusCode::SERVICE_UNAVAILABLE

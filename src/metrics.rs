@@ -430,6 +430,7 @@ mod tests {
             ProxyError::ClientHelloTimeout,
             ProxyError::Misdirected("x".into()),
             ProxyError::ClientBodyTimeout,
+            ProxyError::InspectionTimeout,
             ProxyError::AuditUnavailable,
             ProxyError::InspectionBusy,
             ProxyError::ClientAborted,

@@ -593,4 +593,14 @@ async fn a_body_paused_past_the_inspection_wait_is_refused() {
     let (status, _) = within("the refusal", read_head(&mut s)).await;
     assert_eq!(status, 408);
     assert!(origin.requests().is_empty(), "nothing reached the origin");
+    // The answer names the wait that ran out: the rules', not `body_timeout`.
+    let mut body = Vec::new();
+    within("the body", s.read_to_end(&mut body))
+        .await
+        .expect("body");
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("[inspect] timeout"), "{body}");
+    let rec = proxy.audit_path("/v1/chat/completions?paused").await;
+    assert_eq!(rec["reason"], "client_body_timeout", "{rec}");
+    assert_eq!(rec["port"], 80, "{rec}");
 }

@@ -149,7 +149,7 @@ pub async fn inspect(
             // A client that pauses past the wait must not get the rest past the rules
             // uninspected: deciding on "what arrived" would let a secret sent after a pause
             // through. Refused (408) instead.
-            Err(_) => return Err(ProxyError::ClientBodyTimeout),
+            Err(_) => return Err(ProxyError::InspectionTimeout),
             Ok(None) => {
                 ended = true;
                 break;

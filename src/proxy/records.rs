@@ -131,7 +131,12 @@ pub fn rejected(
     let rec = Record {
         scheme,
         host,
-        port: port.unwrap_or(0),
+        // A port left out is the scheme's, as everywhere else in the log.
+        port: port.or(inside.map(|i| i.port)).unwrap_or(match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => 0,
+        }),
         path: uri.path_and_query().map(|p| redact_path(p.as_str())),
         vendor,
         user: inside
