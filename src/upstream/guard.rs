@@ -291,10 +291,16 @@ impl AddressGuard {
     /// addresses (a pod IP, a LAN address), which [`Self::check`] cannot know. A connection to
     /// one of them has the same address at both ends, as the kernel routes it to itself, and
     /// no other socket can hold the listener's port there: so that connection is to us.
+    ///
+    /// Whatever spelling was dialled, a connection whose far end is one of our listeners'
+    /// own addresses is to us, too.
     pub fn check_connected(&self, local: SocketAddr, peer: SocketAddr) -> Result<(), GuardDenied> {
         let ip = peer.ip().to_canonical();
-        let wildcard = |l: &SocketAddr| l.port() == peer.port() && l.ip().is_unspecified();
-        if local.ip().to_canonical() == ip && self.own.iter().any(wildcard) {
+        let ours = |l: &SocketAddr| {
+            l.port() == peer.port()
+                && (l.ip() == ip || (l.ip().is_unspecified() && local.ip().to_canonical() == ip))
+        };
+        if self.own.iter().any(ours) {
             return Err(GuardDenied {
                 addr: peer,
                 class: AddrClass::OwnListener,
@@ -312,8 +318,10 @@ impl AddressGuard {
         self.own.iter().any(|listener| {
             listener.port() == addr.port()
                 && (listener.ip() == ip
-                    || (listener.ip().is_unspecified()
-                        && (ip.is_loopback() || ip.is_unspecified())))
+                    // A dial to the unspecified address reaches this host, whichever of its
+                    // addresses the listener holds.
+                    || ip.is_unspecified()
+                    || (listener.ip().is_unspecified() && ip.is_loopback()))
         })
     }
 }
@@ -354,6 +362,38 @@ mod tests {
             .check_connected(pod(41000), v6("10.1.1.1", 3128))
             .is_ok());
         assert!(guard.check_connected(pod(41000), pod(8080)).is_ok());
+    }
+
+    /// A listener on one address, everything allowed: the unspecified address in any spelling
+    /// still reaches it (the kernel delivers a dial to 0.0.0.0 or :: locally), and so does
+    /// whatever lands on its own address.
+    #[test]
+    fn the_unspecified_address_reaches_a_listener_on_any_address() {
+        let guard = AddressGuard::new(
+            vec![net("0.0.0.0/0"), net("::/0")],
+            vec![sa("127.0.0.1:19090"), sa("10.0.0.7:3128")],
+        );
+        for dialled in [
+            "0.0.0.0:19090",
+            "[::]:19090",
+            "[::ffff:0.0.0.0]:19090",
+            "0.0.0.0:3128",
+        ] {
+            let denied = guard.check(sa(dialled)).unwrap_err();
+            assert_eq!(denied.class, OwnListener, "{dialled}");
+        }
+        assert!(guard.check(sa("0.0.0.0:8080")).is_ok());
+        assert!(guard.check(sa("127.0.0.2:19090")).is_ok());
+        let denied = guard
+            .check_connected(sa("127.0.0.1:41000"), sa("127.0.0.1:19090"))
+            .unwrap_err();
+        assert_eq!(denied.class, OwnListener);
+        assert!(guard
+            .check_connected(sa("10.0.0.7:41000"), sa("10.0.0.7:3128"))
+            .is_err());
+        assert!(guard
+            .check_connected(sa("127.0.0.1:41000"), sa("127.0.0.1:8080"))
+            .is_ok());
     }
 
     fn check_all(cases: &[(&str, AddrClass)]) {
