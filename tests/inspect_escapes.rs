@@ -651,3 +651,33 @@ async fn a_method_override_does_not_take_body_rules_out_of_play() {
     assert_not_inspectable(&proxy, &path("utf16"), &r).await;
     origin_saw_only(&origin, &[]);
 }
+
+/// A `model` named with a value too long for the scanner (or, in a form, not UTF-8) was taken
+/// for "no model", so `gpt-4o-` and 300 more bytes passed a `gpt-4o*` block. It cannot be
+/// vouched for, so it is refused where a model rule is in play.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_too_long_to_read_is_not_a_body_without_a_model() {
+    let (origin, proxy) = setup().await;
+    let long = format!(r#"{{"model":"gpt-4o-{}"}}"#, "x".repeat(300));
+    let r = chat(&proxy, "long-json", &long).await;
+    assert_not_inspectable(&proxy, &path("long-json"), &r).await;
+
+    let form = format!("model=gpt-4o-{}", "x".repeat(300)).into_bytes();
+    let p = "/v1/audio/transcriptions?long-form";
+    let r = post(&proxy, p, "application/x-www-form-urlencoded", form).await;
+    assert_not_inspectable(&proxy, p, &r).await;
+    let p = "/v1/audio/transcriptions?latin1-form";
+    let r = post(
+        &proxy,
+        p,
+        "application/x-www-form-urlencoded",
+        b"model=gpt-4o%FF".to_vec(),
+    )
+    .await;
+    assert_not_inspectable(&proxy, p, &r).await;
+
+    // A readable model still decides.
+    let r = chat(&proxy, "mini", r#"{"model":"gpt-4o-mini"}"#).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    origin_saw_only(&origin, &["mini"]);
+}

@@ -198,14 +198,14 @@ fn value(b: &[u8], i: usize) -> Option<Cow<'_, str>> {
     }
 }
 
-/// Whether the value at `i` is a string with a bad escape or raw control
-/// character in the part [`value`] reads: [`model`] then answers `None`,
-/// which must not pass for "no model named".
+/// Whether the value at `i` is a string [`value`] cannot read: a bad escape or raw control
+/// character, or longer than [`MAX_VALUE`]. [`model`] then answers `None`, which must not
+/// pass for "no model named": `gpt-4o-` and 300 more bytes is still a `gpt-4o*` model.
 fn bad_string(b: &[u8], i: usize) -> bool {
     b.get(i) == Some(&b'"')
         && matches!(
             decode(b, i + 1, &mut [0u8; MAX_VALUE]),
-            Err(DecodeError::Invalid)
+            Err(DecodeError::Invalid | DecodeError::Overflow)
         )
 }
 
@@ -508,6 +508,8 @@ pub fn form_model(body: &[u8], complete: bool) -> Field {
             Name::Model => {
                 out.named = true;
                 out.model = field_value(&percent_decode(value, true));
+                // Named, and not a value we can read (too long, not UTF-8): not "no model".
+                out.ambiguous = out.model.is_none();
             }
         }
     }
@@ -763,6 +765,7 @@ pub fn multipart_model(body: &[u8], boundary: &[u8], complete: bool) -> Field {
             Some(Name::Model) => {
                 out.named = true;
                 out.model = field_value(&body[content..end]);
+                out.ambiguous = out.model.is_none();
             }
             _ => {}
         }
@@ -815,6 +818,37 @@ mod tests {
         body.push_str(r#"],"model":"gpt-4.1"}"#);
         assert!(body.len() > 300_000);
         assert_eq!(m(&body).as_deref(), Some("gpt-4.1"));
+    }
+
+    /// A `model` named with a value the scanner cannot read is not a body without a model:
+    /// `gpt-4o-` and 300 more bytes would pass a `gpt-4o*` block as "no model".
+    #[test]
+    fn a_model_value_too_long_or_unreadable_is_ambiguous_not_absent() {
+        let long = format!(r#"{{"model":"gpt-4o-{}"}}"#, "x".repeat(300));
+        assert_eq!(m(&long), None);
+        assert!(model_ambiguous(long.as_bytes()));
+        let at_cap = format!(r#"{{"model":"{}"}}"#, "x".repeat(MAX_VALUE));
+        assert!(m(&at_cap).is_some());
+        assert!(!model_ambiguous(at_cap.as_bytes()));
+        // Cut off by the end of the prefix: unknown, which `partial` answers for, not wrong.
+        assert!(!model_ambiguous(br#"{"model":"gpt-4o"#));
+
+        let form = format!("model=gpt-4o-{}&x=1", "x".repeat(300));
+        let f = form_model(form.as_bytes(), true);
+        assert_eq!(
+            (f.named, f.model.as_deref(), f.ambiguous),
+            (true, None, true)
+        );
+        let f = form_model(b"model=gpt-4o%FF", true);
+        assert_eq!((f.named, f.ambiguous), (true, true));
+        let f = form_model(b"model=gpt-4o", true);
+        assert_eq!((f.model.as_deref(), f.ambiguous), (Some("gpt-4o"), false));
+        let multipart = format!(
+            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-{}\r\n--b--\r\n",
+            "x".repeat(300)
+        );
+        let f = multipart_model(multipart.as_bytes(), b"b", true);
+        assert_eq!((f.named, f.ambiguous), (true, true));
     }
 
     #[test]
@@ -1018,8 +1052,10 @@ mod tests {
         ] {
             assert!(!model_ambiguous(body.as_bytes()), "{body}");
         }
+        // Too long to read is not "no model": see
+        // `a_model_value_too_long_or_unreadable_is_ambiguous_not_absent`.
         let long = format!(r#"{{"model":"{}","a":1}}"#, "a".repeat(MAX_VALUE + 1));
-        assert!(!model_ambiguous(long.as_bytes()));
+        assert!(model_ambiguous(long.as_bytes()));
     }
 
     #[test]
@@ -1363,11 +1399,12 @@ mod tests {
         ] {
             assert_eq!(form(body), Field::default(), "{body}");
         }
-        // There, but not readable as a model: named, no value.
+        // There, but not readable as a model: named, no value, and not to be taken for a body
+        // that names none.
         let long = format!("model={}", "a".repeat(MAX_VALUE + 1));
         for body in [long.as_str(), "model=%ff"] {
             let f = form(body);
-            assert!(f.named && f.model.is_none() && !f.ambiguous, "{body}");
+            assert!(f.named && f.model.is_none() && f.ambiguous, "{body}");
         }
         // A name without `=` has the empty value.
         assert_eq!(form("model"), one(""));
