@@ -681,3 +681,33 @@ async fn a_model_too_long_to_read_is_not_a_body_without_a_model() {
     assert_eq!(r.status, 200, "{r:?}");
     origin_saw_only(&origin, &["mini"]);
 }
+
+/// A key pasted into `model` is refused by DLP like one anywhere in the body, and the audit
+/// record names the pattern, never the text: its `model` field is `[redacted]`, where it used
+/// to hold the key (lowercased).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_the_model_field_is_not_written_to_the_audit_log() {
+    let (origin, proxy) = setup().await;
+    for (tag, key) in [
+        (
+            "openai",
+            "sk-proj-ZQXmodelkeyabcdefghijklmnopqrstuvwxyz0123456789",
+        ),
+        ("aws", "AKIAIOSFODNN7EXAMPLE"),
+    ] {
+        let r = chat(&proxy, tag, &format!(r#"{{"model":"{key}"}}"#)).await;
+        assert_eq!(r.status, 403, "{tag}: {r:?}");
+        let rec = proxy.audit_path(&path(tag)).await;
+        assert_eq!(rec["model"], "[redacted]", "{rec}");
+        let log = proxy.audit_text().to_ascii_lowercase();
+        assert!(!log.contains(&key.to_ascii_lowercase()), "{tag}: {log}");
+    }
+    // A model name stays on record.
+    let r = chat(&proxy, "named", r#"{"model":"gpt-4o-mini"}"#).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        proxy.audit_path(&path("named")).await["model"],
+        "gpt-4o-mini"
+    );
+    origin_saw_only(&origin, &["named"]);
+}

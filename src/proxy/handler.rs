@@ -464,7 +464,10 @@ async fn forward(
         rec.sni = i.sni.clone();
     }
     if let Some(i) = &inspected {
-        rec.model = i.model.as_deref().map(Into::into);
+        rec.model = match i.model_is_secret {
+            true => Some("[redacted]".into()),
+            false => i.model.as_deref().map(Into::into),
+        };
         note_inspection(&policy, i, &d, &mut rec, overridden);
     }
 

@@ -33,6 +33,9 @@ use crate::policy::{
 pub struct Inspected {
     /// The body's `model` (the JSON body's top-level one, or a form's field), lowercased.
     pub model: Option<String>,
+    /// A DLP pattern matches the model value as sent (a key pasted there): rules still read
+    /// it, the audit record does not show it.
+    pub model_is_secret: bool,
     pub dlp: Hits,
     /// Bytes inspected.
     pub seen: usize,
@@ -216,7 +219,7 @@ pub async fn inspect(
         .or_else(|| inspect::unreadable(&prefix, declared.binary).map(Into::into));
     if ins.models {
         let complete = !out.partial;
-        read_model(&mut out, &prefix, &declared, complete);
+        read_model(&mut out, &prefix, &declared, complete, &ins.scanner);
     }
     let rest = (!ended).then_some(body);
     if !prefix.is_empty() {
@@ -228,8 +231,17 @@ pub async fn inspect(
 /// The body's model, from each reading its Content-Type allows: the JSON scanner always (a
 /// vendor may parse JSON whatever the type says), a form's `model` field when the type is
 /// a form. Two readings that disagree are ambiguous.
-fn read_model(out: &mut Inspected, prefix: &[u8], declared: &Declared, complete: bool) {
-    let mut found = model::model(prefix).map(|m| m.to_ascii_lowercase());
+fn read_model(
+    out: &mut Inspected,
+    prefix: &[u8],
+    declared: &Declared,
+    complete: bool,
+    scanner: &crate::inspect::dlp::Scanner,
+) {
+    let secret = |m: &str| !scanner.scan(m.as_bytes()).is_empty();
+    let json = model::model(prefix);
+    out.model_is_secret = json.as_deref().is_some_and(secret);
+    let mut found = json.map(|m| m.to_ascii_lowercase());
     let mut ambiguous = model::model_ambiguous(prefix);
     let forms = declared
         .form
@@ -243,6 +255,7 @@ fn read_model(out: &mut Inspected, prefix: &[u8], declared: &Declared, complete:
         );
     for f in forms {
         ambiguous |= f.ambiguous;
+        out.model_is_secret |= f.model.as_deref().is_some_and(secret);
         if let Some(m) = f.model.map(|m| m.to_ascii_lowercase()) {
             match &found {
                 Some(other) => ambiguous |= *other != m,
