@@ -610,7 +610,8 @@ mod tests {
 
     fn read(ct: &[&str], body: &[u8], complete: bool) -> (Option<String>, bool) {
         let mut out = Inspected::default();
-        read_model(&mut out, body, &declared(&headers(ct)), complete);
+        let scanner = crate::inspect::dlp::Scanner::new(&[]).expect("built-in patterns");
+        read_model(&mut out, body, &declared(&headers(ct)), complete, &scanner);
         (out.model, out.ambiguous)
     }
 
