@@ -281,15 +281,101 @@ fn is_secret_name(name: &[u8]) -> bool {
     })
 }
 
-/// The path and query for the log, with credential-bearing query values replaced. Parameters
+/// How vendors' API keys and tokens begin, as issued: one of them as a whole path segment
+/// (`/v1/keys/sk-…`) is a credential whatever the path around it.
+const KEY_PREFIXES: [&str; 22] = [
+    "sk-",
+    "sk_live_",
+    "rk_live_",
+    "AIza",
+    "AKIA",
+    "ASIA",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "xoxa-",
+    "hf_",
+    "gsk_",
+    "pplx-",
+    "r8_",
+    "nvapi-",
+    "xai-",
+];
+
+/// Shorter segments are names, not keys (`sk-` alone, a model id).
+const MIN_KEY_LEN: usize = 20;
+
+/// Whether a path segment is a credential by its shape: a vendor key (see [`KEY_PREFIXES`]),
+/// or Telegram's `bot<id>:<token>`.
+fn secret_segment(seg: &str) -> bool {
+    if seg.len() < MIN_KEY_LEN {
+        return false;
+    }
+    if let Some(rest) = seg.strip_prefix("bot") {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && rest.as_bytes().get(digits) == Some(&b':') {
+            return true;
+        }
+    }
+    KEY_PREFIXES.iter().any(|p| seg.starts_with(p))
+}
+
+/// The path (no query) for the log: segments that are credentials by their shape replaced,
+/// and `;name=value` segment parameters (which servlet containers read) redacted by name
+/// as query parameters are. Borrowed back when there is nothing to hide.
+fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
+    let hides = |seg: &str| {
+        let (bare, params) = seg.split_once(';').unwrap_or((seg, ""));
+        secret_segment(bare)
+            || params.split(';').any(|p| {
+                p.split_once('=')
+                    .is_some_and(|(name, _)| is_secret_name(name.as_bytes()))
+            })
+    };
+    if !path.split('/').any(hides) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let (bare, params) = match seg.split_once(';') {
+            Some((b, p)) => (b, Some(p)),
+            None => (seg, None),
+        };
+        out.push_str(if secret_segment(bare) { REDACTED } else { bare });
+        for p in params.into_iter().flat_map(|p| p.split(';')) {
+            out.push(';');
+            match p.split_once('=') {
+                Some((name, _)) if is_secret_name(name.as_bytes()) => {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(REDACTED);
+                }
+                _ => out.push_str(p),
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The path and query for the log, with credentials replaced: query values by their
+/// parameter's name, path segments by their shape (see [`redact_segments`]). Parameters
 /// are separated by `&` or `;` (both are read as separators by common servers); names and
 /// separators are kept as they came.
 pub fn redact_path(path_and_query: &str) -> Box<str> {
     let Some((path, query)) = path_and_query.split_once('?') else {
-        return path_and_query.into();
+        return redact_segments(path_and_query).into();
     };
     let mut out = String::with_capacity(path_and_query.len());
-    out.push_str(path);
+    out.push_str(&redact_segments(path));
     out.push('?');
     let mut rest = query;
     loop {
@@ -1240,6 +1326,35 @@ mod tests {
     #[test]
     fn semicolons_separate_parameters_and_are_kept() {
         assert_eq!(&*redact_path("/p?a=1;key=S"), "/p?a=1;key=REDACTED");
+        // Keys in the path, by their shape; segment parameters by their name.
+        for (sent, logged) in [
+            (
+                "/v1/keys/sk-proj-ZQXpath0123456789abc/x",
+                "/v1/keys/REDACTED/x",
+            ),
+            ("/v1/m/AIzaSyZQXpath02abcdefghij", "/v1/m/REDACTED"),
+            ("/bot123456:ZQXtelegram03abcdef/getMe", "/REDACTED/getMe"),
+            (
+                "/app;jsessionid=ABC123;lang=en/x?q=1",
+                "/app;jsessionid=REDACTED;lang=en/x?q=1",
+            ),
+            ("/x;key=S", "/x;key=REDACTED"),
+            // Names, not keys: short, or not a key's beginning.
+            (
+                "/v1/models/gpt-4o-mini-2024-07-18",
+                "/v1/models/gpt-4o-mini-2024-07-18",
+            ),
+            ("/v1/sk-short", "/v1/sk-short"),
+            (
+                "/botanical-garden-images-2024:x",
+                "/botanical-garden-images-2024:x",
+            ),
+            ("/a;b;c=d", "/a;b;c=d"),
+            ("", ""),
+            ("/", "/"),
+        ] {
+            assert_eq!(&*redact_path(sent), logged, "{sent}");
+        }
         assert_eq!(&*redact_path("/p?key=S;a=1"), "/p?key=REDACTED;a=1");
         assert_eq!(&*redact_path("/p?a=1;b=2&c=3"), "/p?a=1;b=2&c=3");
         assert_eq!(&*redact_path("/p?;;&"), "/p?;;&");

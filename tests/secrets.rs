@@ -304,3 +304,35 @@ async fn query_credentials_are_redacted_in_the_audit_path() {
     // The origin still got the credentials: redaction is for the log only.
     assert_eq!(origin.requests().last().unwrap().uri, path);
 }
+
+/// Keys sent in the path itself (a key-management endpoint, Telegram-style `bot<id>:<token>`
+/// URLs, `;jsessionid=` segment parameters) reach the origin as sent and the audit `path`
+/// without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_credentials_are_redacted_in_the_audit_path() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    for (sent, logged, secret) in [
+        (
+            "/v1/keys/sk-proj-ZQXpath0123456789abcdef/usage",
+            "/v1/keys/REDACTED/usage",
+            "ZQXpath0123456789abcdef",
+        ),
+        (
+            "/bot123456:ZQXtelegram03abc/getMe",
+            "/REDACTED/getMe",
+            "ZQXtelegram03abc",
+        ),
+        (
+            "/v1/files;jsessionid=ZQXsess04/x",
+            "/v1/files;jsessionid=REDACTED/x",
+            "ZQXsess04",
+        ),
+    ] {
+        let r = fetch(proxy.client().get(format!("http://api.openai.com{sent}"))).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(origin.requests().last().unwrap().uri, sent);
+        proxy.audit_path(logged).await;
+        assert!(!proxy.audit_text().contains(secret), "{secret}");
+    }
+}
