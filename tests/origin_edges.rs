@@ -133,8 +133,9 @@ async fn a_response_transfer_coding_besides_chunked_is_a_502() {
     }
 }
 
-/// The proxy forwards no `Upgrade`, so a 101 is an origin switching protocols unasked: the
-/// bytes after it are not HTTP, and the client gets a 502 rather than a bare 101.
+/// The proxy forwards no `Upgrade` but a WebSocket handshake's (`tests/websocket.rs`), so a 101
+/// to any other request (here one asking for h2c) is an origin switching protocols unasked:
+/// the bytes after it are not HTTP, and the client gets a 502 rather than a bare 101.
 #[tokio::test]
 async fn an_unasked_protocol_switch_is_a_502() {
     let (addr, _done) = origin(|mut s, _, _| async move {
@@ -151,7 +152,7 @@ async fn an_unasked_protocol_switch_is_a_502() {
         proxy
             .client()
             .get("http://api.openai.com/v1/realtime")
-            .header("upgrade", "websocket")
+            .header("upgrade", "h2c")
             .header("connection", "upgrade"),
     )
     .await;

@@ -169,3 +169,47 @@ async fn an_answer_cut_by_shutdown_ends_in_a_reset() {
     assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
     origin.release();
 }
+
+/// A tunnel where nothing moves is closed once the grace period runs out, and the binary exits:
+/// its watcher, woken by the drain first, must still see the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tunnel_is_closed_when_the_grace_runs_out() {
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .resolve("echo.test:443", addr)
+            .loopback()
+            .proxy("tunnel_require_tls = false")
+            .proxy("shutdown_grace = \"1s\""),
+    )
+    .await;
+    let (status, _, mut s) = raw_connect(proxy.addr, "echo.test:443", &[]).await;
+    assert_eq!(status, 200);
+    let hello = b"not TLS, and then silence\r\n";
+    s.write_all(hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    let status = proxy.stop().await.expect("the binary's exit status");
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(read_until_closed(&mut s).await, 0);
+    let rec = proxy.audit_connect("echo.test").await;
+    assert_eq!(rec["action"], "allow", "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("closed: shutdown"),
+        "{rec}"
+    );
+}

@@ -305,7 +305,7 @@ async fn forward(
     peer: Peer,
     inside: Option<&Arc<Inside>>,
     stream_slot: Option<super::per_client::ClientSlot>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let html = respond::wants_html(req.headers());
@@ -319,6 +319,9 @@ async fn forward(
     if let Err(e) = state.audit_admits() {
         return respond::error(&e, realm, html);
     }
+    // Asked before the target is read (`ws://` is decided as `http://`) and before `Upgrade`
+    // is stripped as hop-by-hop.
+    let websocket = super::upgrade::Websocket::asked(&mut req);
 
     let target = match target_of(&req, inside.map(|i| &**i)) {
         Ok(t) => t,
@@ -563,8 +566,14 @@ async fn forward(
         start,
         uploaded: &uploaded,
     };
-    let result = match target.scheme {
-        Scheme::Http => {
+    let result = match (websocket, target.scheme) {
+        (Some(ws), _) => {
+            drop(body);
+            let uri = respelled.as_ref().unwrap_or(&uri_in);
+            // Boxed: rare, and large beside the request future moved on every request.
+            Box::pin(ws.handshake(&state, &target, parts, uri, timeout)).await
+        }
+        (None, Scheme::Http) => {
             // One HTTP/1.1 hop to the origin: origin-form.
             parts.uri = match respelled.as_ref().unwrap_or(&uri_in).path_and_query() {
                 Some(pq) => Uri::from(pq.clone()),
@@ -593,7 +602,7 @@ async fn forward(
                 }
             }
         }
-        Scheme::Https => {
+        (None, Scheme::Https) => {
             parts.uri = respelled.unwrap_or(uri_in);
             let upstream_req = Request::from_parts(parts, body);
             let client = inside.map_or(&state.client, |i| &i.client);
@@ -605,6 +614,20 @@ async fn forward(
         }
     };
     let mut rec = in_flight.disarm();
+    let result = match result {
+        Ok((resp, _)) if super::upgrade::switched(&resp) => {
+            let open = super::upgrade::Open {
+                state,
+                rec,
+                start,
+                permits,
+                meter,
+                stream_slot,
+            };
+            return super::upgrade::relay(resp, open);
+        }
+        other => other,
+    };
     let result = result.and_then(|(mut resp, lease)| match unrelayable(&mut resp) {
         // Dropping the lease closes the connection: what follows on it cannot be framed.
         Some(e) => Err(e),
@@ -685,7 +708,8 @@ async fn answered<F: std::future::Future>(
 /// - a transfer coding besides `chunked` (`gzip`): hyper takes off only the chunked framing, and
 ///   removing the field as hop-by-hop would hand the client compressed bytes labelled as plain.
 ///   Requests get a 501 for the same; a response gets a 502;
-/// - `101 Switching Protocols`: the proxy forwards no `Upgrade`, so it never asked for one;
+/// - `101 Switching Protocols` to a request that did not ask for a WebSocket: the proxy forwards
+///   no other `Upgrade`, so it never asked for one;
 /// - a head over the size limit that hyper's client let through (see
 ///   [`crate::upstream::head_too_large`]; the direct exchange checks its own as it parses).
 ///

@@ -143,7 +143,8 @@ where
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes.max(8192))
             .keep_alive(true);
-        drive!(b.serve_connection(io, service))
+        // A WebSocket handshake takes the connection over (see `upgrade`).
+        drive!(b.serve_connection(io, service).with_upgrades())
     }
 }
 

@@ -22,6 +22,7 @@ pub mod server;
 pub mod shutdown;
 pub mod splice;
 pub mod stall;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;

@@ -70,7 +70,7 @@ impl Signal {
     ///
     /// A connection task polls this every time it wakes, twice a request, and polling the
     /// watch takes the lock of its waiter list each time. So the watch is polled once, which
-    /// registers the task's waker, and again only once the phase word has moved on.
+    /// registers the task's waker, and again only once the phase word has moved since.
     pub fn past(&mut self, seen: Phase) -> impl Future<Output = Phase> + '_ {
         let Signal(rx, now) = self;
         let changed = async move {
@@ -82,8 +82,7 @@ impl Signal {
         Gated {
             changed,
             now,
-            seen: seen as u8,
-            polled: false,
+            registered_at: None,
         }
     }
 
@@ -99,8 +98,8 @@ pin_project_lite::pin_project! {
         #[pin]
         changed: F,
         now: &'a AtomicU8,
-        seen: u8,
-        polled: bool,
+        // The word when the watch last took this task's waker.
+        registered_at: Option<u8>,
     }
 }
 
@@ -110,13 +109,16 @@ impl<F: Future<Output = Phase>> Future for Gated<'_, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Phase> {
         let this = self.project();
         // Once polled, the watch holds this task's waker (a task's waker does not change) and
-        // wakes it when the phase moves, after the word is stored.
-        if *this.polled && this.now.load(Ordering::Acquire) <= *this.seen {
+        // wakes it when the phase moves, after the word is stored. That wake-up uses the
+        // registration up: a move that is not yet past `seen` (draining, for `stopping()`)
+        // must poll the watch again, or the next move would wake nobody.
+        let now = this.now.load(Ordering::Acquire);
+        if *this.registered_at == Some(now) {
             return Poll::Pending;
         }
         // Out of cooperative budget the watch registers nothing (and has the task polled
         // again): only a poll with budget left counts.
-        *this.polled = tokio::task::coop::has_budget_remaining();
+        *this.registered_at = tokio::task::coop::has_budget_remaining().then_some(now);
         this.changed.poll(cx)
     }
 }
@@ -210,6 +212,21 @@ mod tests {
             .unwrap();
         assert_eq!(seen, [Phase::Serving, Phase::Draining, Phase::Stopping]);
         assert!(ticks > 2, "the task woke for its ticks too ({ticks})");
+
+        // Waiting for stopping from the start, with nothing else to wake the task: draining
+        // wakes it first, and stopping must still reach it (a silent tunnel's watcher).
+        let shutdown = Shutdown::default();
+        let mut signal = shutdown.signal();
+        let watcher = tokio::spawn(async move { signal.stopping().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        shutdown.start_drain();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!watcher.is_finished(), "draining is not stopping");
+        shutdown.stop_now();
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("stopping reached a task that draining woke first")
+            .unwrap();
 
         let shutdown = Shutdown::default();
         let mut signal = shutdown.signal();

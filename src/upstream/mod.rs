@@ -25,16 +25,23 @@ pub struct Upstream {
     guard: AddressGuard,
     connect_timeout: Duration,
     pub tls: Arc<rustls::ClientConfig>,
+    /// The same trust, offering only `http/1.1`: a protocol upgrade (WebSocket) exists only
+    /// in HTTP/1.1, and an origin that picked h2 could not be asked for one.
+    pub tls_h1: Arc<rustls::ClientConfig>,
 }
 
 impl Upstream {
     /// `own` = the proxy's listener addresses, never dialled.
     pub fn new(s: &UpstreamSettings, own: Vec<SocketAddr>) -> Result<Upstream, String> {
+        let tls = client_tls(s.ca_file.as_deref(), &[b"h2", b"http/1.1"])?;
+        let mut tls_h1 = tls.clone();
+        tls_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Upstream {
             overrides: s.resolve.clone(),
             guard: AddressGuard::new(s.allow_private.clone(), own),
             connect_timeout: s.connect_timeout,
-            tls: Arc::new(client_tls(s.ca_file.as_deref(), &[b"h2", b"http/1.1"])?),
+            tls: Arc::new(tls),
+            tls_h1: Arc::new(tls_h1),
         })
     }
 

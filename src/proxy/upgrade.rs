@@ -1,0 +1,383 @@
+//! WebSocket through the proxy (RFC 6455): `ws://` in absolute form on the plain listener, and
+//! `wss://` inside an intercepted tunnel (an opaque CONNECT tunnel carries it untouched).
+//!
+//! Why a path of its own: `Upgrade` and `Connection` are hop-by-hop, so the usual path strips
+//! them and the origin sees a plain GET; and the `https` pool may carry the request over HTTP/2,
+//! where no upgrade exists. So a handshake, once the policy has let it through exactly as any
+//! request (decision, limits, keys, tenant checks), goes upstream on a connection of its own,
+//! HTTP/1.1 only, through the same address guard, resolve overrides and certificate checks,
+//! with the upgrade asked for again. On the origin's `101` the client is answered `101` and the
+//! two upgraded connections are spliced as a tunnel is, under the same idle timeout and
+//! shutdown; the exchange's one audit record is written when the WebSocket closes, with the
+//! bytes relayed each way. Any other answer goes back as an ordinary response. Only
+//! `websocket` is relayed: other upgrades (`h2c`) stay stripped.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsConnector;
+
+use super::activity::Activity;
+use super::body::{OriginBody, ProxyBody, UpstreamLease};
+use super::hop_by_hop::{append_via, strip_hop_by_hop};
+use super::limit::ByteMeter;
+use super::on_wake::OnWake;
+use super::per_client::ClientSlot;
+use super::State;
+use crate::audit::Record;
+use crate::error::ProxyError;
+use crate::limits::Permit;
+use crate::policy::{Scheme, Target};
+use crate::upstream::connector::{server_name, MaybeTls};
+
+/// How long a WebSocket one side has closed waits for the other while nothing moves: the close
+/// handshake is one frame each way, then the server closes.
+const HALF_CLOSED_IDLE: Duration = Duration::from_secs(5);
+
+/// A request that asks to switch to WebSocket, holding the client's side of the upgrade.
+pub struct Websocket {
+    client: OnUpgrade,
+}
+
+/// Marks an origin's `101` to a WebSocket handshake, carrying the client's side of it.
+#[derive(Clone)]
+struct Switched(OnUpgrade);
+
+impl Websocket {
+    /// `Some` for an HTTP/1.1 `GET` with `Upgrade: websocket` and `Connection: upgrade` (RFC
+    /// 6455 §4.1; tokens in any case, among others) and no body. A `ws://` or `wss://` target
+    /// becomes the `http://` or `https://` it stands for (RFC 6455 §3), so it is decided,
+    /// recorded and forwarded as that.
+    pub fn asked(req: &mut Request<Incoming>) -> Option<Websocket> {
+        // hyper gives only HTTP/1.1 requests naming `Upgrade` (and CONNECTs) an upgrade to
+        // take: looking for it first keeps the header lookups off every other request.
+        if req.method() != Method::GET || req.extensions().get::<OnUpgrade>().is_none() {
+            return None;
+        }
+        let h = req.headers();
+        if req.version() != Version::HTTP_11
+            || !has_token(h, &header::UPGRADE, "websocket")
+            || !has_token(h, &header::CONNECTION, "upgrade")
+            || !http_body::Body::is_end_stream(req.body())
+        {
+            return None;
+        }
+        let client = req.extensions_mut().remove::<OnUpgrade>()?;
+        let scheme = match req.uri().scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("ws") => Some(http::uri::Scheme::HTTP),
+            Some(s) if s.eq_ignore_ascii_case("wss") => Some(http::uri::Scheme::HTTPS),
+            _ => None,
+        };
+        if let Some(scheme) = scheme {
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = Some(scheme);
+            // Only the scheme changed, so this cannot fail; if it did, the empty URI left
+            // is refused as not a proxy request.
+            *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+        }
+        Some(Websocket { client })
+    }
+
+    /// Sends the handshake (the client's request after hop-by-hop stripping, Host set) to
+    /// `target` on a new HTTP/1.1 connection, asking for the upgrade again. The answer is
+    /// handed back as the pools' are; a `101` is marked for [`relay`].
+    pub async fn handshake(
+        self,
+        state: &State,
+        target: &Target,
+        mut parts: Parts,
+        uri: &Uri,
+        timeout: Duration,
+    ) -> Result<(Response<OriginBody>, Option<UpstreamLease>), ProxyError> {
+        parts.uri = match uri.path_and_query() {
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        };
+        parts.version = Version::HTTP_11;
+        // Nothing of the client connection's (its upgrade, its busy mark) goes to the origin's.
+        parts.extensions = http::Extensions::new();
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let req = Request::from_parts(parts, Empty::<Bytes>::new());
+
+        let upstream = &state.upstream;
+        let (tcp, _) = upstream.connect(&target.host, target.port).await?;
+        let exchange = async {
+            let io = match target.scheme {
+                Scheme::Http => MaybeTls::Plain(tcp),
+                Scheme::Https => {
+                    let tls = TlsConnector::from(upstream.tls_h1.clone())
+                        .connect(server_name(&target.host)?, tcp)
+                        .await
+                        .map_err(|e| ProxyError::Tls(e.to_string()))?;
+                    MaybeTls::Tls(Box::new(tls))
+                }
+            };
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| crate::upstream::hyper_error(&e))?;
+            // Ends once it hands the connection over (101), or once the answer's body has
+            // been read and `tx` is gone.
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            tx.send_request(req)
+                .await
+                .map_err(|e| crate::upstream::hyper_error(&e))
+        };
+        let mut resp = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout)??;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if !has_token(resp.headers(), &header::UPGRADE, "websocket") {
+                return Err(ProxyError::Upstream(
+                    "the origin switched to another protocol than the websocket asked for".into(),
+                ));
+            }
+            resp.extensions_mut().insert(Switched(self.client));
+        }
+        Ok((resp.map(Either::Left), None))
+    }
+}
+
+/// Whether `resp` is an origin's `101` to a WebSocket handshake (see [`relay`]).
+pub fn switched(resp: &Response<OriginBody>) -> bool {
+    resp.extensions().get::<Switched>().is_some()
+}
+
+/// What an exchange holds until its WebSocket closes.
+pub struct Open {
+    pub state: Arc<State>,
+    pub rec: Box<Record>,
+    pub start: Instant,
+    /// In-flight slots of `concurrent` limits: an open WebSocket holds them as a tunnel does.
+    pub permits: Vec<Permit>,
+    /// Byte limits, charged both ways as a tunnel's are.
+    pub meter: Option<ByteMeter>,
+    /// Inside an intercepted tunnel, the client's slot for requests in flight.
+    pub stream_slot: Option<ClientSlot>,
+}
+
+/// Answers the client `101` with the origin's fields (hop-by-hop ones stripped, the upgrade's
+/// restored) and relays the two upgraded connections in a task of their own, which writes the
+/// exchange's record when the WebSocket closes.
+pub fn relay(mut resp: Response<OriginBody>, mut open: Open) -> Response<ProxyBody> {
+    // Unmarked (not a `switched` answer), the client's side is an upgrade that never comes,
+    // and the relay ends at once as `upgrade_failed`.
+    let client = match resp.extensions_mut().remove::<Switched>() {
+        Some(Switched(c)) => c,
+        None => hyper::upgrade::on(Response::new(())),
+    };
+    let origin = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // What follows a 101 is the new protocol's, not a body of this length.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    append_via(&mut parts.headers);
+    open.rec.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    // Taken now: shutdown waits for this record even before the task first runs.
+    let token = open.state.shutdown.token();
+    tokio::spawn(open.run(token, client, origin));
+    let mut answer = Response::new(Either::Left(Full::default()));
+    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *answer.headers_mut() = parts.headers;
+    answer
+}
+
+impl Open {
+    async fn run(mut self, _token: super::shutdown::Token, client: OnUpgrade, origin: OnUpgrade) {
+        let state = self.state.clone();
+        let mut shutdown = state.shutdown_signal();
+        let idle = state.settings.proxy.idle_timeout;
+        let stats = Stats {
+            out: AtomicU64::new(0),
+            inn: AtomicU64::new(0),
+            activity: Activity::new(Instant::now()),
+        };
+        let mut meter = self.meter.take();
+        let reason = {
+            let relayed = async {
+                // The client's side is ready once hyper has written our 101.
+                let (client, origin) =
+                    tokio::try_join!(client, origin).map_err(|e| format!("upgrade_failed: {e}"))?;
+                let mut client = TokioIo::new(client);
+                let mut origin = Counting {
+                    inner: TokioIo::new(origin),
+                    stats: &stats,
+                    meter: meter.as_mut(),
+                };
+                let half_closed = idle.min(HALF_CLOSED_IDLE);
+                super::splice::splice(&mut client, &mut origin, 16 * 1024, half_closed)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("websocket_error: {e}"))
+            };
+            // Polled only when they woke the task, not on each of the copy's wake-ups.
+            let watchers = OnWake::new(async {
+                tokio::select! {
+                    _ = stats.activity.idle(idle) => "idle_timeout",
+                    _ = shutdown.stopping() => "shutdown",
+                }
+            });
+            tokio::select! {
+                r = relayed => r.err(),
+                why = watchers => Some(why.to_string()),
+            }
+        };
+        let rec = &mut self.rec;
+        rec.bytes_out = stats.out.load(Ordering::Relaxed);
+        rec.bytes_in = stats.inn.load(Ordering::Relaxed);
+        let reason = match meter.as_ref().filter(|m| m.over()) {
+            Some(m) => {
+                let vendor = rec.vendor.as_deref().unwrap_or("none");
+                let rule = rec.rule.as_deref().unwrap_or("default");
+                state
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&[vendor, rule])
+                    .inc();
+                rec.action = "limit";
+                Some(format!(
+                    "byte_limit_exceeded: {}",
+                    m.tripped().as_deref().unwrap_or("bytes")
+                ))
+            }
+            None => reason,
+        };
+        if let Some(m) = &mut meter {
+            m.flush();
+        }
+        if let Some(r) = reason {
+            rec.reason = format!("{}; closed: {r}", rec.reason).into();
+        }
+        let Open {
+            rec,
+            start,
+            permits,
+            stream_slot,
+            ..
+        } = self;
+        state.finish(rec, start);
+        drop((permits, stream_slot));
+    }
+}
+
+/// Whether any of `name`'s fields lists `token` (comma-separated, any case).
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Bytes relayed each way and when they last moved, shared with the idle watchdog.
+struct Stats {
+    out: AtomicU64,
+    inn: AtomicU64,
+    activity: Activity,
+}
+
+/// The origin's side of the relay: what is written to it went client→origin (`bytes_out`),
+/// what is read from it origin→client (`bytes_in`). Once a byte limit is overdrawn every read
+/// and write fails, which ends the relay.
+struct Counting<'a, S> {
+    inner: S,
+    stats: &'a Stats,
+    meter: Option<&'a mut ByteMeter>,
+}
+
+impl<S> Counting<'_, S> {
+    fn moved(&mut self, n: usize, count: fn(&Stats) -> &AtomicU64) -> io::Result<()> {
+        count(self.stats).fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.activity.touch();
+        if let Some(m) = &mut self.meter {
+            m.add(n as u64);
+            if m.over() {
+                return Err(io::Error::other("byte limit exceeded"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.moved(n, |s| &s.inn)?;
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.moved(*n, |s| &s.out)?;
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_found_in_lists_and_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.append(header::CONNECTION, "Keep-Alive ,  UPGRADE".parse().unwrap());
+        h.insert(header::UPGRADE, "WebSocket".parse().unwrap());
+        assert!(has_token(&h, &header::CONNECTION, "upgrade"));
+        assert!(has_token(&h, &header::UPGRADE, "websocket"));
+        h.insert(header::UPGRADE, "h2c".parse().unwrap());
+        assert!(!has_token(&h, &header::UPGRADE, "websocket"));
+        h.insert(header::UPGRADE, "websocketx, h2c".parse().unwrap());
+        assert!(!has_token(&h, &header::UPGRADE, "websocket"));
+    }
+}
