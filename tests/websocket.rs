@@ -570,6 +570,59 @@ async fn shutdown_closes_an_open_websocket_and_writes_its_record() {
     );
 }
 
+/// A reload decides open WebSockets again, as it does opaque tunnels: one that blocks the
+/// vendor closes its Realtime-style sessions, and the record says why. An unrelated change
+/// leaves them open.
+#[tokio::test]
+async fn a_reload_that_blocks_the_vendor_closes_its_open_websockets() {
+    let origin = WsOrigin::plain().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let (status, head, s) = handshake(proxy.addr, "ws://api.openai.com/realtime", &[]).await;
+    assert_eq!(status, 101, "{head}");
+    let mut ws = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+    assert_eq!(next_data(&mut ws).await, Message::text(GREETING));
+
+    let rule = |id: &str, vendor: &str| {
+        format!("\n[[rule]]\nid = \"{id}\"\nvendor = \"{vendor}\"\naction = \"block\"\n")
+    };
+    assert_eq!(
+        proxy
+            .reload_edited(|t| t + &rule("no-claude", "anthropic"))
+            .await,
+        200
+    );
+    ws.send(Message::text("still open")).await.expect("send");
+    assert_eq!(next_data(&mut ws).await, Message::text("still open"));
+
+    assert_eq!(
+        proxy
+            .reload_edited(|t| t + &rule("no-openai", "openai"))
+            .await,
+        200
+    );
+    within("the websocket to be closed", async {
+        while let Some(m) = ws.next().await {
+            if m.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let rec = only_record(&proxy, "/realtime").await;
+    assert_eq!(
+        (rec["action"].as_str(), rec["rule"].as_str()),
+        (Some("block"), Some("no-openai")),
+        "{rec}"
+    );
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("closed: policy_reloaded"),
+        "{rec}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // wss:// inside an intercepted tunnel
 

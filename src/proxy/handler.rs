@@ -336,7 +336,7 @@ async fn forward(
     }
     // The slow paths (a bcrypt check, reading a body prefix) are boxed so that the request
     // future, built and moved on every request, stays small when they do not run.
-    let user = match inside.map(|i| &i.user) {
+    let login = match inside.map(|i| &i.user) {
         // Proven on the CONNECT; the user file may have changed since.
         Some(Some(u)) if !still_authorised(&state, u) => {
             let e = ProxyError::AuthRequired;
@@ -348,16 +348,17 @@ async fn forward(
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return resp;
         }
-        Some(u) => u.as_ref().map(|u| u.name().to_owned()),
+        Some(u) => u.clone(),
         None if state.auth.is_none() => None,
         None => match Box::pin(authenticate(&state, peer.addr.ip(), req.headers())).await {
-            Ok(u) => u.map(ProxyUser::into_name),
+            Ok(u) => u,
             Err(e) => {
                 rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
                 return respond::error(&e, realm, html);
             }
         },
     };
+    let user = login.as_ref().map(|u| u.name().to_owned());
 
     let policy = state.policy.load_full();
     let (mut parts, body) = req.into_parts();
@@ -566,6 +567,14 @@ async fn forward(
         start,
         uploaded: &uploaded,
     };
+    // What a reload decides an open WebSocket on again (built only for a handshake).
+    let recheck = websocket.as_ref().map(|_| super::upgrade::Recheck {
+        client: peer.addr.ip(),
+        login: login.clone(),
+        host: target.host.clone(),
+        port: target.port,
+        path: path_q.into(),
+    });
     let result = match (websocket, target.scheme) {
         (Some(ws), _) => {
             drop(body);
@@ -614,8 +623,8 @@ async fn forward(
         }
     };
     let mut rec = in_flight.disarm();
-    let result = match result {
-        Ok((resp, _)) if super::upgrade::switched(&resp) => {
+    let result = match (result, recheck) {
+        (Ok((resp, _)), Some(recheck)) if super::upgrade::switched(&resp) => {
             let open = super::upgrade::Open {
                 state,
                 rec,
@@ -623,10 +632,11 @@ async fn forward(
                 permits,
                 meter,
                 stream_slot,
+                recheck,
             };
             return super::upgrade::relay(resp, open);
         }
-        other => other,
+        (other, _) => other,
     };
     let result = result.and_then(|(mut resp, lease)| match unrelayable(&mut resp) {
         // Dropping the lease closes the connection: what follows on it cannot be framed.

@@ -13,6 +13,7 @@
 //! `websocket` is relayed: other upgrades (`h2c`) stay stripped.
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use tokio_rustls::TlsConnector;
 
 use super::activity::Activity;
 use super::body::{OriginBody, ProxyBody, UpstreamLease};
+use super::handler::still_authorised;
 use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::limit::ByteMeter;
 use super::on_wake::OnWake;
@@ -39,8 +41,9 @@ use super::per_client::ClientSlot;
 use super::State;
 use crate::audit::Record;
 use crate::error::ProxyError;
+use crate::identity::ProxyUser;
 use crate::limits::Permit;
-use crate::policy::{Scheme, Target};
+use crate::policy::{Action, Host, Scheme, Target};
 use crate::upstream::connector::{server_name, MaybeTls};
 
 /// How long a WebSocket one side has closed waits for the other while nothing moves: the close
@@ -173,6 +176,43 @@ pub struct Open {
     pub meter: Option<ByteMeter>,
     /// Inside an intercepted tunnel, the client's slot for requests in flight.
     pub stream_slot: Option<ClientSlot>,
+    /// What a reload decides the open WebSocket on again.
+    pub recheck: Recheck,
+}
+
+/// The handshake as the policy saw it. A reload decides an open WebSocket on it again, as it
+/// does an opaque tunnel: a Realtime session must not outlive a block rolled out meanwhile,
+/// nor the proxy user who opened it.
+pub struct Recheck {
+    pub client: IpAddr,
+    pub login: Option<ProxyUser>,
+    pub host: Host,
+    pub port: u16,
+    pub path: Box<str>,
+}
+
+impl Recheck {
+    /// `Some((reason, rule))` when the policy and users as they are now refuse the handshake.
+    fn refused(&self, state: &State) -> Option<(String, Option<Arc<str>>)> {
+        if let Some(u) = self.login.as_ref().filter(|u| !still_authorised(state, u)) {
+            tracing::debug!(
+                user = u.name(),
+                "websocket's proxy user no longer in the user file"
+            );
+            return Some(("proxy_user_revoked".into(), None));
+        }
+        let policy = state.policy.load();
+        let d = policy.decide(&crate::policy::Request {
+            client: self.client,
+            user: self.login.as_ref().map(ProxyUser::name),
+            method: &Method::GET,
+            host: &self.host,
+            port: self.port,
+            path: Some(&self.path),
+            body: Default::default(),
+        });
+        (d.enforced() == Action::Block).then(|| (d.reason.to_string(), d.rule_id().cloned()))
+    }
 }
 
 /// Answers the client `101` with the origin's fields (hop-by-hop ones stripped, the upgrade's
@@ -211,6 +251,7 @@ impl Open {
     async fn run(mut self, _token: super::shutdown::Token, client: OnUpgrade, origin: OnUpgrade) {
         let state = self.state.clone();
         let mut shutdown = state.shutdown_signal();
+        let mut swaps = state.policy_swapped.subscribe();
         let idle = state.settings.proxy.idle_timeout;
         let stats = Stats {
             out: AtomicU64::new(0),
@@ -236,15 +277,30 @@ impl Open {
                     .map_err(|e| format!("websocket_error: {e}"))
             };
             // Polled only when they woke the task, not on each of the copy's wake-ups.
+            let recheck = &self.recheck;
             let watchers = OnWake::new(async {
-                tokio::select! {
-                    _ = stats.activity.idle(idle) => "idle_timeout",
-                    _ = shutdown.stopping() => "shutdown",
+                loop {
+                    tokio::select! {
+                        _ = stats.activity.idle(idle) => break ("idle_timeout".to_string(), None),
+                        _ = shutdown.stopping() => break ("shutdown".to_string(), None),
+                        Ok(()) = swaps.changed() => {
+                            if let Some((why, rule)) = recheck.refused(&state) {
+                                break (format!("policy_reloaded: {why}"), Some(rule));
+                            }
+                        }
+                    }
                 }
             });
             tokio::select! {
                 r = relayed => r.err(),
-                why = watchers => Some(why.to_string()),
+                (why, blocked) = watchers => {
+                    if let Some(rule) = blocked {
+                        self.rec.action = "block";
+                        self.rec.mode = "enforce";
+                        self.rec.rule = rule;
+                    }
+                    Some(why)
+                }
             }
         };
         let rec = &mut self.rec;
