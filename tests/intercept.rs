@@ -1052,6 +1052,35 @@ async fn grpc_keeps_te_trailers_and_gets_its_trailers_however_large() {
         let seen = s.origin.request(&path).await;
         assert_eq!(seen.headers["te"], "trailers", "{filler}");
     }
+
+    // An HTTP/1.1 client gets them too, as a chunked body's trailer section: hyper writes the
+    // fields `Trailer` names, and the proxy used to drop `Trailer` as hop-by-hop.
+    let mut cfg = s.ca.client_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("http/1.1");
+    tokio::spawn(conn);
+    let req = http::Request::post("https://api.openai.com/trailers/10?h1")
+        .header("host", "api.openai.com")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = within("the answer", send.send_request(req))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    let got = within("body and trailers", resp.into_body().collect())
+        .await
+        .expect("body");
+    let trailers = got.trailers().cloned().expect("trailers over HTTP/1.1");
+    assert_eq!(trailers["grpc-status"], "0");
 }
 
 /// An HTTP/1.1 client inside the tunnel, an HTTP/2 origin: answers delivered whole (a length,

@@ -8,14 +8,16 @@ const VIA: &str = "1.1 portcullis";
 
 /// RFC 9110 §7.6.1: connection-specific fields, and any the Connection header names, are for
 /// one hop only. `Proxy-Authorization` is ours and never goes upstream.
-const HOP_BY_HOP: [HeaderName; 9] = [
+///
+/// `Trailer` is not one of them (RFC 9110 §6.6.2): it lists the trailer fields to come, and
+/// hyper's HTTP/1.1 server sends only the trailer fields it names.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -55,8 +57,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    // `TE: trailers` says the sender takes trailer fields; this hop does (it relays trailer
-    // frames as they come), so it says so to the next. gRPC origins refuse a request without
+    // `TE: trailers` says the sender takes trailer fields; this hop does (it relays them: to
+    // an HTTP/1.1 client, those the answer's `Trailer` field names), so it says so to the next. gRPC origins refuse a request without
     // it (its "detect incompatible proxies" check), and some send no trailers at all.
     let trailers = present & TE_BIT != 0
         && h.get_all(header::TE).iter().any(|v| {
@@ -146,7 +148,9 @@ mod tests {
         h.insert("trailer", "x-sum".parse().unwrap());
         h.insert("proxy-authenticate", "Basic".parse().unwrap());
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2);
         assert!(h.contains_key("content-type"));
+        // End to end: it names the trailer fields that follow the body.
+        assert_eq!(h["trailer"], "x-sum");
     }
 }

@@ -325,6 +325,8 @@ async fn origin_answer(
         let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
         resp.headers_mut()
             .insert("x-filler", filler.parse().expect("header"));
+        resp.headers_mut()
+            .insert("trailer", "grpc-status, x-filler".parse().expect("header"));
         return Ok(resp);
     }
     let body: OriginBody = match path.strip_prefix("/download/") {
