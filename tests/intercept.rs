@@ -1209,3 +1209,41 @@ async fn a_user_removed_at_reload_is_refused_inside_their_open_tunnel() {
     assert_reason(&rec, "auth_required");
     assert!(s.origin.requests().iter().all(|r| r.uri != "/v1/after"));
 }
+
+/// A reload that takes the tunnel's port out of `connect_ports` closes an intercepted tunnel
+/// too: over HTTP/2 one connection carries stream after stream, and only the CONNECT was ever
+/// checked against the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_closes_the_port_closes_an_intercepted_tunnel() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    let mut send = h2_inside(&s.ca, tcp).await;
+    let get = |path: &str| {
+        http::Request::get(format!("https://api.openai.com{path}"))
+            .body(http_body_util::Empty::new())
+            .expect("request")
+    };
+    let before = within("the answer", send.send_request(get("/v1/before")))
+        .await
+        .expect("answer");
+    assert_eq!(before.status(), 200);
+
+    let reloaded = s
+        .proxy
+        .reload_edited(|t| t.replacen("[proxy]\n", "[proxy]\nconnect_ports = [8443]\n", 1))
+        .await;
+    assert_eq!(reloaded, 200);
+    let rec = s.proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("closed: policy_reloaded: port_not_allowed"),
+        "{rec}"
+    );
+    let after = within("the refusal", send.send_request(get("/v1/after"))).await;
+    assert!(
+        after.is_err(),
+        "the tunnel still carried a request: {after:?}"
+    );
+    assert!(s.origin.requests().iter().all(|r| r.uri != "/v1/after"));
+}

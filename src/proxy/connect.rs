@@ -554,6 +554,9 @@ impl Tunnel {
         let n = inside.requests.load(Ordering::Relaxed);
         let mut reason = format!("{}; intercepted, {n} requests", self.rec.reason);
         if let Err(e) = outcome {
+            if e.starts_with("policy_reloaded") {
+                self.rec.action = "block";
+            }
             reason.push_str("; closed: ");
             reason.push_str(&e);
         }

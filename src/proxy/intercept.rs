@@ -115,9 +115,11 @@ where
             // The watchers are polled only when they woke the task, not on each of the
             // connection's wake-ups.
             let mut idled = OnWake::new(activity.idle(idle));
+            let mut revoked = OnWake::new(revoked_at_reload(&state, &inside));
             loop {
                 tokio::select! {
                     r = conn.as_mut() => break r.map_err(|e| format!("inner_http: {e}")),
+                    why = &mut revoked => break Err(format!("policy_reloaded: {why}")),
                     p = OnWake::new(signal.past(phase)) => {
                         phase = p;
                         if phase == Phase::Stopping {
@@ -145,6 +147,27 @@ where
             .keep_alive(true);
         // A WebSocket handshake takes the connection over (see `upgrade`).
         drive!(b.serve_connection(io, service).with_upgrades())
+    }
+}
+
+/// Resolves, after a reload, once what admitted the tunnel itself is gone: its port left
+/// `connect_ports`, or its proxy user the user file. The requests inside are decided one by
+/// one on the current policy, but those two were checked only on the CONNECT; an HTTP/2
+/// tunnel, whose streams outlive any one answer, must not carry on without them.
+async fn revoked_at_reload(state: &State, inside: &Inside) -> &'static str {
+    let mut swaps = state.policy_swapped.subscribe();
+    loop {
+        if swaps.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !state.policy.load().connect_ports.contains(&inside.port) {
+            return "port_not_allowed";
+        }
+        if let Some(u) = inside.user.as_ref() {
+            if !super::handler::still_authorised(state, u) {
+                return "proxy_user_revoked";
+            }
+        }
     }
 }
 
