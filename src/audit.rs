@@ -281,6 +281,15 @@ fn is_secret_name(name: &[u8]) -> bool {
     })
 }
 
+/// Whether a parameter name, percent-decoded, names a credential.
+fn secret_name(name: &str) -> bool {
+    if name.contains('%') {
+        is_secret_name(&percent_encoding::percent_decode_str(name).collect::<Vec<u8>>())
+    } else {
+        is_secret_name(name.as_bytes())
+    }
+}
+
 /// How vendors' API keys and tokens begin, as issued: one of them as a whole path segment
 /// (`/v1/keys/sk-…`) is a credential whatever the path around it.
 const KEY_PREFIXES: [&str; 22] = [
@@ -311,9 +320,9 @@ const KEY_PREFIXES: [&str; 22] = [
 /// Shorter segments are names, not keys (`sk-` alone, a model id).
 const MIN_KEY_LEN: usize = 20;
 
-/// Whether a path segment is a credential by its shape: a vendor key (see [`KEY_PREFIXES`]),
-/// or Telegram's `bot<id>:<token>`.
-fn secret_segment(seg: &str) -> bool {
+/// Whether a value is a credential by its shape: a vendor key (see [`KEY_PREFIXES`]), or
+/// Telegram's `bot<id>:<token>`. For what the log shows of paths, query values and `model`.
+pub fn looks_like_key(seg: &str) -> bool {
     if seg.len() < MIN_KEY_LEN {
         return false;
     }
@@ -332,11 +341,10 @@ fn secret_segment(seg: &str) -> bool {
 fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
     let hides = |seg: &str| {
         let (bare, params) = seg.split_once(';').unwrap_or((seg, ""));
-        secret_segment(bare)
-            || params.split(';').any(|p| {
-                p.split_once('=')
-                    .is_some_and(|(name, _)| is_secret_name(name.as_bytes()))
-            })
+        looks_like_key(bare)
+            || params
+                .split(';')
+                .any(|p| p.split_once('=').is_some_and(|(name, _)| secret_name(name)))
     };
     if !path.split('/').any(hides) {
         return std::borrow::Cow::Borrowed(path);
@@ -350,11 +358,11 @@ fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
             Some((b, p)) => (b, Some(p)),
             None => (seg, None),
         };
-        out.push_str(if secret_segment(bare) { REDACTED } else { bare });
+        out.push_str(if looks_like_key(bare) { REDACTED } else { bare });
         for p in params.into_iter().flat_map(|p| p.split(';')) {
             out.push(';');
             match p.split_once('=') {
-                Some((name, _)) if is_secret_name(name.as_bytes()) => {
+                Some((name, _)) if secret_name(name) => {
                     out.push_str(name);
                     out.push('=');
                     out.push_str(REDACTED);
@@ -387,11 +395,8 @@ pub fn redact_path(path_and_query: &str) -> Box<str> {
             Some((name, value)) => {
                 out.push_str(name);
                 out.push('=');
-                let secret = if name.contains('%') {
-                    is_secret_name(&percent_encoding::percent_decode_str(name).collect::<Vec<u8>>())
-                } else {
-                    is_secret_name(name.as_bytes())
-                };
+                // By its name, or by its shape (`?model=sk-…`, a key where none is expected).
+                let secret = secret_name(name) || looks_like_key(value);
                 out.push_str(if secret { REDACTED } else { value });
             }
             None => out.push_str(pair),
@@ -1339,6 +1344,11 @@ mod tests {
                 "/app;jsessionid=REDACTED;lang=en/x?q=1",
             ),
             ("/x;key=S", "/x;key=REDACTED"),
+            ("/x;%6Bey=S", "/x;%6Bey=REDACTED"),
+            (
+                "/v1/m?model=sk-proj-ZQXquery0123456789ab&n=1",
+                "/v1/m?model=REDACTED&n=1",
+            ),
             // Names, not keys: short, or not a key's beginning.
             (
                 "/v1/models/gpt-4o-mini-2024-07-18",

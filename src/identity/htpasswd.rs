@@ -175,16 +175,20 @@ impl Htpasswd {
     /// "no" could be planted by an attacker to lock a user out, and a wrong
     /// password should stay expensive to try.
     pub async fn verify(&self, client: IpAddr, user: &str, password: &str) -> bool {
+        self.login(client, user, password).await.is_some()
+    }
+
+    /// As [`Htpasswd::verify`], answering with the hash the password was proven against
+    /// (see [`crate::identity::ProxyUser`]).
+    pub async fn login(&self, client: IpAddr, user: &str, password: &str) -> Option<Arc<str>> {
         // Unknown users are refused without running bcrypt. That lets a
         // timing observer tell which user names exist, but names are not the
         // secret here, and burning a bcrypt for any name would hand
         // unauthenticated clients a cheap way to exhaust the blocking pool.
-        let Some(hash) = self.users.get(user) else {
-            return false;
-        };
+        let hash = self.users.get(user)?;
         let key = (user.to_owned(), self.cache_digest(password));
         if self.verified.contains(&key) {
-            return true;
+            return Some(hash.clone());
         }
 
         let who = (client, user.to_owned());
@@ -208,7 +212,7 @@ impl Htpasswd {
             }
             self.verified.insert(key);
         }
-        ok
+        ok.then(|| hash.clone())
     }
 
     /// bcrypt, once it is this client's turn and a slot is free.

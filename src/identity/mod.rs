@@ -27,10 +27,6 @@ impl ProxyUser {
         &self.name
     }
 
-    pub fn into_name(self) -> String {
-        self.name
-    }
-
     /// Whether `users` still holds this user with the same password hash.
     pub fn still_in(&self, users: &Htpasswd) -> bool {
         users

@@ -52,7 +52,8 @@ pub type UpstreamLease = crate::upstream::pool::Lease<Counted<RequestBody>>;
 #[derive(Default)]
 pub struct Upload {
     sent: AtomicU64,
-    /// Response body bytes sent to the client so far: the upload is not idle while they move.
+    /// Response body bytes handed to the client's connection so far: the upload is not idle
+    /// while they move.
     answered: AtomicU64,
     /// Per exchange, so never contended but by its own two bodies.
     state: Mutex<UploadState>,

@@ -204,10 +204,8 @@ pub async fn authenticate(
         .and_then(parse_basic)
     {
         let users = auth.htpasswd.load_full();
-        if users.verify(client, &user, &password).await {
-            if let Some(proof) = users.hash_of(&user) {
-                return Ok(Some(ProxyUser::new(user, proof.clone())));
-            }
+        if let Some(proof) = users.login(client, &user, &password).await {
+            return Ok(Some(ProxyUser::new(user, proof)));
         }
     }
     if auth.required {
@@ -358,7 +356,7 @@ async fn forward(
             }
         },
     };
-    let user = login.as_ref().map(|u| u.name().to_owned());
+    let user = login.as_ref().map(ProxyUser::name);
 
     let policy = state.policy.load_full();
     let (mut parts, body) = req.into_parts();
@@ -419,7 +417,7 @@ async fn forward(
         });
     let asked = policy::Request {
         client: peer.addr.ip(),
-        user: user.as_deref(),
+        user,
         method: &parts.method,
         host: &target.host,
         port: target.port,
@@ -454,7 +452,7 @@ async fn forward(
     }
     let seen = Seen {
         peer,
-        user: user.as_deref(),
+        user,
         method: &parts.method,
         scheme: target.scheme.as_str(),
         host: &target.host,
@@ -495,7 +493,7 @@ async fn forward(
 
     let who = Who {
         peer,
-        user: user.as_deref(),
+        user,
         keys: &keys.each,
     };
     let Admitted {

@@ -238,7 +238,8 @@ fn read_model(
     complete: bool,
     scanner: &crate::inspect::dlp::Scanner,
 ) {
-    let secret = |m: &str| !scanner.scan(m.as_bytes()).is_empty();
+    let secret =
+        |m: &str| crate::audit::looks_like_key(m) || !scanner.scan(m.as_bytes()).is_empty();
     let json = model::model(prefix);
     out.model_is_secret = json.as_deref().is_some_and(secret);
     let mut found = json.map(|m| m.to_ascii_lowercase());

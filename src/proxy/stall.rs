@@ -46,7 +46,9 @@ impl IdleTimer {
     /// As [`IdleTimer::waiting`], for one direction of an exchange whose other direction has
     /// made `other` progress so far: while that moves, the wait is not idle. A gRPC or
     /// WebSocket-like client that listens while the origin streams, or an origin that reads
-    /// a long upload before it says more, is a live exchange.
+    /// a long upload before it says more, is a live exchange. The other side's progress is
+    /// looked at when this side is polled (at the latest when the deadline passes), so a
+    /// stall is cut between one and two timeouts after the last movement either way.
     pub fn waiting_beside(&mut self, cx: &mut Context<'_>, other: u64) -> bool {
         if !self.armed || other != self.other {
             let deadline = Instant::now() + self.timeout;

@@ -725,7 +725,6 @@ impl Proxy {
         self.audit_where(path, |r| r["path"] == path).await
     }
 
-    /// Waits for the audit record of a CONNECT to `host`.
     /// Rewrites this proxy's config through `edit`, then reloads it: the admin's status.
     pub async fn reload_edited(&self, edit: impl FnOnce(String) -> String) -> u16 {
         let path = self.dir.path().join("portcullis.toml");
@@ -745,6 +744,7 @@ impl Proxy {
             .as_u16()
     }
 
+    /// Waits for the audit record of a CONNECT to `host`.
     pub async fn audit_connect(&self, host: &str) -> Value {
         self.audit_where(host, |r| r["method"] == "CONNECT" && r["host"] == host)
             .await
