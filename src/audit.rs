@@ -323,16 +323,32 @@ const MIN_KEY_LEN: usize = 20;
 /// Whether a value is a credential by its shape: a vendor key (see [`KEY_PREFIXES`]), or
 /// Telegram's `bot<id>:<token>`. For what the log shows of paths, query values and `model`.
 pub fn looks_like_key(seg: &str) -> bool {
+    // Keys are one run of these; a name with a dot, colon or space in it is not one.
+    let keyish = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
     if seg.len() < MIN_KEY_LEN {
         return false;
     }
     if let Some(rest) = seg.strip_prefix("bot") {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits > 0 && rest.as_bytes().get(digits) == Some(&b':') {
-            return true;
+            let token = &rest[digits + 1..];
+            return token.len() >= 30 && keyish(token);
         }
     }
-    KEY_PREFIXES.iter().any(|p| seg.starts_with(p))
+    match KEY_PREFIXES.iter().find(|p| seg.starts_with(**p)) {
+        // AWS access key ids: exactly 20, upper case and digits (`ASIAPacific-…` is a name).
+        Some(&("AKIA" | "ASIA")) => {
+            seg.len() == 20
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        }
+        Some(_) => keyish(seg),
+        None => false,
+    }
 }
 
 /// The path (no query) for the log: segments that are credentials by their shape replaced,
@@ -1338,7 +1354,19 @@ mod tests {
                 "/v1/keys/REDACTED/x",
             ),
             ("/v1/m/AIzaSyZQXpath02abcdefghij", "/v1/m/REDACTED"),
-            ("/bot123456:ZQXtelegram03abcdef/getMe", "/REDACTED/getMe"),
+            (
+                "/bot123456:ZQXtelegram03abcdefghijklmnopqrst/getMe",
+                "/REDACTED/getMe",
+            ),
+            (
+                "/reports/ASIAPacific-report-2024",
+                "/reports/ASIAPacific-report-2024",
+            ),
+            ("/keys/AKIAIOSFODNN7EXAMPLE", "/keys/REDACTED"),
+            (
+                "/bot42:sendMessage-and-more-text",
+                "/bot42:sendMessage-and-more-text",
+            ),
             (
                 "/app;jsessionid=ABC123;lang=en/x?q=1",
                 "/app;jsessionid=REDACTED;lang=en/x?q=1",

@@ -319,9 +319,9 @@ async fn path_credentials_are_redacted_in_the_audit_path() {
             "ZQXpath0123456789abcdef",
         ),
         (
-            "/bot123456:ZQXtelegram03abc/getMe",
+            "/bot123456:ZQXtelegram03abcdefghijklmnopqrstu/getMe",
             "/REDACTED/getMe",
-            "ZQXtelegram03abc",
+            "ZQXtelegram03abcdefghijklmnopqrstu",
         ),
         (
             "/v1/files;jsessionid=ZQXsess04/x",
