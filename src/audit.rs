@@ -355,6 +355,23 @@ pub fn looks_like_key(seg: &str) -> bool {
 /// and `;name=value` segment parameters (which servlet containers read) redacted by name
 /// as query parameters are. Borrowed back when there is nothing to hide.
 fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
+    // The usual path has neither a `;` nor a segment long enough to be a key: one pass over
+    // its bytes tells, before any splitting.
+    let mut run = 0;
+    let might_hide = path.bytes().any(|b| match b {
+        b'/' => {
+            run = 0;
+            false
+        }
+        b';' => true,
+        _ => {
+            run += 1;
+            run >= MIN_KEY_LEN
+        }
+    });
+    if !might_hide {
+        return std::borrow::Cow::Borrowed(path);
+    }
     let hides = |seg: &str| {
         let (bare, params) = seg.split_once(';').unwrap_or((seg, ""));
         looks_like_key(bare)

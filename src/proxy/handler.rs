@@ -566,12 +566,15 @@ async fn forward(
         uploaded: &uploaded,
     };
     // What a reload decides an open WebSocket on again (built only for a handshake).
-    let recheck = websocket.as_ref().map(|_| super::upgrade::Recheck {
-        client: peer.addr.ip(),
-        login: login.clone(),
-        host: target.host.clone(),
-        port: target.port,
-        path: path_q.into(),
+    // Boxed: held across the exchange's awaits, and rare.
+    let recheck = websocket.as_ref().map(|_| {
+        Box::new(super::upgrade::Recheck {
+            client: peer.addr.ip(),
+            login: login.clone(),
+            host: target.host.clone(),
+            port: target.port,
+            path: path_q.into(),
+        })
     });
     let result = match (websocket, target.scheme) {
         (Some(ws), _) => {

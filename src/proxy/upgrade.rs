@@ -177,7 +177,7 @@ pub struct Open {
     /// Inside an intercepted tunnel, the client's slot for requests in flight.
     pub stream_slot: Option<ClientSlot>,
     /// What a reload decides the open WebSocket on again.
-    pub recheck: Recheck,
+    pub recheck: Box<Recheck>,
 }
 
 /// The handshake as the policy saw it. A reload decides an open WebSocket on it again, as it
