@@ -875,6 +875,25 @@ async fn a_python_client_over_https_proxy() {
     assert_eq!(rec["rule"], "no-o1");
 }
 
+/// HTTP/1.1 over TLS (trusting the org CA) to api.openai.com inside the tunnel `tcp`.
+async fn h1_inside(
+    ca: &OrgCa,
+    tcp: TcpStream,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let mut cfg = ca.client_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("http/1.1");
+    tokio::spawn(conn);
+    send
+}
+
 /// HTTP/2 over TLS (trusting the org CA) to api.openai.com inside the tunnel `tcp`.
 async fn h2_inside(
     ca: &OrgCa,
@@ -1055,18 +1074,8 @@ async fn grpc_keeps_te_trailers_and_gets_its_trailers_however_large() {
 
     // An HTTP/1.1 client gets them too, as a chunked body's trailer section: hyper writes the
     // fields `Trailer` names, and the proxy used to drop `Trailer` as hop-by-hop.
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
     let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the proxy");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .expect("http/1.1");
-    tokio::spawn(conn);
+    let mut send = h1_inside(&s.ca, tcp).await;
     let req = http::Request::post("https://api.openai.com/trailers/10?h1")
         .header("host", "api.openai.com")
         .header("te", "trailers")
@@ -1175,17 +1184,7 @@ async fn a_user_removed_at_reload_is_refused_inside_their_open_tunnel() {
     let auth = format!("Proxy-Authorization: Basic {token}");
     let (status, _, tcp) = raw_connect(s.proxy.addr, "api.openai.com:443", &[&auth]).await;
     assert_eq!(status, 200);
-    let mut cfg = s.ca.client_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("api.openai.com").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the proxy");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .expect("http/1.1");
-    tokio::spawn(conn);
+    let mut send = h1_inside(&s.ca, tcp).await;
     let get = |path: &str| {
         http::Request::get(format!("https://api.openai.com{path}"))
             .header("host", "api.openai.com")

@@ -163,6 +163,10 @@ where
             .await;
         return;
     };
+    if path.starts_with("/slow") {
+        // Long enough for a test to reload the proxy while this handshake is in flight.
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    }
     let answer = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\nX-Origin: ws\r\n\r\n",
@@ -614,6 +618,29 @@ async fn a_reload_that_blocks_the_vendor_closes_its_open_websockets() {
         (Some("block"), Some("no-openai")),
         "{rec}"
     );
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("closed: policy_reloaded"),
+        "{rec}"
+    );
+    // A reload while the origin is still answering the handshake counts too: the WebSocket
+    // it then opens is closed at once.
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let opening = tokio::spawn(handshake(proxy.addr, "ws://api.openai.com/slow", &[]));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        proxy
+            .reload_edited(|t| t + &rule("no-openai", "openai"))
+            .await,
+        200
+    );
+    let (status, head, mut s) = opening.await.expect("handshake task");
+    assert_eq!(status, 101, "{head}");
+    read_until_closed(&mut s).await;
+    let rec = only_record(&proxy, "/slow").await;
+    assert_eq!(rec["action"], "block", "{rec}");
     assert!(
         rec["reason"]
             .as_str()

@@ -320,6 +320,8 @@ async fn forward(
     // Asked before the target is read (`ws://` is decided as `http://`) and before `Upgrade`
     // is stripped as hop-by-hop.
     let websocket = super::upgrade::Websocket::asked(&mut req);
+    // Before the policy is read, so that a reload during the handshake is seen (see `Recheck`).
+    let swaps = websocket.as_ref().map(|_| state.policy_swapped.subscribe());
 
     let target = match target_of(&req, inside.map(|i| &**i)) {
         Ok(t) => t,
@@ -567,13 +569,15 @@ async fn forward(
     };
     // What a reload decides an open WebSocket on again (built only for a handshake).
     // Boxed: held across the exchange's awaits, and rare.
-    let recheck = websocket.as_ref().map(|_| {
+    let recheck = swaps.map(|swaps| {
         Box::new(super::upgrade::Recheck {
             client: peer.addr.ip(),
             login: login.clone(),
             host: target.host.clone(),
             port: target.port,
             path: path_q.into(),
+            tunnel_port: inside.map(|i| i.port),
+            swaps,
         })
     });
     let result = match (websocket, target.scheme) {

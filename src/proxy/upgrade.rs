@@ -189,6 +189,11 @@ pub struct Recheck {
     pub host: Host,
     pub port: u16,
     pub path: Box<str>,
+    /// Inside an intercepted tunnel: its port, which must stay in `connect_ports`.
+    pub tunnel_port: Option<u16>,
+    /// Taken before the policy that decided the handshake was read: a reload while the origin
+    /// is still answering is seen too.
+    pub swaps: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Recheck {
@@ -202,6 +207,13 @@ impl Recheck {
             return Some(("proxy_user_revoked".into(), None));
         }
         let policy = state.policy.load();
+        if let Some(port) = self
+            .tunnel_port
+            .filter(|p| !policy.connect_ports.contains(p))
+        {
+            tracing::debug!(port, "websocket's tunnel port left connect_ports");
+            return Some(("port_not_allowed".into(), None));
+        }
         let d = policy.decide(&crate::policy::Request {
             client: self.client,
             user: self.login.as_ref().map(ProxyUser::name),
@@ -251,8 +263,22 @@ impl Open {
     async fn run(mut self, _token: super::shutdown::Token, client: OnUpgrade, origin: OnUpgrade) {
         let state = self.state.clone();
         let mut shutdown = state.shutdown_signal();
-        let mut swaps = state.policy_swapped.subscribe();
+        let mut swaps = self.recheck.swaps.clone();
         let idle = state.settings.proxy.idle_timeout;
+        // The client's connection (or its tunnel) stays open as this WebSocket: counted as it
+        // was before the switch, which ended hyper's hold on it.
+        let open = match self.rec.tls {
+            "intercept" => state.metrics.tunnels_active.clone(),
+            _ => state.metrics.connections_active.clone(),
+        };
+        open.inc();
+        struct Dec(prometheus::IntGauge);
+        impl Drop for Dec {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        let _open = Dec(open);
         let stats = Stats {
             out: AtomicU64::new(0),
             inn: AtomicU64::new(0),
