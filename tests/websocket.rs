@@ -585,6 +585,13 @@ async fn a_reload_that_blocks_the_vendor_closes_its_open_websockets() {
     assert_eq!(status, 101, "{head}");
     let mut ws = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
     assert_eq!(next_data(&mut ws).await, Message::text(GREETING));
+    // Its connection is open, and counted as such, though hyper let go of it at the switch.
+    let open = proxy.metrics().await;
+    assert_eq!(
+        metric(&open, "portcullis_connections_active", &[]),
+        1.0,
+        "{open}"
+    );
 
     let rule = |id: &str, vendor: &str| {
         format!("\n[[rule]]\nid = \"{id}\"\nvendor = \"{vendor}\"\naction = \"block\"\n")
