@@ -11,6 +11,9 @@ use sha2::Sha256;
 
 /// Headers the catalog's vendors read API keys from (besides `Authorization`): Anthropic and
 /// many others, Google, Azure OpenAI, Azure AI services (APIM), ElevenLabs.
+/// The WebSocket subprotocol that carries an API key (see `from_request`).
+const WS_KEY_PROTOCOL: &[u8] = b"openai-insecure-api-key.";
+
 const KEY_HEADERS: [http::HeaderName; 5] = [
     http::HeaderName::from_static("x-api-key"),
     http::HeaderName::from_static("x-goog-api-key"),
@@ -153,6 +156,14 @@ impl KeyFingerprinter {
                 }
             } else if KEY_HEADERS.contains(name) {
                 take(Cow::Borrowed(v.trim_ascii()));
+            } else if name == http::header::SEC_WEBSOCKET_PROTOCOL {
+                // A browser cannot set headers on a WebSocket: OpenAI's Realtime API takes the
+                // key as a subprotocol, `openai-insecure-api-key.<key>`.
+                for token in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if let Some(key) = token.strip_prefix(WS_KEY_PROTOCOL) {
+                        take(Cow::Borrowed(key));
+                    }
+                }
             }
         }
         // `;` separates parameters too where origins split on it (the redactor reads it so).
@@ -230,6 +241,9 @@ mod tests {
             ("xi-api-key", "sk-personal"),
             ("ocp-apim-subscription-key", "sk-personal"),
             ("api-key", "sk-personal"),
+            // OpenAI Realtime from a browser: the key as a WebSocket subprotocol.
+            ("sec-websocket-protocol", "realtime, openai-insecure-api-key.sk-personal"),
+            ("sec-websocket-protocol", "openai-insecure-api-key.sk-personal,openai-beta.realtime-v1"),
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, value.parse().unwrap());
