@@ -657,6 +657,109 @@ async fn a_reload_that_blocks_the_vendor_closes_its_open_websockets() {
     );
 }
 
+/// The second decision at a reload covers everything that decided the handshake: the paths and
+/// methods its override fields named, and the account fields a tenant restriction reads. A
+/// WebSocket that would not be let through now is closed; one that would stays open.
+#[tokio::test]
+async fn a_reload_decides_an_open_websocket_on_all_its_handshake_asked() {
+    let origin = WsOrigin::plain().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    let mut open = Vec::new();
+    for (path, extra) in [
+        ("/renamed", "X-Original-URL: /v1/realtime"),
+        ("/deleting", "X-HTTP-Method-Override: DELETE"),
+        ("/personal", "OpenAI-Organization: org-personal"),
+        ("/company", "OpenAI-Organization: org-company"),
+    ] {
+        let target = format!("ws://api.openai.com{path}");
+        let (status, head, s) = handshake(proxy.addr, &target, &[extra]).await;
+        assert_eq!(status, 101, "{path}: {head}");
+        let mut ws = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+        assert_eq!(next_data(&mut ws).await, Message::text(GREETING));
+        open.push((path, ws));
+    }
+    let rules = "\n[[rule]]\nid = \"no-realtime\"\nvendor = \"openai\"\npath = \"/v1/realtime\"\n\
+                 action = \"block\"\n\n[[rule]]\nid = \"no-deletes\"\nvendor = \"openai\"\n\
+                 method = \"DELETE\"\naction = \"block\"\n\n[[rule]]\nid = \"company-only\"\n\
+                 vendor = \"openai\"\naction = \"allow\"\nrequire_org = [\"org-company\"]\n";
+    assert_eq!(proxy.reload_edited(|t| t + rules).await, 200);
+
+    for (path, mut ws) in open {
+        let rec = match path {
+            "/company" => {
+                ws.send(Message::text("still open")).await.expect("send");
+                assert_eq!(next_data(&mut ws).await, Message::text("still open"));
+                continue;
+            }
+            _ => {
+                within("the websocket to be closed", async {
+                    while let Some(m) = ws.next().await {
+                        if m.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                only_record(&proxy, path).await
+            }
+        };
+        let (rule, why) = match path {
+            "/renamed" => ("no-realtime", "closed: policy_reloaded"),
+            "/deleting" => ("no-deletes", "closed: policy_reloaded"),
+            _ => ("company-only", "closed: policy_reloaded: org_not_allowed"),
+        };
+        assert_eq!(rec["action"], "block", "{path}: {rec}");
+        assert_eq!(rec["rule"], rule, "{path}: {rec}");
+        assert!(
+            rec["reason"].as_str().unwrap_or("").contains(why),
+            "{path}: {rec}"
+        );
+    }
+}
+
+/// A byte limit overdrawn by what the origin sends ends the WebSocket, and the read that
+/// overdrew it is dropped, not relayed: the record counts exactly what the client got.
+#[tokio::test]
+async fn a_byte_limit_ends_a_websocket_and_its_record_counts_only_what_was_relayed() {
+    let origin = WsOrigin::plain().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"cap\"\nvendor = \"openai\"\naction = \"limit\"\n\
+         limit = { bytes = \"40KiB\", per = \"1h\" }\n",
+    ))
+    .await;
+    let (status, head, s) = handshake(proxy.addr, "ws://api.openai.com/capped", &[]).await;
+    assert_eq!(status, 101, "{head}");
+    let tally = Tally::new(s);
+    let (read, written) = (tally.read.clone(), tally.written.clone());
+    let mut ws = WebSocketStream::from_raw_socket(tally, Role::Client, None).await;
+    assert_eq!(next_data(&mut ws).await, Message::text(GREETING));
+    // 30,000 bytes out fit; their echo overdraws the 40 KiB on the way back (charged every
+    // 16 KiB: at 48 KiB).
+    ws.send(Message::binary(vec![7u8; 30_000]))
+        .await
+        .expect("send");
+    within("the websocket to be cut", async {
+        while let Some(m) = ws.next().await {
+            if m.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let rec = only_record(&proxy, "/capped").await;
+    assert_eq!(rec["action"], "limit", "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("closed: byte_limit_exceeded"),
+        "{rec}"
+    );
+    assert_eq!(rec["bytes_out"], written.load(Ordering::SeqCst), "{rec}");
+    assert_eq!(rec["bytes_in"], read.load(Ordering::SeqCst), "{rec}");
+    assert!(read.load(Ordering::SeqCst) < 30_000, "the echo was cut");
+}
+
 // ---------------------------------------------------------------------------------------------
 // wss:// inside an intercepted tunnel
 

@@ -3,10 +3,8 @@
 //! splice bytes and write one audit record at close.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -15,15 +13,15 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::activity::Activity;
 use super::body::ProxyBody;
 use super::client_socket::ClientSocket;
 use super::handler::{admit, authenticate, still_authorised, Admitted, Who};
 use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
+use super::metered::{settle, Metered, Stats};
 use super::on_wake::OnWake;
 use super::records::{record, rejected, Seen};
 use super::stall::SendTimeout;
@@ -284,16 +282,9 @@ impl Tunnel {
                 return self.close(why);
             }
         }
-        let stats = Arc::new(Stats {
-            out: AtomicU64::new(0),
-            inn: AtomicU64::new(0),
-            activity: Activity::new(self.start),
-        });
-        let mut upstream = Metered {
-            inner: upstream,
-            stats: stats.clone(),
-            meter: self.meter.take(),
-        };
+        let stats = Stats::new(self.start);
+        let mut meter = self.meter.take();
+        let mut upstream = Metered::new(upstream, &stats, meter.as_mut());
         let sent_hello = tls_sni.is_some();
         if let Some(sni) = tls_sni {
             let wait = self.state.settings.proxy.client_hello_timeout;
@@ -321,8 +312,7 @@ impl Tunnel {
                 }
             };
             if let Some(why) = refused {
-                self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
-                self.rec.bytes_in = stats.inn.load(Ordering::Relaxed);
+                stats.note(&mut self.rec);
                 self.close(why);
                 return;
             }
@@ -362,29 +352,9 @@ impl Tunnel {
                 why = watchers => Some(why),
             }
         };
-        self.rec.bytes_out = stats.out.load(Ordering::Relaxed);
-        self.rec.bytes_in = stats.inn.load(Ordering::Relaxed);
-        let over = upstream.meter.as_ref().filter(|m| m.over());
-        let reason = match over {
-            Some(m) => {
-                let vendor = self.rec.vendor.as_deref().unwrap_or("none");
-                let rule = self.rec.rule.as_deref().unwrap_or("default");
-                self.state
-                    .metrics
-                    .rate_limited
-                    .with_label_values(&[vendor, rule])
-                    .inc();
-                self.rec.action = "limit";
-                Some(format!(
-                    "byte_limit_exceeded: {}",
-                    m.tripped().as_deref().unwrap_or("bytes")
-                ))
-            }
-            None => reason,
-        };
-        if let Some(m) = &mut upstream.meter {
-            m.flush();
-        }
+        drop(upstream);
+        stats.note(&mut self.rec);
+        let reason = settle(meter.as_mut(), &self.state, &mut self.rec).or(reason);
         match reason {
             // The decision that closed it replaces the one that opened it.
             Some(r) if r.starts_with("policy_reloaded") => self.rec.reason = r.into(),
@@ -665,76 +635,6 @@ where
         return Err(Retry::Renamed(info.sni.unwrap_or_default()));
     }
     upstream.write_all(&second).await.map_err(failed)
-}
-
-/// Byte counts and last activity of a tunnel, shared with the idle watchdog.
-struct Stats {
-    out: AtomicU64,
-    inn: AtomicU64,
-    activity: Activity,
-}
-
-/// The upstream side of a tunnel, counting bytes each way and charging them against the
-/// rule's byte limits; once one is overdrawn every read and write fails, closing the tunnel.
-struct Metered {
-    inner: TcpStream,
-    stats: Arc<Stats>,
-    meter: Option<ByteMeter>,
-}
-
-impl Metered {
-    /// Charges `n` bytes; Err once a byte limit is overdrawn.
-    fn charge(&mut self, n: usize) -> io::Result<()> {
-        if let Some(m) = &mut self.meter {
-            m.add(n as u64);
-            if m.over() {
-                return Err(io::Error::other("byte limit exceeded"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl AsyncRead for Metered {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.stats.inn.fetch_add(n as u64, Ordering::Relaxed);
-            this.stats.activity.touch();
-            this.charge(n)?;
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Metered {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.stats.out.fetch_add(*n as u64, Ordering::Relaxed);
-            this.stats.activity.touch();
-            this.charge(*n)?;
-        }
-        r
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 struct ScopeGuard<F: FnOnce()>(Option<F>);

@@ -439,6 +439,16 @@ async fn forward(
         rejected(&state, peer, inside.map(|i| &**i), asked_of(), &e, start);
         return respond::error(&e, realm, html);
     };
+    // A reload decides an open WebSocket again on what decided its handshake: the other
+    // readings and the account fields too, as sent (before a rule's `set_headers`).
+    let ws_facts = websocket.as_ref().map(|_| super::upgrade::Asked {
+        readings: named
+            .iter()
+            .map(|(m, p)| (m.clone(), p.map(Box::from)))
+            .collect(),
+        orgs: org_values(&parts.headers).map(Box::from).collect(),
+        key_id: keys.id.as_deref().map(Box::from),
+    });
     let mut overridden = false;
     for (method, path) in named {
         overridden = true;
@@ -576,6 +586,7 @@ async fn forward(
             host: target.host.clone(),
             port: target.port,
             path: path_q.into(),
+            asked: ws_facts.unwrap_or_default(),
             tunnel_port: inside.map(|i| i.port),
             swaps,
         })
@@ -830,36 +841,41 @@ fn refusal(
         return Some(why.clone());
     }
     d.restricting_rules()
-        .find_map(|rule| tenant_refusal(rule, rec, headers))
+        .find_map(|rule| tenant_refusal(rule, rec.key_id.as_deref(), org_values(headers)))
 }
 
-/// Why `rule`'s tenant restriction refuses the request, if it does.
-fn tenant_refusal(rule: &crate::policy::Rule, rec: &Record, headers: &HeaderMap) -> Option<String> {
+/// The account fields a `require_orgs` restriction reads, each value trimmed.
+pub(super) fn org_values(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    ["openai-organization", "openai-project"]
+        .into_iter()
+        .flat_map(|h| headers.get_all(h))
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// Why `rule`'s tenant restriction refuses a request made with the key `key_id` and naming the
+/// accounts `orgs` (see [`org_values`]), if it does.
+pub(super) fn tenant_refusal<'o>(
+    rule: &crate::policy::Rule,
+    key_id: Option<&str>,
+    mut orgs: impl Iterator<Item = &'o str>,
+) -> Option<String> {
     if !rule.require_keys.is_empty() {
-        let ok = rec
-            .key_id
-            .as_deref()
-            .is_some_and(|k| rule.require_keys.iter().any(|x| **x == *k));
+        let ok = key_id.is_some_and(|k| rule.require_keys.iter().any(|x| **x == *k));
         if !ok {
             return Some(format!(
                 "key_not_allowed: rule {} admits only the organisation's API keys (key_id {})",
                 rule.id,
-                rec.key_id.as_deref().unwrap_or("none")
+                key_id.unwrap_or("none")
             ));
         }
     }
     if !rule.require_orgs.is_empty() {
-        let orgs = ["openai-organization", "openai-project"];
-        let mut seen = orgs
-            .iter()
-            .flat_map(|h| headers.get_all(*h))
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim);
-        let first = seen.next();
+        let first = orgs.next();
         // Every organisation header present must be allowed, and at least one present.
         let ok = first.is_some_and(|f| {
             std::iter::once(f)
-                .chain(seen)
+                .chain(orgs)
                 .all(|o| rule.require_orgs.iter().any(|x| **x == *o))
         });
         if !ok {

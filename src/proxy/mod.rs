@@ -12,6 +12,7 @@ pub mod hop_by_hop;
 pub mod inspect;
 pub mod intercept;
 pub mod limit;
+pub mod metered;
 pub mod on_wake;
 pub mod overrides;
 pub mod per_client;

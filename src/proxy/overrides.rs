@@ -6,6 +6,8 @@ use http::{HeaderMap, Method};
 
 /// Another reading of a request: a method, a path, or both, as an origin may act on them.
 pub type Reading<'a> = (Option<Method>, Option<&'a str>);
+/// A [`Reading`] kept beyond its request (an open WebSocket's, for a reload's decision).
+pub type OwnedReading = (Option<Method>, Option<Box<str>>);
 
 /// More different readings than any honest request names: each costs a decision, so a
 /// request naming more is refused rather than decided thousands of times.

@@ -12,12 +12,8 @@
 //! bytes relayed each way. Any other answer goes back as an ordinary response. Only
 //! `websocket` is relayed: other upgrades (`h2c`) stay stripped.
 
-use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,14 +24,13 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
-use super::activity::Activity;
 use super::body::{OriginBody, ProxyBody, UpstreamLease};
-use super::handler::still_authorised;
+use super::handler::{still_authorised, tenant_refusal};
 use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::limit::ByteMeter;
+use super::metered::{settle, Metered, Stats};
 use super::on_wake::OnWake;
 use super::per_client::ClientSlot;
 use super::State;
@@ -189,11 +184,23 @@ pub struct Recheck {
     pub host: Host,
     pub port: u16,
     pub path: Box<str>,
+    pub asked: Asked,
     /// Inside an intercepted tunnel: its port, which must stay in `connect_ports`.
     pub tunnel_port: Option<u16>,
     /// Taken before the policy that decided the handshake was read: a reload while the origin
     /// is still answering is seen too.
     pub swaps: tokio::sync::watch::Receiver<u64>,
+}
+
+/// What else the handshake asked for, beside its request line.
+#[derive(Default)]
+pub struct Asked {
+    /// The other methods and paths its override fields and parameters named.
+    pub readings: Box<[super::overrides::OwnedReading]>,
+    /// Its account fields (`OpenAI-Organization`, `OpenAI-Project`), for `require_orgs`.
+    pub orgs: Box<[Box<str>]>,
+    /// The key it was made with, for `require_keys`.
+    pub key_id: Option<Box<str>>,
 }
 
 impl Recheck {
@@ -214,7 +221,7 @@ impl Recheck {
             tracing::debug!(port, "websocket's tunnel port left connect_ports");
             return Some(("port_not_allowed".into(), None));
         }
-        let d = policy.decide(&crate::policy::Request {
+        let asked = crate::policy::Request {
             client: self.client,
             user: self.login.as_ref().map(ProxyUser::name),
             method: &Method::GET,
@@ -222,8 +229,23 @@ impl Recheck {
             port: self.port,
             path: Some(&self.path),
             body: Default::default(),
-        });
-        (d.enforced() == Action::Block).then(|| (d.reason.to_string(), d.rule_id().cloned()))
+        };
+        let mut d = policy.decide(&asked);
+        for (method, path) in &self.asked.readings {
+            d = d.merge(policy.decide(&crate::policy::Request {
+                method: method.as_ref().unwrap_or(&Method::GET),
+                path: path.as_deref().or(asked.path),
+                ..asked
+            }));
+        }
+        if d.enforced() == Action::Block {
+            return Some((d.reason.to_string(), d.rule_id().cloned()));
+        }
+        let orgs = || self.asked.orgs.iter().map(|o| &**o);
+        let why = d
+            .restricting_rules()
+            .find_map(|rule| tenant_refusal(rule, self.asked.key_id.as_deref(), orgs()))?;
+        Some((why, d.rule_id().cloned()))
     }
 }
 
@@ -279,11 +301,7 @@ impl Open {
             }
         }
         let _open = Dec(open);
-        let stats = Stats {
-            out: AtomicU64::new(0),
-            inn: AtomicU64::new(0),
-            activity: Activity::new(Instant::now()),
-        };
+        let stats = Stats::new(Instant::now());
         let mut meter = self.meter.take();
         let reason = {
             let relayed = async {
@@ -291,11 +309,7 @@ impl Open {
                 let (client, origin) =
                     tokio::try_join!(client, origin).map_err(|e| format!("upgrade_failed: {e}"))?;
                 let mut client = TokioIo::new(client);
-                let mut origin = Counting {
-                    inner: TokioIo::new(origin),
-                    stats: &stats,
-                    meter: meter.as_mut(),
-                };
+                let mut origin = Metered::new(TokioIo::new(origin), &stats, meter.as_mut());
                 let half_closed = idle.min(HALF_CLOSED_IDLE);
                 super::splice::splice(&mut client, &mut origin, 16 * 1024, half_closed)
                     .await
@@ -330,28 +344,8 @@ impl Open {
             }
         };
         let rec = &mut self.rec;
-        rec.bytes_out = stats.out.load(Ordering::Relaxed);
-        rec.bytes_in = stats.inn.load(Ordering::Relaxed);
-        let reason = match meter.as_ref().filter(|m| m.over()) {
-            Some(m) => {
-                let vendor = rec.vendor.as_deref().unwrap_or("none");
-                let rule = rec.rule.as_deref().unwrap_or("default");
-                state
-                    .metrics
-                    .rate_limited
-                    .with_label_values(&[vendor, rule])
-                    .inc();
-                rec.action = "limit";
-                Some(format!(
-                    "byte_limit_exceeded: {}",
-                    m.tripped().as_deref().unwrap_or("bytes")
-                ))
-            }
-            None => reason,
-        };
-        if let Some(m) = &mut meter {
-            m.flush();
-        }
+        stats.note(rec);
+        let reason = settle(meter.as_mut(), &state, rec).or(reason);
         if let Some(r) = reason {
             rec.reason = format!("{}; closed: {r}", rec.reason).into();
         }
@@ -375,74 +369,6 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// Bytes relayed each way and when they last moved, shared with the idle watchdog.
-struct Stats {
-    out: AtomicU64,
-    inn: AtomicU64,
-    activity: Activity,
-}
-
-/// The origin's side of the relay: what is written to it went client→origin (`bytes_out`),
-/// what is read from it origin→client (`bytes_in`). Once a byte limit is overdrawn every read
-/// and write fails, which ends the relay.
-struct Counting<'a, S> {
-    inner: S,
-    stats: &'a Stats,
-    meter: Option<&'a mut ByteMeter>,
-}
-
-impl<S> Counting<'_, S> {
-    fn moved(&mut self, n: usize, count: fn(&Stats) -> &AtomicU64) -> io::Result<()> {
-        count(self.stats).fetch_add(n as u64, Ordering::Relaxed);
-        self.stats.activity.touch();
-        if let Some(m) = &mut self.meter {
-            m.add(n as u64);
-            if m.over() {
-                return Err(io::Error::other("byte limit exceeded"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counting<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.moved(n, |s| &s.inn)?;
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.moved(*n, |s| &s.out)?;
-        }
-        r
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
