@@ -80,6 +80,22 @@ thread_local! {
 
 static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(0);
 
+/// One of a gauge's open things (a tunnel, a connection): counted while this is held.
+pub struct Active(IntGauge);
+
+impl Active {
+    pub fn count(gauge: &IntGauge) -> Active {
+        gauge.inc();
+        Active(gauge.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Distinguishes registries in the per-thread handle cache (tests run several).

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use serde_json::Value;
 
 const PASSWORD: &str = "correct horse";
 
@@ -221,4 +222,62 @@ async fn a_user_removed_at_reload_loses_the_tunnels_they_opened() {
     std::fs::write(&file, format!("alice:{new_hash}\n")).unwrap();
     assert_eq!(proxy.reload_edited(|t| t).await, 200);
     read_until_closed(&mut alice).await;
+}
+
+/// With `required = false` a request without credentials passes as anonymous, but one whose
+/// credentials do not log in is refused as where auth is required: a mistyped password must
+/// not go unnoticed, its traffic attributed to no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_auth_passes_no_credentials_but_refuses_wrong_ones() {
+    let users = htpasswd();
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&format!(
+                "[auth]\nhtpasswd = \"{}\"\nrequired = false\n",
+                users.path().join("users.htpasswd").display()
+            )),
+    )
+    .await;
+    let anonymous = fetch(
+        proxy
+            .client()
+            .get("http://api.openai.com/v1/models?who=none"),
+    )
+    .await;
+    assert_eq!(anonymous.status, 200, "{anonymous:?}");
+    assert_eq!(
+        proxy.audit_path("/v1/models?who=none").await["user"],
+        Value::Null
+    );
+    let alice = fetch(
+        proxy
+            .client_as("alice", PASSWORD)
+            .get("http://api.openai.com/v1/models?who=alice"),
+    )
+    .await;
+    assert_eq!(alice.status, 200, "{alice:?}");
+    assert_eq!(
+        proxy.audit_path("/v1/models?who=alice").await["user"],
+        "alice"
+    );
+
+    let wrong = fetch(
+        proxy
+            .client_as("alice", "wrong")
+            .get("http://api.openai.com/v1/models?who=wrong"),
+    )
+    .await;
+    assert_eq!(wrong.status, 407, "{wrong:?}");
+    let rec = proxy.audit_path("/v1/models?who=wrong").await;
+    assert_eq!(
+        (rec["action"].as_str(), rec["status"].as_u64()),
+        (Some("reject"), Some(407)),
+        "{rec}"
+    );
+    let bearer = "Proxy-Authorization: Bearer not-a-proxy-login";
+    let (status, head, _) = raw_connect(proxy.addr, "api.openai.com:443", &[bearer]).await;
+    assert_eq!(status, 407, "{head}");
+    assert_eq!(origin.requests().len(), 2);
 }

@@ -341,7 +341,10 @@ pub fn parse_basic(value: &http::HeaderValue) -> Option<(String, String)> {
         return None;
     }
     let decoded = LENIENT_BASE64.decode(rest.trim()).ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
+    // RFC 7617 leaves the charset to the client: most send UTF-8, Python's requests sends
+    // Latin-1. Bytes that are not UTF-8 are read as Latin-1, so `pä$$` logs in either way.
+    let decoded = String::from_utf8(decoded)
+        .unwrap_or_else(|e| e.into_bytes().iter().map(|&b| char::from(b)).collect());
     let (user, password) = decoded.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
 }
@@ -588,8 +591,12 @@ mod tests {
         assert_eq!(basic("Basic"), None);
         assert_eq!(basic("Basic !!!notbase64"), None);
         assert_eq!(basic(&format!("Basic {}", b64("nocolon"))), None);
-        let not_utf8 = base64::engine::general_purpose::STANDARD.encode([0xff, b':', 0xfe]);
-        assert_eq!(basic(&format!("Basic {not_utf8}")), None);
+        // UTF-8 as most clients send it, and Latin-1 as Python's requests does: the same.
+        let carol = Some(("carol".to_owned(), "pä$$:wörd".to_owned()));
+        assert_eq!(basic(&format!("Basic {}", b64("carol:pä$$:wörd"))), carol);
+        let latin1: Vec<u8> = "carol:pä$$:wörd".chars().map(|c| c as u8).collect();
+        let latin1 = base64::engine::general_purpose::STANDARD.encode(latin1);
+        assert_eq!(basic(&format!("Basic {latin1}")), carol);
         let opaque = HeaderValue::from_bytes(b"Basic \xe9").unwrap();
         assert_eq!(parse_basic(&opaque), None);
     }

@@ -29,6 +29,7 @@ use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
 use crate::identity::ProxyUser;
+use crate::metrics::Active;
 use crate::policy::{self, target, Action, Host, Policy};
 use crate::tls::rewind::Rewind;
 use crate::tls::sni::{is_hello_retry, peek_client_hello, peek_retried_client_hello, SniError};
@@ -214,9 +215,7 @@ struct Tunnel {
 
 impl Tunnel {
     async fn run(mut self, on_upgrade: OnUpgrade, upstream: Option<TcpStream>) {
-        let metrics = self.state.metrics.clone();
-        metrics.tunnels_active.inc();
-        let _active = scopeguard(move || metrics.tunnels_active.dec());
+        let _active = Active::count(&self.state.metrics.tunnels_active);
         let mut shutdown = self.state.shutdown_signal();
 
         let mut client = match on_upgrade.await.map(unwrap_client) {
@@ -635,18 +634,4 @@ where
         return Err(Retry::Renamed(info.sni.unwrap_or_default()));
     }
     upstream.write_all(&second).await.map_err(failed)
-}
-
-struct ScopeGuard<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Drop for ScopeGuard<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
-}
-
-fn scopeguard<F: FnOnce()>(f: F) -> ScopeGuard<F> {
-    ScopeGuard(Some(f))
 }

@@ -199,20 +199,22 @@ pub async fn authenticate(
     let Some(auth) = &state.auth else {
         return Ok(None);
     };
-    if let Some((user, password)) = headers
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(parse_basic)
-    {
+    let Some(presented) = headers.get(header::PROXY_AUTHORIZATION) else {
+        return match auth.required {
+            true => Err(ProxyError::AuthRequired),
+            false => Ok(None),
+        };
+    };
+    if let Some((user, password)) = parse_basic(presented) {
         let users = auth.htpasswd.load_full();
         if let Some(proof) = users.login(client, &user, &password).await {
             return Ok(Some(ProxyUser::new(user, proof)));
         }
     }
-    if auth.required {
-        Err(ProxyError::AuthRequired)
-    } else {
-        Ok(None)
-    }
+    // Credentials that do not log in are refused even where anonymous use is allowed: passed
+    // as anonymous, a mistyped password would go unnoticed and a user's traffic would be
+    // attributed to no one.
+    Err(ProxyError::AuthRequired)
 }
 
 /// Whether a user who authenticated earlier (a tunnel's) is still in the user file with the

@@ -18,6 +18,7 @@ use super::per_client::ClientCap;
 use super::shutdown::Phase;
 use super::stall::SendTimeout;
 use super::{handler, records, Peer, State};
+use crate::metrics::Active;
 
 /// Pending connections the kernel holds for `accept` (capped by `net.core.somaxconn`). The
 /// common default of 128 overflows in a burst of new clients: the kernel then drops SYNs
@@ -104,10 +105,10 @@ pub async fn serve(
             .with_upgrades();
         let token = state.shutdown.token();
         let mut signal = state.shutdown_signal();
-        let metrics = state.metrics.clone();
+        let active = Active::count(&state.metrics.connections_active);
         tokio::spawn(async move {
             let _token = token;
-            metrics.connections_active.inc();
+            let _active = active;
             tokio::pin!(conn);
             tokio::pin!(head_timer);
             let mut phase = Phase::Serving;
@@ -155,7 +156,6 @@ pub async fn serve(
                     }
                 }
             }
-            metrics.connections_active.dec();
         });
     }
     drop(listener);

@@ -38,6 +38,7 @@ use crate::audit::Record;
 use crate::error::ProxyError;
 use crate::identity::ProxyUser;
 use crate::limits::Permit;
+use crate::metrics::Active;
 use crate::policy::{Action, Host, Scheme, Target};
 use crate::upstream::connector::{server_name, MaybeTls};
 
@@ -107,12 +108,7 @@ impl Websocket {
         parts.version = Version::HTTP_11;
         // Nothing of the client connection's (its upgrade, its busy mark) goes to the origin's.
         parts.extensions = http::Extensions::new();
-        parts
-            .headers
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        upgrading(&mut parts.headers);
         let req = Request::from_parts(parts, Empty::<Bytes>::new());
 
         let upstream = &state.upstream;
@@ -264,12 +260,7 @@ pub fn relay(mut resp: Response<OriginBody>, mut open: Open) -> Response<ProxyBo
     strip_hop_by_hop(&mut parts.headers);
     // What follows a 101 is the new protocol's, not a body of this length.
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts
-        .headers
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    parts
-        .headers
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    upgrading(&mut parts.headers);
     append_via(&mut parts.headers);
     open.rec.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
     // Taken now: shutdown waits for this record even before the task first runs.
@@ -289,18 +280,10 @@ impl Open {
         let idle = state.settings.proxy.idle_timeout;
         // The client's connection (or its tunnel) stays open as this WebSocket: counted as it
         // was before the switch, which ended hyper's hold on it.
-        let open = match self.rec.tls {
-            "intercept" => state.metrics.tunnels_active.clone(),
-            _ => state.metrics.connections_active.clone(),
-        };
-        open.inc();
-        struct Dec(prometheus::IntGauge);
-        impl Drop for Dec {
-            fn drop(&mut self) {
-                self.0.dec();
-            }
-        }
-        let _open = Dec(open);
+        let _open = Active::count(match self.rec.tls {
+            "intercept" => &state.metrics.tunnels_active,
+            _ => &state.metrics.connections_active,
+        });
         let stats = Stats::new(Instant::now());
         let mut meter = self.meter.take();
         let reason = {
@@ -359,6 +342,13 @@ impl Open {
         state.finish(rec, start);
         drop((permits, stream_slot));
     }
+}
+
+/// Marks a head as a WebSocket upgrade: the fields hop-by-hop stripping took, or the pool's
+/// connection would not switch.
+fn upgrading(headers: &mut HeaderMap) {
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
 /// Whether any of `name`'s fields lists `token` (comma-separated, any case).
