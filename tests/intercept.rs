@@ -1251,3 +1251,30 @@ async fn a_reload_that_closes_the_port_closes_an_intercepted_tunnel() {
     );
     assert!(s.origin.requests().iter().all(|r| r.uri != "/v1/after"));
 }
+
+/// A CONNECT to an intercepted vendor refused before its tunnel opened intercepted nothing:
+/// its record says `tunnel`, as any refused CONNECT's does; an admitted one says `intercept`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_to_an_intercepted_vendor_is_recorded_as_a_tunnel() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let (status, head, _) = raw_connect(s.proxy.addr, "api.openai.com:8443", &[]).await;
+    assert_eq!(status, 403, "{head}");
+    let rec = s
+        .proxy
+        .audit_where("the refused CONNECT", |r| r["port"] == 8443)
+        .await;
+    assert_eq!(
+        (rec["reason"].as_str(), rec["tls"].as_str()),
+        (Some("port_not_allowed"), Some("tunnel")),
+        "{rec}"
+    );
+    let tcp = tunnel(s.proxy.addr, "api.openai.com:443").await;
+    drop(tcp);
+    let rec = s
+        .proxy
+        .audit_where("the admitted CONNECT", |r| {
+            r["method"] == "CONNECT" && r["port"] == 443
+        })
+        .await;
+    assert_eq!(rec["tls"], "intercept", "{rec}");
+}

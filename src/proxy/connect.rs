@@ -86,7 +86,8 @@ pub async fn handle(
         host: &host,
         port,
         path: None,
-        tls: if intercept { "intercept" } else { "tunnel" },
+        // `intercept` once admitted: a CONNECT refused here opened nothing to intercept.
+        tls: "tunnel",
     };
     let mut rec = record(&seen, &d, 0, None);
     rec.id = state.audit.next_id();
@@ -177,6 +178,9 @@ pub async fn handle(
     };
 
     rec.status = 200;
+    if intercept {
+        rec.tls = "intercept";
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnel = Tunnel {
         _token: state.shutdown.token(),
