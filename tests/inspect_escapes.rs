@@ -248,8 +248,8 @@ async fn a_model_past_max_body_cannot_slip_through_an_allow_list() {
         "read whole: {rec}"
     );
 
-    // Where no model rule is in play (uploads are allowed before the model rules), a long
-    // body streams on as documented, whole; the audit record says what was inspected.
+    // Where no model rule can decide (uploads are allowed before the model rules), a long
+    // body is not held back nor read: it streams on whole, and no model is taken from it.
     let p = "/v1/files?large";
     let upload = padded_chat("gpt-4o", 200 * 1024, Some("gpt-4o"));
     let r = post(&proxy, p, json, upload.clone()).await;
@@ -259,7 +259,8 @@ async fn a_model_past_max_body_cannot_slip_through_an_allow_list() {
     assert_eq!(seen.body_fnv, fnv1a(FNV_START, &upload));
     let rec = proxy.audit_path(p).await;
     let reason = rec["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("inspected first 65536 bytes only"), "{rec}");
+    assert!(!reason.contains("inspected"), "{rec}");
+    assert_eq!(rec["model"], serde_json::Value::Null, "{rec}");
     assert_eq!(rec["rule"], "files-ok");
 
     for seen in origin.requests() {
@@ -713,4 +714,63 @@ async fn a_key_in_the_model_field_is_not_written_to_the_audit_log() {
         "gpt-4o-mini"
     );
     origin_saw_only(&origin, &["named", "hf"]);
+}
+
+/// Body rules scoped to an endpoint leave the vendor's other requests alone: their bodies are
+/// not held back nor read, so a compressed body (which inspection would refuse as hiding
+/// content from DLP) passes, and no `model` is taken from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_read_only_where_a_body_rule_could_apply() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-secrets-in-chat\"\nvendor = \"openai\"\nendpoint = \"chat\"\n\
+         dlp = \"all\"\naction = \"block\"\n\n\
+         [[rule]]\nid = \"no-gpt4o-chat\"\nvendor = \"openai\"\nendpoint = \"chat\"\n\
+         model = \"gpt-4o*\"\naction = \"block\"\n",
+    ))
+    .await;
+    let post = |path: &str, encoding: Option<&str>| {
+        let mut req = proxy
+            .client()
+            .post(format!("http://api.openai.com{path}"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"gpt-4o","input":"hello"}"#);
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        fetch(req)
+    };
+    let r = post("/v1/embeddings?plain", None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        proxy.audit_path("/v1/embeddings?plain").await["model"],
+        serde_json::Value::Null
+    );
+    let r = post("/v1/embeddings?gzip", Some("gzip")).await;
+    assert_eq!(r.status, 200, "no body rule applies to embeddings: {r:?}");
+    // Where the rules apply, the body is read and decided on.
+    let r = post("/v1/chat/completions?plain", None).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let rec = proxy.audit_path("/v1/chat/completions?plain").await;
+    assert_eq!(
+        (rec["rule"].as_str(), rec["model"].as_str()),
+        (Some("no-gpt4o-chat"), Some("gpt-4o")),
+        "{rec}"
+    );
+    let r = post("/v1/chat/completions?gzip", Some("gzip")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_reason(
+        &proxy.audit_path("/v1/chat/completions?gzip").await,
+        "body_not_inspectable",
+    );
+    // An override naming chat makes the body matter again.
+    let r = fetch(
+        proxy
+            .client()
+            .post("http://api.openai.com/v1/embeddings?renamed")
+            .header("x-original-url", "/v1/chat/completions")
+            .body(r#"{"model":"gpt-4o"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
 }

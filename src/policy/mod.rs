@@ -228,27 +228,68 @@ impl Policy {
         raw: &str,
         mut d: Decision<'p>,
     ) -> Decision<'p> {
-        let mut also = |path: &str| {
+        other_paths(raw, |path| {
             d = d.merge(self.decide_on(req, Some(&path::Segments::new(path))));
-        };
-        if let Some(literal) = path::literal(raw) {
-            also(&literal);
-        }
-        if let Some(decoded) = path::with_slashes_decoded(raw) {
-            also(&path::normalize(&decoded));
-            if let Some(literal) = path::literal(&decoded) {
-                also(&literal);
-            }
-        }
+        });
         d
     }
 
-    /// The decision on an already normalised path.
-    fn decide_on<'p>(
-        &'p self,
-        req: &Request<'_>,
-        segments: Option<&path::Segments<'_>>,
-    ) -> Decision<'p> {
+    /// Whether the request's body could change its decision: some rule with a `model` or
+    /// `dlp` condition matches everything else about it (on any reading of its path), before
+    /// any enforcing rule without one that matches. Only then is the body worth holding back:
+    /// a DLP rule on `chat` must not make every upload to the vendor wait for inspection.
+    pub fn body_could_decide(&self, req: &Request<'_>) -> bool {
+        let Some(raw) = req.path else {
+            // Body rules need a visible request; a tunnel has none.
+            return false;
+        };
+        if let Some(segments) = path::Segments::of_normal(raw) {
+            return self.body_could_decide_on(req, &segments);
+        }
+        let path = path::normalize(raw);
+        let mut could = self.body_could_decide_on(req, &path::Segments::new(&path));
+        if let std::borrow::Cow::Owned(_) = path {
+            other_paths(raw, |p| {
+                could = could || self.body_could_decide_on(req, &path::Segments::new(p));
+            });
+        }
+        could
+    }
+
+    fn body_could_decide_on(&self, req: &Request<'_>, segments: &path::Segments<'_>) -> bool {
+        let (facts, hit) = self.facts_of(req, Some(segments));
+        // The first enforcing rule that matches whatever the body says, and the first rule
+        // the body could make match: the body matters when the second comes first.
+        let mut settled = u32::MAX;
+        let mut first_body = u32::MAX;
+        self.for_each_candidate_list(req.host, hit, true, |list| {
+            for &i in list {
+                if i >= settled.min(first_body) {
+                    return;
+                }
+                let rule = &self.rules[i as usize];
+                if !rule.matches_but_body(&facts) {
+                    continue;
+                }
+                if rule.reads_body() {
+                    first_body = i;
+                    return;
+                }
+                if rule.mode == Mode::Enforce {
+                    settled = i;
+                    return;
+                }
+            }
+        });
+        first_body < settled
+    }
+
+    /// What the rules match on, for one reading of the request's path.
+    fn facts_of<'r>(
+        &self,
+        req: &Request<'r>,
+        segments: Option<&'r path::Segments<'r>>,
+    ) -> (Facts<'r>, Option<catalog::VendorHit>) {
         let hit = self.catalog.lookup(req.host);
         let endpoint = match hit {
             Some(h) => self.catalog.classify(h, segments),
@@ -272,13 +313,56 @@ impl Policy {
             model: req.body.model,
             dlp: req.body.dlp,
         };
+        (facts, hit)
+    }
+
+    /// The index's lists of rules that may apply to `host`, each in rule order; a rule is in
+    /// one of them at most.
+    fn for_each_candidate_list(
+        &self,
+        host: &Host,
+        hit: Option<catalog::VendorHit>,
+        path_visible: bool,
+        mut consider: impl FnMut(&[u32]),
+    ) {
+        // Without a visible path (a tunnel) rules that need one cannot match: skip them.
+        let (generic, by_vendor) = match path_visible {
+            true => (&self.index.generic, &self.index.by_vendor),
+            false => (&self.index.generic_pathless, &self.index.by_vendor_pathless),
+        };
+        consider(generic);
+        if let Some(h) = hit {
+            if let Some(list) = by_vendor.get(h.vendor as usize) {
+                consider(list);
+            }
+        }
+        match host {
+            Host::Name(name) => self.index.by_host.for_each_match(name, |list, _| {
+                consider(list);
+                true
+            }),
+            Host::Ip(ip) => {
+                if let Some(list) = self.index.by_ip.get(ip) {
+                    consider(list);
+                }
+            }
+        }
+    }
+
+    /// The decision on an already normalised path.
+    fn decide_on<'p>(
+        &'p self,
+        req: &Request<'_>,
+        segments: Option<&path::Segments<'_>>,
+    ) -> Decision<'p> {
+        let (facts, hit) = self.facts_of(req, segments);
 
         // The first match, and the first enforcing match: a shadow rule must not change what
         // happens (a trial allow above a block, or above `defaults.action = "block"`, would
         // otherwise let traffic through).
         let mut best = u32::MAX;
         let mut best_enforced = u32::MAX;
-        let mut consider = |list: &[u32]| {
+        let consider = |list: &[u32]| {
             // Lists are in rule order: the first enforcing match ends this list.
             for &i in list {
                 if i >= best_enforced {
@@ -294,29 +378,9 @@ impl Policy {
                 }
             }
         };
-        // Without a visible path (a tunnel) rules that need one cannot match: skip them.
-        let (generic, by_vendor) = match segments {
-            Some(_) => (&self.index.generic, &self.index.by_vendor),
-            None => (&self.index.generic_pathless, &self.index.by_vendor_pathless),
-        };
-        consider(generic);
-        if let Some(h) = hit {
-            if let Some(list) = by_vendor.get(h.vendor as usize) {
-                consider(list);
-            }
-        }
-        match req.host {
-            Host::Name(name) => self.index.by_host.for_each_match(name, |list, _| {
-                consider(list);
-                true
-            }),
-            Host::Ip(ip) => {
-                if let Some(list) = self.index.by_ip.get(ip) {
-                    consider(list);
-                }
-            }
-        }
+        self.for_each_candidate_list(req.host, hit, segments.is_some(), consider);
 
+        let endpoint = facts.endpoint;
         let vendor = hit.map(|h| self.catalog.vendor(h.vendor));
         // A shadow rule is what the record shows only when the enforcing decision lets the
         // request through as is; a block, a limit, a tenant check or injected headers of the
@@ -452,6 +516,86 @@ action = "audit"
         let p = policy(&rules);
         let (action, rule, _) = decide(&p, &Method::GET, &host, "/");
         assert_eq!((action, rule.as_str()), (Action::Block, "widest"));
+    }
+
+    /// Whether `method host path` would have its body read for the rules.
+    fn reads_body(p: &Policy, method: &Method, host: &str, path: Option<&str>) -> bool {
+        let host = Host::parse(host).unwrap();
+        p.body_could_decide(&Request {
+            client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            user: None,
+            method,
+            host: &host,
+            port: 443,
+            path,
+            body: Default::default(),
+        })
+    }
+
+    /// A body is read only where a body rule could decide the request: its other conditions
+    /// met (on some reading of the path), and no enforcing rule without a body condition
+    /// matching first. A shadow rule first does not settle it.
+    #[test]
+    fn the_body_is_read_only_where_a_body_rule_could_decide() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "trial"
+vendor = "openai"
+endpoint = "chat"
+mode = "shadow"
+action = "block"
+
+[[rule]]
+id = "no-secrets-in-chat"
+vendor = "openai"
+endpoint = ["chat", "files"]
+method = "POST"
+dlp = "all"
+action = "block"
+
+[[rule]]
+id = "embeddings-ok"
+vendor = "anthropic"
+action = "allow"
+
+[[rule]]
+id = "no-opus"
+vendor = "anthropic"
+model = "claude-opus*"
+action = "block"
+
+[[rule]]
+id = "dlp-everywhere-else"
+host = ".example.org"
+dlp = "all"
+action = "block"
+"#,
+        );
+        let post = &Method::POST;
+        let chat = Some("/v1/chat/completions");
+        assert!(reads_body(&p, post, "api.openai.com", chat));
+        assert!(!reads_body(&p, &Method::GET, "api.openai.com", chat));
+        assert!(!reads_body(
+            &p,
+            post,
+            "api.openai.com",
+            Some("/v1/embeddings")
+        ));
+        // Read as sent, `/v1/files/..` is under files: its body may be a file upload.
+        assert!(reads_body(&p, post, "api.openai.com", Some("/v1/files/..")));
+        assert!(reads_body(&p, post, "api.openai.com", Some("/v1%2Ffiles")));
+        // No path, no body rule: a CONNECT.
+        assert!(!reads_body(&p, &Method::CONNECT, "api.openai.com", None));
+        // An allow for the whole vendor comes first: the model rule can never decide.
+        assert!(!reads_body(
+            &p,
+            post,
+            "api.anthropic.com",
+            Some("/v1/messages")
+        ));
+        assert!(reads_body(&p, post, "x.example.org", Some("/upload")));
+        assert!(!reads_body(&p, post, "example.com", Some("/upload")));
     }
 
     const DOT_RULES: &str = r#"
@@ -636,6 +780,20 @@ set_headers = { "openai-organization" = "org-company" }
                 Action::Allow,
                 "{m}"
             );
+        }
+    }
+}
+
+/// The other ways origins may read `raw` (see `Policy::other_readings`), each a path for
+/// [`path::Segments::new`]: its dot segments as sent, its `%2F` decoded, and both.
+fn other_paths(raw: &str, mut each: impl FnMut(&str)) {
+    if let Some(literal) = path::literal(raw) {
+        each(&literal);
+    }
+    if let Some(decoded) = path::with_slashes_decoded(raw) {
+        each(&path::normalize(&decoded));
+        if let Some(literal) = path::literal(&decoded) {
+            each(&literal);
         }
     }
 }

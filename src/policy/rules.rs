@@ -115,6 +115,15 @@ fn same_method(rule: &Method, request: &Method) -> bool {
 impl Rule {
     /// Every condition but the host (the index already matched it).
     pub fn matches(&self, f: &Facts<'_>) -> bool {
+        self.matches_but_body(f)
+            && (self.models.is_empty()
+                || f.model
+                    .is_some_and(|m| self.models.iter().any(|g| glob_match(g, m))))
+            && (self.dlp == 0 || self.dlp & f.dlp != 0)
+    }
+
+    /// Every condition but the host and the body's (`model`, `dlp`).
+    pub fn matches_but_body(&self, f: &Facts<'_>) -> bool {
         (self.vendors.is_empty() || f.vendor.is_some_and(|v| self.vendors.contains(&v)))
             && (self.endpoints == 0 || self.endpoints & f.endpoint.bit() != 0)
             && (self.paths.is_empty()
@@ -126,10 +135,11 @@ impl Rule {
             && (self.users.is_empty()
                 || f.user.is_some_and(|u| self.users.iter().any(|x| &**x == u)))
             && (self.groups == 0 || self.groups & f.groups != 0)
-            && (self.models.is_empty()
-                || f.model
-                    .is_some_and(|m| self.models.iter().any(|g| glob_match(g, m))))
-            && (self.dlp == 0 || self.dlp & f.dlp != 0)
+    }
+
+    /// Whether what the body says (its `model`, DLP patterns) is among the conditions.
+    pub fn reads_body(&self) -> bool {
+        !self.models.is_empty() || self.dlp != 0
     }
 
     /// Conditions only visible inside a request (path, body): such a rule never matches an

@@ -391,11 +391,43 @@ async fn forward(
         headers: &parts.headers,
     };
 
-    // Body rules need the body before the decision; only read it when one could apply.
+    // Some front ends (Google's) and many frameworks act on a method-override header instead
+    // of the request line: a rule on `DELETE` must see a `POST` that says it is one.
+    // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
+    // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
+    let query = path_q.split_once('?').map(|(_, q)| q);
+    let Ok(named) = named_overrides(&parts.headers, query) else {
+        let e = ProxyError::MalformedRequest(format!(
+            "more than {MAX_READINGS} other methods and paths named by override fields and parameters"
+        ));
+        rejected(&state, peer, inside.map(|i| &**i), asked_of(), &e, start);
+        return respond::error(&e, realm, html);
+    };
+    // Body rules need the body before the decision; only read it when one could apply:
+    // to this vendor at all, then to this request on any of its readings.
+    let bodiless = policy::Request {
+        client: peer.addr.ip(),
+        user,
+        method: &parts.method,
+        host: &target.host,
+        port: target.port,
+        path: Some(path_q),
+        body: BodyFacts::default(),
+    };
     let wants_body = policy
         .inspection
         .as_ref()
-        .filter(|ins| ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor)));
+        .filter(|ins| ins.wanted(policy.catalog.lookup(&target.host).map(|h| h.vendor)))
+        .filter(|_| {
+            policy.body_could_decide(&bodiless)
+                || named.iter().any(|(method, path)| {
+                    policy.body_could_decide(&policy::Request {
+                        method: method.as_ref().unwrap_or(&parts.method),
+                        path: path.or(bodiless.path),
+                        ..bodiless
+                    })
+                })
+        });
     let (inspected, body) = match wants_body {
         Some(ins) => match Box::pin(super::inspect::inspect(
             ins,
@@ -420,27 +452,10 @@ async fn forward(
             dlp: i.dlp.0,
         });
     let asked = policy::Request {
-        client: peer.addr.ip(),
-        user,
-        method: &parts.method,
-        host: &target.host,
-        port: target.port,
-        path: Some(path_q),
         body: facts,
+        ..bodiless
     };
     let mut d = policy.decide(&asked);
-    // Some front ends (Google's) and many frameworks act on a method-override header instead
-    // of the request line: a rule on `DELETE` must see a `POST` that says it is one.
-    // IIS and Symfony route on `X-Original-URL` / `X-Rewrite-URL` instead of the request
-    // line, and Rails, Laravel and Express's method-override read a `_method` parameter.
-    let query = path_q.split_once('?').map(|(_, q)| q);
-    let Ok(named) = named_overrides(&parts.headers, query) else {
-        let e = ProxyError::MalformedRequest(format!(
-            "more than {MAX_READINGS} other methods and paths named by override fields and parameters"
-        ));
-        rejected(&state, peer, inside.map(|i| &**i), asked_of(), &e, start);
-        return respond::error(&e, realm, html);
-    };
     // A reload decides an open WebSocket again on what decided its handshake: the other
     // readings and the account fields too, as sent (before a rule's `set_headers`).
     let ws_facts = websocket.as_ref().map(|_| super::upgrade::Asked {
