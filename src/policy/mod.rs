@@ -431,6 +431,20 @@ impl Policy {
     }
 }
 
+/// The other ways origins may read `raw` (see `Policy::other_readings`), each a path for
+/// [`path::Segments::new`]: its dot segments as sent, its `%2F` decoded, and both.
+fn other_paths(raw: &str, mut each: impl FnMut(&str)) {
+    if let Some(literal) = path::literal(raw) {
+        each(&literal);
+    }
+    if let Some(decoded) = path::with_slashes_decoded(raw) {
+        each(&path::normalize(&decoded));
+        if let Some(literal) = path::literal(&decoded) {
+            each(&literal);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -780,20 +794,6 @@ set_headers = { "openai-organization" = "org-company" }
                 Action::Allow,
                 "{m}"
             );
-        }
-    }
-}
-
-/// The other ways origins may read `raw` (see `Policy::other_readings`), each a path for
-/// [`path::Segments::new`]: its dot segments as sent, its `%2F` decoded, and both.
-fn other_paths(raw: &str, mut each: impl FnMut(&str)) {
-    if let Some(literal) = path::literal(raw) {
-        each(&literal);
-    }
-    if let Some(decoded) = path::with_slashes_decoded(raw) {
-        each(&path::normalize(&decoded));
-        if let Some(literal) = path::literal(&decoded) {
-            each(&literal);
         }
     }
 }
