@@ -287,6 +287,21 @@ where
     .await
 }
 
+/// Reads `ws` until it ends (a close, a reset or the end of the stream).
+async fn until_closed<S>(ws: &mut WebSocketStream<S>, what: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    within(what, async {
+        while let Some(m) = ws.next().await {
+            if m.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// The greeting, then a text and a 70,000-byte binary message echoed, then a clean close.
 async fn converse<S>(ws: &mut WebSocketStream<S>)
 where
@@ -309,14 +324,7 @@ where
         .await
         .expect("close");
     // The origin answers the close and the proxy passes its end on.
-    within("the websocket to end", async {
-        while let Some(m) = ws.next().await {
-            if m.is_err() {
-                break;
-            }
-        }
-    })
-    .await;
+    until_closed(ws, "the websocket to end").await;
 }
 
 fn assert_switched(head: &str) {
@@ -611,14 +619,7 @@ async fn a_reload_that_blocks_the_vendor_closes_its_open_websockets() {
             .await,
         200
     );
-    within("the websocket to be closed", async {
-        while let Some(m) = ws.next().await {
-            if m.is_err() {
-                break;
-            }
-        }
-    })
-    .await;
+    until_closed(&mut ws, "the websocket to be closed").await;
     let rec = only_record(&proxy, "/realtime").await;
     assert_eq!(
         (rec["action"].as_str(), rec["rule"].as_str()),
@@ -692,14 +693,7 @@ async fn a_reload_decides_an_open_websocket_on_all_its_handshake_asked() {
                 continue;
             }
             _ => {
-                within("the websocket to be closed", async {
-                    while let Some(m) = ws.next().await {
-                        if m.is_err() {
-                            break;
-                        }
-                    }
-                })
-                .await;
+                until_closed(&mut ws, "the websocket to be closed").await;
                 only_record(&proxy, path).await
             }
         };
@@ -738,14 +732,7 @@ async fn a_byte_limit_ends_a_websocket_and_its_record_counts_only_what_was_relay
     ws.send(Message::binary(vec![7u8; 30_000]))
         .await
         .expect("send");
-    within("the websocket to be cut", async {
-        while let Some(m) = ws.next().await {
-            if m.is_err() {
-                break;
-            }
-        }
-    })
-    .await;
+    until_closed(&mut ws, "the websocket to be cut").await;
     let rec = only_record(&proxy, "/capped").await;
     assert_eq!(rec["action"], "limit", "{rec}");
     assert!(
