@@ -351,9 +351,33 @@ pub fn looks_like_key(seg: &str) -> bool {
     }
 }
 
+/// Whether a piece of a path is a credential by its shape, as sent or percent-decoded: an
+/// origin that decodes `%2F` reads `a%2Fsk-…` as a segment that is a key.
+fn hides_key(piece: &str) -> bool {
+    if looks_like_key(piece) {
+        return true;
+    }
+    if !piece.contains('%') {
+        return false;
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(piece).collect();
+    String::from_utf8_lossy(&decoded)
+        .split(['/', '\\', ';'])
+        .any(looks_like_key)
+}
+
+/// Whether a `;` parameter of a path segment hides a credential: by its name, as query
+/// parameters are, or by its value's shape, or (no `=`) by its own.
+fn param_hides(p: &str) -> bool {
+    match p.split_once('=') {
+        Some((name, value)) => secret_name(name) || hides_key(value),
+        None => hides_key(p),
+    }
+}
+
 /// The path (no query) for the log: segments that are credentials by their shape replaced,
-/// and `;name=value` segment parameters (which servlet containers read) redacted by name
-/// as query parameters are. Borrowed back when there is nothing to hide.
+/// and `;name=value` segment parameters (which servlet containers read) redacted by name or
+/// by the value's shape. Borrowed back when there is nothing to hide.
 fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
     // The usual path has neither a `;` nor a segment long enough to be a key: one pass over
     // its bytes tells, before any splitting.
@@ -373,11 +397,8 @@ fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(path);
     }
     let hides = |seg: &str| {
-        let (bare, params) = seg.split_once(';').unwrap_or((seg, ""));
-        looks_like_key(bare)
-            || params
-                .split(';')
-                .any(|p| p.split_once('=').is_some_and(|(name, _)| secret_name(name)))
+        let mut pieces = seg.split(';');
+        pieces.next().is_some_and(hides_key) || pieces.any(param_hides)
     };
     if !path.split('/').any(hides) {
         return std::borrow::Cow::Borrowed(path);
@@ -387,19 +408,18 @@ fn redact_segments(path: &str) -> std::borrow::Cow<'_, str> {
         if i > 0 {
             out.push('/');
         }
-        let (bare, params) = match seg.split_once(';') {
-            Some((b, p)) => (b, Some(p)),
-            None => (seg, None),
-        };
-        out.push_str(if looks_like_key(bare) { REDACTED } else { bare });
-        for p in params.into_iter().flat_map(|p| p.split(';')) {
+        let mut pieces = seg.split(';');
+        let bare = pieces.next().unwrap_or_default();
+        out.push_str(if hides_key(bare) { REDACTED } else { bare });
+        for p in pieces {
             out.push(';');
             match p.split_once('=') {
-                Some((name, _)) if secret_name(name) => {
+                Some((name, _)) if param_hides(p) => {
                     out.push_str(name);
                     out.push('=');
                     out.push_str(REDACTED);
                 }
+                None if param_hides(p) => out.push_str(REDACTED),
                 _ => out.push_str(p),
             }
         }
@@ -429,10 +449,10 @@ pub fn redact_path(path_and_query: &str) -> Box<str> {
                 out.push_str(name);
                 out.push('=');
                 // By its name, or by its shape (`?model=sk-…`, a key where none is expected).
-                let secret = secret_name(name) || looks_like_key(value);
+                let secret = secret_name(name) || hides_key(value);
                 out.push_str(if secret { REDACTED } else { value });
             }
-            None => out.push_str(pair),
+            None => out.push_str(if hides_key(pair) { REDACTED } else { pair }),
         }
         match sep {
             Some(sep) => out.push_str(sep),
@@ -1405,6 +1425,26 @@ mod tests {
                 "/botanical-garden-images-2024:x",
             ),
             ("/a;b;c=d", "/a;b;c=d"),
+            // Keys behind an encoded slash, in a segment parameter of any name or none, or
+            // percent-encoded: an origin that decodes reads a key there.
+            (
+                "/v1/models/a%2Fsk-proj-ZQXpath0123456789abcd",
+                "/v1/models/REDACTED",
+            ),
+            (
+                "/v1/chat/completions;x=sk-proj-ZQXparam0123456789ab",
+                "/v1/chat/completions;x=REDACTED",
+            ),
+            (
+                "/v1/files;sk-proj-ZQXbare0123456789abcd/x",
+                "/v1/files;REDACTED/x",
+            ),
+            ("/v1/sk%2Dproj%2DZQXenc0123456789abcd", "/v1/REDACTED"),
+            (
+                "/p?x=a%2Fsk-proj-ZQXquery0123456789ab&sk-proj-ZQXbare0123456789abcd",
+                "/p?x=REDACTED&REDACTED",
+            ),
+            ("/v1/models/a%2Fgpt-4o-mini", "/v1/models/a%2Fgpt-4o-mini"),
             ("", ""),
             ("/", "/"),
         ] {

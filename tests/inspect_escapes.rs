@@ -493,6 +493,35 @@ async fn the_model_of_a_form_or_query_is_read() {
             let (_, b) = multipart(&[("model", "gpt-4o-mini")]);
             ("multipart-no-boundary", "multipart/form-data".to_owned(), b)
         },
+        // Two boundaries, the second framing a body of its own in front: Werkzeug and
+        // python-multipart take the last boundary and read `gpt-4o`.
+        {
+            let (ct, b) = multipart(&[("model", "gpt-4o-mini")]);
+            let mut body = b"--BBB\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o\r\n--BBB--\r\n\r\n".to_vec();
+            body.extend_from_slice(&b);
+            (
+                "multipart-two-boundaries",
+                format!("{ct}; boundary=BBB"),
+                body,
+            )
+        },
+        {
+            let (ct, b) = multipart(&[("model", "gpt-4o-mini")]);
+            ("multipart-boundary-list", format!("{ct}, x"), b)
+        },
+        // A delimiter after a bare LF inside the file part: Werkzeug ends the part there and
+        // reads the `model` part after it.
+        {
+            let (ct, b) = multipart(&[]);
+            let boundary = ct.rsplit('=').next().expect("boundary");
+            let smuggled = format!(
+                "RIFF\n--{boundary}\nContent-Disposition: form-data; name=\"model\"\n\ngpt-4o\n--{boundary}--"
+            );
+            let b = String::from_utf8_lossy(&b)
+                .replacen("RIFF", &smuggled, 1)
+                .into_bytes();
+            ("multipart-bare-lf", ct, b)
+        },
     ] {
         let p = format!("{audio}?{tag}");
         let r = post(&proxy, &p, &ct, body).await;

@@ -522,21 +522,24 @@ fn bchar(c: u8) -> bool {
 }
 
 /// Where the next delimiter line (`CRLF--boundary`) starts, at or after `from`: `Ok(None)` when
-/// the prefix ends first. `Err` when the boundary appears followed by something other than
-/// `--`, white space or CRLF: parsers differ on whether that ends the part.
+/// the prefix ends first. `Err` where parsers differ on whether a part ends: the boundary
+/// after a bare LF (Werkzeug takes it for a delimiter, python-multipart does not), or followed
+/// by something other than `--`, white space or CRLF.
 fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize>, ()> {
     let mut i = from;
-    // Boundary characters are never CR, so every byte is looked at most twice.
-    while let Some(k) = b.get(i..).and_then(|r| r.iter().position(|&c| c == b'\r')) {
-        let at = i + k;
-        let rest = &b[at..];
-        let line = [&b"\r\n--"[..], boundary];
-        let want = line.iter().flat_map(|s| s.iter());
+    // Boundary characters are never LF, so every byte is looked at most twice.
+    while let Some(k) = b.get(i..).and_then(|r| r.iter().position(|&c| c == b'\n')) {
+        let lf = i + k;
+        let rest = &b[lf + 1..];
+        let want = b"--".iter().chain(boundary);
         let n = rest.iter().zip(want).take_while(|(x, y)| x == y).count();
-        if n == 4 + boundary.len() {
+        if n == 2 + boundary.len() {
+            if lf == from || b[lf - 1] != b'\r' {
+                return Err(());
+            }
             return match rest.get(n) {
-                None => Ok(Some(at)),
-                Some(b'-' | b' ' | b'\t' | b'\r') => Ok(Some(at)),
+                None => Ok(Some(lf - 1)),
+                Some(b'-' | b' ' | b'\t' | b'\r') => Ok(Some(lf - 1)),
                 Some(_) => Err(()),
             };
         }
@@ -544,7 +547,7 @@ fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize
             // The prefix ends inside what may be a delimiter.
             return Ok(None);
         }
-        i = at + 1;
+        i = lf + 1;
     }
     Ok(None)
 }
@@ -555,7 +558,8 @@ pub(crate) type Param = (Vec<u8>, Vec<u8>, bool);
 /// A `;`-separated parameter list (`form-data; name="model"`, `text/plain; charset=utf-8`):
 /// the leading value, then each parameter's lowercased name, value (quotes removed, backslash
 /// escapes decoded) and whether the value had an escape. `None` when a quoted string is not
-/// closed or is followed by something other than `;`.
+/// closed or is followed by something other than `;`, or a bare value has a space, a control
+/// character, a comma, a quote or a backslash in it.
 pub(crate) fn params(v: &[u8]) -> Option<(&[u8], Vec<Param>)> {
     let first = v.iter().position(|&c| c == b';').unwrap_or(v.len());
     let head = v[..first].trim_ascii();
@@ -610,7 +614,13 @@ pub(crate) fn params(v: &[u8]) -> Option<(&[u8], Vec<Param>)> {
                 .iter()
                 .position(|&c| c == b';')
                 .map_or(v.len(), |k| i + k);
-            value.extend_from_slice(v[i..end].trim_ascii());
+            let bare = v[i..end].trim_ascii();
+            // A bare value is a token: parsers that stop at a comma, a space or a quote
+            // read `boundary=a, b` as `a`, others as all of it.
+            if bare.iter().any(|&c| c <= b' ' || b",\"\\".contains(&c)) {
+                return None;
+            }
+            value.extend_from_slice(bare);
             i = end;
         }
         out.push((name, value, escaped));
@@ -674,7 +684,7 @@ fn part_head(block: &[u8]) -> Result<PartHead, ()> {
 /// The field name a `Content-Disposition` value gives. `name="model"` is the model; a name
 /// that is `model` only with its backslash escapes decoded, or an RFC 5987 `name*=` beside
 /// or instead of it where either one is (or looks like) `model`, is read differently by
-/// different parsers. Two `name` parameters are an error.
+/// different parsers, and so is a continued `name*0=`. Two `name` or two `name*` are an error.
 fn disposition_name(value: &[u8]) -> Result<Option<Name>, ()> {
     let (_, ps) = params(value).ok_or(())?;
     let mut name = None;
@@ -682,6 +692,7 @@ fn disposition_name(value: &[u8]) -> Result<Option<Name>, ()> {
     for (n, v, escaped) in &ps {
         match n.as_slice() {
             b"name" if name.is_some() => return Err(()),
+            b"name*" if star.is_some() => return Err(()),
             b"name" => {
                 name = Some(match name_kind(v) {
                     Name::Model if *escaped => Name::LooksLike,
@@ -693,6 +704,9 @@ fn disposition_name(value: &[u8]) -> Result<Option<Name>, ()> {
                 let text = v.splitn(3, |&c| c == b'\'').nth(2).unwrap_or(v);
                 star = Some(name_kind(&percent_decode(text, false)));
             }
+            // RFC 2231 continuations (`name*0="mo"; name*1="del"`): joined by some parsers
+            // (Werkzeug, Python's email), ignored by others.
+            n if n.starts_with(b"name*") => star = Some(Name::LooksLike),
             _ => {}
         }
     }
@@ -1494,6 +1508,10 @@ mod tests {
             mp(&[("Content-Disposition: form-data; name*=UTF-8''mod%65l", "b")]),
             mp(&[("Content-Disposition: form-data; name=\"model\"; name*=utf-8''x", "b")]),
             mp(&[("Content-Disposition: form-data; name=\"model\"; name=\"x\"", "b")]),
+            mp(&[("Content-Disposition: form-data; name*=utf-8''model; name*=utf-8''x", "b")]),
+            mp(&[("Content-Disposition: form-data; name*0=\"mo\"; name*1=\"del\"", "b")]),
+            mp(&[("Content-Disposition: form-data; name=\"x\"; name*0*=utf-8''model", "b")]),
+            mp(&[("Content-Disposition: form-data; name=model, x", "b")]),
             mp(&[(&format!("{MODEL_PART}; filename=\"m.txt\""), "b")]),
             mp(&[(&format!("{MODEL_PART}\r\nContent-Transfer-Encoding: base64"), "Yg==")]),
             mp(&[(&format!("{MODEL_PART}\r\nContent-Type: text/plain; charset=utf-16"), "b")]),
@@ -1503,6 +1521,14 @@ mod tests {
             mp(&[("no colon", "b")]),
             // The boundary inside a part, followed by something else.
             mp(&[(MODEL_PART, "a\r\n--xYz-123x\r\nmore")]),
+            // A delimiter after a bare LF, inside a part: Werkzeug ends the part there.
+            mp(&[
+                (
+                    "Content-Disposition: form-data; name=\"file\"; filename=\"a.wav\"",
+                    "RIFF\n--xYz-123\nContent-Disposition: form-data; name=\"model\"\n\ngpt-4o\n--xYz-123--",
+                ),
+                (MODEL_PART, "whisper-1"),
+            ]),
             // Bare LF line ends.
             b"--xYz-123\nContent-Disposition: form-data; name=\"model\"\n\nb\n--xYz-123--\n".to_vec(),
             b"--xYz-123\r\nContent-Disposition: form-data; name=\"model\"\nX: y\r\n\r\nb\r\n--xYz-123--".to_vec(),
@@ -1560,5 +1586,9 @@ mod tests {
         );
         assert!(params(b"form-data; name=\"open").is_none());
         assert!(params(b"form-data; name=\"a\"b").is_none());
+        for bare in ["a, b", "a b", "a\"b", "a\\b", "a\tb"] {
+            let v = format!("form-data; name={bare}; x=1");
+            assert!(params(v.as_bytes()).is_none(), "{bare}");
+        }
     }
 }

@@ -85,9 +85,14 @@ fn declared(headers: &HeaderMap) -> Declared {
             d.form = true;
         }
         if essence == b"multipart/form-data" {
-            let boundary = ps.iter().find(|(n, _, _)| n == b"boundary");
-            d.multipart
-                .push(boundary.map(|(_, v, _)| v.clone()).unwrap_or_default());
+            // One plain `boundary` or none read: with two, or an RFC 2231 `boundary*`, parsers
+            // pick different ones (Werkzeug the last), and an empty one makes the body doubtful.
+            let mut named = ps.iter().filter(|(n, _, _)| n.starts_with(b"boundary"));
+            let boundary = match (named.next(), named.next()) {
+                (Some((n, v, _)), None) if n == b"boundary" => v.clone(),
+                _ => Vec::new(),
+            };
+            d.multipart.push(boundary);
         }
         if essence.starts_with(b"multipart/")
             || essence.starts_with(b"image/")
@@ -648,5 +653,22 @@ mod tests {
             (Some("whisper-1".into()), false)
         );
         assert!(read(&["multipart/form-data"], mp, true).1, "no boundary");
+        // Boundaries parsers pick differently: Werkzeug and python-multipart take the last of
+        // two, an RFC 2231 one, or the token before a comma.
+        for ct in [
+            "multipart/form-data; boundary=x; boundary=b",
+            "multipart/form-data; boundary=b; boundary=b",
+            "multipart/form-data; boundary=x; boundary*=utf-8''b",
+            "multipart/form-data; boundary*=utf-8''b",
+            "multipart/form-data; boundary*0=b",
+        ] {
+            assert!(read(&[ct], mp, true).1, "{ct}");
+        }
+        for ct in [
+            "multipart/form-data; boundary=b, x",
+            "multipart/form-data; boundary=b x",
+        ] {
+            assert!(declared(&headers(&[ct])).unreadable.is_some(), "{ct}");
+        }
     }
 }
