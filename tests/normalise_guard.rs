@@ -257,6 +257,47 @@ async fn every_spelling_of_a_blocked_path_is_blocked() {
     );
 }
 
+/// Google's APIs name the method after a colon (`models/x:generateContent`); origins that
+/// decode `%3A` before routing (Go's `net/http`, Express, Werkzeug) read `x%3AgenerateContent`
+/// the same, so an endpoint rule holds for that spelling too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escaped_colon_does_not_change_the_endpoint() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("generativelanguage.googleapis.com", origin.addr)
+            .tail(
+                "[[rule]]\nid = \"no-gemini-chat\"\nvendor = \"google-gemini\"\nendpoint = [\"chat\", \"batches\"]\naction = \"block\"\n",
+            ),
+    )
+    .await;
+    let base = "http://generativelanguage.googleapis.com";
+    for path in [
+        "/v1beta/models/gemini-pro:generateContent",
+        "/v1beta/models/gemini-pro%3AgenerateContent",
+        "/v1beta/models/gemini-pro%3abatchGenerateContent",
+        "/v1beta%2Fmodels/gemini-pro%3AstreamGenerateContent?alt=sse",
+    ] {
+        let r = raw_get(proxy.addr, &format!("{base}{path}"), &[]).await;
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        let rec = proxy.audit_path(path).await;
+        assert_eq!(rec["rule"], "no-gemini-chat", "{rec}");
+    }
+    let r = raw_get(
+        proxy.addr,
+        &format!("{base}/v1beta/models/gemini-pro%3A"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen: Vec<String> = origin.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(
+        seen,
+        ["/v1beta/models/gemini-pro%3A"],
+        "forwarded as spelled"
+    );
+}
+
 /// `..` after a blocked endpoint's segment, in every spelling: an origin that does not resolve
 /// dot segments routes the request under that endpoint, so the endpoint rule holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,8 +216,9 @@ impl Policy {
     /// ([`Decision::merge`]):
     /// - dot segments: the normal form resolves them, but origins that route on the path as
     ///   sent (Express, many gateways) still see `/v1/files/..` under `/v1/files`;
-    /// - `%2F` (and `%5C`) is data to RFC 3986 and to most origins, but some (ASGI servers
-    ///   among them) route on the decoded path, where `/v1%2Ffiles` is `/v1/files`;
+    /// - `%2F` (and `%5C`) and `%3A` are data to RFC 3986 and to most origins, but some (ASGI
+    ///   servers among them) route on the decoded path, where `/v1%2Ffiles` is `/v1/files` and
+    ///   `/models/x%3AgenerateContent` is Gemini's `generateContent`;
     /// - and both at once (`/v1/files%2F..`).
     ///
     /// Out of line: `decide` stays small for the usual path, which never gets here.
@@ -228,7 +229,7 @@ impl Policy {
         raw: &str,
         mut d: Decision<'p>,
     ) -> Decision<'p> {
-        other_paths(raw, |path| {
+        path::other_readings(raw, |path| {
             d = d.merge(self.decide_on(req, Some(&path::Segments::new(path))));
         });
         d
@@ -249,7 +250,7 @@ impl Policy {
         let path = path::normalize(raw);
         let mut could = self.body_could_decide_on(req, &path::Segments::new(&path));
         if let std::borrow::Cow::Owned(_) = path {
-            other_paths(raw, |p| {
+            path::other_readings(raw, |p| {
                 could = could || self.body_could_decide_on(req, &path::Segments::new(p));
             });
         }
@@ -428,20 +429,6 @@ impl Policy {
             .enumerate()
             .filter(move |(i, _)| mask & (1 << i) != 0)
             .map(|(_, g)| g)
-    }
-}
-
-/// The other ways origins may read `raw` (see `Policy::other_readings`), each a path for
-/// [`path::Segments::new`]: its dot segments as sent, its `%2F` decoded, and both.
-fn other_paths(raw: &str, mut each: impl FnMut(&str)) {
-    if let Some(literal) = path::literal(raw) {
-        each(&literal);
-    }
-    if let Some(decoded) = path::with_slashes_decoded(raw) {
-        each(&path::normalize(&decoded));
-        if let Some(literal) = path::literal(&decoded) {
-            each(&literal);
-        }
     }
 }
 

@@ -127,42 +127,72 @@ fn normal_form(path: &str, resolve_dots: bool) -> String {
     s
 }
 
-/// The path part with every `%2F` (and `%5C`, a backslash) read as `/` (the query dropped),
-/// when it has one: how an origin that decodes before routing sees it. `None` when there is no
-/// encoded slash.
-pub fn with_slashes_decoded(path_and_query: &str) -> Option<String> {
+/// Every other way origins may read `path_and_query` that [`normalize`] does not cover, each
+/// as a path for [`Segments::new`]: its dot segments kept as sent ([`literal`]), and each
+/// reading of [`with_delimiters_decoded`], with its dot segments resolved and as sent.
+pub fn other_readings(path_and_query: &str, mut each: impl FnMut(&str)) {
+    if let Some(literal) = literal(path_and_query) {
+        each(&literal);
+    }
+    with_delimiters_decoded(path_and_query, |decoded| {
+        each(&normalize(decoded));
+        if let Some(literal) = literal(decoded) {
+            each(&literal);
+        }
+    });
+}
+
+/// Escapes of delimiters that RFC 3986 makes data but some origins decode before routing
+/// (ASGI servers, Go's `net/http` and Express among them), by kind.
+const ESC_SLASH: u8 = 1;
+const ESC_COLON: u8 = 2;
+
+fn escaped_delimiter(b: &[u8], i: usize) -> u8 {
+    if b[i] != b'%' {
+        return 0;
+    }
+    match (b.get(i + 1), b.get(i + 2)) {
+        // `%2F`, and `%5C` (a backslash, which IIS reads as `/`).
+        (Some(b'2'), Some(b'f' | b'F')) | (Some(b'5'), Some(b'c' | b'C')) => ESC_SLASH,
+        // `%3A`: Google's APIs put the method after a colon (`models/x:generateContent`).
+        (Some(b'3'), Some(b'a' | b'A')) => ESC_COLON,
+        _ => 0,
+    }
+}
+
+/// The path part (the query dropped) with escaped delimiters decoded, once for each kind it
+/// has and once for all of them: `/v1%2Ffiles` as `/v1/files`, `/models/x%3AgenerateContent`
+/// as `/models/x:generateContent`. Nothing when it has none.
+pub fn with_delimiters_decoded(path_and_query: &str, mut each: impl FnMut(&str)) {
     // Every decision asks: the usual answer has to be one memchr.
     if !path_and_query.as_bytes().contains(&b'%') {
-        return None;
+        return;
     }
-    let end = path_and_query
-        .bytes()
-        .position(|c| c == b'?' || c == b'#')
-        .unwrap_or(path_and_query.len());
-    let b = &path_and_query.as_bytes()[..end];
-    let is_slash = |i: usize| {
-        b[i] == b'%'
-            && matches!(
-                (b.get(i + 1), b.get(i + 2)),
-                (Some(b'2'), Some(b'f' | b'F')) | (Some(b'5'), Some(b'c' | b'C'))
-            )
-    };
-    if !(0..b.len()).any(is_slash) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if is_slash(i) {
-            out.push(b'/');
+    let b = path_only(path_and_query).as_bytes();
+    let present = (0..b.len()).fold(0, |kinds, i| kinds | escaped_delimiter(b, i));
+    for which in [ESC_SLASH, ESC_COLON, ESC_SLASH | ESC_COLON] {
+        if which & present != which {
+            continue;
+        }
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match escaped_delimiter(b, i) & which {
+                ESC_SLASH => out.push(b'/'),
+                ESC_COLON => out.push(b':'),
+                _ => {
+                    out.push(b[i]);
+                    i += 1;
+                    continue;
+                }
+            }
             i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
+        }
+        // Only ASCII escapes were replaced, so the rest is still UTF-8.
+        if let Ok(decoded) = String::from_utf8(out) {
+            each(&decoded);
         }
     }
-    // Only ASCII bytes were replaced, so the rest is still UTF-8.
-    String::from_utf8(out).ok()
 }
 
 fn decode_unreserved(path: &str) -> String {
@@ -647,19 +677,48 @@ mod tests {
             assert_eq!(normalize(spelled), "/v1/batches", "{spelled}");
         }
         assert_eq!(normalize("/v1/batches;x/"), "/v1/batches/");
+        let decoded = |p: &str| {
+            let mut all = Vec::new();
+            with_delimiters_decoded(p, |d| all.push(d.to_owned()));
+            all
+        };
+        assert_eq!(decoded("/v1%5cfiles%5C"), ["/v1/files/"]);
+        assert_eq!(decoded("/v1%2Ffiles%2f?q=%2F"), ["/v1/files/"]);
+        assert!(decoded("/v1/files?q=%2F").is_empty());
+        assert!(decoded("/v1/%2").is_empty());
+        assert!(decoded("/v1/%3").is_empty());
+        assert!(decoded("/v1/%41").is_empty());
         assert_eq!(
-            with_slashes_decoded("/v1%5cfiles%5C").as_deref(),
-            Some("/v1/files/")
-        );
-        assert_eq!(
-            with_slashes_decoded("/v1%2Ffiles%2f?q=%2F").as_deref(),
-            Some("/v1/files/")
-        );
-        assert_eq!(with_slashes_decoded("/v1/files?q=%2F"), None);
-        assert_eq!(with_slashes_decoded("/v1/%2"), None);
-        assert_eq!(
-            normalize(&with_slashes_decoded("/v1/x%2F..%2Fbatches").unwrap()),
+            normalize(&decoded("/v1/x%2F..%2Fbatches")[0]),
             "/v1/batches"
+        );
+        assert_eq!(
+            decoded("/v1beta/models/x%3agenerateContent"),
+            ["/v1beta/models/x:generateContent"]
+        );
+        // Each kind alone, and both: an origin may decode one and not the other.
+        assert_eq!(decoded("/a%2Fb%3Ac"), ["/a/b%3Ac", "/a%2Fb:c", "/a/b:c"]);
+        let mut all = Vec::new();
+        other_readings("/v1/models/x%3A..%2Fbatches", |p| all.push(p.to_owned()));
+        assert_eq!(
+            all,
+            [
+                "/v1/models/x%3a../batches",
+                "/v1/models/x:..%2fbatches",
+                "/v1/models/x:../batches",
+            ]
+        );
+        all.clear();
+        other_readings("/v1/m/..%2Fx%3Ay", |p| all.push(p.to_owned()));
+        assert_eq!(
+            all,
+            [
+                "/v1/x%3ay",
+                "/v1/m/../x%3ay",
+                "/v1/m/..%2fx:y",
+                "/v1/x:y",
+                "/v1/m/../x:y"
+            ]
         );
         assert_eq!(normalize(""), "/");
         assert_eq!(normalize("/../.."), "/");

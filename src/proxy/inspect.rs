@@ -367,15 +367,9 @@ pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record, overridden: bool
     };
     let hit = policy.catalog.lookup(&host);
     let path_q = rec.path.as_deref().unwrap_or("/");
-    // Every reading `Policy::decide` merges: the normal form, dot segments kept as sent, and
-    // both again with `%2F` decoded.
-    let decoded = path::with_slashes_decoded(path_q);
+    // Every reading `Policy::decide` merges.
     let mut paths = vec![path::normalize(path_q)];
-    paths.extend(path::literal(path_q).map(Cow::Owned));
-    if let Some(p) = &decoded {
-        paths.push(Cow::Owned(path::normalize(p).into_owned()));
-        paths.extend(path::literal(p).map(Cow::Owned));
-    }
+    path::other_readings(path_q, |p| paths.push(Cow::Owned(p.to_owned())));
     let last = match d.rule {
         Some(r) if r.mode == Mode::Enforce && paths.len() == 1 && !overridden => policy
             .rules
