@@ -336,7 +336,8 @@ fn explain(
         "mode": d.mode.as_str(),
         "enforced": if port_refused { "block" } else { d.enforced().as_str() },
         "reason": reason,
-        "model": model_lower,
+        // The model the path names is the one rules read, whatever `--model` says.
+        "model": path_q.as_deref().and_then(|q| p.path_model(&host, q)).or(model_lower),
         "intercept": if connect { Some(intercepted) } else { None },
         "limits": d.rule.filter(|_| d.action == Action::Limit).map(|r| {
             r.limits.iter().map(|l| json!({

@@ -803,3 +803,50 @@ async fn bodies_are_read_only_where_a_body_rule_could_apply() {
     .await;
     assert_eq!(r.status, 403, "{r:?}");
 }
+
+/// Gemini names the model in the path (`/v1beta/models/gemini-2.5-pro:generateContent`), and
+/// its API reads no `model` in the body: model rules read the path's, the audit records it, and
+/// a body held back for DLP cannot make the model doubtful.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_the_path_is_read_there() {
+    let origin = Origin::http().await;
+    let host = "generativelanguage.googleapis.com";
+    let proxy = Proxy::start(Config::new().vendor(host, origin.addr).tail(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"google-gemini\"\ndlp = \"all\"\naction = \"block\"\n\n\
+         [[rule]]\nid = \"no-pro\"\nvendor = \"google-gemini\"\nmodel = \"gemini-2.5-pro*\"\naction = \"block\"\n\n\
+         [inspect]\nmax_body = \"1KiB\"\n",
+    ))
+    .await;
+    let send = |path: &'static str, body: String| {
+        fetch(
+            proxy
+                .client()
+                .post(format!("http://{host}{path}"))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+    };
+    let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
+    let r = send(pro, "{}".into()).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-portcullis-rule"), Some("no-pro"), "{r:?}");
+    assert_eq!(proxy.audit_path(pro).await["model"], "gemini-2.5-pro");
+
+    // The body's `model` is not what Gemini serves: the path's is.
+    let flash = "/v1beta/models/gemini-2.5-flash:generateContent?named";
+    let r = send(flash, r#"{"model":"gemini-2.5-pro","contents":[]}"#.into()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(proxy.audit_path(flash).await["model"], "gemini-2.5-flash");
+
+    // Past max_body, read for DLP only: it streams on, as DLP-only bodies do.
+    let long = "/v1beta/models/gemini-2.5-flash:generateContent?long";
+    let body = format!(r#"{{"contents":"{}"}}"#, "a".repeat(4096));
+    let r = send(long, body.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = proxy.audit_path(long).await;
+    assert_eq!(rec["model"], "gemini-2.5-flash", "{rec}");
+    let seen = origin.request(long).await;
+    assert_eq!(seen.body_fnv, fnv1a(FNV_START, body.as_bytes()));
+    let uris: Vec<String> = origin.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris.len(), 2, "{uris:?}");
+}

@@ -196,11 +196,30 @@ fn add_vendor(
             }
         }
     }
-    let vid = catalog.push_vendor(Vendor::new(
-        id,
-        def.name.as_deref().unwrap_or(id),
-        endpoints,
-    ));
+    let mut model_paths = Vec::new();
+    for p in &def.model_paths {
+        let prefix = p
+            .get_ref()
+            .strip_suffix("/{model}")
+            .filter(|prefix| !prefix.contains(['{', '}']))
+            .ok_or_else(|| {
+                src.error(
+                    src.at(file, p),
+                    format!(
+                        "model path {:?} must end in \"/{{model}}\" and name it once",
+                        p.get_ref()
+                    ),
+                )
+            })?;
+        let prefix = match prefix {
+            "" => "/",
+            s => s,
+        };
+        model_paths.push(PathPattern::parse(prefix).map_err(|e| src.error(src.at(file, p), e))?);
+    }
+    let vid = catalog.push_vendor(
+        Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints).with_model_paths(model_paths),
+    );
     for (hosts, app) in [(&def.hosts, false), (&def.app_hosts, true)] {
         for h in hosts {
             let pat = HostPattern::parse(h.get_ref()).map_err(|e| src.error(src.at(file, h), e))?;
@@ -1235,6 +1254,34 @@ mod tests {
             assert_eq!((e.line, e.col), (line, col), "{text}: {e}");
             assert!(e.msg.contains(words), "{text}: {e}");
         }
+    }
+
+    /// A vendor's `model_paths` must end in `/{model}` and hold no other placeholder; the
+    /// error points at the pattern.
+    #[test]
+    fn model_paths_name_the_model_segment_last() {
+        for (path, col) in [
+            ("/v1/models/*", 31),
+            ("/v1/{model}/x", 31),
+            ("/v1/{model}/{model}", 31),
+            ("v1/{model}", 31),
+        ] {
+            let text = format!(
+                "[[vendor]]\nid = \"x\"\nhosts = [\"api.x.example\"]\nmodel_paths = [\"/ok/{{model}}\", \"{path}\"]\n"
+            );
+            let e = load(&text).expect_err(&text);
+            assert_eq!((e.line, e.col), (5, col), "{text}: {e}");
+        }
+        let loaded = load(
+            "[[vendor]]\nid = \"x\"\nhosts = [\"api.x.example\"]\nmodel_paths = [\"/{model}\"]\n\
+             [[rule]]\nid = \"r\"\nmodel = \"m1\"\naction = \"block\"\n",
+        )
+        .unwrap();
+        let host = Host::parse("api.x.example").unwrap();
+        assert_eq!(
+            loaded.policy.path_model(&host, "/M1/run").as_deref(),
+            Some("m1")
+        );
     }
 
     /// Address literals, IPv6 bracketed or not, are still rule and intercept hosts.

@@ -143,6 +143,9 @@ pub struct VendorDef {
     pub hosts: Vec<S<String>>,
     #[serde(default)]
     pub app_hosts: Vec<S<String>>,
+    /// Path patterns ending in `/{model}`: the segment there names the model.
+    #[serde(default)]
+    pub model_paths: Vec<S<String>>,
     pub endpoints: Option<S<BTreeMap<String, Vec<S<String>>>>>,
 }
 

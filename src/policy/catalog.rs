@@ -81,6 +81,8 @@ pub struct Vendor {
     endpoints: Vec<(Endpoint, PathPattern)>,
     /// The same patterns, for classifying a path in one walk.
     trie: PathTrie<Endpoint>,
+    /// Path prefixes whose next segment names the model (`model_paths`, without `/{model}`).
+    model_paths: Vec<PathPattern>,
 }
 
 impl Vendor {
@@ -94,7 +96,19 @@ impl Vendor {
             name: name.into(),
             endpoints,
             trie,
+            model_paths: Vec::new(),
         }
+    }
+
+    /// Whether this vendor's API paths name the model (`model_paths`).
+    pub fn names_models(&self) -> bool {
+        !self.model_paths.is_empty()
+    }
+
+    /// Where this vendor's API paths name the model: each a prefix whose next segment does.
+    pub fn with_model_paths(mut self, prefixes: Vec<PathPattern>) -> Vendor {
+        self.model_paths = prefixes;
+        self
     }
 }
 
@@ -174,6 +188,29 @@ impl Catalog {
             vendor: e.vendor,
             app: e.app,
         })
+    }
+
+    /// The model a request's path names, for vendors whose APIs put it there (Gemini's
+    /// `/v1beta/models/gemini-2.5-pro:generateContent`, Bedrock's `/model/{id}/invoke`): the
+    /// segment after the longest of the vendor's `model_paths` prefixes the path matches. In
+    /// the path's last segment a `:method` suffix (Google's custom methods) is not part of it.
+    pub fn path_model<'s>(&self, hit: VendorHit, path: &Segments<'s>) -> Option<&'s str> {
+        let v = self.vendor(hit.vendor);
+        if !v.names_models() {
+            return None;
+        }
+        let at = v
+            .model_paths
+            .iter()
+            .filter(|p| p.matches_segments(path))
+            .map(PathPattern::len)
+            .max()?;
+        let seg = path.segment(at)?;
+        let model = match path.segment(at + 1) {
+            Some(_) => seg,
+            None => seg.rsplit_once(':').map_or(seg, |(m, _)| m),
+        };
+        (!model.is_empty()).then_some(model)
     }
 
     /// The endpoint class of a request to a vendor host; `path` is normalised, `None` for a

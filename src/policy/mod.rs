@@ -235,6 +235,19 @@ impl Policy {
         d
     }
 
+    /// The model the request's path names, for vendors whose APIs put it there (see
+    /// [`catalog::Catalog::path_model`]), lowercased as rules read it. For the audit record
+    /// and `explain`; decisions find it in their own pass.
+    pub fn path_model(&self, host: &Host, path_q: &str) -> Option<String> {
+        let hit = self.catalog.lookup(host)?;
+        if !self.catalog.vendor(hit.vendor).names_models() {
+            return None;
+        }
+        let path = path::normalize(path_q);
+        let segments = path::Segments::new(&path);
+        self.catalog.path_model(hit, &segments).map(str::to_owned)
+    }
+
     /// Whether the request's body could change its decision: some rule with a `model` or
     /// `dlp` condition matches everything else about it (on any reading of its path), before
     /// any enforcing rule without one that matches. Only then is the body worth holding back:
@@ -272,9 +285,14 @@ impl Policy {
                 if !rule.matches_but_body(&facts) {
                     continue;
                 }
-                if rule.reads_body() {
+                // A model the path names is known now: the rule is decided without the body
+                // unless it also has DLP patterns.
+                if rule.dlp != 0 || (!rule.models.is_empty() && facts.model.is_none()) {
                     first_body = i;
                     return;
+                }
+                if !rule.matches(&facts) {
+                    continue;
                 }
                 if rule.mode == Mode::Enforce {
                     settled = i;
@@ -311,7 +329,12 @@ impl Policy {
             path: segments,
             vendor: hit.map(|h| h.vendor),
             endpoint,
-            model: req.body.model,
+            // Where the vendor's path names the model, that is the one its API serves: a
+            // `model` in the body is not read there.
+            model: match (hit, segments) {
+                (Some(h), Some(s)) => self.catalog.path_model(h, s).or(req.body.model),
+                _ => req.body.model,
+            },
             dlp: req.body.dlp,
         };
         (facts, hit)
@@ -597,6 +620,103 @@ action = "block"
         ));
         assert!(reads_body(&p, post, "x.example.org", Some("/upload")));
         assert!(!reads_body(&p, post, "example.com", Some("/upload")));
+    }
+
+    /// Gemini, Vertex and Bedrock name the model in the path, not the body: model rules read
+    /// it there, and no body is held back for them.
+    #[test]
+    fn a_model_the_path_names_is_the_one_rules_read() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "no-big-models"
+vendor = ["google-gemini", "google-vertex", "aws-bedrock"]
+model = ["gemini-2.5-pro*", "anthropic.claude-opus*"]
+action = "block"
+"#,
+        );
+        let post = Method::POST;
+        let gemini = "generativelanguage.googleapis.com";
+        let vertex = "us-central1-aiplatform.googleapis.com";
+        let bedrock = "bedrock-runtime.us-east-1.amazonaws.com";
+        let block = |host: &str, path: &str| {
+            assert_eq!(
+                decide(&p, &post, host, path).0,
+                Action::Block,
+                "{host}{path}"
+            );
+        };
+        block(gemini, "/v1beta/models/gemini-2.5-pro:generateContent");
+        block(
+            gemini,
+            "/v1/models/GEMINI-2.5-PRO:streamGenerateContent?alt=sse",
+        );
+        block(gemini, "/v1beta/models/gemini-2.5-pro%3AgenerateContent");
+        block(gemini, "/v1beta/models/gemini-2.5-pro");
+        block(
+            vertex,
+            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro-preview:generateContent",
+        );
+        block(bedrock, "/model/anthropic.claude-opus-4-v1:0/invoke");
+        block(
+            bedrock,
+            "/model/anthropic.claude-opus-4-v1:0/converse-stream",
+        );
+        let allow = |host: &str, path: &str| {
+            assert_eq!(
+                decide(&p, &post, host, path).0,
+                Action::Allow,
+                "{host}{path}"
+            );
+        };
+        allow(gemini, "/v1beta/models/gemini-2.5-flash:generateContent");
+        allow(gemini, "/v1beta/models");
+        allow(gemini, "/v1beta/openai/chat/completions");
+        allow(bedrock, "/model/anthropic.claude-sonnet-4-v1:0/invoke");
+        // The path's model wins over what a body says.
+        let host = Host::parse(gemini).unwrap();
+        let d = p.decide(&Request {
+            client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            user: None,
+            method: &post,
+            host: &host,
+            port: 443,
+            path: Some("/v1beta/models/gemini-2.5-pro:generateContent"),
+            body: BodyFacts {
+                model: Some("gemini-2.5-flash"),
+                dlp: 0,
+            },
+        });
+        assert_eq!(d.enforced(), Action::Block);
+        // Decided from the path: no body to hold back. Where the path names none, the body
+        // could decide (the OpenAI-compatible endpoint).
+        assert!(!reads_body(
+            &p,
+            &post,
+            gemini,
+            Some("/v1beta/models/gemini-2.5-pro:generateContent")
+        ));
+        assert!(!reads_body(
+            &p,
+            &post,
+            gemini,
+            Some("/v1beta/models/gemini-2.5-flash:generateContent")
+        ));
+        assert!(reads_body(
+            &p,
+            &post,
+            gemini,
+            Some("/v1beta/openai/chat/completions")
+        ));
+        assert_eq!(
+            p.path_model(&host, "/v1beta/models/Gemini-2.5-Flash:generateContent?x=1")
+                .as_deref(),
+            Some("gemini-2.5-flash")
+        );
+        assert_eq!(
+            p.path_model(&Host::parse("api.openai.com").unwrap(), "/v1/models/gpt-4o"),
+            None
+        );
     }
 
     const DOT_RULES: &str = r#"

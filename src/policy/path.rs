@@ -369,6 +369,11 @@ impl<'a> Segments<'a> {
     pub fn is_splittable(&self) -> bool {
         self.complete()
     }
+
+    /// The `i`th segment, if the path has that many (and the offsets hold them).
+    pub fn segment(&self, i: usize) -> Option<&'a str> {
+        (i < self.n).then(|| self.get(i))
+    }
 }
 
 /// Maps path patterns to values; finds the longest pattern a path matches by walking its

@@ -501,6 +501,13 @@ async fn forward(
         };
         note_inspection(&policy, i, &d, &mut rec, overridden);
     }
+    // A model the path names is the one rules read (and it is in the path anyway).
+    if let Some(m) = policy.path_model(&target.host, path_q) {
+        rec.model = Some(match crate::audit::looks_like_key(&m) {
+            true => "[redacted]".into(),
+            false => m.into(),
+        });
+    }
 
     // Tenant restriction and uninspectable bodies refuse what the rule would let through.
     if d.enforced() != Action::Block {

@@ -417,6 +417,15 @@ pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record, overridden: bool
             play.dlp |= dlp;
         }
     }
+    // Where every reading's path names the model, that is the one rules read (see
+    // `Catalog::path_model`): what the body says of its model cannot change a decision.
+    if play.model && !overridden {
+        if let Some(h) = hit {
+            play.model = !paths
+                .iter()
+                .all(|p| policy.catalog.path_model(h, &Segments::new(p)).is_some());
+        }
+    }
     play
 }
 
