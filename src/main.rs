@@ -187,11 +187,17 @@ fn run(path: Option<&Path>) -> ExitCode {
         tracing::info!("shutting down");
         let audit = running.state.audit.clone();
         running.shutdown().await;
+        // A supervisor (systemd, Kubernetes) sees a loss of records only in the exit status.
         match audit.lost() {
-            0 => tracing::info!("stopped; audit log flushed"),
-            n => tracing::error!("stopped; {n} audit records lost (the audit sink still failed)"),
+            0 => {
+                tracing::info!("stopped; audit log flushed");
+                ExitCode::SUCCESS
+            }
+            n => {
+                tracing::error!("stopped; {n} audit records lost (the audit sink still failed)");
+                ExitCode::from(1)
+            }
         }
-        ExitCode::SUCCESS
     })
 }
 

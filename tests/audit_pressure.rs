@@ -432,8 +432,8 @@ async fn sigusr1_reopens_even_while_the_queue_is_full() {
     assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
 }
 
-/// A sink that still fails at shutdown: the records given up on are counted and the process
-/// log says how many.
+/// A sink that still fails at shutdown: the records given up on are counted, the process log
+/// says how many, and the exit status is 1 so that a supervisor sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_lost_at_shutdown_are_reported() {
     let origin = Origin::http().await;
@@ -445,7 +445,7 @@ async fn records_lost_at_shutdown_are_reported() {
     )
     .await;
     serve_n(&proxy.client(), "full", 3).await;
-    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(0));
+    assert_eq!(proxy.stop().await.and_then(|s| s.code()), Some(1));
     let output = proxy.output();
     assert!(
         output.contains("3 records lost at shutdown"),

@@ -281,3 +281,61 @@ async fn optional_auth_passes_no_credentials_but_refuses_wrong_ones() {
     assert_eq!(status, 407, "{head}");
     assert_eq!(origin.requests().len(), 2);
 }
+
+/// A login takes a while at a real bcrypt cost; a client that hangs up meanwhile, over plain
+/// HTTP or CONNECT, still leaves a record of the attempt (password guessing that never waits
+/// for its 407 is seen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_during_its_login_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("users.htpasswd");
+    // Cost 12 (~0.3 s optimised, longer in a debug build), made once with Python's bcrypt.
+    std::fs::write(
+        &path,
+        "carol:$2b$12$/SR4NtT2X8oYencPZBUb4OimQ33Y0fbLxC5sWvajTIcJ0DIyAQnre\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&format!("[auth]\nhtpasswd = \"{}\"\n", path.display())),
+    )
+    .await;
+    // carol:wrong-guess
+    let creds = "Proxy-Authorization: Basic Y2Fyb2w6d3JvbmctZ3Vlc3M=";
+    for head in [
+        format!("GET http://api.openai.com/v1/models HTTP/1.1\r\nHost: api.openai.com\r\n{creds}\r\n\r\n"),
+        format!("CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n{creds}\r\n\r\n"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(s);
+    }
+    let records = proxy.audit_at_least(2).await;
+    let methods: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["method"].as_str())
+        .collect();
+    assert_eq!(methods.len(), 2, "{records:?}");
+    assert!(
+        methods.contains(&"GET") && methods.contains(&"CONNECT"),
+        "{records:?}"
+    );
+    for rec in &records {
+        assert_eq!(rec["status"], 499, "{rec}");
+        assert_eq!(rec["host"], "api.openai.com", "{rec}");
+        assert!(
+            rec["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("client_aborted"),
+            "{rec}"
+        );
+    }
+    assert!(origin.requests().is_empty());
+}

@@ -198,6 +198,64 @@ async fn a_request_the_client_abandons_is_still_audited() {
     assert_reason(&rec, "client_aborted");
 }
 
+/// A listener that never accepts, its accept queue already full: a connect to it hangs (the
+/// kernel drops the SYNs) until the connector's timeout. The sockets are held by the caller.
+async fn unaccepting() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+    let l =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .expect("bind");
+    l.listen(0).expect("listen");
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
+    assert!(probe.is_err(), "the accept queue is not full: {probe:?}");
+    (addr, l, held)
+}
+
+/// A CONNECT the client gives up on while the proxy is still connecting to the origin was
+/// admitted, and charged to its rule's limit: it leaves a record, as an abandoned request does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_the_client_abandons_is_still_audited() {
+    let (hole, _listener, _held) = unaccepting().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", hole)
+            .upstream("connect_timeout = \"20s\"")
+            .tail(
+                "[[rule]]\nid = \"cap\"\nvendor = \"openai\"\naction = \"limit\"\n\
+                 limit = { requests = 2, per = \"1m\", by = \"client\" }\n",
+            ),
+    )
+    .await;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+    }
+    let records = proxy.audit_at_least(2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    for rec in &records {
+        assert_eq!(rec["method"], "CONNECT", "{rec}");
+        assert_eq!(rec["status"], 499, "{rec}");
+        assert_eq!(rec["rule"], "cap", "{rec}");
+        assert_reason(rec, "client_aborted");
+    }
+    // The quota they spent is accounted for: the third is refused, and recorded.
+    let (status, head, _s) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 429, "{head}");
+    assert_eq!(proxy.audit_at_least(3).await.len(), 3);
+}
+
 /// A client that hangs up mid-body got a 200 head but not the body: its record says the
 /// response was cut, as an origin's cut does, and not that it went through. An empty answer
 /// (HEAD), which hyper drops without reading, is no such cut.

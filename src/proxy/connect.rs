@@ -23,7 +23,7 @@ use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
 use super::metered::{settle, Metered, Stats};
 use super::on_wake::OnWake;
-use super::records::{record, rejected, Seen};
+use super::records::{record, rejected, AskedUnanswered, Seen, Unanswered};
 use super::stall::SendTimeout;
 use super::{respond, Peer, State};
 use crate::audit::Record;
@@ -58,7 +58,11 @@ pub async fn handle(
         Ok(hp) => hp,
         Err(e) => return reject(ProxyError::Target(e)),
     };
-    let user = match authenticate(&state, peer.addr.ip(), req.headers()).await {
+    // A login can take a while (bcrypt): a client gone meanwhile is still recorded.
+    let waiting = AskedUnanswered::arm(&state, peer, None, (&req).into(), start);
+    let login = authenticate(&state, peer.addr.ip(), req.headers()).await;
+    waiting.disarm();
+    let user = match login {
         Ok(u) => u,
         Err(e) => return reject(e),
     };
@@ -148,13 +152,16 @@ pub async fn handle(
 
     // Connect before answering 200 so the client gets a real 502/504, as squid does. An
     // intercepted tunnel's requests each go through the pool instead, and get theirs there.
+    // A client that gives up while the connect is pending (up to `connect_timeout`) has
+    // already been admitted and charged: its record is still written.
     let upstream = match intercept {
         true => Ok(None),
-        false => state
-            .upstream
-            .connect(&host, port)
-            .await
-            .map(|(s, _)| Some(s)),
+        false => {
+            let waiting = Unanswered::arm(&state, rec, start, None);
+            let connected = state.upstream.connect(&host, port).await;
+            rec = waiting.disarm();
+            connected.map(|(s, _)| Some(s))
+        }
     };
     let upstream = match upstream {
         Ok(s) => s,

@@ -19,7 +19,7 @@ use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
 use super::overrides::{named_overrides, MAX_READINGS};
-use super::records::{record, rejected, Asked, Seen};
+use super::records::{record, rejected, Asked, AskedUnanswered, Seen, Unanswered};
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
@@ -352,13 +352,20 @@ async fn forward(
         }
         Some(u) => u.clone(),
         None if state.auth.is_none() => None,
-        None => match Box::pin(authenticate(&state, peer.addr.ip(), req.headers())).await {
-            Ok(u) => u,
-            Err(e) => {
-                rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
-                return respond::error(&e, realm, html);
+        None => {
+            // A login can take a while (bcrypt): a client gone meanwhile is still recorded.
+            let waiting =
+                AskedUnanswered::arm(&state, peer, inside.map(|i| &**i), (&req).into(), start);
+            let login = Box::pin(authenticate(&state, peer.addr.ip(), req.headers())).await;
+            waiting.disarm();
+            match login {
+                Ok(u) => u,
+                Err(e) => {
+                    rejected(&state, peer, inside.map(|i| &**i), (&req).into(), &e, start);
+                    return respond::error(&e, realm, html);
+                }
             }
-        },
+        }
     };
     let user = login.as_ref().map(ProxyUser::name);
 
@@ -595,12 +602,7 @@ async fn forward(
     let method_was_head = parts.method == Method::HEAD;
     // From here the origin may have the request: if this future is dropped before the answer
     // (the client hung up, its stream was reset, shutdown cut it), the guard writes the record.
-    let in_flight = InFlight {
-        state: &state,
-        rec: Some(rec),
-        start,
-        uploaded: &uploaded,
-    };
+    let in_flight = Unanswered::arm(&state, rec, start, Some(&uploaded));
     // What a reload decides an open WebSocket on again (built only for a handshake).
     // Boxed: held across the exchange's awaits, and rare.
     let recheck = swaps.map(|swaps| {
@@ -789,33 +791,6 @@ fn unrelayable(resp: &mut Response<OriginBody>) -> Option<ProxyError> {
     }
     resp.headers_mut().remove(header::CONTENT_LENGTH);
     None
-}
-
-/// The record of an exchange whose request may be at the origin, finished as `client_aborted`
-/// if the handler's future is dropped before it takes the record back.
-struct InFlight<'a> {
-    state: &'a State,
-    rec: Option<Box<Record>>,
-    start: Instant,
-    uploaded: &'a super::body::Upload,
-}
-
-impl InFlight<'_> {
-    fn disarm(mut self) -> Box<Record> {
-        self.rec.take().expect("taken once")
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
-            let e = ProxyError::ClientAborted;
-            rec.status = e.status().as_u16();
-            rec.reason = format!("{}: {e}", e.kind()).into();
-            rec.bytes_out = self.uploaded.sent();
-            self.state.finish(rec, self.start);
-        }
-    }
 }
 
 /// Puts what inspection found into the record: pattern names (never the matched text), and

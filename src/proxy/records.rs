@@ -72,6 +72,7 @@ pub fn record(
 }
 
 /// What a refused request asked for, as it came.
+#[derive(Clone, Copy)]
 pub struct Asked<'a> {
     pub method: &'a Method,
     pub uri: &'a Uri,
@@ -214,5 +215,91 @@ fn refusal_record(
         sni: None,
         key_id: None,
         model: None,
+    }
+}
+
+/// The client may go away while its request waits with no answer (a login, an origin's
+/// connect or answer): the handler's future is then dropped mid-wait. Armed, these finish the
+/// attempt's record as `client_aborted` when that happens; `disarm` once the wait is over.
+///
+/// Before a decision: a record of what was asked.
+pub struct AskedUnanswered<'a> {
+    state: &'a State,
+    peer: Peer,
+    inside: Option<&'a Inside>,
+    asked: Option<Asked<'a>>,
+    start: Instant,
+}
+
+impl<'a> AskedUnanswered<'a> {
+    pub fn arm(
+        state: &'a State,
+        peer: Peer,
+        inside: Option<&'a Inside>,
+        asked: Asked<'a>,
+        start: Instant,
+    ) -> Self {
+        AskedUnanswered {
+            state,
+            peer,
+            inside,
+            asked: Some(asked),
+            start,
+        }
+    }
+
+    pub fn disarm(mut self) {
+        self.asked = None;
+    }
+}
+
+impl Drop for AskedUnanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(asked) = self.asked.take() {
+            let e = ProxyError::ClientAborted;
+            rejected(self.state, self.peer, self.inside, asked, &e, self.start);
+        }
+    }
+}
+
+/// After a decision: its record, with what was uploaded so far when there is an upload.
+pub struct Unanswered<'a> {
+    state: &'a State,
+    rec: Option<Box<Record>>,
+    start: Instant,
+    uploaded: Option<&'a super::body::Upload>,
+}
+
+impl<'a> Unanswered<'a> {
+    pub fn arm(
+        state: &'a State,
+        rec: Box<Record>,
+        start: Instant,
+        uploaded: Option<&'a super::body::Upload>,
+    ) -> Self {
+        Unanswered {
+            state,
+            rec: Some(rec),
+            start,
+            uploaded,
+        }
+    }
+
+    pub fn disarm(mut self) -> Box<Record> {
+        self.rec.take().expect("taken once")
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            let e = ProxyError::ClientAborted;
+            rec.status = e.status().as_u16();
+            rec.reason = format!("{}: {e}", e.kind()).into();
+            if let Some(u) = self.uploaded {
+                rec.bytes_out = u.sent();
+            }
+            self.state.finish(rec, self.start);
+        }
     }
 }
