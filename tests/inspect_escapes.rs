@@ -418,6 +418,43 @@ async fn dlp_refuses_utf16_and_records_partial_inspection() {
     origin_saw_only(&origin, &["long-clean"]);
 }
 
+/// `dlp_past_max_body = "block"`: DLP fails closed as model rules do. A body longer than
+/// `max_body` where a DLP rule could decide it is refused; one no DLP rule covers streams on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlp_can_refuse_what_it_cannot_read_whole() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"openai\"\nendpoint = \"chat\"\ndlp = \"all\"\naction = \"block\"\n\n\
+         [inspect]\nmax_body = \"1KiB\"\ndlp_past_max_body = \"block\"\n",
+    ))
+    .await;
+    let p = path("long");
+    let r = post(
+        &proxy,
+        &p,
+        "application/json",
+        padded_chat("gpt-4o", 5000, None),
+    )
+    .await;
+    let reason = assert_not_inspectable(&proxy, &p, &r).await;
+    assert!(reason.contains("dlp_past_max_body"), "{reason}");
+    // Whole within the cap: scanned and passed.
+    let r = post(
+        &proxy,
+        &path("short"),
+        "application/json",
+        padded_chat("gpt-4o", 900, None),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // No DLP rule covers embeddings: not read, not refused.
+    let long = padded_chat("text-embedding-3-small", 5000, None);
+    let r = post(&proxy, "/v1/embeddings?long", "application/json", long).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let uris: Vec<String> = origin.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris, [path("short"), "/v1/embeddings?long".to_owned()]);
+}
+
 /// A multipart form body with these (name, value) text fields and a binary file part.
 fn multipart(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
     let boundary = "----portcullis7MA4YWxkTrZu0gW";

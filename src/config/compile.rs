@@ -717,6 +717,19 @@ fn inspection(
         Some(t) => parse_duration(t.get_ref()).map_err(|m| src.error(src.at(0, t), m))?,
         None => Duration::from_secs(10),
     };
+    let dlp_fail_closed = match sec.dlp_past_max_body.as_ref() {
+        None => false,
+        Some(v) => match v.get_ref().as_str() {
+            "pass" => false,
+            "block" => true,
+            other => {
+                return Err(src.error(
+                    src.at(0, v),
+                    format!("dlp_past_max_body must be \"pass\" or \"block\", not {other:?}"),
+                ))
+            }
+        },
+    };
     if body_rules.is_empty() {
         return Ok(None);
     }
@@ -741,6 +754,7 @@ fn inspection(
         )),
         models: body_rules.iter().any(|r| !r.models.is_empty()),
         dlp: body_rules.iter().fold(0, |m, r| m | r.dlp),
+        dlp_fail_closed,
         vendors,
         any_vendor,
     }))
@@ -1282,6 +1296,18 @@ mod tests {
             loaded.policy.path_model(&host, "/M1/run").as_deref(),
             Some("m1")
         );
+    }
+
+    #[test]
+    fn dlp_past_max_body_is_pass_or_block() {
+        let e = load("[inspect]\ndlp_past_max_body = \"drop\"\n").expect_err("drop");
+        assert_eq!((e.line, e.col), (3, 21), "{e}");
+        let rule = "[[rule]]\nid = \"r\"\ndlp = \"all\"\naction = \"block\"\n";
+        for (value, closed) in [("pass", false), ("block", true)] {
+            let text = format!("{rule}[inspect]\ndlp_past_max_body = \"{value}\"\n");
+            let p = load(&text).unwrap().policy;
+            assert_eq!(p.inspection.map(|i| i.dlp_fail_closed), Some(closed));
+        }
     }
 
     /// Address literals, IPv6 bracketed or not, are still rule and intercept hosts.

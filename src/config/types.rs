@@ -225,6 +225,9 @@ pub struct InspectSection {
     pub max_body: Option<S<String>>,
     pub max_buffered: Option<S<String>>,
     pub timeout: Option<S<String>>,
+    /// What a DLP rule does with a body longer than `max_body`: `"pass"` (the prefix is
+    /// scanned, the rest streams on unread) or `"block"` (refused, fail closed).
+    pub dlp_past_max_body: Option<S<String>>,
     /// User DLP patterns: name = regex.
     pub patterns: Option<S<BTreeMap<String, S<String>>>>,
 }

@@ -56,6 +56,9 @@ pub struct Inspection {
     /// Union of the DLP masks of all rules: patterns nobody asks for are still scanned (one
     /// pass finds them all) but this tells whether to scan at all.
     pub dlp: u64,
+    /// `dlp_past_max_body = "block"`: a body longer than `max_body` that a DLP rule could
+    /// decide is refused, not passed on with only its prefix scanned.
+    pub dlp_fail_closed: bool,
     /// Indexed by vendor id: a rule with a body condition may apply to this vendor.
     pub vendors: Vec<bool>,
     /// A body rule names no vendor: every request with a body is inspected.

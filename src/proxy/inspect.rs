@@ -317,6 +317,16 @@ impl Inspected {
                 ));
             }
         }
+        let dlp_fail_closed = policy
+            .inspection
+            .as_ref()
+            .is_some_and(|i| i.dlp_fail_closed);
+        if self.partial && play.dlp && dlp_fail_closed {
+            return Some(format!(
+                "body_not_inspectable: the body is larger than [inspect] max_body (first {} bytes inspected) and dlp_past_max_body = \"block\"",
+                self.seen
+            ));
+        }
         if !play.model {
             return None;
         }
