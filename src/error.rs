@@ -62,9 +62,7 @@ pub enum ProxyError {
     AuditUnavailable,
     #[error("bodies held for inspection fill [inspect] max_buffered; refusing rather than forwarding uninspected")]
     InspectionBusy,
-    #[error(
-        "the exchange ended before the origin answered (client gone, stream reset or shutdown)"
-    )]
+    #[error("the exchange ended before the origin answered (client gone or stream reset)")]
     ClientAborted,
     /// hyper refused the request head before the handler saw it (and answered 400 or 431).
     #[error("malformed request head: {0}")]

@@ -132,7 +132,7 @@ async fn a_request_cut_by_shutdown_is_audited() {
         .find(|r| r["path"] == "/v1/models?cut")
         .expect("a record for the request shutdown cut");
     assert_eq!(rec["status"], 499, "{rec}");
-    assert_reason(&rec, "client_aborted");
+    assert_reason(&rec, "shutdown");
 }
 
 /// An answer still streaming when the grace period runs out is cut with a reset: a client whose
@@ -168,6 +168,18 @@ async fn an_answer_cut_by_shutdown_ends_in_a_reset() {
     .await;
     assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
     origin.release();
+    // The record says who cut it: the proxy's shutdown, not the client.
+    let rec = proxy
+        .audit_records()
+        .into_iter()
+        .find(|r| r["path"] == "/sse")
+        .expect("a record for the answer shutdown cut");
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_reason(&rec, "shutdown");
+    assert!(
+        rec["reason"].as_str().unwrap().ends_with("response cut"),
+        "{rec}"
+    );
 }
 
 /// A tunnel where nothing moves is closed once the grace period runs out, and the binary exits:

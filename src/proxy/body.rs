@@ -292,11 +292,8 @@ impl<B> Drop for Counted<B> {
             // Not ended, failed or cut by us: hyper let go of it because the client went
             // away, stopped reading (`send_timeout`) or shutdown closed the connection. The
             // status stays what the client was sent; the reason says it did not get it all.
-            p.record.reason = format!(
-                "{}: the client connection closed before the response ended; response cut",
-                ProxyError::ClientAborted.kind()
-            )
-            .into();
+            p.record.reason =
+                super::records::cut_reason(&p.state, "the response ended; response cut");
         }
         self.complete();
     }

@@ -290,12 +290,27 @@ impl<'a> Unanswered<'a> {
     }
 }
 
+/// Why an exchange was let go of before its answer ended, as its record's reason: the proxy's
+/// own shutdown (`shutdown_grace` over, connections closed), else the client. `what`: what
+/// was cut short, for the text.
+pub fn cut_reason(state: &State, what: &str) -> Arc<str> {
+    match state.shutdown.phase() {
+        super::shutdown::Phase::Stopping => {
+            format!("shutdown: shutdown_grace ran out before {what}").into()
+        }
+        _ => format!(
+            "{}: the client connection closed before {what}",
+            ProxyError::ClientAborted.kind()
+        )
+        .into(),
+    }
+}
+
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if let Some(mut rec) = self.rec.take() {
-            let e = ProxyError::ClientAborted;
-            rec.status = e.status().as_u16();
-            rec.reason = format!("{}: {e}", e.kind()).into();
+            rec.status = ProxyError::ClientAborted.status().as_u16();
+            rec.reason = cut_reason(self.state, "the answer");
             if let Some(u) = self.uploaded {
                 rec.bytes_out = u.sent();
             }
