@@ -329,6 +329,13 @@ async fn a_client_that_leaves_during_its_login_is_audited() {
     for rec in &records {
         assert_eq!(rec["status"], 499, "{rec}");
         assert_eq!(rec["host"], "api.openai.com", "{rec}");
+        assert_eq!(rec["vendor"], "openai", "{rec}");
+        // A vendor's request, refused before any decision, still has its endpoint class.
+        let endpoint = match rec["method"].as_str() {
+            Some("CONNECT") => "unknown",
+            _ => "models",
+        };
+        assert_eq!(rec["endpoint"], endpoint, "{rec}");
         assert!(
             rec["reason"]
                 .as_str()

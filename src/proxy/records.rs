@@ -120,10 +120,18 @@ pub fn rejected(
         (h, _) => h.into(),
     };
     let catalog = &state.policy.load().catalog;
-    let vendor = Host::parse(&host)
-        .ok()
-        .and_then(|h| catalog.lookup(&h))
-        .map(|hit| catalog.vendor(hit.vendor).id.clone());
+    let hit = Host::parse(&host).ok().and_then(|h| catalog.lookup(&h));
+    let vendor = hit.map(|hit| catalog.vendor(hit.vendor).id.clone());
+    // `none` is for hosts no vendor has: a vendor's refused request gets its endpoint class
+    // (`unknown` for a CONNECT, whose path is not visible).
+    let endpoint = hit.map_or("none", |hit| {
+        let normal = uri
+            .path_and_query()
+            .filter(|_| *asked.method != Method::CONNECT)
+            .map(|p| crate::policy::path::normalize(p.as_str()));
+        let segments = normal.as_deref().map(crate::policy::path::Segments::new);
+        catalog.classify(hit, segments.as_ref()).as_str()
+    });
     let scheme = match (uri.scheme_str(), inside) {
         (_, Some(_)) | (Some("https"), _) => "https",
         (Some(_), None) => "http",
@@ -149,6 +157,7 @@ pub fn rejected(
             "none"
         },
         sni: inside.and_then(|i| i.sni.clone()),
+        endpoint,
         ..refusal_record(state, peer, asked.method.clone(), e, e.kind().into())
     };
     state.finish(Box::new(rec), start);
