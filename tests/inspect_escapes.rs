@@ -559,6 +559,24 @@ async fn the_model_of_a_form_or_query_is_read() {
                 .into_bytes();
             ("multipart-bare-lf", ct, b)
         },
+        // The same after a bare CR.
+        {
+            let (ct, b) = multipart(&[]);
+            let boundary = ct.rsplit('=').next().expect("boundary");
+            let smuggled = format!(
+                "RIFF\r--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o"
+            );
+            let b = String::from_utf8_lossy(&b)
+                .replacen("RIFF", &smuggled, 1)
+                .into_bytes();
+            ("multipart-bare-cr", ct, b)
+        },
+        // Protocol buffers (Google's proto transport): the model is in there, unread.
+        (
+            "protobuf",
+            "application/x-protobuf".to_owned(),
+            b"\n\x06gpt-4o\x12\x02hi".to_vec(),
+        ),
     ] {
         let p = format!("{audio}?{tag}");
         let r = post(&proxy, &p, &ct, body).await;

@@ -522,34 +522,25 @@ fn bchar(c: u8) -> bool {
 }
 
 /// Where the next delimiter line (`CRLF--boundary`) starts, at or after `from`: `Ok(None)` when
-/// the prefix ends first. `Err` where parsers differ on whether a part ends: the boundary
-/// after a bare LF (Werkzeug takes it for a delimiter, python-multipart does not), or followed
-/// by something other than `--`, white space or CRLF.
+/// the prefix ends first. `Err` where parsers differ on whether a part ends: `--boundary`
+/// anywhere but after CRLF (Werkzeug also takes it after a bare LF or CR, and in the preamble
+/// after anything at all; RFC 2046 and python-multipart do not), or followed by something
+/// other than `--`, white space or CRLF.
 fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize>, ()> {
-    let mut i = from;
-    // Boundary characters are never LF, so every byte is looked at most twice.
-    while let Some(k) = b.get(i..).and_then(|r| r.iter().position(|&c| c == b'\n')) {
-        let lf = i + k;
-        let rest = &b[lf + 1..];
-        let want = b"--".iter().chain(boundary);
-        let n = rest.iter().zip(want).take_while(|(x, y)| x == y).count();
-        if n == 2 + boundary.len() {
-            if lf == from || b[lf - 1] != b'\r' {
-                return Err(());
-            }
-            return match rest.get(n) {
-                None => Ok(Some(lf - 1)),
-                Some(b'-' | b' ' | b'\t' | b'\r') => Ok(Some(lf - 1)),
-                Some(_) => Err(()),
-            };
-        }
-        if n == rest.len() {
-            // The prefix ends inside what may be a delimiter.
-            return Ok(None);
-        }
-        i = lf + 1;
+    let mut dashed = Vec::with_capacity(2 + boundary.len());
+    dashed.extend_from_slice(b"--");
+    dashed.extend_from_slice(boundary);
+    let Some(k) = memchr::memmem::find(b.get(from..).unwrap_or_default(), &dashed) else {
+        return Ok(None);
+    };
+    let at = from + k;
+    if at < from + 2 || &b[at - 2..at] != b"\r\n" {
+        return Err(());
     }
-    Ok(None)
+    match b.get(at + dashed.len()) {
+        None | Some(b'-' | b' ' | b'\t' | b'\r') => Ok(Some(at - 2)),
+        Some(_) => Err(()),
+    }
 }
 
 /// A parameter: its lowercased name, its value, and whether the value had an escape.
@@ -1529,6 +1520,18 @@ mod tests {
                 ),
                 (MODEL_PART, "whisper-1"),
             ]),
+            // After a bare CR, and mid-line in the preamble: Werkzeug reads a part there.
+            mp(&[
+                (
+                    "Content-Disposition: form-data; name=\"file\"; filename=\"a.wav\"",
+                    "RIFF\r--xYz-123\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o",
+                ),
+                (MODEL_PART, "whisper-1"),
+            ]),
+            [&b"x--xYz-123\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o\r\n"[..], &mp(&[(MODEL_PART, "whisper-1")])].concat(),
+            [&b"x\r--xYz-123\r\n\r\n"[..], &mp(&[(MODEL_PART, "whisper-1")])].concat(),
+            // The boundary inside a part's text, mid-line.
+            mp(&[(MODEL_PART, "a --xYz-123 b")]),
             // Bare LF line ends.
             b"--xYz-123\nContent-Disposition: form-data; name=\"model\"\n\nb\n--xYz-123--\n".to_vec(),
             b"--xYz-123\r\nContent-Disposition: form-data; name=\"model\"\nX: y\r\n\r\nb\r\n--xYz-123--".to_vec(),

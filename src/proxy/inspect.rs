@@ -84,6 +84,12 @@ fn declared(headers: &HeaderMap) -> Declared {
         if essence == b"application/x-www-form-urlencoded" {
             d.form = true;
         }
+        // Protocol buffers, binary or as JSON arrays (Google's APIs take both, with the model
+        // in the body): neither a JSON object nor a form, so a `model` is never found there.
+        if essence.ends_with(b"protobuf") || essence.starts_with(b"application/grpc") {
+            let shown: String = String::from_utf8_lossy(&essence).chars().take(48).collect();
+            d.unreadable = Some(format!("Content-Type {shown}"));
+        }
         if essence == b"multipart/form-data" {
             // One plain `boundary` or none read: with two, or an RFC 2231 `boundary*`, parsers
             // pick different ones (Werkzeug the last), and an empty one makes the body doubtful.
@@ -606,6 +612,9 @@ mod tests {
         ]));
         assert!(d.form && !d.binary && d.unreadable.is_none());
         for ct in [
+            "application/x-protobuf",
+            "application/json+protobuf",
+            "application/grpc-web+proto",
             "application/json; charset=utf-16",
             "application/json;charset=\"UTF-32LE\"",
             "text/plain; charset=iso-2022-jp",
