@@ -475,6 +475,20 @@ fn multipart(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), b)
 }
 
+/// A multipart body whose file part holds a `model` part behind a delimiter after
+/// `line_break` (not CRLF): (tag, Content-Type, body).
+fn multipart_smuggled(tag: &'static str, line_break: &str) -> (&'static str, String, Vec<u8>) {
+    let (ct, b) = multipart(&[]);
+    let boundary = ct.rsplit('=').next().expect("boundary");
+    let smuggled = format!(
+        "RIFF{line_break}--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o"
+    );
+    let b = String::from_utf8_lossy(&b)
+        .replacen("RIFF", &smuggled, 1)
+        .into_bytes();
+    (tag, ct, b)
+}
+
 /// Finding 2, continued: OpenAI's audio and image endpoints take `model` as a form field, and
 /// some servers read `?model=`. Both are read (or refused when they disagree).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,31 +560,10 @@ async fn the_model_of_a_form_or_query_is_read() {
             let (ct, b) = multipart(&[("model", "gpt-4o-mini")]);
             ("multipart-boundary-list", format!("{ct}, x"), b)
         },
-        // A delimiter after a bare LF inside the file part: Werkzeug ends the part there and
-        // reads the `model` part after it.
-        {
-            let (ct, b) = multipart(&[]);
-            let boundary = ct.rsplit('=').next().expect("boundary");
-            let smuggled = format!(
-                "RIFF\n--{boundary}\nContent-Disposition: form-data; name=\"model\"\n\ngpt-4o\n--{boundary}--"
-            );
-            let b = String::from_utf8_lossy(&b)
-                .replacen("RIFF", &smuggled, 1)
-                .into_bytes();
-            ("multipart-bare-lf", ct, b)
-        },
-        // The same after a bare CR.
-        {
-            let (ct, b) = multipart(&[]);
-            let boundary = ct.rsplit('=').next().expect("boundary");
-            let smuggled = format!(
-                "RIFF\r--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o"
-            );
-            let b = String::from_utf8_lossy(&b)
-                .replacen("RIFF", &smuggled, 1)
-                .into_bytes();
-            ("multipart-bare-cr", ct, b)
-        },
+        // A delimiter after a bare LF, or a bare CR, inside the file part: Werkzeug ends the
+        // part there and reads the `model` part after it.
+        multipart_smuggled("multipart-bare-lf", "\n"),
+        multipart_smuggled("multipart-bare-cr", "\r"),
         // Protocol buffers (Google's proto transport): the model is in there, unread.
         (
             "protobuf",
