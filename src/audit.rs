@@ -53,6 +53,9 @@ pub struct Record {
     pub key_id: Option<Box<str>>,
     /// The request body's `model`, when inspection read it.
     pub model: Option<Box<str>>,
+    /// Each key's fingerprint when the request carried several (`key_id` is then
+    /// `k_ambiguous`): the bulk signal counts every one. Not written to the log.
+    pub key_ids: Vec<Box<str>>,
 }
 
 impl Serialize for Record {
@@ -1043,6 +1046,7 @@ mod tests {
             sni: None,
             key_id: None,
             model: None,
+            key_ids: Vec::new(),
         }
     }
 

@@ -74,3 +74,39 @@ async fn key_sprawl_is_flagged_once_with_figures() {
         "counted exactly up to the threshold + 1"
     );
 }
+
+/// A second, junk key on every request makes its `key_id` `k_ambiguous`; the rotated keys
+/// behind it still count, each one, so rotation is not hidden from `max_distinct_keys`.
+#[tokio::test]
+async fn key_sprawl_behind_an_ambiguous_key_id_is_still_counted() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail("[bulk]\nwindow = \"1h\"\nmax_distinct_keys = 3\n"),
+    )
+    .await;
+    let client = proxy.client();
+    for i in 0..3 {
+        let resp = client
+            .get("http://api.openai.com/v1/models")
+            .bearer_auth(format!("sk-test-ROTATED-{i}"))
+            .header("x-api-key", "junk")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "signals never block");
+    }
+    let alert = proxy
+        .audit_where("bulk alert", |r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("bulk_extraction_suspected"))
+        })
+        .await;
+    let reason = alert["reason"].as_str().expect("reason");
+    // The junk key and the first three rotated ones: four, over three.
+    assert!(reason.contains("distinct_keys=4"), "{reason}");
+    assert_eq!(proxy.audit_at_least(4).await[0]["key_id"], "k_ambiguous");
+    assert!(!proxy.audit_text().contains("ROTATED"), "keys never logged");
+}

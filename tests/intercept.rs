@@ -190,6 +190,31 @@ async fn a_path_rule_blocks_inside_an_allowed_vendor() {
     );
 }
 
+/// The bulk signals count an intercepted tunnel's requests, each once: the tunnel's own
+/// record, written when it closes, is not one more request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulk_signals_count_the_requests_in_a_tunnel_not_the_tunnel() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    let c = client(&s, true);
+    for _ in 0..3 {
+        let r = c
+            .get("https://api.openai.com/v1/models")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    drop(c);
+    s.proxy
+        .audit_where("the tunnel's record", |r| r["method"] == "CONNECT")
+        .await;
+    let (status, top) = s.proxy.admin_get("/top?vendor=openai").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&top).expect("json");
+    assert_eq!(v["vendors"]["openai"][0]["requests"], 3, "{v}");
+}
+
 #[tokio::test]
 async fn limits_count_each_request_in_one_tunnel() {
     let s = setup(

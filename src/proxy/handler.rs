@@ -497,6 +497,7 @@ async fn forward(
         tls,
     };
     let mut rec = record(&seen, &d, 0, keys.id);
+    rec.key_ids = keys.each.iter().map(|k| k.as_str().into()).collect();
     rec.id = state.audit.next_id();
     if let Some(i) = inside {
         rec.sni = i.sni.clone();

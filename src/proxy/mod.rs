@@ -121,7 +121,8 @@ impl State {
     }
 
     /// An intercepted tunnel's own record. The bytes it holds are its requests', and each
-    /// request has counted its own in the metrics and bulk signals already.
+    /// request has counted its own in the metrics and bulk signals already (the tunnel is not
+    /// a request of its own there either).
     pub fn finish_intercepted(&self, rec: Box<Record>, start: Instant) {
         self.account(rec, start, false);
     }
@@ -152,7 +153,8 @@ impl State {
             bytes_out,
             bytes_in,
         );
-        if let (Some(bulk), Some(vendor)) = (&self.bulk, rec.vendor.clone()) {
+        // An intercepted tunnel's requests were each observed: the tunnel is not one more.
+        if let (Some(bulk), Some(vendor), true) = (&self.bulk, rec.vendor.clone(), count_bytes) {
             self.observe_bulk(bulk, &rec, &vendor, bytes_in);
         }
         self.audit.send(rec);
@@ -178,7 +180,10 @@ impl State {
             principal,
             vendor,
             endpoint: rec.endpoint,
-            key_id: rec.key_id.as_deref(),
+            key_ids: match (rec.key_ids.as_slice(), rec.key_id.as_ref()) {
+                ([], Some(one)) => std::slice::from_ref(one),
+                (each, _) => each,
+            },
             bytes_in,
             now: Instant::now(),
         };

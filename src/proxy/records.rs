@@ -68,6 +68,7 @@ pub fn record(
         sni: None,
         key_id: key_id.map(Into::into),
         model: None,
+        key_ids: Vec::new(),
     })
 }
 
@@ -224,6 +225,7 @@ fn refusal_record(
         sni: None,
         key_id: None,
         model: None,
+        key_ids: Vec::new(),
     }
 }
 

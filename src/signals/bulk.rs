@@ -75,8 +75,9 @@ pub struct Observation<'a> {
     pub vendor: &'a str,
     /// Endpoint class as the catalog names it (`chat`, `batches`, `files`, ...).
     pub endpoint: &'a str,
-    /// API-key fingerprint when visible (e.g. `k_0123456789ab`); never the key itself.
-    pub key_id: Option<&'a str>,
+    /// API-key fingerprints seen (e.g. `k_0123456789ab`), each of a request that carried
+    /// several; never the keys themselves.
+    pub key_ids: &'a [Box<str>],
     /// Response bytes, vendor to client.
     pub bytes_in: u64,
     pub now: Instant,
@@ -170,7 +171,7 @@ impl BulkDetector {
             nanos,
             bytes: o.bytes_in,
             bulk: BULK_ENDPOINTS.contains(&o.endpoint),
-            key: o.key_id.map(|k| self.key_hasher.hash_one(k)),
+            keys: o.key_ids,
         };
         let probe: (&str, &str) = (o.principal, o.vendor);
         let fired = if let Some(mut tally) = self.map.get_mut(&probe as &dyn PairKey) {
@@ -279,7 +280,7 @@ impl BulkDetector {
 
     /// Updates one entry; returns the figures and tripped mask when this request opens a new
     /// episode.
-    fn record(&self, t: &mut Tally, hit: &Hit) -> Option<(Figures, u8)> {
+    fn record(&self, t: &mut Tally, hit: &Hit<'_>) -> Option<(Figures, u8)> {
         // Requests finish out of order across tasks; a slightly older `now` counts as the
         // entry's latest time so the ring never moves backwards.
         let nanos = hit.nanos.max(t.last_seen);
@@ -292,8 +293,8 @@ impl BulkDetector {
         if hit.bulk {
             slot.bulk = slot.bulk.saturating_add(1);
         }
-        if let Some(key) = hit.key {
-            t.touch_key(key, tick, self.key_slots);
+        for key in hit.keys {
+            t.touch_key(self.key_hasher.hash_one(&**key), tick, self.key_slots);
         }
         let f = t.figures(tick, self.bucket_nanos);
         let mask = self.tripped(&f);
@@ -415,11 +416,11 @@ fn bucket_index(tick: u64) -> usize {
 }
 
 /// What one request adds, computed before taking the shard lock.
-struct Hit {
+struct Hit<'a> {
     nanos: u64,
     bytes: u64,
     bulk: bool,
-    key: Option<u64>,
+    keys: &'a [Box<str>],
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -595,7 +596,7 @@ mod tests {
             principal,
             vendor,
             endpoint: "chat",
-            key_id: None,
+            key_ids: &[],
             bytes_in: 100,
             now,
         }
@@ -691,7 +692,7 @@ mod tests {
         // The same key over and over is one key.
         for i in 0..1000 {
             let o = Observation {
-                key_id: Some("k_000000000000"),
+                key_ids: &["k_000000000000".into()],
                 ..obs("carol", "openai", t0 + Duration::from_millis(i))
             };
             assert_eq!(d.observe(&o), None);
@@ -700,7 +701,7 @@ mod tests {
         let mut fired = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             let o = Observation {
-                key_id: Some(k),
+                key_ids: &[k.as_str().into()],
                 ..obs("dave", "openai", t0 + Duration::from_secs(i as u64))
             };
             fired.push(d.observe(&o));
@@ -712,7 +713,7 @@ mod tests {
         for i in 0..100 {
             let k = format!("k_x{i:011x}");
             let o = Observation {
-                key_id: Some(&k),
+                key_ids: &[k.as_str().into()],
                 ..obs("dave", "openai", t0 + Duration::from_secs(10))
             };
             assert_eq!(d.observe(&o), None);
@@ -738,7 +739,7 @@ mod tests {
                 let key = format!("k_{hour}_{k}");
                 let now = t0 + HOUR * hour as u32 + Duration::from_secs(60 * k);
                 let o = Observation {
-                    key_id: Some(&key),
+                    key_ids: &[key.as_str().into()],
                     ..obs("erin", "openai", now)
                 };
                 assert_eq!(d.observe(&o), None, "hour {hour} key {k}");
@@ -806,7 +807,7 @@ mod tests {
         });
         let o = Observation {
             endpoint: "batches",
-            key_id: Some("k_1"),
+            key_ids: &["k_1".into()],
             ..obs("hank", "openai", Instant::now())
         };
         let s = d.observe(&o).unwrap();
@@ -988,7 +989,7 @@ mod tests {
                         let now = t0 + Duration::from_micros(i);
                         let key = format!("k_{}", i % 3);
                         let shared = Observation {
-                            key_id: Some(&key),
+                            key_ids: &[key.as_str().into()],
                             endpoint: if i % 10 == 0 { "batches" } else { "chat" },
                             ..obs("shared", "openai", now)
                         };
@@ -1038,7 +1039,7 @@ mod tests {
         let start = Instant::now();
         for i in 0..n {
             let o = Observation {
-                key_id: Some("k_0123456789ab"),
+                key_ids: &["k_0123456789ab".into()],
                 ..obs(
                     &names[(i as usize * 7919) % names.len()],
                     "openai",
