@@ -5,32 +5,50 @@ mod common;
 
 use common::*;
 
-#[tokio::test]
-async fn key_sprawl_is_flagged_once_with_figures() {
+/// A proxy to a fake OpenAI with `[bulk] max_distinct_keys`.
+async fn with_max_keys(max: u32) -> (Origin, Proxy) {
     let origin = Origin::http().await;
     let proxy = Proxy::start(
         Config::new()
             .vendor("api.openai.com", origin.addr)
-            .tail("[bulk]\nwindow = \"1h\"\nmax_distinct_keys = 2\n"),
+            .tail(&format!(
+                "[bulk]\nwindow = \"1h\"\nmax_distinct_keys = {max}\n"
+            )),
     )
     .await;
+    (origin, proxy)
+}
+
+/// `n` requests, the `i`th with Bearer `{key}{i}` and these other fields; all pass.
+async fn send_keys(proxy: &Proxy, n: usize, key: &str, other: &[(&str, &str)]) {
     let client = proxy.client();
-    for i in 0..5 {
-        let resp = client
+    for i in 0..n {
+        let mut req = client
             .get("http://api.openai.com/v1/models")
-            .bearer_auth(format!("sk-test-KEY-NUMBER-{i}"))
-            .send()
-            .await
-            .expect("request");
+            .bearer_auth(format!("{key}{i}"));
+        for (name, value) in other {
+            req = req.header(*name, *value);
+        }
+        let resp = req.send().await.expect("request");
         assert_eq!(resp.status(), 200, "signals never block");
     }
-    let alert = proxy
+}
+
+async fn bulk_alert(proxy: &Proxy) -> serde_json::Value {
+    proxy
         .audit_where("bulk alert", |r| {
             r["reason"]
                 .as_str()
                 .is_some_and(|s| s.starts_with("bulk_extraction_suspected"))
         })
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn key_sprawl_is_flagged_once_with_figures() {
+    let (_origin, proxy) = with_max_keys(2).await;
+    send_keys(&proxy, 5, "sk-test-KEY-NUMBER-", &[]).await;
+    let alert = bulk_alert(&proxy).await;
     assert_eq!(alert["vendor"], "openai");
     assert_eq!(alert["action"], "audit");
     let reason = alert["reason"].as_str().expect("reason");
@@ -79,31 +97,9 @@ async fn key_sprawl_is_flagged_once_with_figures() {
 /// behind it still count, each one, so rotation is not hidden from `max_distinct_keys`.
 #[tokio::test]
 async fn key_sprawl_behind_an_ambiguous_key_id_is_still_counted() {
-    let origin = Origin::http().await;
-    let proxy = Proxy::start(
-        Config::new()
-            .vendor("api.openai.com", origin.addr)
-            .tail("[bulk]\nwindow = \"1h\"\nmax_distinct_keys = 3\n"),
-    )
-    .await;
-    let client = proxy.client();
-    for i in 0..3 {
-        let resp = client
-            .get("http://api.openai.com/v1/models")
-            .bearer_auth(format!("sk-test-ROTATED-{i}"))
-            .header("x-api-key", "junk")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(resp.status(), 200, "signals never block");
-    }
-    let alert = proxy
-        .audit_where("bulk alert", |r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("bulk_extraction_suspected"))
-        })
-        .await;
+    let (_origin, proxy) = with_max_keys(3).await;
+    send_keys(&proxy, 3, "sk-test-ROTATED-", &[("x-api-key", "junk")]).await;
+    let alert = bulk_alert(&proxy).await;
     let reason = alert["reason"].as_str().expect("reason");
     // The junk key and the first three rotated ones: four, over three.
     assert!(reason.contains("distinct_keys=4"), "{reason}");
