@@ -222,6 +222,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         let _ = tokio::task::spawn_blocking(move || writer.close(&sink)).await;
     });
     tracing::info!(proxy = %proxy_addr, admin = ?admin_addr, "portcullis serving");
+    for note in state.policy.load().blind_rules() {
+        tracing::warn!("{note}");
+    }
     Ok(Running {
         proxy_addr,
         admin_addr,

@@ -255,6 +255,10 @@ fn check(path: &Path) -> ExitCode {
                 p.default.action.as_str(),
                 l.settings.proxy.listen
             );
+            // Notes, not errors: on stderr, so the summary stays one line.
+            for note in p.blind_rules() {
+                eprintln!("{}: note: {note}", path.display());
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,

@@ -106,6 +106,9 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
                 needs_restart,
             };
             set_policy_files(&state.source, l.files);
+            for note in l.policy.blind_rules() {
+                tracing::warn!("{note}");
+            }
             state.policy.store(Arc::new(l.policy));
             state.policy_swapped.send_modify(|n| *n += 1);
             state

@@ -50,6 +50,67 @@ async fn check_accepts_a_good_config_with_a_one_line_summary() {
     );
 }
 
+/// A rule that acts on what only an intercepted request shows (an endpoint, a model), for a
+/// vendor that is not intercepted, does nothing over HTTPS: `check` says so on stderr, and
+/// the summary stays one line. Rules that tunnels do show (vendor, `app`) get no note.
+#[tokio::test]
+async fn check_notes_rules_that_cannot_see_into_tunnels() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+[[rule]]
+id = "cap-batches"
+vendor = "openai"
+endpoint = "batches"
+action = "limit"
+limit = { requests = 5, per = "1h", by = "client" }
+
+[[rule]]
+id = "no-pro"
+vendor = ["anthropic", "google-gemini"]
+model = "*opus*"
+action = "block"
+
+[[rule]]
+id = "no-chat-app"
+vendor = "openai"
+endpoint = "app"
+action = "block"
+
+[[rule]]
+id = "no-deepseek"
+vendor = "deepseek"
+action = "block"
+"#;
+    let path = config(dir.path(), "blind.toml", rules);
+    let out = portcullis(&["check", "--config", &path]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let notes: Vec<&str> = stderr.lines().collect();
+    assert_eq!(notes.len(), 2, "{stderr}");
+    assert!(
+        notes[0].contains("note: rule cap-batches") && notes[0].ends_with(": openai)"),
+        "{stderr}"
+    );
+    assert!(
+        notes[1].contains("rule no-pro") && notes[1].ends_with(": anthropic, google-gemini)"),
+        "{stderr}"
+    );
+
+    // With the vendors intercepted: nothing to note.
+    let ca = tempfile::tempdir().unwrap();
+    portcullis::ca::init(ca.path(), "test CA").unwrap();
+    let intercepted = format!(
+        "{rules}\n[intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\nvendors = [\"openai\", \"anthropic\", \"google-gemini\"]\n",
+        ca.path().join("ca.pem").display(),
+        ca.path().join("ca.key").display()
+    );
+    let path = config(dir.path(), "seeing.toml", &intercepted);
+    let out = portcullis(&["check", "--config", &path]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stderr).unwrap(), "");
+}
+
 /// Runs `check` on `body` and returns (line, col, message) of the one error line.
 async fn check_error(dir: &Path, body: &str) -> (usize, usize, String) {
     let path = config(dir, "bad.toml", body);

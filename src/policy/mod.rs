@@ -235,6 +235,48 @@ impl Policy {
         d
     }
 
+    /// Rules that act (block, limit, audit) only on what an opaque tunnel cannot show (a path,
+    /// an endpoint class other than `app`/`unknown`, a model, a body) and name vendors that
+    /// are not intercepted: over HTTPS, the way those vendors are reached, they never match.
+    /// Said by `check`, at start and at each reload, so a rule that does nothing is not a
+    /// surprise.
+    pub fn blind_rules(&self) -> Vec<String> {
+        let seen_in_tunnels = Endpoint::App.bit() | Endpoint::Unknown.bit();
+        let mut out = Vec::new();
+        for r in &self.rules {
+            let needs_inside =
+                r.needs_inside() || (r.endpoints != 0 && r.endpoints & seen_in_tunnels == 0);
+            if r.action == Action::Allow || !needs_inside {
+                continue;
+            }
+            let opaque: Vec<&str> = r
+                .vendors
+                .iter()
+                .filter(|&&v| {
+                    !self
+                        .intercept
+                        .vendors
+                        .get(v as usize)
+                        .copied()
+                        .unwrap_or(false)
+                })
+                .map(|&v| &*self.catalog.vendor(v).id)
+                .collect();
+            if !opaque.is_empty() {
+                out.push(format!(
+                    "rule {} looks inside requests (path, endpoint, model or body), but {} not intercepted: it applies to plain HTTP only, not to HTTPS tunnels (add to [intercept] vendors: {})",
+                    r.id,
+                    match opaque.len() {
+                        1 => "this vendor is",
+                        _ => "these vendors are",
+                    },
+                    opaque.join(", ")
+                ));
+            }
+        }
+        out
+    }
+
     /// The model the request's path names, for vendors whose APIs put it there (see
     /// [`catalog::Catalog::path_model`]), lowercased as rules read it. For the audit record
     /// and `explain`; decisions find it in their own pass.
