@@ -509,8 +509,13 @@ async fn forward(
         };
         note_inspection(&policy, i, &d, &mut rec, overridden);
     }
-    // A model the path names is the one rules read (and it is in the path anyway).
-    if let Some(m) = policy.path_model(&target.host, path_q) {
+    // A model the path names is the one rules read (and it is in the path anyway). Asked only
+    // of the vendors whose paths name one: the decision already found the vendor.
+    let names_models = d.vendor.is_some_and(|v| v.names_models());
+    if let Some(m) = names_models
+        .then(|| policy.path_model(&target.host, path_q))
+        .flatten()
+    {
         rec.model = Some(match crate::audit::looks_like_key(&m) {
             true => "[redacted]".into(),
             false => m.into(),

@@ -127,8 +127,10 @@ impl State {
         self.account(rec, start, false);
     }
 
-    fn account(&self, mut rec: Box<Record>, start: Instant, count_bytes: bool) {
-        let (bytes_out, bytes_in) = match count_bytes {
+    /// `own`: the record is an exchange of its own, not an intercepted tunnel's summary of
+    /// the requests already accounted one by one (its bytes and its bulk count are theirs).
+    fn account(&self, mut rec: Box<Record>, start: Instant, own: bool) {
+        let (bytes_out, bytes_in) = match own {
             true => (rec.bytes_out, rec.bytes_in),
             false => (0, 0),
         };
@@ -153,8 +155,7 @@ impl State {
             bytes_out,
             bytes_in,
         );
-        // An intercepted tunnel's requests were each observed: the tunnel is not one more.
-        if let (Some(bulk), Some(vendor), true) = (&self.bulk, rec.vendor.clone(), count_bytes) {
+        if let (Some(bulk), Some(vendor), true) = (&self.bulk, rec.vendor.clone(), own) {
             self.observe_bulk(bulk, &rec, &vendor, bytes_in);
         }
         self.audit.send(rec);
