@@ -491,7 +491,18 @@ struct Shared {
     /// Records given up on at shutdown because the sink still failed (also counted in
     /// `portcullis_audit_dropped_total`).
     lost: AtomicU64,
+    /// Records taken into the queue (or the overflow), and records the writer is done with
+    /// (on the sink, or lost): at shutdown, what a stalled sink still holds is the difference.
+    taken: AtomicU64,
+    settled: AtomicU64,
+    /// When a dropped record was last reported in the process log: milliseconds since
+    /// `born`, plus one (0: never).
+    drop_reported: AtomicU64,
+    born: Instant,
 }
+
+/// How often dropped records are reported in the process log, at most.
+const DROP_REPORT: Duration = Duration::from_secs(10);
 
 impl Shared {
     #[allow(clippy::vec_box)]
@@ -514,18 +525,43 @@ impl AuditSink {
     /// keeps it aside and stops admission until the writer catches up.
     pub fn send(&self, record: Box<Record>) {
         match self.tx.try_send(Msg::Record(record)) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.shared.taken.fetch_add(1, Ordering::Relaxed);
+            }
             Err(TrySendError::Full(Msg::Record(r))) if self.shared.block => {
                 self.shared.admitting.store(false, Ordering::Relaxed);
                 let mut spill = self.shared.overflow();
                 if spill.len() < self.shared.overflow_max {
                     spill.push(r);
+                    self.shared.taken.fetch_add(1, Ordering::Relaxed);
                 } else {
                     drop(spill);
-                    self.dropped.inc();
+                    self.drop_one();
                 }
             }
-            Err(_) => self.dropped.inc(),
+            Err(_) => self.drop_one(),
+        }
+    }
+
+    /// A record the queue had no room for: counted, and said in the process log at most
+    /// every [`DROP_REPORT`], so a log watcher learns of it as well as the metric.
+    #[cold]
+    fn drop_one(&self) {
+        self.dropped.inc();
+        let shared = &self.shared;
+        let now = shared.born.elapsed().as_millis() as u64 + 1;
+        let last = shared.drop_reported.load(Ordering::Relaxed);
+        let due = last == 0 || now >= last + DROP_REPORT.as_millis() as u64;
+        if due
+            && shared
+                .drop_reported
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped = self.dropped.get(),
+                "audit log: records dropped, the queue is full (the sink is slow or failing; on_full = \"drop\"); counted in portcullis_audit_dropped_total"
+            );
         }
     }
 
@@ -576,6 +612,10 @@ pub fn start(
         closing: AtomicBool::new(false),
         reopen: AtomicBool::new(false),
         lost: AtomicU64::new(0),
+        taken: AtomicU64::new(0),
+        settled: AtomicU64::new(0),
+        drop_reported: AtomicU64::new(0),
+        born: Instant::now(),
     });
     let writer = Writer {
         sink: file,
@@ -614,8 +654,12 @@ impl AuditWriter {
     /// nobody reads) is waited for up to [`CLOSE_WAIT`]. Returns how many records were given
     /// up on because the sink still failed (and says so in the log).
     pub fn close(&self, sink: &AuditSink) -> u64 {
+        self.close_within(sink, CLOSE_WAIT)
+    }
+
+    fn close_within(&self, sink: &AuditSink, wait: Duration) -> u64 {
         sink.shared.closing.store(true, Ordering::Relaxed);
-        let deadline = Instant::now() + CLOSE_WAIT;
+        let deadline = Instant::now() + wait;
         let mut msg = Msg::Close;
         loop {
             match sink.tx.try_send(msg) {
@@ -631,10 +675,20 @@ impl AuditWriter {
         if let Some(h) = handle {
             while !h.is_finished() {
                 if Instant::now() >= deadline {
+                    // The writer is stuck in a write: what it holds, and what is still queued
+                    // behind it, never reaches the log.
+                    let shared = &sink.shared;
+                    let held = shared
+                        .taken
+                        .load(Ordering::Acquire)
+                        .saturating_sub(shared.settled.load(Ordering::Acquire));
+                    sink.dropped.inc_by(held);
+                    let lost = shared.lost.fetch_add(held, Ordering::AcqRel) + held;
                     tracing::error!(
-                        "audit sink still blocked after {CLOSE_WAIT:?}; exiting without the records it holds"
+                        lost,
+                        "audit log: {lost} records lost at shutdown (the sink was still blocked after {wait:?}; counted in portcullis_audit_dropped_total)"
                     );
-                    return sink.lost();
+                    return lost;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -847,7 +901,9 @@ impl Writer {
         loop {
             match self.sink.out.flush() {
                 Ok(()) => {
-                    self.written.inc_by(std::mem::take(&mut self.pending));
+                    let n = std::mem::take(&mut self.pending);
+                    self.written.inc_by(n);
+                    self.shared.settled.fetch_add(n, Ordering::Release);
                     if self.failing {
                         self.failing = false;
                         tracing::warn!("audit log writable again");
@@ -877,8 +933,9 @@ impl Writer {
             .iter()
             .filter(|&&b| b == b'\n')
             .count() as u64;
-        self.written
-            .inc_by(std::mem::take(&mut self.pending).saturating_sub(held));
+        let written = std::mem::take(&mut self.pending).saturating_sub(held);
+        self.written.inc_by(written);
+        self.shared.settled.fetch_add(written, Ordering::Release);
         self.lose(held);
         let out = std::mem::replace(
             &mut self.sink.out,
@@ -891,6 +948,7 @@ impl Writer {
     fn lose(&self, n: u64) {
         self.dropped.inc_by(n);
         self.shared.lost.fetch_add(n, Ordering::AcqRel);
+        self.shared.settled.fetch_add(n, Ordering::Release);
     }
 
     /// Reopens the file if `reopen` was asked for since the last look. One load per record.
@@ -1277,6 +1335,69 @@ mod tests {
             "a lost record is not also counted as written"
         );
         assert!(logs.contains("5 records lost at shutdown"), "{logs}");
+    }
+
+    /// A FIFO whose reader never reads, and that reader: a writer blocks in a write once the
+    /// pipe and its own buffer are full.
+    fn stalled_fifo(dir: &std::path::Path) -> (PathBuf, std::fs::File) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let fifo = dir.join("audit.fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        (fifo, reader)
+    }
+
+    #[test]
+    fn records_a_stalled_sink_holds_at_shutdown_are_counted_as_lost() {
+        // The writer blocks with some records in hand and the rest queued behind it.
+        let dir = tempfile::tempdir().unwrap();
+        let (fifo, _reader) = stalled_fifo(dir.path());
+        let written = IntCounter::new("w", "w").unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let mut s = settings(Some(fifo));
+        s.queue = 4096;
+        let (sink, writer) = start(&s, written.clone(), dropped.clone()).unwrap();
+        const SENT: u64 = 2000;
+        for _ in 0..SENT {
+            sink.send(Box::new(sample()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let (lost, logs) = logs_of(|| writer.close_within(&sink, Duration::from_millis(500)));
+        assert!(lost > 0, "{logs}");
+        assert_eq!(sink.lost(), lost);
+        // Every record is accounted for: on the sink, or dropped (lost ones included).
+        assert_eq!(written.get() + dropped.get(), SENT, "{logs}");
+        assert!(
+            logs.contains(&format!("{lost} records lost at shutdown")),
+            "{logs}"
+        );
+    }
+
+    #[test]
+    fn dropped_records_are_said_in_the_process_log_not_on_every_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fifo, _reader) = stalled_fifo(dir.path());
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let (sink, writer) = start(
+            &settings(Some(fifo)),
+            IntCounter::new("w", "w").unwrap(),
+            dropped.clone(),
+        )
+        .unwrap();
+        let ((), logs) = logs_of(|| {
+            for _ in 0..2000 {
+                sink.send(Box::new(sample()));
+            }
+        });
+        assert!(dropped.get() > 100, "the queue never filled");
+        assert_eq!(logs.matches("records dropped").count(), 1, "{logs}");
+        writer.close_within(&sink, Duration::from_millis(100));
     }
 
     #[test]

@@ -106,3 +106,55 @@ async fn key_sprawl_behind_an_ambiguous_key_id_is_still_counted() {
     assert_eq!(proxy.audit_at_least(4).await[0]["key_id"], "k_ambiguous");
     assert!(!proxy.audit_text().contains("ROTATED"), "keys never logged");
 }
+
+/// What the proxy refused itself pulled nothing from the vendor: blocked requests and
+/// CONNECTs and a limit's 429s, however many, raise no bulk signal (a scanner could otherwise page on-call at will).
+/// The requests it let through do, and the alert carries no bytes of its own: the request's
+/// record has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_raise_no_bulk_signal() {
+    let (openai, deepseek) = (Origin::http().await, Origin::http().await);
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", openai.addr)
+            .vendor("api.deepseek.com", deepseek.addr)
+            .tail(
+                "[[rule]]\nid = \"cap\"\nvendor = \"openai\"\npath = \"/v1/capped\"\n\
+                 action = \"limit\"\nlimit = { requests = 1, per = \"1h\", by = \"client\" }\n\n\
+                 [bulk]\nwindow = \"1h\"\nmax_requests = 5\n",
+            ),
+    )
+    .await;
+    let client = proxy.client();
+    for i in 0..8 {
+        let r = fetch(client.get(format!("http://api.deepseek.com/v1/blocked-{i}"))).await;
+        assert_eq!(r.status, 403, "{r:?}");
+        let r = fetch(client.get(format!("http://api.openai.com/v1/capped?{i}"))).await;
+        assert_eq!(r.status, if i == 0 { 200 } else { 429 }, "{r:?}");
+        let (status, head, _s) = raw_connect(proxy.addr, "api.deepseek.com:443", &[]).await;
+        assert_eq!(status, 403, "{head}");
+    }
+    assert_eq!(proxy.audit_at_least(24).await.len(), 24);
+    let m = proxy.metrics().await;
+    assert!(
+        !samples(&m)
+            .iter()
+            .any(|(name, _, value)| name == "portcullis_bulk_suspected_total" && *value > 0.0),
+        "{m}"
+    );
+    // Six more that reach OpenAI trip `max_requests = 5` (with the one the cap let through).
+    for i in 0..6 {
+        let r = fetch(client.get(format!("http://api.openai.com/v1/models?{i}"))).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let alert = bulk_alert(&proxy).await;
+    assert_eq!(alert["vendor"], "openai", "{alert}");
+    assert!(
+        alert["reason"].as_str().unwrap().contains("requests=6"),
+        "{alert}"
+    );
+    assert_eq!(
+        (alert["bytes_in"].as_u64(), alert["bytes_out"].as_u64()),
+        (Some(0), Some(0))
+    );
+}

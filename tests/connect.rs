@@ -215,6 +215,77 @@ async fn fronting_a_limited_or_tenant_restricted_vendor_closes_the_tunnel() {
     assert_eq!(rec["vendor"], "openai", "{rec}");
 }
 
+/// A CONNECT naming one vendor and a ClientHello naming another, both allowed: the tunnel is
+/// the server name's vendor's, and an audit or shadow rule on that name is what its record
+/// shows over the CONNECT host's plain allow (a CONNECT naming another host would hide the use
+/// such a rule exists to see). A limit that admitted the CONNECT keeps its rule on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_or_shadow_rule_on_the_server_name_is_what_the_tunnel_records() {
+    let origin = Origin::https().await;
+    let cases = [
+        (
+            "action = \"audit\"\n",
+            "",
+            "audit",
+            "enforce",
+            "watch-anthropic",
+        ),
+        (
+            "action = \"block\"\nmode = \"shadow\"\n",
+            "",
+            "block",
+            "shadow",
+            "watch-anthropic",
+        ),
+        (
+            "action = \"audit\"\n",
+            "[[rule]]\nid = \"openai-cap\"\nvendor = \"openai\"\naction = \"limit\"\n\
+             limit = { requests = 100, per = \"1h\" }\n",
+            "allow",
+            "enforce",
+            "openai-cap",
+        ),
+    ];
+    for (watch, before, action, mode, rule) in cases {
+        let proxy = Proxy::start(
+            Config::new()
+                .vendor("api.openai.com", origin.addr)
+                .vendor("api.anthropic.com", origin.addr)
+                .tail(&format!(
+                    "{before}[[rule]]\nid = \"watch-anthropic\"\nvendor = \"anthropic\"\n{watch}"
+                )),
+        )
+        .await;
+        let (status, _, tunnel) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+        assert_eq!(status, 200);
+        let tls = within(
+            "TLS naming another allowed vendor",
+            tls_handshake(tunnel, "api.anthropic.com"),
+        )
+        .await
+        .expect("both names are allowed");
+        drop(tls);
+        let rec = proxy.audit_connect("api.openai.com").await;
+        assert_eq!(rec["sni"], "api.anthropic.com", "{rec}");
+        assert_eq!(rec["vendor"], "anthropic", "{rec}");
+        assert_eq!(
+            (&rec["action"], &rec["mode"], &rec["rule"]),
+            (&action.into(), &mode.into(), &rule.into()),
+            "{rec}"
+        );
+        let m = proxy.metrics().await;
+        assert_eq!(
+            metric(
+                &m,
+                "portcullis_requests_total",
+                &[("vendor", "anthropic"), ("rule", rule)]
+            ),
+            1.0,
+            "{m}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_port_not_in_connect_ports_is_403() {
     let origin = Sink::start().await;

@@ -52,7 +52,7 @@ fn origin_saw_only(origin: &Origin, allowed: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lone_surrogate_keys_do_not_hide_the_model() {
+async fn second_model_keys_do_not_hide_the_model() {
     let (origin, proxy) = setup().await;
 
     // Python's json.loads and JavaScript's JSON.parse accept the lone surrogate and read the
@@ -70,6 +70,13 @@ async fn lone_surrogate_keys_do_not_hide_the_model() {
         (
             "bad-escape",
             r#"{"model":"gpt-4o-mini","\x":0,"model":"gpt-4o"}"#,
+        ),
+        // Go's encoding/json (Ollama, many gateways) matches keys regardless of case and
+        // reads the last: gpt-4o, where an exact reader sees gpt-4o-mini or no model.
+        ("other-case", r#"{"Model":"gpt-4o"}"#),
+        (
+            "other-case-second",
+            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4o"}"#,
         ),
     ] {
         let r = chat(&proxy, tag, body).await;

@@ -120,6 +120,33 @@ async fn userinfo_is_refused_and_never_logged() {
     assert!(origin.requests().iter().all(|s| s.uri != "/v1/models"));
 }
 
+/// A port that is no port is refused, and its record does not claim the scheme's default:
+/// it says 0, as for a CONNECT without a port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_port_is_refused_and_logged_as_none() {
+    let (origin, proxy) = strict_proxy().await;
+    for (i, port) in ["65616", "+80", "", "0"].into_iter().enumerate() {
+        let path = format!("/bad-port-{i}");
+        let r = raw_get(
+            proxy.addr,
+            &format!("http://api.openai.com:{port}{path}"),
+            &[],
+        )
+        .await;
+        assert_error(&r, 400, "bad_port");
+        let rec = proxy.audit_path(&path).await;
+        assert_eq!(rec["port"], 0, "{port:?}: {rec}");
+        assert_eq!(rec["host"], "api.openai.com", "{rec}");
+    }
+    let (status, head, _s) = raw_connect(proxy.addr, "api.openai.com:", &[]).await;
+    assert_eq!(status, 400, "{head}");
+    let rec = proxy
+        .audit_where("the CONNECT", |r| r["method"] == "CONNECT")
+        .await;
+    assert_eq!(rec["port"], 0, "{rec}");
+    assert!(origin.requests().is_empty());
+}
+
 /// 127.0.0.1 spelled as a browser's URL parser would accept it.
 fn loopback_spellings(port: u16) -> Vec<String> {
     [

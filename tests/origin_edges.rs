@@ -207,8 +207,8 @@ async fn a_chunked_get_body_reaches_the_origin() {
     assert_eq!(rec["bytes_out"], 5, "{rec}");
 }
 
-/// `http://host?q` (no path at all) is the path `/` with a query: a rule on `/` meets it, and
-/// the record says `/?q`.
+/// `http://host?q` (no path at all) is the path `/` with a query: a rule on `/` meets it, the
+/// record says `/?q`, and the origin is sent `/?q` (RFC 9112 §3.2.1), by either upstream path.
 #[tokio::test]
 async fn an_empty_path_is_the_root() {
     let (addr, _done) = origin(|mut s, _, _| async move {
@@ -217,7 +217,20 @@ async fn an_empty_path_is_the_root() {
             .await;
     })
     .await;
-    let proxy = Proxy::start(Config::new().vendor("api.openai.com", addr).tail(
+    let mut config = Config::new().vendor("api.openai.com", addr);
+    let mut sent = Vec::new();
+    for (host, method) in [("api.mistral.ai", "GET"), ("api.cohere.com", "POST")] {
+        let (addr, head) = origin(|mut s, head, _| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            head
+        })
+        .await;
+        config = config.vendor(host, addr);
+        sent.push((host, method, head));
+    }
+    let proxy = Proxy::start(config.tail(
         "[[rule]]\nid = \"no-root\"\nhost = \"api.openai.com\"\npath = \"/\"\naction = \"block\"\n",
     ))
     .await;
@@ -229,6 +242,25 @@ async fn an_empty_path_is_the_root() {
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     let rec = proxy.audit_path("/?x=1").await;
     assert_eq!(rec["rule"], "no-root");
+
+    // Allowed: a GET without a body goes by the proxy's own exchange, a POST by hyper's client.
+    for (host, method, head) in sent {
+        let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
+        let body = if method == "POST" {
+            "content-length: 2\r\n\r\nhi"
+        } else {
+            "\r\n"
+        };
+        let request = format!("{method} http://{host}?y=2 HTTP/1.1\r\nhost: {host}\r\n{body}");
+        c.write_all(request.as_bytes()).await.expect("request");
+        let (answer, _) = read_head(&mut c).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+        let head = within("the origin's head", head).await.expect("head");
+        assert!(
+            head.starts_with(&format!("{method} /?y=2 HTTP/1.1\r\n")),
+            "{host}: {head}"
+        );
+    }
 }
 
 /// A GET goes upstream by the proxy's own exchange (`upstream::direct`), a POST with a body by

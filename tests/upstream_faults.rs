@@ -198,6 +198,59 @@ async fn a_request_the_client_abandons_is_still_audited() {
     assert_reason(&rec, "client_aborted");
 }
 
+/// A whole request, then a half-close (`nc -N`, a script's `shutdown(SHUT_WR)`): hyper takes
+/// the FIN for the client leaving, as nginx and squid do, and when it comes with the request
+/// it may drop the request before its handler has run. Every attempt is still on record:
+/// answered (a block is decided at once), or `client_aborted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_followed_by_a_half_close_is_still_on_record() {
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+    let (_openai, _deepseek, proxy) = openai_and_deepseek().await;
+    let mut dropped = 0;
+    for i in 0..20 {
+        let path = format!("/half-closed-{i}");
+        let s = std::net::TcpStream::connect(proxy.addr).expect("connect");
+        // Corked, the request and the FIN leave in one segment: hyper reads both at once,
+        // the case where it drops the request before its handler runs.
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and option of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "TCP_CORK");
+        (&s).write_all(
+            format!("GET http://api.deepseek.com{path} HTTP/1.1\r\nHost: api.deepseek.com\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut s = TcpStream::from_std(s).expect("tokio stream");
+        let mut answer = Vec::new();
+        let _ = within("the close", s.read_to_end(&mut answer)).await;
+        let rec = proxy.audit_path(&path).await;
+        assert_eq!(rec["vendor"], "deepseek", "{rec}");
+        if answer.starts_with(b"HTTP/1.1 403") {
+            assert_eq!(rec["status"], 403, "{rec}");
+            assert_eq!(rec["action"], "block", "{rec}");
+        } else {
+            assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+            assert_eq!(rec["status"], 499, "{rec}");
+            assert_reason(&rec, "client_aborted");
+            dropped += 1;
+        }
+    }
+    // The case this is about happened (when it never does, the test proves nothing).
+    assert!(dropped > 0, "every half-closed request was answered");
+}
+
 /// A listener that never accepts, its accept queue already full: a connect to it hangs (the
 /// kernel drops the SYNs) until the connector's timeout. The sockets are held by the caller.
 async fn unaccepting() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {

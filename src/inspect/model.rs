@@ -39,7 +39,7 @@ pub fn model(body: &[u8]) -> Option<Cow<'_, str>> {
     let mut members = Members::new(body)?;
     loop {
         let m = members.next().ok()?;
-        if m.is_model {
+        if m.key == Key::Model {
             if body.get(m.value) != Some(&b'"') {
                 return None;
             }
@@ -63,12 +63,15 @@ pub fn model_ambiguous(body: &[u8]) -> bool {
     let mut seen = false;
     loop {
         match members.next() {
-            Ok(m) if m.is_model => {
+            Ok(m) if m.key == Key::Model => {
                 if seen || bad_string(body, m.value) {
                     return true;
                 }
                 seen = true;
             }
+            // `Model`, `MODEL`: Go's encoding/json (Ollama, many gateways) matches field
+            // names regardless of case, and takes the last.
+            Ok(m) if m.key == Key::ModelInOtherCase => return true,
             Ok(_) => {}
             Err(stop) => return stop == Stop::Malformed,
         }
@@ -86,10 +89,18 @@ enum Stop {
     Malformed,
 }
 
+/// What a top-level member's key is, decoded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Key {
+    Model,
+    /// `Model`, `MODEL`: the model to parsers that ignore case.
+    ModelInOtherCase,
+    Other,
+}
+
 /// One top-level member.
 struct Member {
-    /// Its key decodes to `model`.
-    is_model: bool,
+    key: Key,
     /// Where its value starts.
     value: usize,
 }
@@ -130,14 +141,11 @@ impl<'a> Members<'a> {
         }
         self.started = true;
         expect(b, self.i, b'"')?;
-        let (is_model, after_key) = key(b, self.i + 1)?;
+        let (key, after_key) = key(b, self.i + 1)?;
         let i = skip_ws(b, after_key);
         expect(b, i, b':')?;
         self.i = skip_ws(b, i + 1);
-        Ok(Member {
-            is_model,
-            value: self.i,
-        })
+        Ok(Member { key, value: self.i })
     }
 }
 
@@ -171,13 +179,20 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Whether the key string starting at `i` (just past its quote) decodes to
-/// `model`, and the index past its closing quote.
-fn key(b: &[u8], i: usize) -> Result<(bool, usize), Stop> {
+/// What the key string starting at `i` (just past its quote) decodes to, and the index past
+/// its closing quote.
+fn key(b: &[u8], i: usize) -> Result<(Key, usize), Stop> {
     let mut buf = [0u8; 5];
     match decode(b, i, &mut buf) {
-        Ok(d) => Ok((&buf[..d.len] == b"model", d.end)),
-        Err(DecodeError::Overflow) => Ok((false, string_end(b, i).ok_or(Stop::Truncated)?)),
+        Ok(d) => {
+            let k = match &buf[..d.len] {
+                b"model" => Key::Model,
+                k if k.eq_ignore_ascii_case(b"model") => Key::ModelInOtherCase,
+                _ => Key::Other,
+            };
+            Ok((k, d.end))
+        }
+        Err(DecodeError::Overflow) => Ok((Key::Other, string_end(b, i).ok_or(Stop::Truncated)?)),
         Err(DecodeError::Truncated) => Err(Stop::Truncated),
         Err(DecodeError::Invalid) => Err(Stop::Malformed),
     }
@@ -969,10 +984,19 @@ mod tests {
             r#"{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}"#,
             r#"{"model":"a","mod\u0065l":"b"}"#,
             r#"{ "x": {"model":"n"}, "model": "a", "y": [1, "s"], "model": 1 }"#,
+            // Go's encoding/json matches keys regardless of case, and takes the last.
+            r#"{"Model":"gpt-4o"}"#,
+            r#"{"MODEL":"gpt-4o"}"#,
+            r#"{"model":"gpt-3.5-turbo","mOdEl":"gpt-4o"}"#,
+            r#"{"\u004dodel":"gpt-4o"}"#,
         ] {
             assert!(model_ambiguous(body.as_bytes()), "{body}");
         }
         for body in [
+            r#"{"model":"gpt-4o"}"#,
+            "{\"model\":\"gpt-4o\"}\r\n \t",
+            r#"{"model":"gpt-4o","messages":[{"Model":"x"}]}"#,
+            r#"{"modelx":"a","xmodel":"b","Models":"c"}"#,
             r#"{"model":"gpt-4o","messages":[{"model":"x"}]}"#,
             r#"{"model":"gpt-4o","meta":{"model":"x","model":"y"}}"#,
             r#"{"models":"a","model":"b"}"#,
@@ -1053,6 +1077,8 @@ mod tests {
             r#"{"model":4}"#,
             r#"{"model":null,"a":[]}"#,
             r#"{"model":{"name":"gpt-4o"}}"#,
+            // What follows the object is not read: strict parsers refuse the body, and
+            // lenient ones (Go's json.Decoder) read the first object, as this does.
             r#"{"model":"gpt-4o"}{"model":"x"}"#,
         ] {
             assert!(!model_ambiguous(body.as_bytes()), "{body}");

@@ -15,7 +15,7 @@ use rustc_hash::FxHashMap;
 /// A host pattern that failed validation; the caller adds file:line:col.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatternError {
-    #[error("empty host pattern")]
+    #[error("empty host pattern, or an empty label in one (`a..example.com`)")]
     Empty,
     #[error("host pattern {0:?} has an invalid character (use lowercase a-z, 0-9, '-', '.', '*')")]
     BadChar(String),
@@ -89,6 +89,10 @@ impl HostPattern {
             Kind::Suffix(rest.into(), true)
         } else if t.contains('*') {
             let labels: Vec<Box<str>> = t.split('.').map(Into::into).collect();
+            if labels.iter().any(|l| l.is_empty()) {
+                // `x.*.deepseek..com`: no host has an empty label, so it would match nothing.
+                return Err(PatternError::Empty);
+            }
             let n = labels.len();
             if n < 3 || labels[n - 1].contains('*') || labels[n - 2].contains('*') {
                 return Err(PatternError::GlobTooBroad(text.to_string()));
@@ -525,6 +529,19 @@ mod tests {
         assert!(HostPattern::parse("foo.*").is_err());
         assert!(HostPattern::parse("a b.com").is_err());
         assert!(HostPattern::parse("a..com").is_err());
+        // Label globs with an empty label anywhere would match no host either.
+        for p in [
+            "x.*.deepseek..com",
+            "api-*.deepseek..com",
+            "*.*.bad..pattern",
+            "a*..b.com",
+        ] {
+            assert_eq!(
+                HostPattern::parse(p).err(),
+                Some(PatternError::Empty),
+                "{p}"
+            );
+        }
         assert_eq!(
             HostPattern::parse("API.Example.COM.").unwrap().as_str(),
             "api.example.com"

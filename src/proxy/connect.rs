@@ -462,10 +462,21 @@ impl Tunnel {
             _ => self.unmet_by_tunnel(&d, &sni_host),
         };
         if d.enforced() != Action::Block && unmet.is_none() {
-            if self.rec.vendor.is_none() {
-                // Attribute the tunnel to the vendor it really reaches.
+            // Let through under both names. The TLS session is with the server the name
+            // names: the tunnel is that vendor's. And an audit or shadow rule on that name
+            // is what the record shows over a plain allow of the CONNECT host, or a CONNECT
+            // naming another host would hide the use such a rule exists to see.
+            if d.vendor.is_some() || self.rec.vendor.is_none() {
                 self.rec.vendor = d.vendor_id().cloned();
                 self.rec.endpoint = d.endpoint.as_str();
+            }
+            let sni_says_more =
+                d.rule.is_some() && (d.mode == policy::Mode::Shadow || d.action != Action::Allow);
+            if sni_says_more && self.admitted_as_plain_allow() {
+                self.rec.rule = d.rule_id().cloned();
+                self.rec.action = d.action.as_str();
+                self.rec.mode = d.mode.as_str();
+                self.rec.reason = format!("SNI {sni}: {}", d.reason).into();
             }
             return None;
         }
@@ -485,6 +496,19 @@ impl Tunnel {
                 d.rule_id().map_or("default", |r| &**r),
             ),
         })
+    }
+
+    /// Whether the CONNECT was let through as a plain allow: by default or an `allow` rule,
+    /// enforced, and no limit's (a limit that admitted is recorded as `allow` too, and its rule
+    /// must stay on the record that was charged to it).
+    fn admitted_as_plain_allow(&self) -> bool {
+        let limited = self.rec.rule.as_ref().is_some_and(|id| {
+            self.policy
+                .rules
+                .iter()
+                .any(|r| r.id == *id && r.action == Action::Limit)
+        });
+        self.rec.mode == "enforce" && self.rec.action == "allow" && !limited
     }
 
     /// What `host`'s decision requires that a tunnel admitted under its CONNECT decision did

@@ -19,7 +19,9 @@ use super::inspect::Inspected;
 use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
 use super::overrides::{named_overrides, MAX_READINGS};
-use super::records::{record, rejected, Asked, AskedUnanswered, Seen, Unanswered};
+use super::records::{
+    record, rejected, Arrived, ArrivedParts, Asked, AskedUnanswered, Seen, Unanswered,
+};
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
@@ -29,12 +31,13 @@ use crate::limits::{KeyValues, Permit};
 use crate::policy::{self, target, Action, BodyFacts, Decision, Mode, Policy, Scheme, Target};
 
 /// The service function behind every client connection.
-pub async fn handle(
-    state: Arc<State>,
-    peer: Peer,
-    busy: Busy,
-    mut req: Request<Incoming>,
-) -> Result<Response<Held<ProxyBody>>, Infallible> {
+pub async fn handle(arrived: Arrived, busy: Busy) -> Result<Response<Held<ProxyBody>>, Infallible> {
+    let ArrivedParts {
+        state,
+        peer,
+        mut req,
+        ..
+    } = arrived.open();
     if !http_body::Body::is_end_stream(req.body()) {
         // The upload keeps the connection busy too, until it ends (`forward` hands it on).
         req.extensions_mut().insert(busy.clone());
@@ -228,12 +231,14 @@ pub fn still_authorised(state: &State, user: &ProxyUser) -> bool {
 }
 
 /// A request inside an intercepted tunnel: the same path as plain HTTP, scheme https.
-pub async fn inner(
-    state: Arc<State>,
-    peer: Peer,
-    inside: Arc<Inside>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn inner(arrived: Arrived) -> Result<Response<ProxyBody>, Infallible> {
+    let ArrivedParts {
+        state,
+        peer,
+        inside,
+        req,
+    } = arrived.open();
+    let inside = inside.expect("intercept.rs hands every request its tunnel");
     inside.requests.fetch_add(1, Ordering::Relaxed);
     let slot = match state.inner_streams.acquire(peer.addr.ip()) {
         Ok(slot) => slot,

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::activity::Activity;
 use super::on_wake::OnWake;
+use super::records::Arrived;
 use super::shutdown::Phase;
 use super::{handler, Peer, State};
 use crate::identity::ProxyUser;
@@ -104,7 +105,9 @@ where
 
     let st = state.clone();
     let ins = inside.clone();
-    let service = service_fn(move |req| handler::inner(st.clone(), peer, ins.clone(), req));
+    let service = service_fn(move |req| {
+        handler::inner(Arrived::new(st.clone(), peer, Some(ins.clone()), req))
+    });
     let idle = settings.idle_timeout;
 
     macro_rules! drive {

@@ -156,7 +156,9 @@ impl State {
             bytes_in,
         );
         if let (Some(bulk), Some(vendor), true) = (&self.bulk, rec.vendor.clone(), own) {
-            self.observe_bulk(bulk, &rec, &vendor, bytes_in);
+            if reached_the_vendor(&rec) {
+                self.observe_bulk(bulk, &rec, &vendor, bytes_in);
+            }
         }
         self.audit.send(rec);
     }
@@ -199,6 +201,8 @@ impl State {
             alert.action = "audit";
             alert.mode = "enforce";
             alert.rule = None;
+            // A signal, not another exchange: the request's own record has its bytes.
+            (alert.bytes_in, alert.bytes_out, alert.duration_ms) = (0, 0, 0.0);
             alert.reason = format!(
                 "bulk_extraction_suspected: {} over {}s: requests={} bytes={} distinct_keys={} bulk_requests={}",
                 s.tripped.join(","),
@@ -212,6 +216,20 @@ impl State {
             self.audit.send(Box::new(alert));
         }
     }
+}
+
+/// Whether an exchange went to its vendor, and so counts toward bulk signals: what the proxy
+/// refused itself (a block, a `reject` such as a 407, a limit's 429) pulled nothing, and a
+/// scanner could otherwise raise the bulk alert at will. A tunnel a reload closed (`block`)
+/// had relayed its bytes first.
+fn reached_the_vendor(rec: &Record) -> bool {
+    let let_through = match (rec.mode, rec.action) {
+        ("shadow", _) => true,
+        (_, "block" | "reject") => false,
+        (_, "limit") => !matches!(rec.status, 429 | 503),
+        _ => true,
+    };
+    let_through || rec.bytes_in > 0
 }
 
 /// Who is on the other end of a client connection.

@@ -77,18 +77,31 @@ fn methods_in(list: &[u8]) -> impl Iterator<Item = Method> + '_ {
         .filter_map(|item| Method::from_bytes(&item.to_ascii_uppercase()).ok())
 }
 
-/// The path an `X-Original-URL` or `X-Rewrite-URL` field names (origin-form), which some
-/// servers route on instead of the request line's.
+/// The path an `X-Original-URL` or `X-Rewrite-URL` field names, which some servers route on
+/// instead of the request line's: origin-form, or the path of an absolute URL
+/// (`https://api.openai.com/v1/batches`), which servers that accept one route on the same way.
 fn overriding_path<'a>((name, value): (&HeaderName, &'a HeaderValue)) -> Option<&'a str> {
     let n = name.as_str();
     if !matches!(n.len(), 13 | 14) || !matches!(n, "x-original-url" | "x-rewrite-url") {
         return None;
     }
-    value
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|p| p.starts_with('/'))
+    let v = value.to_str().ok()?.trim();
+    if v.starts_with('/') {
+        return Some(v);
+    }
+    let (scheme, rest) = v.split_once("://")?;
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return None;
+    }
+    Some(match rest.find(['/', '?', '#']) {
+        Some(at) if rest.as_bytes()[at] == b'/' => &rest[at..],
+        // `https://host` or `https://host?q`: the root.
+        _ => "/",
+    })
 }
 
 /// `_method`, percent-decoded, or as PHP reads a name into `$_GET` (Laravel, Symfony): a
@@ -187,11 +200,26 @@ mod tests {
     }
 
     #[test]
-    fn rewrite_fields_name_origin_form_paths_only() {
+    fn rewrite_fields_name_paths_origin_form_or_absolute() {
         let cases = [
             ("x-original-url", " /v1/batches ", Some("/v1/batches")),
             ("x-rewrite-url", "/v1/files?x=1", Some("/v1/files?x=1")),
-            ("x-original-url", "http://other/v1", None),
+            // Symfony (and IIS) take the path of an absolute URL here.
+            ("x-original-url", "http://other/v1", Some("/v1")),
+            (
+                "x-original-url",
+                "https://api.openai.com/v1/batches?a=b",
+                Some("/v1/batches?a=b"),
+            ),
+            ("x-rewrite-url", "HTTPS://api.openai.com", Some("/")),
+            (
+                "x-rewrite-url",
+                "https://api.openai.com?x=/v1/files",
+                Some("/"),
+            ),
+            ("x-original-url", "v1/batches", None),
+            ("x-original-url", "://api.openai.com/v1/batches", None),
+            ("x-original-url", "a b://h/v1/batches", None),
             ("x-forwarded-url", "/v1/batches", None),
         ];
         for (name, value, want) in cases {

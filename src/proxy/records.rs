@@ -108,9 +108,16 @@ pub fn rejected(
         .headers
         .get(header::HOST)
         .and_then(|v| Authority::try_from(v.as_bytes()).ok());
-    let (host, port) = match (uri.host(), &field) {
-        (Some(h), _) => (h, uri.port_u16()),
-        (None, Some(a)) => (a.host(), a.port_u16()),
+    // A port written but not a port (`:65616`, `:+80`, `host:`) is logged as 0, not as the
+    // scheme's: the request named no port the proxy could go to.
+    let port_of = |a: &Authority| match a.port() {
+        Some(p) if p.as_str().bytes().all(|b| b.is_ascii_digit()) => Some(p.as_u16()),
+        Some(_) => Some(0),
+        None => port_written(a).then_some(0),
+    };
+    let (host, port) = match (uri.authority(), &field) {
+        (Some(a), _) => (a.host(), port_of(a)),
+        (None, Some(a)) => (a.host(), port_of(a)),
         (None, None) => match inside {
             Some(i) => ("", Some(i.port)),
             None => ("", None),
@@ -162,6 +169,12 @@ pub fn rejected(
         ..refusal_record(state, peer, asked.method.clone(), e, e.kind().into())
     };
     state.finish(Box::new(rec), start);
+}
+
+/// Whether an authority has a `:port` part, valid or not (`[::1]` has none).
+fn port_written(a: &Authority) -> bool {
+    let s = a.as_str();
+    s[s.rfind(']').map_or(0, |i| i + 1)..].contains(':')
 }
 
 /// A record for a request hyper refused while reading its head (it answered 400, 414 or 431):
@@ -226,6 +239,61 @@ fn refusal_record(
         key_id: None,
         model: None,
         key_ids: Vec::new(),
+    }
+}
+
+/// A request hyper has read, on its way to its handler. hyper takes a half-close after a whole
+/// request (`nc -N`, a script's `shutdown(SHUT_WR)`) for the client leaving, as nginx and squid
+/// do: it closes the connection and drops the handler's future, and when the FIN came with
+/// the request it does so before the handler first runs. Handed to the handler as its
+/// argument, this writes that attempt's `client_aborted` record then, as [`AskedUnanswered`]
+/// does once the handler is waiting; the handler takes the request out first thing.
+pub struct Arrived(Option<ArrivedParts>);
+
+/// What [`Arrived::open`] hands the handler.
+pub struct ArrivedParts {
+    pub state: Arc<State>,
+    pub peer: Peer,
+    /// The intercepted tunnel the request came through, if any.
+    pub inside: Option<Arc<Inside>>,
+    pub req: Request<hyper::body::Incoming>,
+}
+
+impl Arrived {
+    pub fn new(
+        state: Arc<State>,
+        peer: Peer,
+        inside: Option<Arc<Inside>>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Arrived {
+        Arrived(Some(ArrivedParts {
+            state,
+            peer,
+            inside,
+            req,
+        }))
+    }
+
+    /// The handler has started: from here its own guards answer for the request.
+    pub fn open(mut self) -> ArrivedParts {
+        self.0.take().expect("opened once")
+    }
+}
+
+impl Drop for Arrived {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let e = ProxyError::ClientAborted;
+            let inside = p.inside.as_deref();
+            rejected(
+                &p.state,
+                p.peer,
+                inside,
+                (&p.req).into(),
+                &e,
+                Instant::now(),
+            );
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use super::client_socket::{ClientSocket, Slots};
 use super::head_wait::{HeadTimer, HeadWait};
 use super::per_client::ClientCap;
+use super::records::Arrived;
 use super::shutdown::Phase;
 use super::stall::SendTimeout;
 use super::{handler, records, Peer, State};
@@ -95,7 +96,9 @@ pub async fn serve(
         let wait = HeadWait::new();
         let head_timeout = settings.header_read_timeout;
         let head_timer = HeadTimer::new(wait.clone(), head_timeout, notes.clone());
-        let service = service_fn(move |req| handler::handle(st.clone(), peer, wait.busy(), req));
+        let service = service_fn(move |req| {
+            handler::handle(Arrived::new(st.clone(), peer, None, req), wait.busy())
+        });
         let audit = state.clone();
         let conn = builder
             .serve_connection(

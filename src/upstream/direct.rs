@@ -217,6 +217,11 @@ fn encode(parts: &request::Parts) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + pq.len() + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
+    if !pq.starts_with('/') {
+        // `http://host?q`: an empty path is `/` on the wire (RFC 9112 §3.2.1), as it was
+        // decided and logged.
+        out.push(b'/');
+    }
     out.extend_from_slice(pq.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
