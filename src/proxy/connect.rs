@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,7 +22,7 @@ use super::intercept::{self, Inside};
 use super::limit::ByteMeter;
 use super::metered::{settle, Metered, Stats};
 use super::on_wake::OnWake;
-use super::records::{record, rejected, AskedUnanswered, Seen, Unanswered};
+use super::records::{record, rejected, Arrived, ArrivedParts, AskedUnanswered, Seen, Unanswered};
 use super::stall::SendTimeout;
 use super::{respond, Peer, State};
 use crate::audit::Record;
@@ -37,11 +36,13 @@ use crate::tls::sni::{is_hello_retry, peek_client_hello, peek_retried_client_hel
 /// A ClientHello larger than this is not a browser or SDK; refuse rather than buffer.
 const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
-pub async fn handle(
-    state: Arc<State>,
-    peer: Peer,
-    mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
+    let ArrivedParts {
+        state,
+        peer,
+        mut req,
+        ..
+    } = arrived.open();
     let start = Instant::now();
     let html = respond::wants_html(req.headers());
     let realm = state.auth.as_ref().map(|a| a.realm.as_str());

@@ -31,19 +31,17 @@ use crate::limits::{KeyValues, Permit};
 use crate::policy::{self, target, Action, BodyFacts, Decision, Mode, Policy, Scheme, Target};
 
 /// The service function behind every client connection.
-pub async fn handle(arrived: Arrived, busy: Busy) -> Result<Response<Held<ProxyBody>>, Infallible> {
-    let ArrivedParts {
-        state,
-        peer,
-        mut req,
-        ..
-    } = arrived.open();
+pub async fn handle(
+    mut arrived: Arrived,
+    busy: Busy,
+) -> Result<Response<Held<ProxyBody>>, Infallible> {
+    let req = arrived.req_mut();
     if !http_body::Body::is_end_stream(req.body()) {
         // The upload keeps the connection busy too, until it ends (`forward` hands it on).
         req.extensions_mut().insert(busy.clone());
     }
     let answer = if req.method() == Method::CONNECT {
-        super::connect::handle(state, peer, req).await
+        super::connect::handle(arrived).await
     } else if req.uri().scheme().is_none()
         && matches!(req.uri().path(), "/proxy.pac" | "/wpad.dat")
         && matches!(*req.method(), Method::GET | Method::HEAD)
@@ -52,9 +50,10 @@ pub async fn handle(arrived: Arrived, busy: Busy) -> Result<Response<Held<ProxyB
         // serve it where clients can reach, not only on the admin listener (which a
         // NetworkPolicy or firewall rightly keeps to the monitoring network). Nothing is
         // forwarded.
+        let ArrivedParts { state, req, .. } = arrived.open();
         crate::admin::pac_file(&state, &req).map(ProxyBody::Left)
     } else {
-        forward(state, peer, None, None, req).await
+        forward(arrived, None).await
     };
     // The connection awaits no head until hyper is done with this answer.
     Ok(answer.map(|body| Held::new(body, busy)))
@@ -236,27 +235,28 @@ pub async fn inner(arrived: Arrived) -> Result<Response<ProxyBody>, Infallible> 
         state,
         peer,
         inside,
-        req,
-    } = arrived.open();
-    let inside = inside.expect("intercept.rs hands every request its tunnel");
-    inside.requests.fetch_add(1, Ordering::Relaxed);
+        ..
+    } = arrived.parts();
+    if let Some(inside) = inside {
+        inside.requests.fetch_add(1, Ordering::Relaxed);
+    }
     let slot = match state.inner_streams.acquire(peer.addr.ip()) {
         Ok(slot) => slot,
         Err(_) => {
-            let e = ProxyError::TooManyStreams(state.settings.proxy.max_connections_per_client);
-            rejected(
-                &state,
+            let ArrivedParts {
+                state,
                 peer,
-                Some(&inside),
-                (&req).into(),
-                &e,
-                Instant::now(),
-            );
+                inside,
+                req,
+            } = arrived.open();
+            let e = ProxyError::TooManyStreams(state.settings.proxy.max_connections_per_client);
+            let inside = inside.as_deref();
+            rejected(&state, peer, inside, (&req).into(), &e, Instant::now());
             let html = respond::wants_html(req.headers());
             return Ok(respond::error(&e, None, html));
         }
     };
-    Ok(forward(state, peer, Some(&inside), slot, req).await)
+    Ok(forward(arrived, slot).await)
 }
 
 /// The target of a request: from its absolute URI, or (intercepted) the tunnel's, after
@@ -306,12 +306,16 @@ fn target_of(req: &Request<Incoming>, inside: Option<&Inside>) -> Result<Target,
 }
 
 async fn forward(
-    state: Arc<State>,
-    peer: Peer,
-    inside: Option<&Arc<Inside>>,
+    arrived: Arrived,
     stream_slot: Option<super::per_client::ClientSlot>,
-    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let ArrivedParts {
+        state,
+        peer,
+        inside,
+        mut req,
+    } = arrived.open();
+    let inside = inside.as_ref();
     let start = Instant::now();
     let html = respond::wants_html(req.headers());
     let realm = state.auth.as_ref().map(|a| a.realm.as_str());

@@ -274,7 +274,17 @@ impl Arrived {
         }))
     }
 
-    /// The handler has started: from here its own guards answer for the request.
+    /// The request, to look at before it is opened.
+    pub fn req_mut(&mut self) -> &mut Request<hyper::body::Incoming> {
+        &mut self.0.as_mut().expect("not opened yet").req
+    }
+
+    pub fn parts(&self) -> &ArrivedParts {
+        self.0.as_ref().expect("not opened yet")
+    }
+
+    /// The handler has started: from here its own guards answer for the request. (Opened
+    /// where the request is used, so it moves once.)
     pub fn open(mut self) -> ArrivedParts {
         self.0.take().expect("opened once")
     }
