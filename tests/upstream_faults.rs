@@ -205,7 +205,6 @@ async fn a_request_the_client_abandons_is_still_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_followed_by_a_half_close_is_still_on_record() {
     use std::io::Write as _;
-    use std::os::fd::AsRawFd as _;
     let (_openai, _deepseek, proxy) = openai_and_deepseek().await;
     let mut dropped = 0;
     for i in 0..20 {
@@ -213,18 +212,7 @@ async fn a_request_followed_by_a_half_close_is_still_on_record() {
         let s = std::net::TcpStream::connect(proxy.addr).expect("connect");
         // Corked, the request and the FIN leave in one segment: hyper reads both at once,
         // the case where it drops the request before its handler runs.
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket and option of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "TCP_CORK");
+        cork(&s);
         (&s).write_all(
             format!("GET http://api.deepseek.com{path} HTTP/1.1\r\nHost: api.deepseek.com\r\n\r\n")
                 .as_bytes(),

@@ -82,19 +82,7 @@ async fn serve(mut s: TcpStream, c: &Counts) {
             // the proxy could send the next request on the connection: lost at the origin
             // like any request to an origin that dies mid-exchange, which no proxy can tell
             // from one the origin acted on.
-            use std::os::fd::AsRawFd;
-            let on: libc::c_int = 1;
-            // SAFETY: a valid socket and a c_int option of the size given.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_CORK,
-                    (&on as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "TCP_CORK");
+            cork(&s);
             let _ = s.write_all(answer).await;
             return;
         }

@@ -955,6 +955,23 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// Sets `TCP_CORK` on a socket: what is written then (and a FIN) leaves in one segment, so
+/// the peer reads it all at once.
+pub fn cork(socket: &impl std::os::fd::AsRawFd) {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_CORK");
+}
+
 /// Reads until the peer closes (cleanly or by reset); returns the bytes read.
 pub async fn read_until_closed(s: &mut (impl AsyncRead + Unpin)) -> usize {
     within("the peer to close", async {
