@@ -215,10 +215,10 @@ async fn fronting_a_limited_or_tenant_restricted_vendor_closes_the_tunnel() {
     assert_eq!(rec["vendor"], "openai", "{rec}");
 }
 
-/// A CONNECT naming one vendor and a ClientHello naming another, both allowed: the tunnel is
-/// the server name's vendor's, and an audit or shadow rule on that name is what its record
-/// shows over the CONNECT host's plain allow (a CONNECT naming another host would hide the use
-/// such a rule exists to see). A limit that admitted the CONNECT keeps its rule on the record.
+/// A CONNECT that names no vendor (an address) with a ClientHello naming one: the tunnel is
+/// that vendor's, and an audit or shadow rule on the name is what its record shows over the
+/// address's plain allow (a CONNECT by address would otherwise hide the use such a rule
+/// exists to see). A limit that admitted the CONNECT keeps its rule on the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audit_or_shadow_rule_on_the_server_name_is_what_the_tunnel_records() {
     let origin = Origin::https().await;
@@ -239,33 +239,33 @@ async fn an_audit_or_shadow_rule_on_the_server_name_is_what_the_tunnel_records()
         ),
         (
             "action = \"audit\"\n",
-            "[[rule]]\nid = \"openai-cap\"\nvendor = \"openai\"\naction = \"limit\"\n\
+            "[[rule]]\nid = \"address-cap\"\nhost = \"127.0.0.1\"\naction = \"limit\"\n\
              limit = { requests = 100, per = \"1h\" }\n",
             "allow",
             "enforce",
-            "openai-cap",
+            "address-cap",
         ),
     ];
     for (watch, before, action, mode, rule) in cases {
         let proxy = Proxy::start(
             Config::new()
-                .vendor("api.openai.com", origin.addr)
                 .vendor("api.anthropic.com", origin.addr)
+                .resolve("127.0.0.1:443", origin.addr)
                 .tail(&format!(
                     "{before}[[rule]]\nid = \"watch-anthropic\"\nvendor = \"anthropic\"\n{watch}"
                 )),
         )
         .await;
-        let (status, _, tunnel) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+        let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
         assert_eq!(status, 200);
         let tls = within(
-            "TLS naming another allowed vendor",
+            "TLS naming an allowed vendor",
             tls_handshake(tunnel, "api.anthropic.com"),
         )
         .await
-        .expect("both names are allowed");
+        .expect("the name is allowed");
         drop(tls);
-        let rec = proxy.audit_connect("api.openai.com").await;
+        let rec = proxy.audit_connect("127.0.0.1").await;
         assert_eq!(rec["sni"], "api.anthropic.com", "{rec}");
         assert_eq!(rec["vendor"], "anthropic", "{rec}");
         assert_eq!(
@@ -284,6 +284,85 @@ async fn an_audit_or_shadow_rule_on_the_server_name_is_what_the_tunnel_records()
             "{m}"
         );
     }
+}
+
+/// One vendor's host with another vendor's name in the ClientHello is fronting: no client
+/// does it otherwise, and let through, the client would choose which vendor's limits, record
+/// and bulk signals the tunnel is charged to. A limit shared by both vendors (`by = "vendor"`
+/// counts each apart) is no exception.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_of_another_vendor_closes_the_tunnel() {
+    let origin = Origin::https().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .vendor("api.anthropic.com", origin.addr)
+            .tail(
+                "[[rule]]\nid = \"budget\"\nvendor = [\"openai\", \"anthropic\"]\n\
+                 action = \"limit\"\nlimit = { requests = 5, per = \"1h\", by = \"vendor\" }\n",
+            ),
+    )
+    .await;
+    let (status, _, tunnel) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 200);
+    let handshake = within(
+        "TLS naming another vendor",
+        tls_handshake(tunnel, "api.anthropic.com"),
+    )
+    .await;
+    assert!(handshake.is_err(), "the fronted handshake completed");
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_eq!(rec["sni"], "api.anthropic.com", "{rec}");
+    assert_reason(&rec, "sni_mismatch");
+    assert!(
+        rec["reason"].as_str().unwrap().contains("another vendor"),
+        "{rec}"
+    );
+}
+
+/// A rule changed in place by a reload (the same id, `audit` made `limit`) is a limit the open
+/// tunnel was never charged: the tunnel is closed, as under a new rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_made_a_limit_by_a_reload_closes_the_tunnels_it_never_charged() {
+    let openai = Origin::https().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", openai.addr)
+            .tail("[[rule]]\nid = \"watch\"\nvendor = \"openai\"\naction = \"audit\"\n"),
+    )
+    .await;
+    let (status, _, tcp) = raw_connect(proxy.addr, "api.openai.com:443", &[]).await;
+    assert_eq!(status, 200);
+    let mut tls = tls_handshake(tcp, "api.openai.com")
+        .await
+        .expect("TLS through the tunnel");
+    tls.write_all(b"GET /v1/before HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        .await
+        .unwrap();
+    openai.request("/v1/before").await;
+    let reloaded = proxy
+        .reload_edited(|t| {
+            t.replacen(
+                "action = \"audit\"\n",
+                "action = \"limit\"\nlimit = { requests = 100, per = \"1h\" }\n",
+                1,
+            )
+        })
+        .await;
+    assert_eq!(reloaded, 200);
+    within("the tunnel's close", read_until_closed(&mut tls)).await;
+    let rec = proxy.audit_connect("api.openai.com").await;
+    assert_eq!(
+        (&rec["action"], &rec["rule"]),
+        (&"block".into(), &"watch".into()),
+        "{rec}"
+    );
+    assert_reason(&rec, "policy_reloaded");
+    assert!(
+        rec["reason"].as_str().unwrap().contains("needs limits"),
+        "{rec}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

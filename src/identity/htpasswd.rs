@@ -60,12 +60,15 @@ pub struct Htpasswd {
     /// bcrypt runs on tokio's blocking pool, which also serves DNS lookups and
     /// file I/O; a burst of wrong passwords must not be able to starve those.
     bcrypt_slots: Semaphore,
-    /// One check at a time per client address, taken before a bcrypt slot: a
-    /// client flooding wrong passwords over many connections (and any number
-    /// of user names) queues behind itself, holding at most one place in
-    /// `bcrypt_slots`' FIFO, instead of in front of every other client's
-    /// first login. Users behind one NAT address take their first logins in
-    /// turn; a proven password is cached, so that is once each.
+    /// One check at a time per client address and user name, then one per
+    /// client address, taken before a bcrypt slot. A client flooding wrong
+    /// passwords over many connections queues behind itself: it holds one
+    /// place in `bcrypt_slots`' FIFO whatever names it tries, so other
+    /// addresses' first logins wait for one of its checks at most; and one
+    /// place per name in its address's queue, so another user behind the
+    /// same NAT address waits for one check per name the flood uses, not for
+    /// every request it has in flight.
+    per_name: DashMap<(IpAddr, String), Arc<Semaphore>>,
     per_client: DashMap<IpAddr, Arc<Semaphore>>,
 }
 
@@ -143,6 +146,7 @@ impl Htpasswd {
             verified: DashSet::new(),
             cache_salt: random_salt(),
             bcrypt_slots: Semaphore::new(slots),
+            per_name: DashMap::new(),
             per_client: DashMap::new(),
         })
     }
@@ -192,14 +196,16 @@ impl Htpasswd {
             return Some(hash.clone());
         }
 
-        let gate = self
-            .per_client
-            .entry(client)
-            .or_insert_with(|| Arc::new(Semaphore::new(1)))
-            .clone();
-        let ok = self.check_in_turn(&gate, &key, hash, password).await;
-        drop(gate);
-        // Only the map holds it: nobody of this client is waiting.
+        let who = (client, user.to_owned());
+        let name_gate = gate(&self.per_name, who.clone());
+        let client_gate = gate(&self.per_client, client);
+        let ok = self
+            .check_in_turn([&name_gate, &client_gate], &key, hash, password)
+            .await;
+        drop((name_gate, client_gate));
+        // Only the maps hold them: nobody of this client (and name) is waiting.
+        self.per_name
+            .remove_if(&who, |_, g| Arc::strong_count(g) == 1);
         self.per_client
             .remove_if(&client, |_, g| Arc::strong_count(g) == 1);
 
@@ -215,15 +221,19 @@ impl Htpasswd {
         ok.then(|| hash.clone())
     }
 
-    /// bcrypt, once it is this client's turn and a slot is free.
+    /// bcrypt, once it is this client's turn (under each of `gates`, in order) and a slot is
+    /// free.
     async fn check_in_turn(
         &self,
-        gate: &Semaphore,
+        gates: [&Semaphore; 2],
         key: &CacheKey,
         hash: &Arc<str>,
         password: &str,
     ) -> bool {
-        let Ok(_turn) = gate.acquire().await else {
+        let Ok(_name_turn) = gates[0].acquire().await else {
+            return false;
+        };
+        let Ok(_client_turn) = gates[1].acquire().await else {
             return false;
         };
         // A parallel request of this client may have just proved the same password.
@@ -253,6 +263,13 @@ impl Htpasswd {
     fn cached_len(&self) -> usize {
         self.verified.len()
     }
+}
+
+/// The one-at-a-time gate for `who`, made on first use.
+fn gate<K: std::hash::Hash + Eq>(map: &DashMap<K, Arc<Semaphore>>, who: K) -> Arc<Semaphore> {
+    map.entry(who)
+        .or_insert_with(|| Arc::new(Semaphore::new(1)))
+        .clone()
 }
 
 /// 1-based character column of byte offset `off` in `line`.
@@ -514,6 +531,37 @@ mod tests {
         );
         assert!(at_start < 40, "the flood was over before the check began");
         assert!(h.per_client.is_empty(), "gates are dropped when idle");
+        assert!(h.per_name.is_empty(), "gates are dropped when idle");
+    }
+
+    /// Behind one NAT address, a user flooding wrong passwords under their own name holds
+    /// one place in that address's queue: another user's first login from the same address
+    /// waits for a few of the flood's checks, not for all it has in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_behind_a_shared_address_holds_one_place_in_its_queue() {
+        let slow = bcrypt::hash("pw", 8).unwrap();
+        let h = Arc::new(Htpasswd::parse("f", &format!("alice:{slow}\nbob:{slow}\n")).unwrap());
+        let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut flood = Vec::new();
+        for _ in 0..40 {
+            let (h, done) = (h.clone(), done.clone());
+            flood.push(tokio::spawn(async move {
+                assert!(!h.verify(LOCAL, "alice", "wrong").await);
+                done.lock().unwrap().push(());
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let at_start = done.lock().unwrap().len();
+        assert!(h.verify(LOCAL, "bob", "pw").await);
+        let before = done.lock().unwrap().len() - at_start;
+        for f in flood {
+            f.await.unwrap();
+        }
+        assert!(
+            before <= 3,
+            "{before} of the flood's checks ran while bob waited"
+        );
+        assert!(at_start < 40, "the flood was over before bob began");
     }
 
     #[tokio::test]

@@ -269,8 +269,20 @@ impl<T> HostIndex<T> {
                 return;
             }
         }
+        let (shortest, longest) = self.suffix_lens;
+        // The longest suffix follows the first dot. Shorter than every `.x` pattern (a vendor's
+        // name against rules on longer internal names, often), nothing is walked; the first
+        // label is short, so this scan is too.
+        let walk = host
+            .bytes()
+            .position(|c| c == b'.')
+            .is_some_and(|d| host.len() - d > shortest);
+        let dots = match walk || !self.globs.is_empty() {
+            true => Dots::of(host),
+            false => Dots::Mask(0),
+        };
         if !self.globs.is_empty() {
-            if let Some(key) = last_two_labels(host) {
+            if let Some(key) = dots.last_two_labels(host) {
                 if let Some(list) = self.globs.get(key) {
                     for (labels, v) in list {
                         if glob_labels_match(labels, host) && !f(v, Specificity::Glob) {
@@ -285,11 +297,8 @@ impl<T> HostIndex<T> {
                 return;
             }
         }
-        let mut rest = host;
-        // A byte scan: host labels are short and `str::find` costs more to set up than this.
-        let (shortest, longest) = self.suffix_lens;
-        while let Some(dot) = rest.bytes().position(|c| c == b'.') {
-            rest = &rest[dot + 1..];
+        for dot in dots {
+            let rest = &host[dot + 1..];
             if rest.len() < shortest {
                 break;
             }
@@ -319,12 +328,99 @@ impl<T> HostIndex<T> {
     }
 }
 
-fn last_two_labels(host: &str) -> Option<&str> {
-    let last = host.bytes().rposition(|c| c == b'.')?;
-    Some(match host[..last].bytes().rposition(|c| c == b'.') {
-        Some(i) => &host[i + 1..],
-        None => host,
-    })
+/// Where a host name's dots are, left to right. A name of up to 64 bytes is read 8 bytes at a
+/// time into a bit per byte, once per lookup: the walk up its suffixes and its last two labels
+/// then cost a few bit operations, not a byte scan each (most of a lookup that finds nothing).
+#[derive(Clone, Copy)]
+enum Dots<'h> {
+    /// Bit `i`: byte `i` is a dot. Dots already walked past are cleared.
+    Mask(u64),
+    /// A longer name: scanned byte by byte from `from`.
+    Scan { host: &'h [u8], from: usize },
+}
+
+impl<'h> Dots<'h> {
+    #[inline]
+    fn of(host: &'h str) -> Dots<'h> {
+        let b = host.as_bytes();
+        let len = b.len();
+        if len > 64 {
+            return Dots::Scan { host: b, from: 0 };
+        }
+        let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
+        let mut words = b.chunks_exact(8);
+        let mut mask = 0u64;
+        for (n, w) in (&mut words).enumerate() {
+            mask |= dots_in(word(w)) << (8 * n);
+        }
+        if !words.remainder().is_empty() {
+            mask |= match len.checked_sub(8) {
+                // The last 8 bytes, overlapping the word before: its dots are set twice.
+                Some(at) => dots_in(word(&b[at..])) << at,
+                // Zero bytes past the end are not dots.
+                None => dots_in(
+                    b.iter()
+                        .enumerate()
+                        .fold(0, |w, (i, &c)| w | u64::from(c) << (8 * i)),
+                ),
+            };
+        }
+        Dots::Mask(mask)
+    }
+
+    /// The last two labels (`example.com` of `api.example.com`), or the name when it has one
+    /// dot; `None` when it has none.
+    fn last_two_labels(self, host: &str) -> Option<&str> {
+        match self {
+            Dots::Mask(0) => None,
+            Dots::Mask(m) => {
+                let before = m & !(1u64 << (63 - m.leading_zeros()));
+                Some(match before {
+                    0 => host,
+                    _ => &host[64 - before.leading_zeros() as usize..],
+                })
+            }
+            Dots::Scan { .. } => {
+                let last = host.bytes().rposition(|c| c == b'.')?;
+                Some(match host[..last].bytes().rposition(|c| c == b'.') {
+                    Some(i) => &host[i + 1..],
+                    None => host,
+                })
+            }
+        }
+    }
+}
+
+/// The dots among 8 bytes (little-endian): bit `i` set when byte `i` is `.`.
+#[inline]
+fn dots_in(word: u64) -> u64 {
+    const DOTS: u64 = 0x2e2e_2e2e_2e2e_2e2e;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = word ^ DOTS;
+    // 0x80 in exactly the bytes of `x` that are zero (the dots).
+    let zero = !((x & LOW7).wrapping_add(LOW7) | x | LOW7);
+    // Gathers each byte's flag into one bit of the top byte, in order.
+    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
+}
+
+impl Iterator for Dots<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Dots::Mask(0) => None,
+            Dots::Mask(m) => {
+                let at = m.trailing_zeros() as usize;
+                *m &= *m - 1;
+                Some(at)
+            }
+            Dots::Scan { host, from } => {
+                let at = *from + host[*from..].iter().position(|&c| c == b'.')?;
+                *from = at + 1;
+                Some(at)
+            }
+        }
+    }
 }
 
 fn glob_labels_match(pattern: &[Box<str>], host: &str) -> bool {
@@ -519,6 +615,32 @@ mod tests {
             for h in hosts {
                 assert_eq!(p.matches(h), ix.best(h).is_some(), "{pat} vs {h}");
             }
+        }
+    }
+
+    #[test]
+    fn dots_are_found_in_names_of_any_length() {
+        let mut names: Vec<String> = ["", "a", ".", "..", "a.b", "a®.b.ï.c", "x.y.z.w.v.u.t.s.r.q"]
+            .map(String::from)
+            .to_vec();
+        for len in 1..=140 {
+            for every in [2, 3, 7, 9, 64] {
+                names.push(
+                    (0..len)
+                        .map(|i| if i % every == 1 { '.' } else { 'x' })
+                        .collect(),
+                );
+            }
+        }
+        for n in &names {
+            let want: Vec<usize> = n.match_indices('.').map(|(i, _)| i).collect();
+            assert_eq!(Dots::of(n).collect::<Vec<_>>(), want, "{n}");
+            let last_two = match want.as_slice() {
+                [] => None,
+                [_] => Some(n.as_str()),
+                [.., before, _] => Some(&n[before + 1..]),
+            };
+            assert_eq!(Dots::of(n).last_two_labels(n), last_two, "{n}");
         }
     }
 

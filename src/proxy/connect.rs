@@ -126,6 +126,12 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
         return respond::blocked_because(&d, &why, html);
     }
 
+    // What later checks of the tunnel (its SNI, a reload) measure it against.
+    let admitted_by = Admission {
+        rule: d.rule_id().cloned(),
+        vendor: d.vendor_id().cloned(),
+        limited: !intercept && d.enforced() == Action::Limit,
+    };
     // An intercepted tunnel's requests are limited one by one; the tunnel itself only needs
     // to be allowed, so its limits are not charged twice.
     let admitted = if intercept && d.enforced() != Action::Block {
@@ -200,6 +206,7 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
         port,
         rec,
         start,
+        admitted_by,
         _permits: permits,
         meter,
     };
@@ -207,6 +214,18 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Left(Full::default()));
     *resp.status_mut() = StatusCode::OK;
     resp
+}
+
+/// What [`Tunnel::check_sni`] refuses a server name of another vendor than the CONNECT host's
+/// for.
+const ANOTHER_VENDOR: &str = "another vendor";
+
+/// The CONNECT decision a tunnel was let through on: its rule, its vendor (whose keys any
+/// limits were charged to), and whether limits were charged at all.
+struct Admission {
+    rule: Option<Arc<str>>,
+    vendor: Option<Arc<str>>,
+    limited: bool,
 }
 
 struct Tunnel {
@@ -220,6 +239,7 @@ struct Tunnel {
     port: u16,
     rec: Box<Record>,
     start: Instant,
+    admitted_by: Admission,
     /// In-flight slots of `concurrent` limits: a tunnel holds one for its whole life.
     _permits: Vec<crate::limits::Permit>,
     meter: Option<ByteMeter>,
@@ -460,19 +480,30 @@ impl Tunnel {
             Action::Block => None,
             // An intercepted tunnel dials the CONNECT host itself and decides each request.
             _ if !opaque => return None,
+            // One vendor's host with another's name: no client does that but to front. Which
+            // vendor's data would flow is up to the origin, and the client would pick the
+            // vendor its record, limits and bulk signals are charged to.
+            _ if d.vendor.is_some()
+                && self.admitted_by.vendor.is_some()
+                && d.vendor_id() != self.admitted_by.vendor.as_ref() =>
+            {
+                Some(ANOTHER_VENDOR)
+            }
             _ => self.unmet_by_tunnel(&d, &sni_host),
         };
         if d.enforced() != Action::Block && unmet.is_none() {
-            // Let through under both names. The TLS session is with the server the name
-            // names: the tunnel is that vendor's. And an audit or shadow rule on that name
-            // is what the record shows over a plain allow of the CONNECT host, or a CONNECT
-            // naming another host would hide the use such a rule exists to see.
-            if d.vendor.is_some() || self.rec.vendor.is_none() {
+            // Let through under both names. A CONNECT that named no vendor (an address, a
+            // CDN's name) is the vendor's whose name the server is asked for; and an audit or
+            // shadow rule on that name is what the record shows over a plain allow, or a
+            // CONNECT by address would hide the use such a rule exists to see. (A shadow
+            // limit is not: the tunnel was not counted against it.)
+            if self.rec.vendor.is_none() {
                 self.rec.vendor = d.vendor_id().cloned();
                 self.rec.endpoint = d.endpoint.as_str();
             }
-            let sni_says_more =
-                d.rule.is_some() && (d.mode == policy::Mode::Shadow || d.action != Action::Allow);
+            let sni_says_more = d.rule.is_some()
+                && d.action != Action::Limit
+                && (d.mode == policy::Mode::Shadow || d.action != Action::Allow);
             if sni_says_more && self.admitted_as_plain_allow() {
                 self.rec.rule = d.rule_id().cloned();
                 self.rec.action = d.action.as_str();
@@ -491,6 +522,11 @@ impl Tunnel {
                 "sni_mismatch: SNI {sni} differs from CONNECT host; {}",
                 d.reason
             ),
+            Some(ANOTHER_VENDOR) => format!(
+                "sni_mismatch: SNI {sni} is {}'s, the CONNECT host {} another vendor's",
+                d.vendor_id().map_or("", |v| &**v),
+                self.host,
+            ),
             Some(what) => format!(
                 "sni_mismatch: SNI {sni} differs from CONNECT host {} and its rule {} needs {what}, which this tunnel did not get",
                 self.host,
@@ -503,29 +539,28 @@ impl Tunnel {
     /// enforced, and no limit's (a limit that admitted is recorded as `allow` too, and its rule
     /// must stay on the record that was charged to it).
     fn admitted_as_plain_allow(&self) -> bool {
-        let limited = self.rec.rule.as_ref().is_some_and(|id| {
-            self.policy
-                .rules
-                .iter()
-                .any(|r| r.id == *id && r.action == Action::Limit)
-        });
-        self.rec.mode == "enforce" && self.rec.action == "allow" && !limited
+        self.rec.mode == "enforce" && self.rec.action == "allow" && !self.admitted_by.limited
     }
 
     /// What `host`'s decision requires that a tunnel admitted under its CONNECT decision did
-    /// not get. The same rule on both names was already applied at CONNECT.
+    /// not get. Its limits were charged only if the CONNECT was admitted by that rule, as a
+    /// limit, for that vendor; its tenant restriction was checked if by that rule.
     fn unmet_by_tunnel(&self, d: &policy::Decision<'_>, host: &Host) -> Option<&'static str> {
-        let same_rule = d.rule_id().map(|r| &**r) == self.rec.rule.as_deref();
-        if !same_rule {
-            if let Some(rule) = d.rule {
-                if d.enforced() == Action::Limit {
-                    return Some("limits");
-                }
-                if d.mode == policy::Mode::Enforce
-                    && (!rule.require_keys.is_empty() || !rule.require_orgs.is_empty())
-                {
-                    return Some("a tenant restriction");
-                }
+        let admitted = &self.admitted_by;
+        let same_rule = d.rule_id() == admitted.rule.as_ref();
+        if let Some(rule) = d.rule {
+            // Charged already: by this rule as a limit (not the same id made a limit by a
+            // reload), to this vendor's keys (`by = "vendor"` counts each apart).
+            let charged =
+                same_rule && admitted.limited && d.vendor_id() == admitted.vendor.as_ref();
+            if d.enforced() == Action::Limit && !charged {
+                return Some("limits");
+            }
+            if !same_rule
+                && d.mode == policy::Mode::Enforce
+                && (!rule.require_keys.is_empty() || !rule.require_orgs.is_empty())
+            {
+                return Some("a tenant restriction");
             }
         }
         let vendor = self.policy.catalog.lookup(host).map(|h| h.vendor);

@@ -20,7 +20,7 @@ use super::intercept::Inside;
 use super::limit::{self, ByteMeter, Refused};
 use super::overrides::{named_overrides, MAX_READINGS};
 use super::records::{
-    record, rejected, Arrived, ArrivedParts, Asked, AskedUnanswered, Seen, Unanswered,
+    is_pac_fetch, record, rejected, Arrived, ArrivedParts, Asked, AskedUnanswered, Seen, Unanswered,
 };
 use super::{respond, Peer, State};
 use crate::audit::Record;
@@ -42,10 +42,7 @@ pub async fn handle(
     }
     let answer = if req.method() == Method::CONNECT {
         super::connect::handle(arrived).await
-    } else if req.uri().scheme().is_none()
-        && matches!(req.uri().path(), "/proxy.pac" | "/wpad.dat")
-        && matches!(*req.method(), Method::GET | Method::HEAD)
-    {
+    } else if is_pac_fetch(req) {
         // Browsers and OS settings fetch the auto-config file before they use any proxy:
         // serve it where clients can reach, not only on the admin listener (which a
         // NetworkPolicy or firewall rightly keeps to the monitoring network). Nothing is

@@ -143,6 +143,8 @@ pub fn rejected(
     let scheme = match (uri.scheme_str(), inside) {
         (_, Some(_)) | (Some("https"), _) => "https",
         (Some(_), None) => "http",
+        // As a decided CONNECT's record says.
+        (None, None) if *asked.method == Method::CONNECT => "https",
         (None, None) => "none",
     };
     let rec = Record {
@@ -169,6 +171,14 @@ pub fn rejected(
         ..refusal_record(state, peer, asked.method.clone(), e, e.kind().into())
     };
     state.finish(Box::new(rec), start);
+}
+
+/// Whether a request to the proxy listener asks for its auto-config file (origin-form
+/// `GET /proxy.pac` or `/wpad.dat`, as browsers and OS settings fetch it).
+pub fn is_pac_fetch<B>(req: &Request<B>) -> bool {
+    req.uri().scheme().is_none()
+        && matches!(req.uri().path(), "/proxy.pac" | "/wpad.dat")
+        && matches!(*req.method(), Method::GET | Method::HEAD)
 }
 
 /// Whether an authority has a `:port` part, valid or not (`[::1]` has none).
@@ -292,7 +302,8 @@ impl Arrived {
 
 impl Drop for Arrived {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        // A PAC file fetch is no request through the proxy, and has no record when served.
+        if let Some(p) = self.0.take().filter(|p| !is_pac_fetch(&p.req)) {
             let e = ProxyError::ClientAborted;
             let inside = p.inside.as_deref();
             rejected(
