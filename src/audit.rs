@@ -11,7 +11,7 @@
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -529,7 +529,11 @@ impl AuditSink {
                 self.shared.taken.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Full(Msg::Record(r))) if self.shared.block => {
-                self.shared.admitting.store(false, Ordering::Relaxed);
+                if self.shared.admitting.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "audit log: the queue is full; refusing new requests (503) until the writer catches up (on_full = \"block\")"
+                    );
+                }
                 let mut spill = self.shared.overflow();
                 if spill.len() < self.shared.overflow_max {
                     spill.push(r);
@@ -694,6 +698,14 @@ impl AuditWriter {
             }
             let _ = h.join();
         }
+        // The running drops were said at most every `DROP_REPORT`: the total once more.
+        let dropped = sink.dropped.get().saturating_sub(sink.lost());
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "audit log: {dropped} records dropped while running (queue full; on_full = \"drop\")"
+            );
+        }
         let lost = sink.lost();
         if lost > 0 {
             tracing::error!(
@@ -841,10 +853,27 @@ fn open(path: Option<&PathBuf>) -> io::Result<(Box<dyn Write + Send>, u64)> {
                 .append(true)
                 .mode(FILE_MODE)
                 .open(p)?;
-            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let mut size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            // A process stopped mid-line (the disk was full at shutdown) left a partial last
+            // line: end it, so the first record written now is a line of its own.
+            if size > 0 && !ends_in_newline(p, size) {
+                (&f).write_all(b"\n")?;
+                size += 1;
+            }
             (Box::new(f), size)
         }
     })
+}
+
+/// Whether the file's last byte is a newline; true when it cannot be read (a file opened
+/// for appending only).
+fn ends_in_newline(path: &Path, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut last = [b'\n'];
+    match std::fs::File::open(path) {
+        Ok(f) => f.read_exact_at(&mut last, size - 1).is_err() || last[0] == b'\n',
+        Err(_) => true,
+    }
 }
 
 /// Longest the writer sleeps when the queue is empty: the most a record waits to be written
@@ -1077,6 +1106,29 @@ mod tests {
         }
         // The newest lines survive; the oldest were rotated away.
         assert!(cur.contains("\"n\":9"));
+    }
+
+    /// A line cut short by the last run (the disk was full when it stopped) is ended before
+    /// the first record of this one, which would otherwise be glued onto it.
+    #[test]
+    fn a_partial_last_line_is_ended_before_new_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":2,\"cut").unwrap();
+        let settings = AuditSettings {
+            path: Some(path.clone()),
+            queue: 16,
+            max_size: 0,
+            keep: 2,
+            on_full: OnFull::Drop,
+        };
+        for _ in 0..2 {
+            let mut sink = FileSink::open(&settings).unwrap();
+            sink.write_line(b"{\"n\":3}\n").unwrap();
+            sink.out.flush().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"n\":1}\n{\"n\":2,\"cut\n{\"n\":3}\n{\"n\":3}\n");
     }
 
     fn sample() -> Record {

@@ -218,7 +218,10 @@ impl Metrics {
                 "portcullis_limit_store_errors_total",
                 "Limit checks the store (Redis) could not answer; on_store_error applied.",
             ),
-            connections_active: gauge("portcullis_connections_active", "Client connections open now."),
+            connections_active: gauge(
+                "portcullis_connections_active",
+                "Client connections open now, other than CONNECT tunnels (portcullis_tunnels_active): the two add up to the client sockets held.",
+            ),
             connections_refused: counter(
                 "portcullis_connections_refused_total",
                 "Client connections closed at accept because max_connections was reached.",

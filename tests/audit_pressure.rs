@@ -178,7 +178,8 @@ async fn block_refuses_while_the_sink_stalls_and_recovers_without_losing_records
     let fifo = fifo_in(dir.path());
     let reader = FifoReader::new(&fifo, HOLD);
     let origin = Origin::http().await;
-    let proxy = Proxy::start(
+    // The binary: its process log is read too.
+    let mut proxy = Proxy::spawn(
         Config::new()
             .vendor("api.openai.com", origin.addr)
             .audit_path(&fifo)
@@ -206,6 +207,12 @@ async fn block_refuses_while_the_sink_stalls_and_recovers_without_losing_records
     .await;
     assert_eq!(counter(&proxy, "portcullis_audit_dropped_total").await, 0.0);
     assert!(!reader.paths().iter().any(|p| p.contains("while-refused")));
+    // Both turns are in the process log, where an operator looks for why requests got 503s.
+    proxy.stop().await;
+    let output = proxy.output();
+    for said in ["refusing new requests", "admitting requests again"] {
+        assert!(output.contains(said), "{said:?} not in the log: {output}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +221,7 @@ async fn drop_serves_while_the_sink_stalls_and_counts_what_it_drops() {
     let fifo = fifo_in(dir.path());
     let reader = FifoReader::new(&fifo, HOLD);
     let origin = Origin::http().await;
-    let proxy = Proxy::start(
+    let mut proxy = Proxy::spawn(
         Config::new()
             .vendor("api.openai.com", origin.addr)
             .audit_path(&fifo)
@@ -268,6 +275,14 @@ async fn drop_serves_while_the_sink_stalls_and_counts_what_it_drops() {
         }
     })
     .await;
+    // The log said the first drop; at shutdown it says how many there were in all.
+    let dropped = counter(&proxy, "portcullis_audit_dropped_total").await;
+    proxy.stop().await;
+    let output = proxy.output();
+    assert!(
+        output.contains(&format!("{dropped} records dropped while running")),
+        "no total of {dropped} dropped records in the log: {output}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

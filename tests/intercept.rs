@@ -144,12 +144,55 @@ async fn requests_inside_the_tunnel_are_seen_over_h2_and_http1() {
         let key_id = rec["key_id"].as_str().expect("key_id");
         assert!(key_id.starts_with("k_"), "{rec}");
     }
+    // Over HTTP/2 the host is `:authority` alone: a `Host` beside it is a duplicate that
+    // origins such as nginx refuse with 400.
+    for path in ["/v1/models?via=h2", "/v1/models?via=h1"] {
+        let seen = s.origin.request(path).await;
+        assert!(
+            seen.headers.get("host").is_none(),
+            "{path}: {:?}",
+            seen.headers
+        );
+    }
     let seen = s.origin.request("/v1/models?via=h2").await;
     assert!(seen.headers.get("proxy-authorization").is_none());
     assert_eq!(
         seen.headers["authorization"],
         "Bearer sk-test-interception-0001"
     );
+}
+
+/// An HTTP/1.1 origin gets the host as one `Host` field, whichever HTTP the client spoke
+/// inside the tunnel (an HTTP/2 client sends none: its host is `:authority`).
+#[tokio::test]
+async fn an_http1_origin_gets_one_host_field() {
+    let ca = OrgCa::new();
+    let origin = Origin::https().await;
+    let roots = TempDir::new().expect("tempdir");
+    let s = Setup {
+        proxy: Proxy::start(
+            Config::new()
+                .vendor("api.openai.com", origin.addr)
+                .upstream(&upstream_roots(roots.path()))
+                .tail(&ca.section("vendors = [\"openai\"]")),
+        )
+        .await,
+        ca,
+        origin,
+        _roots: roots,
+    };
+    for (h1, path) in [(false, "/v1/models?via=h2"), (true, "/v1/models?via=h1")] {
+        let r = client(&s, h1)
+            .get(format!("https://api.openai.com{path}"))
+            .send()
+            .await
+            .expect("request through interception");
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["x-origin-version"], "HTTP/1.1", "{path}");
+        let seen = s.origin.request(path).await;
+        let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+        assert_eq!(hosts, ["api.openai.com"], "{path}");
+    }
 }
 
 #[tokio::test]

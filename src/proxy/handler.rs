@@ -667,6 +667,10 @@ async fn forward(
         }
         (None, Scheme::Https) => {
             parts.uri = respelled.unwrap_or(uri_in);
+            // The URI's authority is the `Host` set above: hyper-util writes it back as `Host`
+            // on an HTTP/1.1 connection, and HTTP/2 sends it as `:authority`, where a `Host`
+            // beside it is a duplicate that origins may refuse (nginx answers 400).
+            parts.headers.remove(header::HOST);
             let upstream_req = Request::from_parts(parts, body);
             let client = inside.map_or(&state.client, |i| &i.client);
             match answered(&uploaded, timeout, client.request(upstream_req)).await {
@@ -677,81 +681,90 @@ async fn forward(
         }
     };
     let mut rec = in_flight.disarm();
-    let result = match (result, recheck) {
-        (Ok((resp, _)), Some(recheck)) if super::upgrade::switched(&resp) => {
-            let open = super::upgrade::Open {
-                state,
-                rec,
-                start,
-                permits,
-                meter,
-                stream_slot,
-                recheck,
-            };
-            return super::upgrade::relay(resp, open);
-        }
-        (other, _) => other,
-    };
-    let result = result.and_then(|(mut resp, lease)| match unrelayable(&mut resp) {
-        // Dropping the lease closes the connection: what follows on it cannot be framed.
-        Some(e) => Err(e),
-        None => Ok((resp, lease)),
-    });
-    match result {
-        Err(e) => {
-            if e.is_upstream() {
-                state
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&[e.kind()])
-                    .inc();
+    // Taken out of the `Result` once: the answer is large, and every `match` that rebuilt
+    // the `Result` around it was another copy of it per request.
+    let e = match result {
+        Ok((mut resp, lease)) => {
+            if let Some(recheck) = recheck.filter(|_| super::upgrade::switched(&resp)) {
+                let open = super::upgrade::Open {
+                    state,
+                    rec,
+                    start,
+                    permits,
+                    meter,
+                    stream_slot,
+                    recheck,
+                };
+                return super::upgrade::relay(resp, open);
             }
-            rec.status = e.status().as_u16();
-            rec.reason = format!("{}: {}", e.kind(), e).into();
-            if matches!(e, ProxyError::AddressDenied(_)) {
-                // The policy allowed it, the address guard refused it: the request was blocked.
-                rec.action = Action::Block.as_str();
-            }
-            rec.bytes_out = uploaded.sent();
-            state.finish(rec, start);
-            respond::error(&e, realm, html)
-        }
-        Ok((resp, mut lease)) => {
-            let (mut parts, body) = resp.into_parts();
-            if http_body::Body::is_end_stream(&body) {
-                // No body to wait for (HEAD, 204, 304, Content-Length: 0).
-                if let Some(l) = lease.take() {
-                    l.release();
+            match unrelayable(&mut resp) {
+                // Dropping the lease closes the connection: what follows on it cannot be
+                // framed.
+                Some(e) => e,
+                None => {
+                    let pending = Pending {
+                        state,
+                        record: rec,
+                        start,
+                        uploaded,
+                        permits,
+                        stream_slot,
+                        meter,
+                        lease,
+                    };
+                    return relayed(resp, pending, method_was_head);
                 }
             }
-            strip_hop_by_hop(&mut parts.headers);
-            append_via(&mut parts.headers);
-            rec.status = parts.status.as_u16();
-            let announced = match (method_was_head, parts.status.as_u16()) {
-                (true, _) | (_, 100..=199 | 204 | 304) => Some(0),
-                // Only an HTTP/2 body may be whole without having said so (see `Counted`).
-                _ if parts.version != Version::HTTP_2 => None,
-                _ => parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse().ok()),
-            };
-            let pending = Pending {
-                state: state.clone(),
-                record: rec,
-                start,
-                uploaded,
-                permits,
-                stream_slot,
-                meter,
-                lease,
-            };
-            Response::from_parts(
-                parts,
-                Either::Right(Counted::finishing(body, pending, announced)),
-            )
+        }
+        Err(e) => e,
+    };
+    if e.is_upstream() {
+        state
+            .metrics
+            .upstream_errors
+            .with_label_values(&[e.kind()])
+            .inc();
+    }
+    rec.status = e.status().as_u16();
+    rec.reason = format!("{}: {}", e.kind(), e).into();
+    if matches!(e, ProxyError::AddressDenied(_)) {
+        // The policy allowed it, the address guard refused it: the request was blocked.
+        rec.action = Action::Block.as_str();
+    }
+    rec.bytes_out = uploaded.sent();
+    state.finish(rec, start);
+    respond::error(&e, realm, html)
+}
+
+/// The origin's answer on its way to the client, its record finished when its body ends.
+fn relayed(
+    resp: Response<OriginBody>,
+    mut pending: Pending,
+    method_was_head: bool,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    if http_body::Body::is_end_stream(&body) {
+        // No body to wait for (HEAD, 204, 304, Content-Length: 0).
+        if let Some(l) = pending.lease.take() {
+            l.release();
         }
     }
+    strip_hop_by_hop(&mut parts.headers);
+    append_via(&mut parts.headers);
+    pending.record.status = parts.status.as_u16();
+    let announced = match (method_was_head, parts.status.as_u16()) {
+        (true, _) | (_, 100..=199 | 204 | 304) => Some(0),
+        // Only an HTTP/2 body may be whole without having said so (see `Counted`).
+        _ if parts.version != Version::HTTP_2 => None,
+        _ => parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+    };
+    Response::from_parts(
+        parts,
+        Either::Right(Counted::finishing(body, pending, announced)),
+    )
 }
 
 /// The origin's answer, or `None` once it is late ([`Upload::answer_late`]): the response

@@ -171,12 +171,17 @@ impl State {
         vendor: &Arc<str>,
         bytes_in: u64,
     ) {
-        let ip;
-        let principal = match rec.user.as_deref() {
-            Some(u) => u,
-            None => {
-                ip = rec.client.ip().to_string();
-                &ip
+        let (v4, v6);
+        let principal = match (rec.user.as_deref(), rec.client.ip()) {
+            (Some(u), _) => u,
+            // On the stack: this runs for every request to a vendor.
+            (None, std::net::IpAddr::V4(ip)) => {
+                v4 = crate::policy::target::Dotted::new(ip);
+                v4.as_str()
+            }
+            (None, ip) => {
+                v6 = ip.to_string();
+                &v6
             }
         };
         let seen = crate::signals::bulk::Observation {

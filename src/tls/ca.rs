@@ -5,9 +5,10 @@
 //! carry a random serial, and are cached per name in a bounded map so a busy name is signed
 //! once per half-validity rather than once per tunnel.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -56,6 +57,10 @@ pub struct Authority {
     leaf_key: KeyPair,
     leaf_signer: Arc<dyn SigningKey>,
     cache: DashMap<Box<str>, Cached>,
+    /// Names in the order they were first cached: a new name at a full cache drops the
+    /// first. Touched only when a leaf is issued for a name not cached, which signs anyway;
+    /// a scan of the cache for its oldest entry instead cost more than the signature.
+    order: Mutex<VecDeque<Box<str>>>,
     settings: AuthoritySettings,
 }
 
@@ -135,6 +140,7 @@ impl Authority {
             leaf_key,
             leaf_signer,
             cache: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
             settings,
         })
     }
@@ -156,8 +162,8 @@ impl Authority {
             }
         }
         let key = Arc::new(self.issue(name)?);
-        if self.cache.len() >= self.settings.leaf_cache.max(1) && !self.cache.contains_key(name) {
-            self.evict_oldest();
+        if !self.cache.contains_key(name) {
+            self.make_room(name);
         }
         self.cache.insert(
             name.into(),
@@ -169,17 +175,19 @@ impl Authority {
         Ok(key)
     }
 
-    /// Only runs when a new name arrives at a full cache, so a linear scan is cheaper than
-    /// keeping an LRU list up to date on every hit.
-    fn evict_oldest(&self) {
-        let oldest = self
-            .cache
-            .iter()
-            .min_by_key(|e| e.value().renew_at)
-            .map(|e| e.key().clone());
-        if let Some(k) = oldest {
-            self.cache.remove(&k);
+    /// Drops the names cached first until `name` fits, and queues it.
+    fn make_room(&self, name: &str) {
+        let cap = self.settings.leaf_cache.max(1);
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        while self.cache.len() >= cap {
+            // A name queued twice (two tunnels issued its first leaf at once) is dropped at
+            // its first turn; its second finds nothing and the loop goes on.
+            let Some(first) = order.pop_front() else {
+                break;
+            };
+            self.cache.remove(&first);
         }
+        order.push_back(name.into());
     }
 
     /// A fresh leaf, not cached: SAN and CN = `name`, random serial, short validity.
@@ -298,6 +306,23 @@ mod tests {
         a.leaf("c.example").unwrap();
         assert_eq!(a.cached(), 2);
         a.leaf("127.0.0.1").unwrap();
+    }
+
+    /// A new name at a full cache drops the name cached first, not a name cached since.
+    #[test]
+    fn the_first_name_cached_is_dropped_first() {
+        let a = authority(3);
+        let leaves: Vec<_> = ["a.example", "b.example", "c.example"]
+            .iter()
+            .map(|n| a.leaf(n).unwrap())
+            .collect();
+        a.leaf("d.example").unwrap();
+        assert_eq!(a.cached(), 3);
+        assert!(!Arc::ptr_eq(&a.leaf("a.example").unwrap(), &leaves[0]));
+        // `a` came back in place of `b`; `c` stayed.
+        assert!(Arc::ptr_eq(&a.leaf("c.example").unwrap(), &leaves[2]));
+        assert!(!Arc::ptr_eq(&a.leaf("b.example").unwrap(), &leaves[1]));
+        assert_eq!(a.cached(), 3);
     }
 
     #[test]
