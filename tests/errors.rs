@@ -305,3 +305,65 @@ async fn proxy_with_a_1s_head_timeout() -> (Origin, Proxy) {
     .await;
     (origin, proxy)
 }
+
+/// A client that resets its connection halfway through an upload left, and is recorded as
+/// such (499 `client_aborted`), not as a client that sent a malformed body (400): it got no
+/// answer, and its body was not bad, only cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_mid_upload_is_client_aborted_not_a_bad_body() {
+    // Reads the upload and never answers: the request is mid-upload when the client goes.
+    let origin = Sink::start().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
+    for i in 0..3 {
+        let path = format!("/v1/files?reset-{i}");
+        let mut s = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST http://api.openai.com{path} HTTP/1.1\r\nHost: api.openai.com\r\n\
+             Content-Length: 10000000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&vec![b'u'; 100_000])
+            .await
+            .expect("part of the body");
+        // The upload is on its way to the origin when the client goes.
+        let before = origin.received();
+        eventually("the upload to reach the origin", || {
+            (origin.received() > before + 50_000).then_some(())
+        })
+        .await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
+        let rec = proxy.audit_path(&path).await;
+        assert_eq!(rec["status"], 499, "{rec}");
+        assert_reason(&rec, "client_aborted");
+    }
+    // The same while the body is held back for a DLP rule to read.
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-secrets\"\nvendor = \"openai\"\ndlp = \"all\"\naction = \"block\"\n",
+    ))
+    .await;
+    let path = "/v1/chat/completions?reset-while-inspected";
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST http://api.openai.com{path} HTTP/1.1\r\nHost: api.openai.com\r\n\
+         Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(&vec![b' '; 100_000])
+        .await
+        .expect("part of the body");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(s);
+    let rec = proxy.audit_path(path).await;
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_reason(&rec, "client_aborted");
+}

@@ -168,7 +168,7 @@ pub async fn inspect(
                 ended = true;
                 break;
             }
-            Ok(Some(Err(e))) => return Err(ProxyError::ClientBody(e.to_string())),
+            Ok(Some(Err(e))) => return Err(super::stall::client_body_error(&e)),
             Ok(Some(Ok(frame))) => match frame.into_data() {
                 Ok(d) => {
                     let take = d.len().min(ins.max_body - prefix.len());
@@ -204,7 +204,7 @@ pub async fn inspect(
                     ended = true;
                     break;
                 }
-                Ok(Some(Err(e))) => return Err(ProxyError::ClientBody(e.to_string())),
+                Ok(Some(Err(e))) => return Err(super::stall::client_body_error(&e)),
                 Ok(Some(Ok(frame))) => {
                     if frame.data_ref().is_some_and(Bytes::is_empty) {
                         continue;

@@ -88,6 +88,9 @@ pub fn classify_hyper(h: &hyper::Error) -> Option<ProxyError> {
             if s.is::<ClientBodyStalled>() {
                 return Some(ProxyError::ClientBodyTimeout);
             }
+            if is_reset(s) {
+                return Some(ProxyError::ClientAborted);
+            }
             src = s.source();
         }
         let cause = h.source().map_or_else(|| h.to_string(), |c| c.to_string());
@@ -97,6 +100,30 @@ pub fn classify_hyper(h: &hyper::Error) -> Option<ProxyError> {
         return Some(ProxyError::ResponseHeadTooLarge);
     }
     None
+}
+
+/// The client reset its connection: it left, and no answer reaches it; a body it was sending
+/// was cut, not malformed.
+fn is_reset(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+        )
+    })
+}
+
+/// What an error reading the client's request body means: the client left (a reset), or
+/// sent a body that was malformed or cut.
+pub fn client_body_error(e: &(dyn std::error::Error + 'static)) -> ProxyError {
+    let mut at = Some(e);
+    while let Some(s) = at {
+        if is_reset(s) {
+            return ProxyError::ClientAborted;
+        }
+        at = s.source();
+    }
+    ProxyError::ClientBody(e.to_string())
 }
 
 /// A client connection whose writes fail once one has waited `send_timeout` for the client to
