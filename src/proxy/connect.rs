@@ -173,19 +173,7 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
     let upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
-            if e.is_upstream() {
-                state
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&[e.kind()])
-                    .inc();
-            }
-            rec.status = e.status().as_u16();
-            rec.reason = format!("{}: {}", e.kind(), e).into();
-            if matches!(e, ProxyError::AddressDenied(_)) {
-                // The policy allowed it, the address guard refused it: the request was blocked.
-                rec.action = Action::Block.as_str();
-            }
+            super::records::failed(&state, &mut rec, &e);
             state.finish(rec, start);
             return respond::error(&e, realm, html);
         }

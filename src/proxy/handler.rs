@@ -718,19 +718,7 @@ async fn forward(
         }
         Err(e) => e,
     };
-    if e.is_upstream() {
-        state
-            .metrics
-            .upstream_errors
-            .with_label_values(&[e.kind()])
-            .inc();
-    }
-    rec.status = e.status().as_u16();
-    rec.reason = format!("{}: {}", e.kind(), e).into();
-    if matches!(e, ProxyError::AddressDenied(_)) {
-        // The policy allowed it, the address guard refused it: the request was blocked.
-        rec.action = Action::Block.as_str();
-    }
+    super::records::failed(&state, &mut rec, &e);
     rec.bytes_out = uploaded.sent();
     state.finish(rec, start);
     respond::error(&e, realm, html)

@@ -173,6 +173,24 @@ pub fn rejected(
     state.finish(Box::new(rec), start);
 }
 
+/// An allowed exchange the proxy could not complete (the origin failed, or the address guard
+/// refused it): counted as an upstream error where it is one, and said in the record.
+pub fn failed(state: &State, rec: &mut Record, e: &ProxyError) {
+    if e.is_upstream() {
+        state
+            .metrics
+            .upstream_errors
+            .with_label_values(&[e.kind()])
+            .inc();
+    }
+    rec.status = e.status().as_u16();
+    rec.reason = format!("{}: {}", e.kind(), e).into();
+    if matches!(e, ProxyError::AddressDenied(_)) {
+        // The policy allowed it, the address guard refused it: the request was blocked.
+        rec.action = crate::policy::Action::Block.as_str();
+    }
+}
+
 /// Whether a request to the proxy listener asks for its auto-config file (origin-form
 /// `GET /proxy.pac` or `/wpad.dat`, as browsers and OS settings fetch it).
 pub fn is_pac_fetch<B>(req: &Request<B>) -> bool {
