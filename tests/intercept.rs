@@ -1084,6 +1084,67 @@ async fn streams_inside_intercepted_tunnels_count_against_the_client_cap() {
     .await;
 }
 
+/// `waves` rounds of `streams` concurrent `/slow` requests (50 ms at the origin each) over one
+/// HTTP/2 connection inside a tunnel to api.openai.com; every answer must be a 200.
+async fn waves_of_streams(proxy: &Proxy, ca: &OrgCa, waves: usize, streams: usize) {
+    let tcp = tunnel(proxy.addr, "api.openai.com:443").await;
+    let send = h2_inside(ca, tcp).await;
+    for wave in 0..waves {
+        let answers = futures_util::future::join_all((0..streams).map(|i| {
+            let mut send = send.clone();
+            async move {
+                let req = http::Request::get(format!("https://api.openai.com/slow/{wave}/{i}"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                send.send_request(req).await.map(|r| r.status().as_u16())
+            }
+        }));
+        let statuses = within("a wave of streams", answers).await;
+        let ok = statuses.iter().filter(|s| matches!(s, Ok(200))).count();
+        assert_eq!(ok, streams, "wave {wave}: {statuses:?}");
+    }
+}
+
+/// An HTTP/2 client's streams to an origin that speaks only HTTP/1.1 each need a connection
+/// of their own upstream. The tunnel used to open one per stream and close all but two as
+/// the answers ended: 12,000 descriptors under load, most in TIME_WAIT, at a fifth of the
+/// throughput. Streams now queue for the few connections the tunnel keeps, and reuse them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_clients_streams_reuse_a_few_connections_to_an_http1_origin() {
+    let ca = OrgCa::new();
+    let origin = Origin::https().await; // HTTP/1.1 only
+    let roots = TempDir::new().expect("tempdir");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail(&ca.section("vendors = [\"openai\"]")),
+    )
+    .await;
+    waves_of_streams(&proxy, &ca, 3, 150).await;
+    // `tunnel_upstream::MAX_CONNECTIONS`, reused from wave to wave.
+    assert!(
+        origin.connections() <= 32,
+        "{} connections for 450 streams",
+        origin.connections()
+    );
+    // Queued, not made one at a time.
+    assert!(origin.peak_in_flight() > 8, "{}", origin.peak_in_flight());
+}
+
+/// An origin that answers over HTTP/2 carries every stream on one connection: once it has
+/// said so, a tunnel's streams no longer queue for connection slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_an_http2_origin_do_not_queue() {
+    let s = setup("", "vendors = [\"openai\"]").await;
+    waves_of_streams(&s.proxy, &s.ca, 2, 150).await;
+    assert!(
+        s.origin.peak_in_flight() > 32,
+        "at most {} at once",
+        s.origin.peak_in_flight()
+    );
+}
+
 /// `OPTIONS *` inside a tunnel names no resource: refused as a bad target (400), not sent on
 /// and counted as an origin failure, which would let any client trip the upstream-error alert.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,9 @@ pub struct Pending {
     pub meter: Option<super::limit::ByteMeter>,
     /// The plain-HTTP upstream connection, back to its pool once the body has ended.
     pub lease: Option<UpstreamLease>,
+    /// The upstream connection's place in an intercepted tunnel, while its origin may speak
+    /// only HTTP/1.1 ([`super::tunnel_upstream`]).
+    pub tunnel_slot: Option<super::tunnel_upstream::ConnectionSlot>,
 }
 
 pub type UpstreamLease = crate::upstream::pool::Lease<Counted<RequestBody>>;

@@ -24,6 +24,7 @@ use super::metered::{settle, Metered, Stats};
 use super::on_wake::OnWake;
 use super::records::{record, rejected, Arrived, ArrivedParts, AskedUnanswered, Seen, Unanswered};
 use super::stall::SendTimeout;
+use super::tunnel_upstream::TunnelUpstream;
 use super::{respond, Peer, State};
 use crate::audit::Record;
 use crate::error::ProxyError;
@@ -569,12 +570,9 @@ impl Tunnel {
             requests: AtomicU64::new(0),
             from_client: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
-            // Two idle connections: a burst of streams (each its own connection to an
-            // HTTP/1.1 origin) must not leave a tunnel holding a descriptor for each.
-            client: super::https_client(
+            upstream: TunnelUpstream::new(
                 self.state.upstream.clone(),
                 &self.state.settings.upstream,
-                2,
             ),
         });
         let io = Rewind::new(hello, client);

@@ -629,6 +629,8 @@ async fn forward(
             swaps,
         })
     });
+    // An intercepted tunnel's place on an HTTP/1.1 origin, held until the exchange ends.
+    let mut tunnel_slot = None;
     let result = match (websocket, target.scheme) {
         (Some(ws), _) => {
             drop(body);
@@ -672,11 +674,21 @@ async fn forward(
             // beside it is a duplicate that origins may refuse (nginx answers 400).
             parts.headers.remove(header::HOST);
             let upstream_req = Request::from_parts(parts, body);
-            let client = inside.map_or(&state.client, |i| &i.client);
-            match answered(&uploaded, timeout, client.request(upstream_req)).await {
+            let sent = async {
+                match inside {
+                    None => state.client.request(upstream_req).await.map(|r| (r, None)),
+                    // Boxed: it may queue for a connection slot, and is large beside the
+                    // request future moved on every request.
+                    Some(i) => Box::pin(i.upstream.send(upstream_req)).await,
+                }
+            };
+            match answered(&uploaded, timeout, sent).await {
                 None => Err(ProxyError::ResponseTimeout),
                 Some(Err(e)) => Err(upstream_error(&e)),
-                Some(Ok(resp)) => Ok((resp.map(Either::Left), None)),
+                Some(Ok((resp, slot))) => {
+                    tunnel_slot = slot;
+                    Ok((resp.map(Either::Left), None))
+                }
             }
         }
     };
@@ -711,6 +723,7 @@ async fn forward(
                         stream_slot,
                         meter,
                         lease,
+                        tunnel_slot,
                     };
                     return relayed(resp, pending, method_was_head);
                 }

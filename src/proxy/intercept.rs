@@ -53,7 +53,7 @@ pub struct Inside {
     /// This tunnel's own upstream connections. Shared ones would let one client starve the
     /// others: an HTTP/2 client that stops reading its responses leaves their data in the
     /// upstream connection's window until no stream on it can receive anything.
-    pub client: super::HttpsClient,
+    pub upstream: super::tunnel_upstream::TunnelUpstream,
 }
 
 /// Serves the client side of an intercepted tunnel until it closes, idles out or shutdown

@@ -23,6 +23,7 @@ pub mod server;
 pub mod shutdown;
 pub mod splice;
 pub mod stall;
+pub mod tunnel_upstream;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -60,7 +61,7 @@ pub struct State {
     pub settings: Settings,
     pub upstream: Arc<Upstream>,
     /// `https` origins (HTTP/1.1 or HTTP/2, as ALPN decides) for absolute-form requests;
-    /// an intercepted tunnel has its own ([`intercept::Inside::client`]).
+    /// an intercepted tunnel has its own ([`intercept::Inside::upstream`]).
     pub client: HttpsClient,
     /// Requests in flight inside each client address's intercepted tunnels, capped like its
     /// connections: an HTTP/2 tunnel multiplexes hundreds of streams, and to an HTTP/1.1

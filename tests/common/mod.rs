@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -157,6 +157,32 @@ pub struct Origin {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// `/sse` sends its first event, then waits for a permit here before the last.
     gate: Arc<tokio::sync::Semaphore>,
+    counts: Arc<OriginCounts>,
+}
+
+/// Connections an origin accepted and requests it answered at once.
+#[derive(Default)]
+struct OriginCounts {
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
+}
+
+/// One request inside the origin's handler, counted in and out.
+struct Answering(Arc<OriginCounts>);
+
+impl Answering {
+    fn new(counts: &Arc<OriginCounts>) -> Answering {
+        let now = counts.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        counts.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        Answering(counts.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 type OriginBody = BoxBody<Bytes, std::convert::Infallible>;
@@ -185,8 +211,10 @@ impl Origin {
         let addr = listener.local_addr().expect("origin addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let counts = Arc::new(OriginCounts::default());
         let log = seen.clone();
         let g = gate.clone();
+        let c = counts.clone();
         let acceptor = tls.then(|| {
             let mut cfg = (*certs().server).clone();
             if h2 {
@@ -196,22 +224,39 @@ impl Origin {
         });
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                c.connections.fetch_add(1, Ordering::SeqCst);
                 let log = log.clone();
                 let gate = g.clone();
+                let counts = c.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     match acceptor {
                         Some(a) => {
                             if let Ok(s) = a.accept(stream).await {
-                                serve_origin(s, log, gate).await
+                                serve_origin(s, log, gate, counts).await
                             }
                         }
-                        None => serve_origin(stream, log, gate).await,
+                        None => serve_origin(stream, log, gate, counts).await,
                     }
                 });
             }
         });
-        Origin { addr, seen, gate }
+        Origin {
+            addr,
+            seen,
+            gate,
+            counts,
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.counts.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most requests the origin has had in hand at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.counts.peak_in_flight.load(Ordering::SeqCst)
     }
 
     /// Every request seen so far, in arrival order.
@@ -228,11 +273,23 @@ impl Origin {
     }
 }
 
-async fn serve_origin<I>(io: I, log: Arc<Mutex<Vec<Seen>>>, gate: Arc<tokio::sync::Semaphore>)
-where
+async fn serve_origin<I>(
+    io: I,
+    log: Arc<Mutex<Vec<Seen>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    counts: Arc<OriginCounts>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| origin_answer(req, log.clone(), gate.clone()));
+    let svc = service_fn(move |req| {
+        let answering = Answering::new(&counts);
+        let answer = origin_answer(req, log.clone(), gate.clone());
+        async move {
+            let r = answer.await;
+            drop(answering);
+            r
+        }
+    });
     // Speaks HTTP/2 when the client starts with its preface (after ALPN h2), else HTTP/1.1.
     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(TokioIo::new(io), svc)
