@@ -1107,8 +1107,8 @@ async fn waves_of_streams(proxy: &Proxy, ca: &OrgCa, waves: usize, streams: usiz
 
 /// An HTTP/2 client's streams to an origin that speaks only HTTP/1.1 each need a connection
 /// of their own upstream. The tunnel used to open one per stream and close all but two as
-/// the answers ended: 12,000 descriptors under load, most in TIME_WAIT, at a fifth of the
-/// throughput. Streams now queue for the few connections the tunnel keeps, and reuse them.
+/// the answers ended: up to 12,000 descriptors under load, at a quarter of the requests/s.
+/// Streams now queue for the few connections the tunnel keeps, and reuse them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_clients_streams_reuse_a_few_connections_to_an_http1_origin() {
     let ca = OrgCa::new();
