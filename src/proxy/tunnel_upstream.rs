@@ -4,7 +4,7 @@
 //! only HTTP/1.1. Then every stream in flight needs an upstream connection of its own: a
 //! client with 250 streams made hyper-util's pool open a TLS connection per stream and close
 //! all but the idle few as each answer ended: up to 12,000 descriptors, each a TLS handshake,
-//! and a quarter of the requests/s of today. A browser holds 6 connections per origin
+//! at a quarter of the requests/s the queue below gets. A browser holds 6 connections per origin
 //! and queues the rest; so does the tunnel here, with [`MAX_CONNECTIONS`], and keeps that many
 //! idle so that a steady load reuses them.
 //!
