@@ -1122,9 +1122,11 @@ async fn an_http2_clients_streams_reuse_a_few_connections_to_an_http1_origin() {
     )
     .await;
     waves_of_streams(&proxy, &ca, 3, 150).await;
-    // `tunnel_upstream::MAX_CONNECTIONS`, reused from wave to wave.
+    // `tunnel_upstream::MAX_CONNECTIONS`, reused from wave to wave; now and then one more,
+    // when a queued request starts just before hyper-util has put a finished connection back
+    // in its pool (36 and 33 in 2 of 12 runs here). One per stream was 442.
     assert!(
-        origin.connections() <= 32,
+        origin.connections() <= 40,
         "{} connections for 450 streams",
         origin.connections()
     );

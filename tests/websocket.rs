@@ -658,6 +658,55 @@ async fn a_reload_that_blocks_the_vendor_closes_its_open_websockets() {
     );
 }
 
+/// OpenAI's Realtime WebSocket names its model in the query string, and has no body. With a
+/// model rule for the vendor, every handshake used to be refused for a query naming a model
+/// the body did not. The query's model now decides: another model is relayed, the rule's is
+/// refused, and a reload that blocks the open WebSocket's model closes it.
+#[tokio::test]
+async fn a_websocket_is_decided_on_the_model_its_query_names() {
+    let origin = WsOrigin::plain().await;
+    let rule = |id: &str, model: &str| {
+        format!("\n[[rule]]\nid = \"{id}\"\nvendor = \"openai\"\nmodel = \"{model}\"\naction = \"block\"\n")
+    };
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .tail(&rule("no-gpt-4o", "gpt-4o*")),
+    )
+    .await;
+    let refused = "/v1/realtime?model=GPT-4o-realtime-preview";
+    let (status, head, _) =
+        handshake(proxy.addr, &format!("ws://api.openai.com{refused}"), &[]).await;
+    assert_eq!(status, 403, "{head}");
+    let rec = only_record(&proxy, refused).await;
+    assert_eq!(
+        (rec["rule"].as_str(), rec["model"].as_str()),
+        (Some("no-gpt-4o"), Some("gpt-4o-realtime-preview")),
+        "{rec}"
+    );
+
+    let allowed = "/v1/realtime?model=gpt-realtime";
+    let (status, head, s) =
+        handshake(proxy.addr, &format!("ws://api.openai.com{allowed}"), &[]).await;
+    assert_eq!(status, 101, "{head}");
+    let mut ws = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+    assert_eq!(next_data(&mut ws).await, Message::text(GREETING));
+    assert_eq!(
+        proxy
+            .reload_edited(|t| t + &rule("no-realtime-models", "gpt-realtime*"))
+            .await,
+        200
+    );
+    until_closed(&mut ws, "the websocket to be closed").await;
+    let rec = only_record(&proxy, allowed).await;
+    assert_eq!(
+        (rec["action"].as_str(), rec["rule"].as_str()),
+        (Some("block"), Some("no-realtime-models")),
+        "{rec}"
+    );
+    assert_eq!(rec["model"], "gpt-realtime", "{rec}");
+}
+
 /// The second decision at a reload covers everything that decided the handshake: the paths and
 /// methods its override fields named, and the account fields a tenant restriction reads. A
 /// WebSocket that would not be let through now is closed; one that would stays open.

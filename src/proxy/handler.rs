@@ -441,7 +441,7 @@ async fn forward(
                     })
                 })
         });
-    let (inspected, body) = match wants_body {
+    let (mut inspected, body) = match wants_body {
         Some(ins) => match Box::pin(super::inspect::inspect(
             ins,
             peer.addr.ip(),
@@ -458,6 +458,9 @@ async fn forward(
         },
         None => (None, RequestBody::streamed(body)),
     };
+    if let Some(i) = inspected.as_mut() {
+        i.adopt_query_model(path_q);
+    }
     let facts = inspected
         .as_ref()
         .map_or_else(BodyFacts::default, |i| BodyFacts {
@@ -478,6 +481,7 @@ async fn forward(
             .collect(),
         orgs: org_values(&parts.headers).map(Box::from).collect(),
         key_id: keys.id.as_deref().map(Box::from),
+        model: facts.model.map(Box::from),
     });
     let mut overridden = false;
     for (method, path) in named {

@@ -280,6 +280,24 @@ fn read_model(
 }
 
 impl Inspected {
+    /// A body that names no model leaves the query string's to decide on, when it names one
+    /// for sure: OpenAI's Realtime WebSocket is `GET /v1/realtime?model=…`, with no body.
+    /// (A query naming one model and the body another stays a doubt: see `unverifiable`.)
+    pub fn adopt_query_model(&mut self, path_q: &str) {
+        let body_silent = self.model.is_none()
+            && !self.ambiguous
+            && self.encoded.is_none()
+            && self.unreadable.is_none();
+        let Some((_, query)) = path_q.split_once('?').filter(|_| body_silent) else {
+            return;
+        };
+        let f = model::form_model(query.as_bytes(), true);
+        if let Some(m) = f.model.filter(|_| !f.ambiguous) {
+            self.model_is_secret = crate::audit::looks_like_key(&m);
+            self.model = Some(m.to_ascii_lowercase());
+        }
+    }
+
     /// Why this request must be refused now that the policy has decided on what inspection
     /// found, if it must: something inspection could not vouch for, where a rule that reads
     /// it could have decided otherwise (see [`in_play`]). Fail closed:

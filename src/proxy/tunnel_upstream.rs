@@ -6,7 +6,9 @@
 //! all but the idle few as each answer ended: up to 12,000 descriptors, each a TLS handshake,
 //! at a quarter of the requests/s the queue below gets. A browser holds 6 connections per origin
 //! and queues the rest; so does the tunnel here, with [`MAX_CONNECTIONS`], and keeps that many
-//! idle so that a steady load reuses them.
+//! idle so that a steady load reuses them. (A slot is given back when the exchange ends, and
+//! hyper-util puts the connection back in its pool from a task of its own: a request that
+//! starts in between opens one more, which the idle cap closes later.)
 //!
 //! An origin that answers over HTTP/2 multiplexes every stream on one connection: once one
 //! answer says so, requests stop taking a slot and those queued go on.

@@ -197,6 +197,8 @@ pub struct Asked {
     pub orgs: Box<[Box<str>]>,
     /// The key it was made with, for `require_keys`.
     pub key_id: Option<Box<str>>,
+    /// The model it was decided on (its query string's: a handshake has no body).
+    pub model: Option<Box<str>>,
 }
 
 impl Recheck {
@@ -224,7 +226,10 @@ impl Recheck {
             host: &self.host,
             port: self.port,
             path: Some(&self.path),
-            body: Default::default(),
+            body: crate::policy::BodyFacts {
+                model: self.asked.model.as_deref(),
+                dlp: 0,
+            },
         };
         let mut d = policy.decide(&asked);
         for (method, path) in &self.asked.readings {
