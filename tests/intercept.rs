@@ -291,6 +291,48 @@ async fn limits_count_each_request_in_one_tunnel() {
     );
 }
 
+/// A vendor-wide limit matches the CONNECT too, but an intercepted tunnel is not counted (its
+/// requests are, one by one). Its record and metric said `limit`, which means refused, for
+/// every tunnel; a tunnel within its limits is `allow`, as an opaque one is.
+#[tokio::test]
+async fn a_tunnel_under_a_vendor_wide_limit_is_recorded_allowed() {
+    let s = setup(
+        "[[rule]]\nid = \"cap-openai\"\nvendor = \"openai\"\naction = \"limit\"\nlimit = { requests = 2, per = \"1h\", by = \"client\" }\n",
+        "vendors = [\"openai\"]",
+    )
+    .await;
+    let c = client(&s, true);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = c
+            .get("https://api.openai.com/v1/models")
+            .send()
+            .await
+            .expect("models");
+        statuses.push(r.status().as_u16());
+        let _ = r.bytes().await;
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    drop(c);
+    let rec = s.proxy.audit_connect("api.openai.com").await;
+    assert_eq!(
+        (
+            rec["action"].as_str(),
+            rec["rule"].as_str(),
+            rec["tls"].as_str()
+        ),
+        (Some("allow"), Some("cap-openai"), Some("intercept")),
+        "{rec}"
+    );
+    // Only the refused request says `limit`.
+    let m = s.proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "portcullis_requests_total", &[("action", "limit")]),
+        1.0,
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn the_leaf_is_for_the_name_and_chains_to_the_org_ca() {
     let s = setup("", "vendors = [\"openai\"]").await;

@@ -136,6 +136,10 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
     // An intercepted tunnel's requests are limited one by one; the tunnel itself only needs
     // to be allowed, so its limits are not charged twice.
     let admitted = if intercept && d.enforced() != Action::Block {
+        // Nothing was counted, so nothing refused: "limit" on a record means refused.
+        if d.enforced() == Action::Limit {
+            rec.action = Action::Allow.as_str();
+        }
         Ok(Admitted {
             rec,
             permits: Vec::new(),
