@@ -863,7 +863,7 @@ fn refusal(
 ) -> Option<String> {
     if let Some(enc) = inspected.and_then(|i| i.encoded.as_deref()) {
         return Some(format!(
-            "body_not_inspectable: content-encoding {enc:?} hides the body from DLP rules"
+            "body_not_inspectable: content-encoding {enc:?} hides the body from the model and DLP rules that read it"
         ));
     }
     if let Some(why) = inspected.and_then(|i| i.refused.get()) {
