@@ -22,9 +22,21 @@ const KEY_HEADERS: [http::HeaderName; 5] = [
     http::HeaderName::from_static("xi-api-key"),
 ];
 
-/// Query parameters vendors read keys from: Google's `key`, Baidu's `access_token`, and the
-/// usual `api_key` / `apikey`.
-const KEY_PARAMS: [&[u8]; 4] = [b"key", b"api_key", b"apikey", b"access_token"];
+/// Query parameters vendors read keys from: Google's `key`, Baidu's `access_token`, Azure
+/// OpenAI's `api-key` (its Realtime WebSocket takes the key so), Azure API Management's
+/// `subscription-key`, and the usual `api_key` / `apikey`.
+const KEY_PARAMS: [&[u8]; 6] = [
+    b"key",
+    b"api_key",
+    b"apikey",
+    b"api-key",
+    b"subscription-key",
+    b"access_token",
+];
+
+/// A presigned AWS URL's credential (`AKID/date/region/service/aws4_request`): its access
+/// key id is the key, as in a Signature V4 `Authorization` field.
+const AWS_CREDENTIAL_PARAM: &[u8] = b"x-amz-credential";
 
 /// The credential an `Authorization` value carries, whatever its scheme (RFC 9110 §11.4:
 /// `scheme 1*SP credentials`, spaces and tabs tolerated as origins tolerate them): the token
@@ -176,6 +188,15 @@ impl KeyFingerprinter {
                 |n: &[u8]| name.as_bytes() == n || percent_decode_str(name).eq(n.iter().copied());
             if KEY_PARAMS.iter().any(|n| named(n)) {
                 take(percent_decode_str(value).into());
+            } else if name.as_bytes().eq_ignore_ascii_case(AWS_CREDENTIAL_PARAM)
+                || (name.contains('%')
+                    && percent_decode_str(name)
+                        .collect::<Vec<u8>>()
+                        .eq_ignore_ascii_case(AWS_CREDENTIAL_PARAM))
+            {
+                let credential: Vec<u8> = percent_decode_str(value).collect();
+                let id = credential.split(|b| *b == b'/').next().unwrap_or_default();
+                take(Cow::Owned(id.to_vec()));
             }
         }
         let Some(first) = found else {
@@ -275,11 +296,25 @@ mod tests {
             "api_key=sk-personal",
             "apikey=sk-personal",
             "a=b;key=sk-personal",
+            // Azure OpenAI's Realtime WebSocket; Azure API Management.
+            "api-version=1&api-key=sk-personal",
+            "subscription-key=sk-personal",
+            // A presigned AWS URL: the access key id of its credential.
+            "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=sk-personal%2F20261130%2Fus-east-1%2Fbedrock%2Faws4_request&X-Amz-Signature=ab12",
+            "x-amz-credential=sk-personal/20261130/us-east-1/bedrock/aws4_request",
         ] {
             assert_eq!(
                 f.from_request(&HeaderMap::new(), Some(q)).id.as_deref(),
                 Some(&*key),
                 "{q}"
+            );
+            // Beside a key in a field the vendor may ignore, it is still seen: two keys.
+            let mut h = HeaderMap::new();
+            h.insert("x-goog-api-key", "sk-company".parse().unwrap());
+            assert_eq!(
+                f.from_request(&h, Some(q)).id.as_deref(),
+                Some(AMBIGUOUS_KEY),
+                "{q} beside another key"
             );
         }
     }
