@@ -291,6 +291,104 @@ async fn limits_count_each_request_in_one_tunnel() {
     );
 }
 
+/// Anthropic's Message Batches name a model per request (`requests[].params.model`), and
+/// OpenAI's Realtime client secrets the session's (`session.model`): model rules read them
+/// there (the catalog's `model_fields`). Before, such a body named no model, and a batch of
+/// blocked-model requests went through. A batch with one blocked model among others is
+/// refused; one of allowed models goes on, its record naming each.
+#[tokio::test]
+async fn model_rules_read_the_models_a_batch_or_a_session_names() {
+    let ca = OrgCa::new();
+    let origin = Origin::https_h2().await;
+    let roots = TempDir::new().expect("tempdir");
+    let rules = "[[rule]]\nid = \"no-opus\"\nvendor = \"anthropic\"\nmodel = \"*opus*\"\naction = \"block\"\n\n\
+                 [[rule]]\nid = \"no-gpt-4o\"\nvendor = \"openai\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n";
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.anthropic.com", origin.addr)
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail(rules)
+            .tail(&ca.section("vendors = [\"anthropic\", \"openai\"]")),
+    )
+    .await;
+    let s = Setup {
+        ca,
+        origin,
+        proxy,
+        _roots: roots,
+    };
+    let c = client(&s, false);
+    let batch = |models: &[&str]| {
+        let requests: Vec<String> = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                format!(
+                    r#"{{"custom_id":"r{i}","params":{{"max_tokens":16,"messages":[{{"role":"user","content":"which model?"}}],"model":"{m}"}}}}"#
+                )
+            })
+            .collect();
+        format!(r#"{{"requests":[{}]}}"#, requests.join(","))
+    };
+    let cases = [
+        (
+            "https://api.anthropic.com/v1/messages/batches?case=mixed",
+            batch(&["claude-haiku-4-5", "Claude-Opus-4-1", "claude-haiku-4-5"]),
+            403,
+            Some("no-opus"),
+            "claude-haiku-4-5,claude-opus-4-1",
+        ),
+        (
+            "https://api.anthropic.com/v1/messages/batches?case=allowed",
+            batch(&["claude-haiku-4-5", "claude-sonnet-4-5"]),
+            200,
+            None,
+            "claude-haiku-4-5,claude-sonnet-4-5",
+        ),
+        (
+            "https://api.openai.com/v1/realtime/client_secrets?case=blocked",
+            r#"{"session":{"type":"realtime","model":"gpt-4o-realtime-preview"}}"#.into(),
+            403,
+            Some("no-gpt-4o"),
+            "gpt-4o-realtime-preview",
+        ),
+        (
+            "https://api.openai.com/v1/realtime/client_secrets?case=allowed",
+            r#"{"session":{"type":"realtime","model":"gpt-realtime"}}"#.into(),
+            200,
+            None,
+            "gpt-realtime",
+        ),
+    ];
+    for (url, body, status, rule, models) in cases {
+        let r = c
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status().as_u16(), status, "{url}");
+        let _ = r.bytes().await;
+        let path = url.split_once(".com").expect("path").1;
+        let rec = intercepted_record(&s.proxy, path).await;
+        assert_eq!(rec["rule"].as_str(), rule, "{rec}");
+        assert_eq!(rec["model"], models, "{rec}");
+    }
+    // A request naming its model twice is not vouched for: parsers keep one or the other.
+    let twice = r#"{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","model":"claude-opus-4-1"}}]}"#;
+    let r = c
+        .post("https://api.anthropic.com/v1/messages/batches?case=twice")
+        .body(twice)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    let rec = intercepted_record(&s.proxy, "/v1/messages/batches?case=twice").await;
+    assert_reason(&rec, "body_not_inspectable");
+}
+
 /// A vendor-wide limit matches the CONNECT too, but an intercepted tunnel is not counted (its
 /// requests are, one by one). Its record and metric said `limit`, which means refused, for
 /// every tunnel; a tunnel within its limits is `allow`, as an opaque one is.

@@ -217,8 +217,18 @@ fn add_vendor(
         };
         model_paths.push(PathPattern::parse(prefix).map_err(|e| src.error(src.at(file, p), e))?);
     }
+    let mut model_fields = Vec::new();
+    for f in &def.model_fields {
+        let path = PathPattern::parse(f.path.get_ref())
+            .map_err(|e| src.error(src.at(file, &f.path), e))?;
+        let field = crate::inspect::model::FieldPath::parse(f.field.get_ref())
+            .map_err(|e| src.error(src.at(file, &f.field), e))?;
+        model_fields.push((path, field));
+    }
     let vid = catalog.push_vendor(
-        Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints).with_model_paths(model_paths),
+        Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints)
+            .with_model_paths(model_paths)
+            .with_model_fields(model_fields),
     );
     for (hosts, app) in [(&def.hosts, false), (&def.app_hosts, true)] {
         for h in hosts {
@@ -1296,6 +1306,36 @@ mod tests {
             loaded.policy.path_model(&host, "/M1/run").as_deref(),
             Some("m1")
         );
+    }
+
+    /// A vendor's `model_fields` name a path pattern and a field; a bad one of either is
+    /// reported where it is written.
+    #[test]
+    fn model_fields_are_checked_where_written() {
+        let vendor = |entry: &str| {
+            format!(
+                "[[vendor]]\nid = \"x\"\nhosts = [\"api.x.example\"]\nmodel_fields = [{entry}]\n"
+            )
+        };
+        for (entry, col) in [
+            (r#"{ path = "v1/batch", field = "requests[].model" }"#, 26),
+            (r#"{ path = "/v1/batch", field = "requests[]" }"#, 47),
+            (r#"{ path = "/v1/batch", field = "a..model" }"#, 47),
+        ] {
+            let e = load(&vendor(entry)).expect_err(entry);
+            assert_eq!((e.line, e.col), (5, col), "{entry}: {e}");
+        }
+        let loaded = load(&vendor(
+            r#"{ path = "/v1/batch", field = "requests[].model" }"#,
+        ))
+        .unwrap();
+        let host = Host::parse("api.x.example").unwrap();
+        assert!(loaded.policy.model_field(&host, "/v1/batch").is_some());
+        assert!(loaded
+            .policy
+            .model_field(&host, "/v1%2Fbatch?x=1")
+            .is_some());
+        assert!(loaded.policy.model_field(&host, "/v1/other").is_none());
     }
 
     #[test]

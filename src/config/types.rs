@@ -146,7 +146,18 @@ pub struct VendorDef {
     /// Path patterns ending in `/{model}`: the segment there names the model.
     #[serde(default)]
     pub model_paths: Vec<S<String>>,
+    /// Paths whose bodies name models deeper than the top-level `model`.
+    #[serde(default)]
+    pub model_fields: Vec<ModelFieldDef>,
     pub endpoints: Option<S<BTreeMap<String, Vec<S<String>>>>>,
+}
+
+/// `{ path = "/v1/messages/batches", field = "requests[].params.model" }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFieldDef {
+    pub path: S<String>,
+    pub field: S<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,9 @@
 
 use std::borrow::Cow;
 
+mod nested;
+pub use nested::{models_at, FieldPath, Nested};
+
 /// Longest model name accepted, in decoded bytes. Real names are far
 /// shorter; the cap bounds the work and the one allocation.
 const MAX_VALUE: usize = 256;
@@ -101,6 +104,8 @@ enum Key {
 /// One top-level member.
 struct Member {
     key: Key,
+    /// Where its key starts (just past its opening quote).
+    key_at: usize,
     /// Where its value starts.
     value: usize,
 }
@@ -126,6 +131,15 @@ impl<'a> Members<'a> {
         })
     }
 
+    /// The members of the object whose opening brace is at `i` (a nested one).
+    fn at(b: &'a [u8], i: usize) -> Members<'a> {
+        Members {
+            b,
+            i: skip_ws(b, i + 1),
+            started: false,
+        }
+    }
+
     fn next(&mut self) -> Result<Member, Stop> {
         let b = self.b;
         if self.started {
@@ -141,11 +155,16 @@ impl<'a> Members<'a> {
         }
         self.started = true;
         expect(b, self.i, b'"')?;
-        let (key, after_key) = key(b, self.i + 1)?;
+        let key_at = self.i + 1;
+        let (key, after_key) = key(b, key_at)?;
         let i = skip_ws(b, after_key);
         expect(b, i, b':')?;
         self.i = skip_ws(b, i + 1);
-        Ok(Member { key, value: self.i })
+        Ok(Member {
+            key,
+            key_at,
+            value: self.i,
+        })
     }
 }
 

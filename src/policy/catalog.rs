@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::hostmatch::{HostIndex, HostPattern};
 use super::path::{PathPattern, PathTrie, Segments};
 use super::target::Host;
+use crate::inspect::model::FieldPath;
 
 /// Endpoint classes. A closed set, because rules, audit and metric labels name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,6 +84,8 @@ pub struct Vendor {
     trie: PathTrie<Endpoint>,
     /// Path prefixes whose next segment names the model (`model_paths`, without `/{model}`).
     model_paths: Vec<PathPattern>,
+    /// Path prefixes whose bodies name models at a field deeper than the top-level `model`.
+    model_fields: Vec<(PathPattern, FieldPath)>,
 }
 
 impl Vendor {
@@ -97,6 +100,7 @@ impl Vendor {
             endpoints,
             trie,
             model_paths: Vec::new(),
+            model_fields: Vec::new(),
         }
     }
 
@@ -109,6 +113,21 @@ impl Vendor {
     pub fn with_model_paths(mut self, prefixes: Vec<PathPattern>) -> Vendor {
         self.model_paths = prefixes;
         self
+    }
+
+    /// Where this vendor's bodies name models deeper than the top-level `model`.
+    pub fn with_model_fields(mut self, fields: Vec<(PathPattern, FieldPath)>) -> Vendor {
+        self.model_fields = fields;
+        self
+    }
+
+    /// The field naming the models of a body sent to `path`: the longest matching prefix's.
+    pub fn model_field(&self, path: &Segments<'_>) -> Option<&FieldPath> {
+        self.model_fields
+            .iter()
+            .filter(|(p, _)| p.matches_segments(path))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, f)| f)
     }
 }
 

@@ -290,6 +290,26 @@ impl Policy {
         self.catalog.path_model(hit, &segments).map(str::to_owned)
     }
 
+    /// The field where a body sent to this host and path names its models, deeper than the
+    /// top-level `model` (the vendor's `model_fields`), on any reading of the path: a batch
+    /// path spelled `/v1/messages%2Fbatches` is still read as a batch.
+    pub fn model_field(
+        &self,
+        host: &Host,
+        path_q: &str,
+    ) -> Option<&crate::inspect::model::FieldPath> {
+        let v = self.catalog.vendor(self.catalog.lookup(host)?.vendor);
+        let path = path::normalize(path_q);
+        if let Some(f) = v.model_field(&path::Segments::new(&path)) {
+            return Some(f);
+        }
+        let mut found = None;
+        path::other_readings(path_q, |p| {
+            found = found.or_else(|| v.model_field(&path::Segments::new(p)));
+        });
+        found
+    }
+
     /// Whether the request's body could change its decision: some rule with a `model` or
     /// `dlp` condition matches everything else about it (on any reading of its path), before
     /// any enforcing rule without one that matches. Only then is the body worth holding back:

@@ -446,6 +446,7 @@ async fn forward(
             ins,
             peer.addr.ip(),
             &parts.headers,
+            policy.model_field(&target.host, path_q),
             body,
         ))
         .await
@@ -472,6 +473,18 @@ async fn forward(
         ..bodiless
     };
     let mut d = policy.decide(&asked);
+    // A body naming several models (a batch's requests) is decided on each: any one blocked
+    // blocks it.
+    for m in inspected.iter().flat_map(|i| &i.more_models) {
+        let other = policy::Request {
+            body: BodyFacts {
+                model: Some(m),
+                ..facts
+            },
+            ..asked
+        };
+        d = d.merge(policy.decide(&other));
+    }
     // A reload decides an open WebSocket again on what decided its handshake: the other
     // readings and the account fields too, as sent (before a rule's `set_headers`).
     let ws_facts = websocket.as_ref().map(|_| super::upgrade::Asked {
@@ -513,9 +526,18 @@ async fn forward(
         rec.sni = i.sni.clone();
     }
     if let Some(i) = &inspected {
-        rec.model = match i.model_is_secret {
-            true => Some("[redacted]".into()),
-            false => i.model.as_deref().map(Into::into),
+        rec.model = match (i.model_is_secret, i.more_models.is_empty()) {
+            (true, _) => Some("[redacted]".into()),
+            (false, true) => i.model.as_deref().map(Into::into),
+            (false, false) => Some(
+                i.model
+                    .iter()
+                    .chain(&i.more_models)
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    .into(),
+            ),
         };
         note_inspection(&policy, i, &d, &mut rec, overridden);
     }

@@ -31,8 +31,11 @@ use crate::policy::{
 /// What the held-back prefix showed.
 #[derive(Debug, Default)]
 pub struct Inspected {
-    /// The body's `model` (the JSON body's top-level one, or a form's field), lowercased.
+    /// The body's `model` (the JSON body's top-level one, or a form's field), lowercased; the
+    /// first of them where the body names several (`model_fields`: a batch's requests).
     pub model: Option<String>,
+    /// The other different models such a body names, lowercased: each is decided too.
+    pub more_models: Vec<String>,
     /// A DLP pattern matches the model value as sent (a key pasted there): rules still read
     /// it, the audit record does not show it.
     pub model_is_secret: bool,
@@ -122,10 +125,13 @@ fn declared(headers: &HeaderMap) -> Declared {
 
 /// Reads up to `ins.max_body` of `body` (waiting at most `ins.timeout`), inspects it, and
 /// returns the body to send on: the held frames, then whatever is left.
+/// `field`: where this path's bodies name their models besides the top-level `model` (the
+/// vendor's `model_fields`).
 pub async fn inspect(
     ins: &Inspection,
     client: IpAddr,
     headers: &HeaderMap,
+    field: Option<&model::FieldPath>,
     mut body: Incoming,
 ) -> Result<(Inspected, RequestBody), ProxyError> {
     let mut out = Inspected::default();
@@ -231,6 +237,9 @@ pub async fn inspect(
     if ins.models {
         let complete = !out.partial;
         read_model(&mut out, &prefix, &declared, complete, &ins.scanner);
+        if let Some(field) = field {
+            read_nested_models(&mut out, &prefix, field, &ins.scanner);
+        }
     }
     let rest = (!ended).then_some(body);
     if !prefix.is_empty() {
@@ -277,6 +286,28 @@ fn read_model(
     }
     out.model = found;
     out.ambiguous = ambiguous;
+}
+
+/// The models a body names at `field`, beside the top-level one `read_model` found: the first
+/// becomes the body's model if it named none, the others are decided too.
+fn read_nested_models(
+    out: &mut Inspected,
+    prefix: &[u8],
+    field: &model::FieldPath,
+    scanner: &crate::inspect::dlp::Scanner,
+) {
+    let nested = model::models_at(prefix, field);
+    out.ambiguous |= nested.ambiguous;
+    for m in nested.models {
+        out.model_is_secret |=
+            crate::audit::looks_like_key(&m) || !scanner.scan(m.as_bytes()).is_empty();
+        let m = m.to_ascii_lowercase();
+        match &out.model {
+            None => out.model = Some(m),
+            Some(first) if *first == m || out.more_models.contains(&m) => {}
+            Some(_) => out.more_models.push(m),
+        }
+    }
 }
 
 impl Inspected {
