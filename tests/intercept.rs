@@ -376,17 +376,39 @@ async fn model_rules_read_the_models_a_batch_or_a_session_names() {
         assert_eq!(rec["rule"].as_str(), rule, "{rec}");
         assert_eq!(rec["model"], models, "{rec}");
     }
-    // A request naming its model twice is not vouched for: parsers keep one or the other.
-    let twice = r#"{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","model":"claude-opus-4-1"}}]}"#;
+    // The model that transcribes a session's audio is a model of the request too.
     let r = c
-        .post("https://api.anthropic.com/v1/messages/batches?case=twice")
-        .body(twice)
+        .post("https://api.openai.com/v1/realtime/client_secrets?case=transcribe")
+        .body(r#"{"session":{"type":"transcription","audio":{"input":{"transcription":{"model":"gpt-4o-transcribe"}}}}}"#)
         .send()
         .await
         .expect("post");
     assert_eq!(r.status(), 403);
-    let rec = intercepted_record(&s.proxy, "/v1/messages/batches?case=twice").await;
-    assert_reason(&rec, "body_not_inspectable");
+    let rec = intercepted_record(&s.proxy, "/v1/realtime/client_secrets?case=transcribe").await;
+    assert_eq!(rec["rule"], "no-gpt-4o", "{rec}");
+    // What a parser may read otherwise is not vouched for: a model named twice (parsers keep
+    // one or the other), a key that Go's parser folds into `requests` (`ſ` is `s` to it).
+    for (case, body) in [
+        (
+            "twice",
+            r#"{"requests":[{"custom_id":"a","params":{"model":"claude-haiku-4-5","model":"claude-opus-4-1"}}]}"#,
+        ),
+        (
+            "folded",
+            r#"{"requests":[{"params":{"model":"claude-haiku-4-5"}}],"reque\u017fts":[{"params":{"model":"claude-opus-4-1"}}]}"#,
+        ),
+    ] {
+        let path = format!("/v1/messages/batches?case={case}");
+        let r = c
+            .post(format!("https://api.anthropic.com{path}"))
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 403, "{case}");
+        let rec = intercepted_record(&s.proxy, &path).await;
+        assert_reason(&rec, "body_not_inspectable");
+    }
 }
 
 /// A vendor-wide limit matches the CONNECT too, but an intercepted tunnel is not counted (its

@@ -121,13 +121,13 @@ impl Vendor {
         self
     }
 
-    /// The field naming the models of a body sent to `path`: the longest matching prefix's.
-    pub fn model_field(&self, path: &Segments<'_>) -> Option<&FieldPath> {
+    /// The fields naming models in a body sent to `path`: those of every matching prefix.
+    pub fn model_fields(&self, path: &Segments<'_>) -> Vec<&FieldPath> {
         self.model_fields
             .iter()
             .filter(|(p, _)| p.matches_segments(path))
-            .max_by_key(|(p, _)| p.len())
             .map(|(_, f)| f)
+            .collect()
     }
 }
 

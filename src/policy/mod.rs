@@ -290,22 +290,26 @@ impl Policy {
         self.catalog.path_model(hit, &segments).map(str::to_owned)
     }
 
-    /// The field where a body sent to this host and path names its models, deeper than the
+    /// The fields where a body sent to this host and path names models, deeper than the
     /// top-level `model` (the vendor's `model_fields`), on any reading of the path: a batch
     /// path spelled `/v1/messages%2Fbatches` is still read as a batch.
-    pub fn model_field(
+    pub fn model_fields(
         &self,
         host: &Host,
         path_q: &str,
-    ) -> Option<&crate::inspect::model::FieldPath> {
-        let v = self.catalog.vendor(self.catalog.lookup(host)?.vendor);
+    ) -> Vec<&crate::inspect::model::FieldPath> {
+        let Some(hit) = self.catalog.lookup(host) else {
+            return Vec::new();
+        };
+        let v = self.catalog.vendor(hit.vendor);
         let path = path::normalize(path_q);
-        if let Some(f) = v.model_field(&path::Segments::new(&path)) {
-            return Some(f);
-        }
-        let mut found = None;
+        let mut found = v.model_fields(&path::Segments::new(&path));
         path::other_readings(path_q, |p| {
-            found = found.or_else(|| v.model_field(&path::Segments::new(p)));
+            for f in v.model_fields(&path::Segments::new(p)) {
+                if !found.iter().any(|x| std::ptr::eq(*x, f)) {
+                    found.push(f);
+                }
+            }
         });
         found
     }

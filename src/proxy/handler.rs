@@ -446,7 +446,7 @@ async fn forward(
             ins,
             peer.addr.ip(),
             &parts.headers,
-            policy.model_field(&target.host, path_q),
+            &policy.model_fields(&target.host, path_q),
             body,
         ))
         .await

@@ -125,13 +125,13 @@ fn declared(headers: &HeaderMap) -> Declared {
 
 /// Reads up to `ins.max_body` of `body` (waiting at most `ins.timeout`), inspects it, and
 /// returns the body to send on: the held frames, then whatever is left.
-/// `field`: where this path's bodies name their models besides the top-level `model` (the
+/// `fields`: where this path's bodies name models besides the top-level `model` (the
 /// vendor's `model_fields`).
 pub async fn inspect(
     ins: &Inspection,
     client: IpAddr,
     headers: &HeaderMap,
-    field: Option<&model::FieldPath>,
+    fields: &[&model::FieldPath],
     mut body: Incoming,
 ) -> Result<(Inspected, RequestBody), ProxyError> {
     let mut out = Inspected::default();
@@ -237,7 +237,7 @@ pub async fn inspect(
     if ins.models {
         let complete = !out.partial;
         read_model(&mut out, &prefix, &declared, complete, &ins.scanner);
-        if let Some(field) = field {
+        for field in fields {
             read_nested_models(&mut out, &prefix, field, &ins.scanner);
         }
     }

@@ -117,7 +117,8 @@ fn walk(b: &[u8], i: usize, steps: &[Step], out: &mut Nested) -> Result<(), Stop
                     Ok(m) => match same_key(b, m.key_at, name)? {
                         Same::Exactly if found.is_some() => out.ambiguous = true,
                         Same::Exactly => found = Some(m.value),
-                        // Go's encoding/json matches names in any case, and takes the last.
+                        // Go's encoding/json matches names in any case (Unicode's simple
+                        // folding: `requeſts` is `requests`), and takes the last.
                         Same::InOtherCase => out.ambiguous = true,
                         Same::No => {}
                     },
@@ -165,13 +166,14 @@ enum Same {
 
 /// How the key starting at `i` (just past its quote) compares with `name`, decoded.
 fn same_key(b: &[u8], i: usize, name: &str) -> Result<Same, Stop> {
-    let mut buf = [0u8; MAX_KEY + 1];
+    // Room for a name of `MAX_KEY` letters each spelled in 3 bytes (`K`, the Kelvin sign).
+    let mut buf = [0u8; 3 * MAX_KEY + 1];
     match decode(b, i, &mut buf) {
         Ok(d) => {
             let k = &buf[..d.len];
             Ok(if k == name.as_bytes() {
                 Same::Exactly
-            } else if k.eq_ignore_ascii_case(name.as_bytes()) {
+            } else if folds_to(k, name) {
                 Same::InOtherCase
             } else {
                 Same::No
@@ -181,6 +183,21 @@ fn same_key(b: &[u8], i: usize, name: &str) -> Result<Same, Stop> {
         Err(DecodeError::Truncated) => Err(Stop::Truncated),
         Err(DecodeError::Invalid) => Err(Stop::Malformed),
     }
+}
+
+/// Whether `key` is the ASCII `name` under Unicode simple case folding, as Go's encoding/json
+/// matches field names: ASCII case aside, the only characters that fold to ASCII letters are
+/// `ſ` (U+017F) to `s` and the Kelvin sign (U+212A) to `k`.
+fn folds_to(key: &[u8], name: &str) -> bool {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return false;
+    };
+    let folded = key.chars().map(|c| match c {
+        'ſ' => 's',
+        '\u{212A}' => 'k',
+        c => c.to_ascii_lowercase(),
+    });
+    folded.eq(name.chars().map(|c| c.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -232,9 +249,11 @@ mod tests {
             // A key on the path twice: Python keeps the last, we would read both.
             r#"{"requests":[{"params":{"model":"a"}}],"requests":[{"params":{"model":"b"}}]}"#,
             r#"{"requests":[{"params":{"model":"a","model":"b"}}]}"#,
-            // Another case: Go's parser takes it.
+            // Another case: Go's parser takes it, folding Unicode as well as ASCII.
             r#"{"requests":[{"params":{"Model":"b"}}]}"#,
             r#"{"Requests":[{"params":{"model":"b"}}]}"#,
+            r#"{"requests":[{"params":{"model":"a"}}],"reque\u017fts":[{"params":{"model":"b"}}]}"#,
+            "{\"requests\":[{\"params\":{\"model\":\"a\"},\"paramſ\":{\"model\":\"b\"}}]}",
             // Malformed where it is walked.
             r#"{"requests":[{"params":{"model":"a"}} {"params":{"model":"b"}}]}"#,
             r#"{"requests":[{"params":{"model" "a"}}]}"#,
@@ -266,6 +285,14 @@ mod tests {
             models(cut, &batch()),
             (vec!["claude-opus-4-1".into()], false)
         );
+    }
+
+    #[test]
+    fn keys_fold_as_go_folds_them() {
+        assert!(folds_to("\u{212A}ind".as_bytes(), "kind"));
+        assert!(folds_to("ſESSION".as_bytes(), "session"));
+        assert!(!folds_to("sessions".as_bytes(), "session"));
+        assert!(!folds_to("séssion".as_bytes(), "session"));
     }
 
     #[test]
