@@ -25,18 +25,30 @@ const KEY_HEADERS: [http::HeaderName; 5] = [
 /// Query parameters vendors read keys from: Google's `key`, Baidu's `access_token`, Azure
 /// OpenAI's `api-key` (its Realtime WebSocket takes the key so), Azure API Management's
 /// `subscription-key`, and the usual `api_key` / `apikey`.
-const KEY_PARAMS: [&[u8]; 6] = [
+const KEY_PARAMS: [&[u8]; 7] = [
     b"key",
     b"api_key",
     b"apikey",
     b"api-key",
     b"subscription-key",
+    b"subscription_key",
     b"access_token",
 ];
 
 /// A presigned AWS URL's credential (`AKID/date/region/service/aws4_request`): its access
 /// key id is the key, as in a Signature V4 `Authorization` field.
 const AWS_CREDENTIAL_PARAM: &[u8] = b"x-amz-credential";
+
+/// A query parameter's name or value as servers' form decoders read it: `+` is a space and
+/// `%XX` a byte; ASCII whitespace around it is dropped, as around a key in a header field.
+fn form_decoded(s: &str) -> Cow<'_, [u8]> {
+    if !s.contains(['%', '+']) {
+        return Cow::Borrowed(s.as_bytes().trim_ascii());
+    }
+    let spaced = s.replace('+', " ");
+    let bytes: Vec<u8> = percent_decode_str(&spaced).collect();
+    Cow::Owned(bytes.trim_ascii().to_vec())
+}
 
 /// The credential an `Authorization` value carries, whatever its scheme (RFC 9110 §11.4:
 /// `scheme 1*SP credentials`, spaces and tabs tolerated as origins tolerate them): the token
@@ -183,18 +195,13 @@ impl KeyFingerprinter {
             let Some((name, value)) = pair.split_once('=') else {
                 continue;
             };
-            // The vendor decodes both: `%6Bey=` is `key=`, `%41Iza…` is `AIza…`.
-            let named =
-                |n: &[u8]| name.as_bytes() == n || percent_decode_str(name).eq(n.iter().copied());
-            if KEY_PARAMS.iter().any(|n| named(n)) {
-                take(percent_decode_str(value).into());
-            } else if name.as_bytes().eq_ignore_ascii_case(AWS_CREDENTIAL_PARAM)
-                || (name.contains('%')
-                    && percent_decode_str(name)
-                        .collect::<Vec<u8>>()
-                        .eq_ignore_ascii_case(AWS_CREDENTIAL_PARAM))
-            {
-                let credential: Vec<u8> = percent_decode_str(value).collect();
+            // The vendor decodes both: `%6Bey=` is `key=`, `%41Iza…` is `AIza…`. Names in any
+            // case: ASP.NET (Azure) reads `API-KEY=` as `api-key=`.
+            let name = form_decoded(name);
+            if KEY_PARAMS.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+                take(form_decoded(value));
+            } else if name.eq_ignore_ascii_case(AWS_CREDENTIAL_PARAM) {
+                let credential = form_decoded(value);
                 let id = credential.split(|b| *b == b'/').next().unwrap_or_default();
                 take(Cow::Owned(id.to_vec()));
             }
@@ -302,6 +309,12 @@ mod tests {
             // A presigned AWS URL: the access key id of its credential.
             "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=sk-personal%2F20261130%2Fus-east-1%2Fbedrock%2Faws4_request&X-Amz-Signature=ab12",
             "x-amz-credential=sk-personal/20261130/us-east-1/bedrock/aws4_request",
+            // Names in another case, and what form decoders make of `+` and spaces.
+            "API-KEY=sk-personal",
+            "Subscription-Key=sk-personal",
+            "api-key%20=sk-personal",
+            "api-key=sk-personal+",
+            "api-key=+sk-personal%20",
         ] {
             assert_eq!(
                 f.from_request(&HeaderMap::new(), Some(q)).id.as_deref(),
