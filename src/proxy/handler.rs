@@ -494,7 +494,12 @@ async fn forward(
             .collect(),
         orgs: org_values(&parts.headers).map(Box::from).collect(),
         key_id: keys.id.as_deref().map(Box::from),
-        model: facts.model.map(Box::from),
+        // Read from the query even when no rule made the handshake's model matter: a rule
+        // on it added at a reload must close the WebSocket.
+        model: facts
+            .model
+            .map(Box::from)
+            .or_else(|| super::inspect::query_model(path_q).map(Into::into)),
     });
     let mut overridden = false;
     for (method, path) in named {

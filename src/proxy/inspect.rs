@@ -288,6 +288,15 @@ fn read_model(
     out.ambiguous = ambiguous;
 }
 
+/// The model a query string names for sure (once, readably), lowercased as rules read it.
+pub fn query_model(path_q: &str) -> Option<String> {
+    let (_, query) = path_q.split_once('?')?;
+    let f = model::form_model(query.as_bytes(), true);
+    f.model
+        .filter(|_| !f.ambiguous)
+        .map(|m| m.to_ascii_lowercase())
+}
+
 /// The models a body names at `field`, beside the top-level one `read_model` found: the first
 /// becomes the body's model if it named none, the others are decided too.
 fn read_nested_models(
@@ -319,13 +328,9 @@ impl Inspected {
             && !self.ambiguous
             && self.encoded.is_none()
             && self.unreadable.is_none();
-        let Some((_, query)) = path_q.split_once('?').filter(|_| body_silent) else {
-            return;
-        };
-        let f = model::form_model(query.as_bytes(), true);
-        if let Some(m) = f.model.filter(|_| !f.ambiguous) {
+        if let Some(m) = query_model(path_q).filter(|_| body_silent) {
             self.model_is_secret = crate::audit::looks_like_key(&m);
-            self.model = Some(m.to_ascii_lowercase());
+            self.model = Some(m);
         }
     }
 
