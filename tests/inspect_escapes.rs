@@ -905,3 +905,92 @@ async fn a_model_in_the_path_is_read_there() {
     let uris: Vec<String> = origin.requests().into_iter().map(|r| r.uri).collect();
     assert_eq!(uris.len(), 2, "{uris:?}");
 }
+
+/// A batch naming several models is decided on each (Anthropic's Message Batches over plain
+/// HTTP here). A shadow rule on any of them marks the record, whichever request of the batch
+/// names it; two models under two different limit rules cannot be charged as one request,
+/// so that batch is refused and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_model_of_a_batch_is_decided_and_marks_its_record() {
+    let origin = Origin::http().await;
+    let rules = "\
+[[rule]]\nid = \"shadow-opus\"\nvendor = \"anthropic\"\nmodel = \"*opus*\"\naction = \"block\"\nmode = \"shadow\"\n\n\
+[[rule]]\nid = \"lim-sonnet\"\nvendor = \"anthropic\"\nmodel = \"*sonnet*\"\naction = \"limit\"\nlimit = { requests = 100, per = \"1h\" }\n\n\
+[[rule]]\nid = \"lim-haiku\"\nvendor = \"anthropic\"\nmodel = \"*haiku*\"\naction = \"limit\"\nlimit = { requests = 100, per = \"1h\" }\n";
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.anthropic.com", origin.addr)
+            .tail(rules),
+    )
+    .await;
+    let batch = |tag: &str, models: &[&str]| {
+        let requests: Vec<String> = models
+            .iter()
+            .map(|m| format!(r#"{{"custom_id":"x","params":{{"model":"{m}"}}}}"#))
+            .collect();
+        proxy
+            .client()
+            .post(format!(
+                "http://api.anthropic.com/v1/messages/batches?{tag}"
+            ))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"requests":[{}]}}"#, requests.join(",")))
+    };
+    for (tag, models, status, rule, action, mode) in [
+        (
+            "first",
+            &["claude-opus-4-1", "claude-x"][..],
+            200,
+            Some("shadow-opus"),
+            "block",
+            "shadow",
+        ),
+        (
+            "second",
+            &["claude-x", "claude-opus-4-1"][..],
+            200,
+            Some("shadow-opus"),
+            "block",
+            "shadow",
+        ),
+        (
+            "one-limit",
+            &["claude-sonnet-4-5"][..],
+            200,
+            Some("lim-sonnet"),
+            "allow",
+            "enforce",
+        ),
+        (
+            "two-limits",
+            &["claude-sonnet-4-5", "claude-haiku-4-5"][..],
+            403,
+            None,
+            "block",
+            "enforce",
+        ),
+    ] {
+        let r = fetch(batch(tag, models)).await;
+        assert_eq!(r.status, status, "{tag}: {}", r.body);
+        let rec = proxy
+            .audit_path(&format!("/v1/messages/batches?{tag}"))
+            .await;
+        assert_eq!(
+            (
+                rec["rule"].as_str(),
+                rec["action"].as_str(),
+                rec["mode"].as_str()
+            ),
+            (rule, Some(action), Some(mode)),
+            "{tag}: {rec}"
+        );
+        if tag == "two-limits" {
+            assert_reason(&rec, "ambiguous_request: the body names models");
+        }
+    }
+    // The record lists the models with commas, so a comma inside one is escaped.
+    let r = fetch(batch("comma", &["a,b", "claude-x"])).await;
+    assert_eq!(r.status, 200);
+    let rec = proxy.audit_path("/v1/messages/batches?comma").await;
+    assert_eq!(rec["model"], "a%2Cb,claude-x", "{rec}");
+}

@@ -97,6 +97,15 @@ static AMBIGUOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// The reason of a body naming models that different limit rules cover
+/// ([`Decision::merge_models`]).
+static AMBIGUOUS_MODELS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| {
+    Arc::from(
+        "ambiguous_request: the body names models that different limit rules cover, and one \
+         request cannot be charged to both; send them apart, or give them one limit rule",
+    )
+});
+
 impl Decision<'_> {
     /// What the proxy actually does: shadow rules never block.
     pub fn enforced(&self) -> Action {
@@ -142,10 +151,9 @@ impl Decision<'_> {
             return other;
         }
         match (self.holds_nothing_back(), other.holds_nothing_back()) {
-            // An audit rule still marks the request.
-            (true, true) if self.action != Action::Audit && other.enforced() == Action::Audit => {
-                other
-            }
+            // An audit or shadow rule still marks the request: the record shows what would
+            // have been done (an audit first).
+            (true, true) if other.mark() > self.mark() => other,
             (true, true) | (false, true) => self,
             (true, false) => other,
             (false, false) => {
@@ -174,6 +182,30 @@ impl Decision<'_> {
                     },
                 }
             }
+        }
+    }
+
+    /// As [`Decision::merge`], for a body that names several models (a batch's requests),
+    /// each decided: a block on any blocks. Two limit rules cannot both be charged, so such a
+    /// body is refused, and the reason says why.
+    pub fn merge_models(self, other: Self) -> Self {
+        let merged = self.merge(other);
+        match std::ptr::eq(merged.reason, &*AMBIGUOUS) {
+            true => Decision {
+                reason: &AMBIGUOUS_MODELS,
+                ..merged
+            },
+            false => merged,
+        }
+    }
+
+    /// How a decision that holds nothing back still marks the request: 2 for an audit rule, 1
+    /// for a shadow rule (what it would have done), 0 for none.
+    fn mark(&self) -> u8 {
+        match (self.enforced(), self.mode) {
+            (Action::Audit, _) => 2,
+            (_, Mode::Shadow) if self.rule.is_some() => 1,
+            _ => 0,
         }
     }
 

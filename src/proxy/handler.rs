@@ -483,7 +483,7 @@ async fn forward(
             },
             ..asked
         };
-        d = d.merge(policy.decide(&other));
+        d = d.merge_models(policy.decide(&other));
     }
     // A reload decides an open WebSocket again on what decided its handshake: the other
     // readings and the account fields too, as sent (before a rule's `set_headers`).
@@ -534,11 +534,13 @@ async fn forward(
         rec.model = match (i.model_is_secret, i.more_models.is_empty()) {
             (true, _) => Some("[redacted]".into()),
             (false, true) => i.model.as_deref().map(Into::into),
+            // Listed with commas; a comma inside a name is written `%2C`, so the list reads
+            // one way.
             (false, false) => Some(
                 i.model
                     .iter()
                     .chain(&i.more_models)
-                    .map(String::as_str)
+                    .map(|m| m.replace(',', "%2C"))
                     .collect::<Vec<_>>()
                     .join(",")
                     .into(),
