@@ -72,13 +72,19 @@ struct Setup {
 
 /// api.openai.com (h2 + http/1.1) intercepted; `rules` before the `[intercept]` section.
 async fn setup(rules: &str, intercept: &str) -> Setup {
+    setup_hosts(&["api.openai.com"], rules, intercept).await
+}
+
+/// As [`setup`], with every one of `hosts` served by the one origin.
+async fn setup_hosts(hosts: &[&str], rules: &str, intercept: &str) -> Setup {
     let ca = OrgCa::new();
     let origin = Origin::https_h2().await;
     let roots = TempDir::new().expect("tempdir");
+    let cfg = hosts
+        .iter()
+        .fold(Config::new(), |cfg, h| cfg.vendor(h, origin.addr));
     let proxy = Proxy::start(
-        Config::new()
-            .vendor("api.openai.com", origin.addr)
-            .upstream(&upstream_roots(roots.path()))
+        cfg.upstream(&upstream_roots(roots.path()))
             .tail(rules)
             .tail(&ca.section(intercept)),
     )
@@ -102,6 +108,17 @@ fn client(s: &Setup, h1: bool) -> reqwest::Client {
         b = b.http1_only();
     }
     b.build().expect("client")
+}
+
+/// The statuses of three requests made one after another, each read to its end.
+async fn three_times(request: impl Fn() -> reqwest::RequestBuilder) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = request().send().await.expect("request");
+        statuses.push(r.status().as_u16());
+        let _ = r.bytes().await;
+    }
+    statuses
 }
 
 async fn intercepted_record(proxy: &Proxy, path: &str) -> Value {
@@ -267,17 +284,7 @@ async fn limits_count_each_request_in_one_tunnel() {
     .await;
     // One client, one pooled connection: all three go through the same tunnel.
     let c = client(&s, true);
-    let mut statuses = Vec::new();
-    for _ in 0..3 {
-        let r = c
-            .post("https://api.openai.com/v1/batches")
-            .body("{}")
-            .send()
-            .await
-            .expect("batch");
-        statuses.push(r.status().as_u16());
-        let _ = r.bytes().await;
-    }
+    let statuses = three_times(|| c.post("https://api.openai.com/v1/batches").body("{}")).await;
     assert_eq!(statuses, [200, 200, 429]);
     let tunnels = s
         .proxy
@@ -298,26 +305,14 @@ async fn limits_count_each_request_in_one_tunnel() {
 /// refused; one of allowed models goes on, its record naming each.
 #[tokio::test]
 async fn model_rules_read_the_models_a_batch_or_a_session_names() {
-    let ca = OrgCa::new();
-    let origin = Origin::https_h2().await;
-    let roots = TempDir::new().expect("tempdir");
     let rules = "[[rule]]\nid = \"no-opus\"\nvendor = \"anthropic\"\nmodel = \"*opus*\"\naction = \"block\"\n\n\
                  [[rule]]\nid = \"no-gpt-4o\"\nvendor = \"openai\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n";
-    let proxy = Proxy::start(
-        Config::new()
-            .vendor("api.anthropic.com", origin.addr)
-            .vendor("api.openai.com", origin.addr)
-            .upstream(&upstream_roots(roots.path()))
-            .tail(rules)
-            .tail(&ca.section("vendors = [\"anthropic\", \"openai\"]")),
+    let s = setup_hosts(
+        &["api.anthropic.com", "api.openai.com"],
+        rules,
+        "vendors = [\"anthropic\", \"openai\"]",
     )
     .await;
-    let s = Setup {
-        ca,
-        origin,
-        proxy,
-        _roots: roots,
-    };
     let c = client(&s, false);
     let batch = |models: &[&str]| {
         let requests: Vec<String> = models
@@ -422,16 +417,7 @@ async fn a_tunnel_under_a_vendor_wide_limit_is_recorded_allowed() {
     )
     .await;
     let c = client(&s, true);
-    let mut statuses = Vec::new();
-    for _ in 0..3 {
-        let r = c
-            .get("https://api.openai.com/v1/models")
-            .send()
-            .await
-            .expect("models");
-        statuses.push(r.status().as_u16());
-        let _ = r.bytes().await;
-    }
+    let statuses = three_times(|| c.get("https://api.openai.com/v1/models")).await;
     assert_eq!(statuses, [200, 200, 429]);
     drop(c);
     let rec = s.proxy.audit_connect("api.openai.com").await;
