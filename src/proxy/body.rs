@@ -40,13 +40,29 @@ pub struct Pending {
     /// Byte limits charged as the response streams.
     pub meter: Option<super::limit::ByteMeter>,
     /// The plain-HTTP upstream connection, back to its pool once the body has ended.
-    pub lease: Option<UpstreamLease>,
-    /// The upstream connection's place in an intercepted tunnel, while its origin may speak
-    /// only HTTP/1.1 ([`super::tunnel_upstream`]).
-    pub tunnel_slot: Option<super::tunnel_upstream::ConnectionSlot>,
+    pub lease: Option<UpstreamHold>,
 }
 
 pub type UpstreamLease = crate::upstream::pool::Lease<Counted<RequestBody>>;
+
+/// What an exchange holds of its upstream connection until the response body has ended.
+pub enum UpstreamHold {
+    /// A plain-HTTP connection, back to its pool once the body has ended as framed.
+    Pooled(UpstreamLease),
+    /// An intercepted tunnel's place on an origin that may speak only HTTP/1.1
+    /// ([`super::tunnel_upstream`]), given to the next request queued for one.
+    TunnelSlot(super::tunnel_upstream::ConnectionSlot),
+}
+
+impl UpstreamHold {
+    /// The response body ended as framed: the connection may carry another exchange.
+    pub fn release(self) {
+        match self {
+            UpstreamHold::Pooled(lease) => lease.release(),
+            UpstreamHold::TunnelSlot(_) => {}
+        }
+    }
+}
 
 /// The upload of one exchange, shared by its request body (which counts and ends it) and its
 /// response body. An origin may answer before it has read the whole upload (a 401 up front)

@@ -12,7 +12,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::body::{Counted, OriginBody, Pending, ProxyBody, RequestBody, Upload};
+use super::body::{Counted, OriginBody, Pending, ProxyBody, RequestBody, Upload, UpstreamHold};
 use super::head_wait::{Busy, Held};
 use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::inspect::Inspected;
@@ -441,7 +441,9 @@ async fn forward(
                     })
                 })
         });
-    let (mut inspected, body) = match wants_body {
+    // Boxed: most requests inspect nothing, and an empty `Option<Inspected>` would still be
+    // moved whole through the request's future.
+    let (inspected, body) = match wants_body {
         Some(ins) => match Box::pin(super::inspect::inspect(
             ins,
             peer.addr.ip(),
@@ -451,7 +453,10 @@ async fn forward(
         ))
         .await
         {
-            Ok((i, b)) => (Some(i), b),
+            Ok((mut i, b)) => {
+                i.adopt_query_model(path_q);
+                (Some(Box::new(i)), b)
+            }
             Err(e) => {
                 rejected(&state, peer, inside.map(|i| &**i), asked_of(), &e, start);
                 return respond::error(&e, realm, html);
@@ -459,9 +464,6 @@ async fn forward(
         },
         None => (None, RequestBody::streamed(body)),
     };
-    if let Some(i) = inspected.as_mut() {
-        i.adopt_query_model(path_q);
-    }
     let facts = inspected
         .as_ref()
         .map_or_else(BodyFacts::default, |i| BodyFacts {
@@ -568,7 +570,7 @@ async fn forward(
                 "too_many_keys: more than {} different API keys in one request",
                 crate::identity::keys::MAX_KEYS
             )),
-            false => refusal(&d, &rec, &parts.headers, inspected.as_ref()),
+            false => refusal(&d, &rec, &parts.headers, inspected.as_deref()),
         };
         if let Some(why) = why {
             rec.action = Action::Block.as_str();
@@ -662,8 +664,6 @@ async fn forward(
             swaps,
         })
     });
-    // An intercepted tunnel's place on an HTTP/1.1 origin, held until the exchange ends.
-    let mut tunnel_slot = None;
     let result = match (websocket, target.scheme) {
         (Some(ws), _) => {
             drop(body);
@@ -696,7 +696,9 @@ async fn forward(
                 match answered(&uploaded, timeout, sent).await {
                     None => Err(ProxyError::ResponseTimeout),
                     Some(Err(e)) => Err(e),
-                    Some(Ok((resp, lease))) => Ok((resp.map(Either::Left), Some(lease))),
+                    Some(Ok((resp, lease))) => {
+                        Ok((resp.map(Either::Left), Some(UpstreamHold::Pooled(lease))))
+                    }
                 }
             }
         }
@@ -719,8 +721,7 @@ async fn forward(
                 None => Err(ProxyError::ResponseTimeout),
                 Some(Err(e)) => Err(upstream_error(&e)),
                 Some(Ok((resp, slot))) => {
-                    tunnel_slot = slot;
-                    Ok((resp.map(Either::Left), None))
+                    Ok((resp.map(Either::Left), slot.map(UpstreamHold::TunnelSlot)))
                 }
             }
         }
@@ -756,7 +757,6 @@ async fn forward(
                         stream_slot,
                         meter,
                         lease,
-                        tunnel_slot,
                     };
                     return relayed(resp, pending, method_was_head);
                 }

@@ -26,7 +26,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_rustls::TlsConnector;
 
-use super::body::{OriginBody, ProxyBody, UpstreamLease};
+use super::body::{OriginBody, ProxyBody, UpstreamHold};
 use super::handler::{still_authorised, tenant_refusal};
 use super::hop_by_hop::{append_via, strip_hop_by_hop};
 use super::limit::ByteMeter;
@@ -100,7 +100,7 @@ impl Websocket {
         mut parts: Parts,
         uri: &Uri,
         timeout: Duration,
-    ) -> Result<(Response<OriginBody>, Option<UpstreamLease>), ProxyError> {
+    ) -> Result<(Response<OriginBody>, Option<UpstreamHold>), ProxyError> {
         parts.uri = match uri.path_and_query() {
             Some(pq) => Uri::from(pq.clone()),
             None => Uri::from_static("/"),
