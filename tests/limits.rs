@@ -293,6 +293,36 @@ async fn a_junk_second_key_does_not_buy_a_second_budget() {
     );
 }
 
+/// A key in the query string is the same key as in a header, however the query spells its
+/// name (`?API-KEY=`, Azure's `?api-key=`) or pads its value (`+` is a space to a form
+/// decoder): one budget. Before, each spelling was a fresh budget beside a junk header key.
+#[tokio::test]
+async fn a_key_in_the_query_string_is_charged_as_the_same_key() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("res1.openai.azure.com", origin.addr)
+            .tail("[[rule]]\nid = \"azure-keys\"\nvendor = \"azure-openai\"\naction = \"limit\"\nlimit = { requests = 2, per = \"10m\", by = \"key\" }\n"),
+    )
+    .await;
+    let client = proxy.client();
+    let url = "http://res1.openai.azure.com/openai/v1/chat/completions";
+    let mut statuses = Vec::new();
+    for (query, header) in [
+        ("api-version=1", Some("sk-azure-0001")),
+        ("API-KEY=sk-azure-0001", None),
+        ("api-key=sk-azure-0001+", Some("junk-key")),
+        ("subscription-key=+sk-azure-0001", None),
+    ] {
+        let mut r = client.get(format!("{url}?{query}"));
+        if let Some(h) = header {
+            r = r.header("api-key", h);
+        }
+        statuses.push(r.send().await.expect("request").status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
+}
+
 /// Bytes are charged to every key of a request, not only the first.
 #[tokio::test]
 async fn byte_budgets_charge_every_key() {
