@@ -316,6 +316,8 @@ async fn a_client_reset_mid_upload_is_client_aborted_not_a_bad_body() {
     let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr)).await;
     for i in 0..3 {
         let path = format!("/v1/files?reset-{i}");
+        // Read before sending: the proxy may relay the whole part before the write returns.
+        let before = origin.received();
         let mut s = tokio::net::TcpStream::connect(proxy.addr)
             .await
             .expect("connect");
@@ -328,7 +330,6 @@ async fn a_client_reset_mid_upload_is_client_aborted_not_a_bad_body() {
             .await
             .expect("part of the body");
         // The upload is on its way to the origin when the client goes.
-        let before = origin.received();
         eventually("the upload to reach the origin", || {
             (origin.received() > before + 50_000).then_some(())
         })
