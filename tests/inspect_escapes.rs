@@ -994,3 +994,154 @@ async fn each_model_of_a_batch_is_decided_and_marks_its_record() {
     let rec = proxy.audit_path("/v1/messages/batches?comma").await;
     assert_eq!(rec["model"], "a%2Cb,claude-x", "{rec}");
 }
+
+/// A Batch API input file is read line by line: uploading a file whose requests name a
+/// blocked model is blocked like the request itself would be, whether the file is the body
+/// or a multipart form's file part, and a file a line splitter could read otherwise (a CR
+/// inside a line) is refused. A file naming only allowed models goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-o1-pro\"\nvendor = \"openai\"\nmodel = \"o1-pro*\"\naction = \"block\"\n",
+    ))
+    .await;
+    let line = |id: &str, m: &str| {
+        format!(
+            r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"{m}","messages":[{{"role":"user","content":"hi"}}]}}}}"#
+        )
+    };
+    let upload = |tag: &str, file: String| {
+        let body = format!(
+            "--b0undary\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+             --b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n{file}\r\n--b0undary--\r\n"
+        );
+        proxy
+            .client()
+            .post(format!("http://api.openai.com/v1/files?{tag}"))
+            .header("content-type", "multipart/form-data; boundary=b0undary")
+            .body(body)
+    };
+    let allowed = [line("a", "gpt-4o-mini"), line("b", "gpt-4o-mini")].join("\n");
+    let blocked = [line("a", "gpt-4o-mini"), line("b", "o1-pro-2025-03-19")].join("\n");
+    let split = format!("{}\r{}", line("a", "gpt-4o-mini"), line("b", "o1-pro"));
+    for (tag, file, status, reason) in [
+        ("allowed", allowed, 200, None),
+        ("blocked", blocked.clone(), 403, None),
+        ("split", split, 403, Some("body_not_inspectable")),
+    ] {
+        let r = fetch(upload(tag, file)).await;
+        assert_eq!(r.status, status, "{tag}: {}", r.body);
+        let rec = proxy.audit_path(&format!("/v1/files?{tag}")).await;
+        if let Some(reason) = reason {
+            assert_reason(&rec, reason);
+        }
+        if tag == "blocked" {
+            assert_eq!(rec["rule"], "no-o1-pro", "{rec}");
+            assert_eq!(rec["model"], "gpt-4o-mini,o1-pro-2025-03-19", "{rec}");
+        }
+    }
+    // The file alone as the body (an upload part's bytes, or a client posting JSON Lines).
+    let r = fetch(
+        proxy
+            .client()
+            .post("http://api.openai.com/v1/files?raw")
+            .header("content-type", "application/jsonl")
+            .body(blocked),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        origin.requests().len(),
+        1,
+        "only the allowed upload reached the origin"
+    );
+}
+
+/// The check that refuses a body model rules cannot vouch for reads the path as sent, not
+/// the record's: a key-shaped segment is redacted in the record, and `sk-…%2F..%2Fchat%2F…`
+/// redacted is no longer the chat path the decision read it as. Found by the red team: a
+/// body naming `model` twice reached a chat rule's origin that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_shaped_segment_does_not_hide_the_path_from_the_body_check() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("api.openai.com", origin.addr).tail(
+        "[[rule]]\nid = \"no-gpt4o-chat\"\nvendor = \"openai\"\nendpoint = \"chat\"\nmodel = \"gpt-4o*\"\naction = \"block\"\n",
+    ))
+    .await;
+    let twice = r#"{"model":"gpt-4.1","model":"gpt-4o","messages":[]}"#;
+    for (tag, path) in [
+        ("plain", "/v1/chat/completions"),
+        ("dotted", "/v1/xx%2F..%2Fchat%2Fcompletions"),
+        (
+            "key-shaped",
+            "/v1/sk-proj-aaaaaaaaaaaaaaaaaaaaaaaa%2F..%2Fchat%2Fcompletions",
+        ),
+    ] {
+        let r = fetch(
+            proxy
+                .client()
+                .post(format!("http://api.openai.com{path}?{tag}"))
+                .header("content-type", "application/json")
+                .body(twice),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{tag}: {}", r.body);
+        assert!(r.body.contains("body_not_inspectable"), "{tag}: {}", r.body);
+    }
+    assert!(origin.requests().is_empty());
+}
+
+/// OpenRouter falls back to the other models a request lists (`models`, and `fallbacks` on
+/// its Messages route): each is decided, so a blocked one cannot ride behind an allowed one.
+/// Found by the red team.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_model_list_is_decided_on_each_model() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(Config::new().vendor("openrouter.ai", origin.addr).tail(
+        "[[rule]]\nid = \"no-deepseek-models\"\nmodel = \"*deepseek*\"\naction = \"block\"\n",
+    ))
+    .await;
+    for (tag, path, body, status) in [
+        (
+            "models",
+            "/api/v1/chat/completions",
+            r#"{"models":["deepseek/deepseek-r1"],"messages":[]}"#,
+            403,
+        ),
+        (
+            "behind",
+            "/api/v1/chat/completions",
+            r#"{"model":"openai/gpt-4o","models":["openai/gpt-4o","deepseek/deepseek-r1"],"messages":[]}"#,
+            403,
+        ),
+        (
+            "fallbacks",
+            "/api/v1/messages",
+            r#"{"model":"anthropic/claude-haiku-4.5","fallbacks":[{"model":"deepseek/deepseek-r1"}]}"#,
+            403,
+        ),
+        (
+            "allowed",
+            "/api/v1/chat/completions",
+            r#"{"models":["openai/gpt-4o","anthropic/claude-haiku-4.5"],"messages":[]}"#,
+            200,
+        ),
+    ] {
+        let r = fetch(
+            proxy
+                .client()
+                .post(format!("http://openrouter.ai{path}?{tag}"))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+        assert_eq!(r.status, status, "{tag}: {}", r.body);
+        let rec = proxy.audit_path(&format!("{path}?{tag}")).await;
+        if status == 403 {
+            assert_eq!(rec["rule"], "no-deepseek-models", "{tag}: {rec}");
+        }
+    }
+    assert_eq!(origin.requests().len(), 1);
+}

@@ -223,7 +223,7 @@ fn add_vendor(
             .map_err(|e| src.error(src.at(file, &f.path), e))?;
         let field = crate::inspect::model::FieldPath::parse(f.field.get_ref())
             .map_err(|e| src.error(src.at(file, &f.field), e))?;
-        model_fields.push((path, field));
+        model_fields.push((path, if f.lines { field.per_line() } else { field }));
     }
     let vid = catalog.push_vendor(
         Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints)
@@ -1319,7 +1319,7 @@ mod tests {
         };
         for (entry, col) in [
             (r#"{ path = "v1/batch", field = "requests[].model" }"#, 26),
-            (r#"{ path = "/v1/batch", field = "requests[]" }"#, 47),
+            (r#"{ path = "/v1/batch", field = "requests[][]" }"#, 47),
             (r#"{ path = "/v1/batch", field = "a..model" }"#, 47),
         ] {
             let e = load(&vendor(entry)).expect_err(entry);

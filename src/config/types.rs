@@ -158,6 +158,10 @@ pub struct VendorDef {
 pub struct ModelFieldDef {
     pub path: S<String>,
     pub field: S<String>,
+    /// The body is JSON Lines (a file of batch requests), alone or as a multipart upload's
+    /// file: `field` is read in each line.
+    #[serde(default)]
+    pub lines: bool,
 }
 
 #[derive(Debug, Deserialize)]

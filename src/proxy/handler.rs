@@ -548,7 +548,7 @@ async fn forward(
                     .into(),
             ),
         };
-        note_inspection(&policy, i, &d, &mut rec, overridden);
+        note_inspection(&policy, i, &d, &mut rec, path_q, overridden);
     }
     // A model the path names is the one rules read (and it is in the path anyway). Asked only
     // of the vendors whose paths name one: the decision already found the vendor.
@@ -860,6 +860,7 @@ fn note_inspection(
     i: &Inspected,
     d: &Decision<'_>,
     rec: &mut Record,
+    path_q: &str,
     overridden: bool,
 ) {
     let Some(ins) = &policy.inspection else {
@@ -876,7 +877,7 @@ fn note_inspection(
         }
         rec.reason = reason.into();
     }
-    if let Some(why) = i.unverifiable(policy, d, rec, overridden) {
+    if let Some(why) = i.unverifiable(policy, d, rec, path_q, overridden) {
         let _ = i.refused.set(why);
     }
 }

@@ -352,24 +352,21 @@ impl Inspected {
         policy: &Policy,
         d: &Decision<'_>,
         rec: &Record,
+        path_q: &str,
         overridden: bool,
     ) -> Option<String> {
         if d.enforced() == Action::Block {
             return None;
         }
-        let query_doubt = rec
-            .path
-            .as_deref()
-            .and_then(|p| p.split_once('?'))
-            .is_some_and(|(_, q)| {
-                let f = model::form_model(q.as_bytes(), true);
-                f.ambiguous || (f.named && f.model.map(|m| m.to_ascii_lowercase()) != self.model)
-            });
+        let query_doubt = path_q.split_once('?').is_some_and(|(_, q)| {
+            let f = model::form_model(q.as_bytes(), true);
+            f.ambiguous || (f.named && f.model.map(|m| m.to_ascii_lowercase()) != self.model)
+        });
         let model_doubt = self.ambiguous || self.partial || query_doubt;
         if !model_doubt && self.unreadable.is_none() {
             return None;
         }
-        let play = in_play(policy, d, rec, overridden);
+        let play = in_play(policy, d, rec, path_q, overridden);
         if let Some(why) = self.unreadable.as_deref() {
             if play.model || play.dlp {
                 return Some(format!(
@@ -428,7 +425,17 @@ pub struct InPlay {
 ///
 /// A request that names another method or path (`overridden`) may be acted on as any of
 /// them: every enforcing rule for its host counts, whatever its method and path conditions.
-pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record, overridden: bool) -> InPlay {
+///
+/// `path_q` is the request's path and query as sent, not the record's: the record's path has
+/// key-shaped segments redacted, and a redacted `sk-…%2F..%2Fchat` is no longer the chat
+/// path that one of the decision's readings was.
+pub fn in_play(
+    policy: &Policy,
+    d: &Decision<'_>,
+    rec: &Record,
+    path_q: &str,
+    overridden: bool,
+) -> InPlay {
     let Ok(host) = Host::parse(&rec.host) else {
         return InPlay {
             model: true,
@@ -436,7 +443,6 @@ pub fn in_play(policy: &Policy, d: &Decision<'_>, rec: &Record, overridden: bool
         };
     };
     let hit = policy.catalog.lookup(&host);
-    let path_q = rec.path.as_deref().unwrap_or("/");
     // Every reading `Policy::decide` merges.
     let mut paths = vec![path::normalize(path_q)];
     path::other_readings(path_q, |p| paths.push(Cow::Owned(p.to_owned())));
@@ -550,7 +556,7 @@ mod tests {
             path: Some(path_q),
             tls: "intercept",
         };
-        in_play(p, &d, &record(&seen, &d, 0, None), false)
+        in_play(p, &d, &record(&seen, &d, 0, None), path_q, false)
     }
 
     const NONE: InPlay = InPlay {

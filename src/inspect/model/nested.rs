@@ -19,9 +19,16 @@ const MAX_KEY: usize = 64;
 pub const MAX_MODELS: usize = 16;
 
 /// Where a body names its models: object keys joined by `.`, with `[]` after a key whose value
-/// is an array, each element of which is walked on (`requests[].params.model`).
+/// is an array, each element of which is walked on (`requests[].params.model`), or is a model
+/// itself when the path ends there (OpenRouter's fallback list, `models[]`). Read in each
+/// line of the body instead of the body as one document when [`FieldPath::per_line`]: a file
+/// of batch requests is JSON Lines (OpenAI's `{"custom_id":…,"body":{"model":…}}`), uploaded
+/// whole or as the file part of a multipart form.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldPath(Box<[Step]>);
+pub struct FieldPath {
+    steps: Box<[Step]>,
+    per_line: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
@@ -47,12 +54,16 @@ impl FieldPath {
                 steps.push(Step::Each);
             }
         }
-        if matches!(steps.last(), Some(Step::Each)) {
-            return Err(format!(
-                "model field {spec:?} must end in the key that names the model"
-            ));
-        }
-        Ok(FieldPath(steps.into()))
+        Ok(FieldPath {
+            steps: steps.into(),
+            per_line: false,
+        })
+    }
+
+    /// The same field, read in every line of the body (JSON Lines).
+    pub fn per_line(mut self) -> FieldPath {
+        self.per_line = true;
+        self
     }
 }
 
@@ -74,10 +85,56 @@ pub fn models_at(body: &[u8], path: &FieldPath) -> Nested {
         true => 3,
         false => 0,
     };
-    if walk(body, skip_ws(body, start), &path.0, &mut out) == Err(Stop::Malformed) {
+    if path.per_line {
+        lines_at(&body[start..], &path.steps, &mut out);
+    } else if walk(body, skip_ws(body, start), &path.steps, &mut out) == Err(Stop::Malformed) {
         out.ambiguous = true;
     }
     out
+}
+
+/// JSON Lines: each line that holds an object is walked. Other lines are passed over: a
+/// multipart upload's boundaries and part headers, and its other fields, are lines too.
+///
+/// Lines end at LF (a CR before it is white space to JSON). Python's `str.splitlines` also
+/// ends them at CR, VT, FF, the file, group and record separators, NEL and U+2028/U+2029, so
+/// a line holding one of those inside could be two requests to the vendor and one to us: it
+/// is ambiguous, as is a line that is an object followed by more than white space. A line cut
+/// short is ambiguous too unless the prefix ends there (the body past the cap is the limit of
+/// body rules, as for the top-level `model`).
+fn lines_at(body: &[u8], steps: &[Step], out: &mut Nested) {
+    let mut lines = body.split(|&c| c == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let last = lines.peek().is_none();
+        let line = line.trim_ascii();
+        if splits_in_python(line) {
+            out.ambiguous = true;
+            continue;
+        }
+        if line.first() != Some(&b'{') {
+            continue;
+        }
+        let whole = match skip_value(line, 0) {
+            Ok(end) => line[end..].trim_ascii().is_empty(),
+            Err(Stop::Truncated) => last,
+            Err(_) => false,
+        };
+        match walk(line, 0, steps, out) {
+            Err(Stop::Malformed) => out.ambiguous = true,
+            Err(_) if !last => out.ambiguous = true,
+            _ => {}
+        }
+        out.ambiguous |= !whole;
+    }
+}
+
+/// Whether `str.splitlines` would end a line inside `line` (already cut at LF and trimmed).
+fn splits_in_python(line: &[u8]) -> bool {
+    line.iter()
+        .any(|&c| matches!(c, b'\r' | 0x0b | 0x0c | 0x1c..=0x1e))
+        || memchr::memmem::find(line, "\u{85}".as_bytes()).is_some()
+        || memchr::memmem::find(line, "\u{2028}".as_bytes()).is_some()
+        || memchr::memmem::find(line, "\u{2029}".as_bytes()).is_some()
 }
 
 /// Walks `steps` from the value at `i`. A value of another type than a step needs (a string
@@ -213,6 +270,99 @@ mod tests {
         (n.models, n.ambiguous)
     }
 
+    fn jsonl() -> FieldPath {
+        FieldPath::parse("body.model").unwrap().per_line()
+    }
+
+    /// A Batch API input file: one request per line, alone or as a multipart upload's file
+    /// part, CRLF or LF, the other fields and the part headers passed over.
+    #[test]
+    fn each_line_of_a_batch_file_names_its_model() {
+        let line = |id: &str, m: &str| {
+            format!(
+                r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"{m}","messages":[{{"role":"user","content":"model"}}]}}}}"#
+            )
+        };
+        let file = [
+            line("a", "gpt-4o-mini"),
+            line("b", "o1-pro"),
+            line("c", "gpt-4o-mini"),
+        ]
+        .join("\n");
+        let both = (vec!["gpt-4o-mini".to_string(), "o1-pro".to_string()], false);
+        assert_eq!(models(&file, &jsonl()), both);
+        assert_eq!(
+            models(&(file.replace('\n', "\r\n") + "\r\n"), &jsonl()),
+            both
+        );
+        let upload = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n{file}\n\r\n--XyZ--\r\n"
+        );
+        assert_eq!(models(&upload, &jsonl()), both);
+        // A fine-tuning file names no model in its lines; nor does a prefix cut mid-line.
+        assert_eq!(
+            models(r#"{"messages":[{"role":"user","content":"hi"}]}"#, &jsonl()),
+            (vec![], false)
+        );
+        let cut = &file[..file.len() - 20];
+        assert!(!models(cut, &jsonl()).1);
+    }
+
+    /// Where another line splitter could see a request this one does not, the file is
+    /// ambiguous: a CR (or VT, FF, NEL, U+2028 …) inside a line, two objects on one line, a line
+    /// cut short before the end, malformed JSON.
+    #[test]
+    fn a_batch_file_that_splits_otherwise_is_ambiguous() {
+        let ok = r#"{"custom_id":"a","body":{"model":"gpt-4o-mini"}}"#;
+        let hidden = r#"{"custom_id":"b","body":{"model":"o1-pro"}}"#;
+        for sep in [
+            "\r", "\u{b}", "\u{c}", "\u{1e}", "\u{85}", "\u{2028}", "\u{2029}", " ",
+        ] {
+            let file = format!("{ok}{sep}{hidden}\n{ok}\n");
+            assert!(models(&file, &jsonl()).1, "{sep:?}");
+        }
+        let spread = "{\"custom_id\":\"b\",\"body\":\r{\"model\":\"o1-pro\"}}\n";
+        assert!(models(spread, &jsonl()).1);
+        assert!(models(&format!("{{\"body\":{{\"model\":\"o1\"\n{ok}"), &jsonl()).1);
+        assert!(
+            models(
+                &format!("{{\"body\":{{\"model\":\"o1\"}}}}}}\n{ok}"),
+                &jsonl()
+            )
+            .1
+        );
+        assert!(models(r#"{"body":{"model":"a","model":"b"}}"#, &jsonl()).1);
+        // White space before the object is no doubt.
+        assert_eq!(
+            models(&format!("  \t{hidden}\n"), &jsonl()),
+            (vec!["o1-pro".to_string()], false)
+        );
+    }
+
+    /// A path ending in `[]` reads each string of the array as a model (OpenRouter's
+    /// `models`, tried in order when the first fails).
+    #[test]
+    fn a_list_of_models_names_each() {
+        let list = FieldPath::parse("models[]").unwrap();
+        assert_eq!(
+            models(
+                r#"{"models":["openai/gpt-4o", 7, {"m":"x"}, "deepseek/deepseek-r1"]}"#,
+                &list
+            ),
+            (
+                vec!["openai/gpt-4o".into(), "deepseek/deepseek-r1".into()],
+                false
+            )
+        );
+        assert_eq!(
+            models(r#"{"models":"deepseek/deepseek-r1"}"#, &list),
+            (vec![], false)
+        );
+        assert!(models(r#"{"models":[],"models":["deepseek/deepseek-r1"]}"#, &list).1);
+    }
+
     #[test]
     fn each_request_of_a_batch_names_its_model() {
         let body = r#"{"requests":[
@@ -298,7 +448,8 @@ mod tests {
     #[test]
     fn field_paths_name_keys_and_arrays() {
         assert!(FieldPath::parse("requests[].params.model").is_ok());
-        for bad in ["", "requests[]", "a..model", "a[0].model", "a.\"b\""] {
+        assert!(FieldPath::parse("models[]").is_ok());
+        for bad in ["", "[]", "models[][]", "a..model", "a[0].model", "a.\"b\""] {
             assert!(FieldPath::parse(bad).is_err(), "{bad}");
         }
     }
