@@ -1091,6 +1091,20 @@ async fn a_key_shaped_segment_does_not_hide_the_path_from_the_body_check() {
         assert!(r.body.contains("body_not_inspectable"), "{tag}: {}", r.body);
     }
     assert!(origin.requests().is_empty());
+    // Let through, it is recorded as the chat request an origin routing on the decoded path
+    // serves, not as an unknown path.
+    let path = "/v1/sk-proj-aaaaaaaaaaaaaaaaaaaaaaaa%2F..%2Fchat%2Fcompletions?allowed";
+    let r = fetch(
+        proxy
+            .client()
+            .post(format!("http://api.openai.com{path}"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"gpt-4.1","messages":[]}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rec = proxy.audit_path("/v1/REDACTED?allowed").await;
+    assert_eq!(rec["endpoint"], "chat", "{rec}");
 }
 
 /// OpenRouter falls back to the other models a request lists (`models`, and `fallbacks` on

@@ -138,6 +138,19 @@ impl Decision<'_> {
     /// ([`Decision::also`]), so the client cannot choose by its spelling which one it meets.
     /// What cannot be applied together (two limit rules, a third restricting rule) is refused
     /// as ambiguous.
+    /// This decision, with `other`'s endpoint class where this reading of the path named
+    /// none: `/v1/x%2F..%2Fchat%2Fcompletions` is recorded and counted as the `chat` request
+    /// an origin routing on the decoded path serves, not as `unknown`.
+    fn naming(self, other: &Self) -> Self {
+        match (self.endpoint, other.endpoint) {
+            (Endpoint::Unknown, e) if e != Endpoint::Unknown && e != Endpoint::None => Decision {
+                endpoint: e,
+                ..self
+            },
+            _ => self,
+        }
+    }
+
     pub fn merge(self, other: Self) -> Self {
         let same_rule = match (self.rule, other.rule) {
             (Some(a), Some(b)) => std::ptr::eq(a, b),
@@ -145,7 +158,7 @@ impl Decision<'_> {
             _ => false,
         };
         if same_rule || self.enforced() == Action::Block {
-            return self;
+            return self.naming(&other);
         }
         if other.enforced() == Action::Block {
             return other;
@@ -153,9 +166,9 @@ impl Decision<'_> {
         match (self.holds_nothing_back(), other.holds_nothing_back()) {
             // An audit or shadow rule still marks the request: the record shows what would
             // have been done (an audit first).
-            (true, true) if other.mark() > self.mark() => other,
-            (true, true) | (false, true) => self,
-            (true, false) => other,
+            (true, true) if other.mark() > self.mark() => other.naming(&self),
+            (true, true) | (false, true) => self.naming(&other),
+            (true, false) => other.naming(&self),
             (false, false) => {
                 let (main, extra) = match other.enforced() == Action::Limit {
                     true => (other, self),
