@@ -1159,3 +1159,59 @@ async fn a_fallback_model_list_is_decided_on_each_model() {
     }
     assert_eq!(origin.requests().len(), 1);
 }
+
+/// Bedrock names the model in the body where no path does: a batch job, an asynchronous
+/// invocation, a customization job. Each is decided on it, as an invocation is on its path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_jobs_are_decided_on_the_model_their_body_names() {
+    let origin = Origin::http().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("bedrock.us-east-1.amazonaws.com", origin.addr)
+            .vendor("bedrock-runtime.us-east-1.amazonaws.com", origin.addr)
+            .tail("[[rule]]\nid = \"no-deepseek-models\"\nmodel = \"*deepseek*\"\naction = \"block\"\n"),
+    )
+    .await;
+    let deepseek = "arn:aws:bedrock:us-east-1::foundation-model/deepseek.r1-v1:0";
+    for (tag, host, path, body, status) in [
+        (
+            "batch",
+            "bedrock",
+            "/model-invocation-job",
+            format!(r#"{{"jobName":"j","modelId":"{deepseek}","roleArn":"r"}}"#),
+            403,
+        ),
+        (
+            "async",
+            "bedrock-runtime",
+            "/async-invoke",
+            format!(r#"{{"modelId":"{deepseek}","modelInput":{{}}}}"#),
+            403,
+        ),
+        (
+            "tune",
+            "bedrock",
+            "/model-customization-jobs",
+            r#"{"jobName":"t","baseModelIdentifier":"deepseek.r1-v1:0"}"#.into(),
+            403,
+        ),
+        (
+            "allowed",
+            "bedrock",
+            "/model-invocation-job",
+            r#"{"jobName":"j","modelId":"amazon.nova-lite-v1:0","roleArn":"r"}"#.into(),
+            200,
+        ),
+    ] {
+        let r = fetch(
+            proxy
+                .client()
+                .post(format!("http://{host}.us-east-1.amazonaws.com{path}?{tag}"))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+        assert_eq!(r.status, status, "{tag}: {}", r.body);
+    }
+    assert_eq!(origin.requests().len(), 1);
+}
