@@ -1052,6 +1052,16 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // An eval run samples the model its data source names.
+    let r = fetch(
+        proxy
+            .client()
+            .post("http://api.openai.com/v1/evals/eval_1/runs?eval")
+            .header("content-type", "application/json")
+            .body(r#"{"name":"r","data_source":{"type":"completions","model":"o1-pro"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(
         origin.requests().len(),
         1,
