@@ -1052,6 +1052,16 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // A key pasted as one model is hidden in the record; the others still show.
+    let pasted = [
+        line("a", "gpt-4o-mini"),
+        line("b", "sk-proj-AAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    ]
+    .join("\n");
+    let r = fetch(upload("pasted", pasted)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rec = proxy.audit_path("/v1/files?pasted").await;
+    assert_eq!(rec["model"], "gpt-4o-mini,[redacted]", "{rec}");
     // An eval run samples the model its data source names.
     let r = fetch(
         proxy
@@ -1064,8 +1074,8 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(
         origin.requests().len(),
-        1,
-        "only the allowed upload reached the origin"
+        2,
+        "only the allowed uploads reached the origin"
     );
 }
 
@@ -1144,6 +1154,12 @@ async fn a_fallback_model_list_is_decided_on_each_model() {
             "fallbacks",
             "/api/v1/messages",
             r#"{"model":"anthropic/claude-haiku-4.5","fallbacks":[{"model":"deepseek/deepseek-r1"}]}"#,
+            403,
+        ),
+        (
+            "auto",
+            "/api/v1/chat/completions",
+            r#"{"model":"openrouter/auto","plugins":[{"id":"auto-router","allowed_models":["deepseek/*"]}]}"#,
             403,
         ),
         (

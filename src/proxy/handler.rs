@@ -477,7 +477,7 @@ async fn forward(
     let mut d = policy.decide(&asked);
     // A body naming several models (a batch's requests) is decided on each: any one blocked
     // blocks it.
-    for m in inspected.iter().flat_map(|i| &i.more_models) {
+    for (m, _) in inspected.iter().flat_map(|i| &i.more_models) {
         let other = policy::Request {
             body: BodyFacts {
                 model: Some(m),
@@ -534,15 +534,19 @@ async fn forward(
     }
     if let Some(i) = &inspected {
         rec.model = match (i.model_is_secret, i.more_models.is_empty()) {
-            (true, _) => Some("[redacted]".into()),
+            (true, true) => Some("[redacted]".into()),
             (false, true) => i.model.as_deref().map(Into::into),
             // Listed with commas; a comma inside a name is written `%2C`, so the list reads
-            // one way.
-            (false, false) => Some(
+            // one way. Only a secret one is hidden: the others still say what the batch ran.
+            (_, false) => Some(
                 i.model
                     .iter()
-                    .chain(&i.more_models)
-                    .map(|m| m.replace(',', "%2C"))
+                    .map(|m| (m, i.model_is_secret))
+                    .chain(i.more_models.iter().map(|(m, s)| (m, *s)))
+                    .map(|(m, secret)| match secret {
+                        true => "[redacted]".into(),
+                        false => m.replace(',', "%2C"),
+                    })
                     .collect::<Vec<_>>()
                     .join(",")
                     .into(),

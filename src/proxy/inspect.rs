@@ -34,8 +34,9 @@ pub struct Inspected {
     /// The body's `model` (the JSON body's top-level one, or a form's field), lowercased; the
     /// first of them where the body names several (`model_fields`: a batch's requests).
     pub model: Option<String>,
-    /// The other different models such a body names, lowercased: each is decided too.
-    pub more_models: Vec<String>,
+    /// The other different models such a body names, lowercased: each is decided too. With
+    /// each, whether it is secret as sent (see `model_is_secret`).
+    pub more_models: Vec<(String, bool)>,
     /// A DLP pattern matches the model value as sent (a key pasted there): rules still read
     /// it, the audit record does not show it.
     pub model_is_secret: bool,
@@ -308,13 +309,15 @@ fn read_nested_models(
     let nested = model::models_at(prefix, field);
     out.ambiguous |= nested.ambiguous;
     for m in nested.models {
-        out.model_is_secret |=
-            crate::audit::looks_like_key(&m) || !scanner.scan(m.as_bytes()).is_empty();
+        let secret = crate::audit::looks_like_key(&m) || !scanner.scan(m.as_bytes()).is_empty();
         let m = m.to_ascii_lowercase();
         match &out.model {
-            None => out.model = Some(m),
-            Some(first) if *first == m || out.more_models.contains(&m) => {}
-            Some(_) => out.more_models.push(m),
+            None => {
+                out.model = Some(m);
+                out.model_is_secret = secret;
+            }
+            Some(first) if *first == m || out.more_models.iter().any(|(x, _)| *x == m) => {}
+            Some(_) => out.more_models.push((m, secret)),
         }
     }
 }
