@@ -1052,6 +1052,41 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // A part the vendor decodes (base64) cannot be vouched for; a PDF for an assistant is
+    // no batch input and goes through as sent.
+    let form = |tag: &str, purpose: &str, head: &str, file: &[u8]| {
+        let mut body = format!(
+            "--b0undary\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+             --b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n{head}\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(file);
+        body.extend_from_slice(b"\r\n--b0undary--\r\n");
+        proxy
+            .client()
+            .post(format!("http://api.openai.com/v1/files?{tag}"))
+            .header("content-type", "multipart/form-data; boundary=b0undary")
+            .body(body)
+    };
+    let coded = "Content-Transfer-Encoding: base64\r\n";
+    let r = fetch(form(
+        "b64",
+        "batch",
+        coded,
+        b"eyJib2R5Ijp7Im1vZGVsIjoibzEtcHJvIn19",
+    ))
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("body_not_inspectable"), "{}", r.body);
+    let pdf = b"%PDF-1.7\n{\x00\x01\xc2\x85\r\x0b}\n\xff\xfe{\x00\n%%EOF";
+    let r = fetch(form(
+        "pdf",
+        "assistants",
+        "Content-Type: application/pdf\r\n",
+        pdf,
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     // A key pasted as one model is hidden in the record; the others still show.
     let pasted = [
         line("a", "gpt-4o-mini"),
@@ -1074,7 +1109,7 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(
         origin.requests().len(),
-        2,
+        3,
         "only the allowed uploads reached the origin"
     );
 }

@@ -101,19 +101,39 @@ pub fn models_at(body: &[u8], path: &FieldPath) -> Nested {
 /// a line holding one of those inside could be two requests to the vendor and one to us: it
 /// is ambiguous, as is a line that is an object followed by more than white space. A line cut
 /// short is ambiguous too unless the prefix ends there (the body past the cap is the limit of
-/// body rules, as for the top-level `model`).
+/// body rules, as for the top-level `model`). White space and invisible characters before
+/// the object (a byte-order mark, U+00A0, U+3000, control characters) are skipped, as a
+/// reader that strips lines would. What we cannot read as the vendor would is ambiguous: a
+/// part with a transfer encoding (base64, quoted-printable) or a charset other than UTF-8,
+/// and text in UTF-16 or UTF-32 (NUL bytes, or their byte-order marks).
+///
+/// A multipart upload whose `purpose` says it is not a batch input (an assistant's PDF,
+/// fine-tuning data) is not read: it is never run as requests, and a binary file would only
+/// trip these checks. See [`not_a_batch_upload`].
 fn lines_at(body: &[u8], steps: &[Step], out: &mut Nested) {
+    if not_a_batch_upload(body) {
+        return;
+    }
     let mut lines = body.split(|&c| c == b'\n').peekable();
     while let Some(line) = lines.next() {
         let last = lines.peek().is_none();
         let line = line.trim_ascii();
-        if splits_in_python(line) {
+        if transfer_coded(line) || other_charset(line) {
             out.ambiguous = true;
             continue;
         }
-        if line.first() != Some(&b'{') {
+        if line.contains(&0)
+            || line.starts_with(b"\xFF\xFE")
+            || line.starts_with(b"\xFE\xFF")
+            || splits_in_python(line)
+        {
+            out.ambiguous = true;
             continue;
         }
+        let Some(at) = object_start(line) else {
+            continue;
+        };
+        let line = &line[at..];
         let whole = match skip_value(line, 0) {
             Ok(end) => line[end..].trim_ascii().is_empty(),
             Err(Stop::Truncated) => last,
@@ -126,6 +146,125 @@ fn lines_at(body: &[u8], steps: &[Step], out: &mut Nested) {
         }
         out.ambiguous |= !whole;
     }
+}
+
+/// Where the line's object starts: at its first `{`, when all before it is white space or
+/// invisible (controls, byte-order mark, zero-width characters), as a reader that strips each
+/// line sees it.
+fn object_start(line: &[u8]) -> Option<usize> {
+    let at = memchr::memchr(b'{', line)?;
+    let lead = std::str::from_utf8(&line[..at]).ok()?;
+    lead.chars()
+        .all(|c| {
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(c, '\u{feff}' | '\u{200b}'..='\u{200d}' | '\u{2060}')
+        })
+        .then_some(at)
+}
+
+/// A part header line (`Content-Transfer-Encoding: base64`) saying the part's bytes are
+/// encoded: they are not the text the vendor reads.
+fn transfer_coded(line: &[u8]) -> bool {
+    header_value(line, b"content-transfer-encoding").is_some_and(|v| {
+        !["7bit", "8bit", "binary"]
+            .iter()
+            .any(|e| v.trim_ascii().eq_ignore_ascii_case(e.as_bytes()))
+    })
+}
+
+/// A part header line (`Content-Type: text/plain; charset=utf-16`) naming a charset other
+/// than UTF-8 (or one that cannot be parsed).
+fn other_charset(line: &[u8]) -> bool {
+    header_value(line, b"content-type").is_some_and(|v| match super::params(v) {
+        Some((_, ps)) => ps
+            .iter()
+            .any(|(n, v, _)| n == b"charset" && !super::utf8_charset(v)),
+        None => true,
+    })
+}
+
+/// The value of a header line named `name` (any case, white space before the colon too).
+fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let colon = memchr::memchr(b':', line)?;
+    line[..colon]
+        .trim_ascii()
+        .eq_ignore_ascii_case(name)
+        .then(|| &line[colon + 1..])
+}
+
+/// Whether a multipart upload says, without doubt, that its file is not a batch input: one
+/// form field named `purpose` (OpenAI's and its imitators' Files API), whose value is a plain
+/// word other than `batch`. Any doubt reads the file: two such fields, a name that is
+/// `purpose` only once unescaped or decoded (`name*=`, `purp\ose`, `%70urpose`), a
+/// disposition that cannot be parsed, a transfer encoding anywhere (a base64 `purpose` can
+/// say `batch`).
+fn not_a_batch_upload(body: &[u8]) -> bool {
+    let mut purpose: Option<&[u8]> = None;
+    let mut at = 0;
+    for line in body.split_inclusive(|&c| c == b'\n') {
+        let start = at;
+        at += line.len();
+        let line = line.trim_ascii();
+        if transfer_coded(line) {
+            return false;
+        }
+        let lower = line.to_ascii_lowercase();
+        if memchr::memmem::find(&lower, b"disposition").is_none() {
+            continue;
+        }
+        let Some(value) = header_value(line, b"content-disposition") else {
+            return false;
+        };
+        let Some((_, ps)) = super::params(value) else {
+            return false;
+        };
+        let mut names_purpose = false;
+        for (n, v, escaped) in &ps {
+            if !n.starts_with(b"name") {
+                continue;
+            }
+            let loose: Vec<u8> = super::percent_decode(v, false)
+                .iter()
+                .filter(|&&c| c != b'\\')
+                .map(u8::to_ascii_lowercase)
+                .collect();
+            if memchr::memmem::find(&loose, b"purpose").is_some() {
+                if n != b"name" || *escaped || v != b"purpose" {
+                    return false;
+                }
+                names_purpose = true;
+            }
+        }
+        if !names_purpose {
+            continue;
+        }
+        if purpose.is_some() {
+            return false;
+        }
+        // The value: after the part's header block, up to the line's end.
+        let Some(k) = memchr::memmem::find(&body[start..], b"\r\n\r\n") else {
+            return false;
+        };
+        // Read as every parser reads it, or not at all: CRLF line ends, no delimiter between.
+        let block = &body[start..start + k + 2];
+        let bare_lf = block
+            .iter()
+            .enumerate()
+            .any(|(j, &c)| c == b'\n' && (j == 0 || block[j - 1] != b'\r'));
+        if bare_lf || memchr::memmem::find(block, b"\n--").is_some() {
+            return false;
+        }
+        let from = start + k + 4;
+        let to = memchr::memmem::find(&body[from..], b"\r\n").map_or(body.len(), |e| from + e);
+        purpose = Some(&body[from..to]);
+    }
+    purpose.is_some_and(|v| {
+        !v.is_empty()
+            && v.iter()
+                .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-')
+            && !v.eq_ignore_ascii_case(b"batch")
+    })
 }
 
 /// Whether `str.splitlines` would end a line inside `line` (already cut at LF and trimmed).
@@ -339,6 +478,81 @@ mod tests {
             models(&format!("  \t{hidden}\n"), &jsonl()),
             (vec!["o1-pro".to_string()], false)
         );
+    }
+
+    fn form(purpose_part: &str, file_head: &str, file: &[u8]) -> Vec<u8> {
+        let mut b = format!(
+            "--XyZ\r\n{purpose_part}--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n{file_head}\r\n"
+        )
+        .into_bytes();
+        b.extend_from_slice(file);
+        b.extend_from_slice(b"\r\n--XyZ--\r\n");
+        b
+    }
+
+    const BATCH: &str = "Content-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n";
+
+    /// What the vendor decodes and we do not is ambiguous: a transfer-encoded part, another
+    /// charset, UTF-16 text. What a lenient reader skips before a line's object (a
+    /// byte-order mark inside the file, U+00A0, U+3000, a control character) is skipped.
+    #[test]
+    fn a_batch_file_is_read_as_the_vendor_decodes_it() {
+        let hidden = r#"{"custom_id":"b","body":{"model":"o1-pro"}}"#;
+        let doubt = |b: &[u8]| models_at(b, &jsonl()).ambiguous;
+        assert!(doubt(&form(
+            BATCH,
+            "Content-Transfer-Encoding: base64\r\n",
+            b"eyJjdXN0b21"
+        )));
+        assert!(doubt(&form(
+            BATCH,
+            "Content-Transfer-Encoding: quoted-printable\r\n",
+            b"=7B\"body\":{}}"
+        )));
+        assert!(doubt(&form(
+            BATCH,
+            "Content-Type: text/plain; charset=utf-16\r\n",
+            b"x"
+        )));
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(hidden.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        assert!(doubt(&form(BATCH, "", &utf16)));
+        for lead in ["\u{feff}", "\u{a0}", "\u{3000}", "\u{1f}", " \u{feff}\t"] {
+            let file = format!(r#"{{"custom_id":"a","body":{{"model":"gpt-4o-mini"}}}}"#)
+                + "\n"
+                + lead
+                + hidden;
+            let n = models_at(&form(BATCH, "", file.as_bytes()), &jsonl());
+            assert_eq!(n.models, ["gpt-4o-mini", "o1-pro"], "{lead:?}");
+            assert!(!n.ambiguous, "{lead:?}");
+        }
+    }
+
+    /// A file uploaded for another purpose is never run as requests, and is not read: a PDF's
+    /// bytes would only look like doubtful lines. Any doubt about the purpose reads it.
+    #[test]
+    fn only_a_batch_upload_is_read_line_by_line() {
+        let pdf = b"%PDF-1.7\n{\x00\x01\xc2\x85 junk\r\x0b}\n{\"body\":{\"model\":\"o1-pro\"}}\n";
+        let assistants = "Content-Disposition: form-data; name=\"purpose\"\r\n\r\nassistants\r\n";
+        let n = models_at(
+            &form(assistants, "Content-Type: application/pdf\r\n", pdf),
+            &jsonl(),
+        );
+        assert_eq!((n.models.len(), n.ambiguous), (0, false));
+        for purpose in [
+            BATCH.to_string(),
+            String::new(),
+            format!("{assistants}--XyZ\r\n{BATCH}"),
+            "Content-Disposition: form-data; name*=utf-8''purpose\r\n\r\nassistants\r\n".into(),
+            "Content-Disposition: form-data; name=\"purp\\ose\"\r\n\r\nassistants\r\n".into(),
+            "Content-Disposition: form-data; name=\"purpose\"\r\nContent-Transfer-Encoding: base64\r\n\r\nYmF0Y2g=\r\n".into(),
+            "Content-Disposition: form-data; name=\"purpose\"\n\nbatch\n--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nassistants\r\n".into(),
+        ] {
+            let n = models_at(&form(&purpose, "", pdf), &jsonl());
+            assert!(n.ambiguous, "{purpose:?}");
+        }
     }
 
     /// A path ending in `[]` reads each string of the array as a model (OpenRouter's
