@@ -520,7 +520,7 @@ mod tests {
             .collect();
         assert!(doubt(&form(BATCH, "", &utf16)));
         for lead in ["\u{feff}", "\u{a0}", "\u{3000}", "\u{1f}", " \u{feff}\t"] {
-            let file = format!(r#"{{"custom_id":"a","body":{{"model":"gpt-4o-mini"}}}}"#)
+            let file = r#"{"custom_id":"a","body":{"model":"gpt-4o-mini"}}"#.to_string()
                 + "\n"
                 + lead
                 + hidden;
