@@ -1019,7 +1019,10 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
         );
         proxy
             .client()
-            .post(format!("http://api.openai.com/v1/files?{tag}"))
+            .post(match tag {
+                "elsewhere" => "http://api.openai.com/v1/other".to_string(),
+                _ => format!("http://api.openai.com/v1/files?{tag}"),
+            })
             .header("content-type", "multipart/form-data; boundary=b0undary")
             .body(body)
     };
@@ -1048,7 +1051,7 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
             .client()
             .post("http://api.openai.com/v1/files?raw")
             .header("content-type", "application/jsonl")
-            .body(blocked),
+            .body(blocked.clone()),
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
@@ -1087,6 +1090,9 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     ))
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Sent elsewhere, but to an origin that routes on X-Original-URL it is the same upload.
+    let r = fetch(upload("elsewhere", blocked.clone()).header("x-original-url", "/v1/files")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
     // A key pasted as one model is hidden in the record; the others still show.
     let pasted = [
         line("a", "gpt-4o-mini"),

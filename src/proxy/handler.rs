@@ -448,7 +448,7 @@ async fn forward(
             ins,
             peer.addr.ip(),
             &parts.headers,
-            &policy.model_fields(&target.host, path_q),
+            &model_fields(&policy, &target.host, path_q, &named),
             body,
         ))
         .await
@@ -854,6 +854,26 @@ fn unrelayable(resp: &mut Response<OriginBody>) -> Option<ProxyError> {
     }
     resp.headers_mut().remove(header::CONTENT_LENGTH);
     None
+}
+
+/// Where this request's body names models deeper than its top-level `model`: the fields of
+/// its path, and of each path an override field names (an origin routing on `X-Original-URL:
+/// /v1/files` reads a batch file there).
+fn model_fields<'p>(
+    policy: &'p Policy,
+    host: &policy::Host,
+    path_q: &str,
+    named: &[(Option<Method>, Option<&str>)],
+) -> Vec<&'p crate::inspect::model::FieldPath> {
+    let mut fields = policy.model_fields(host, path_q);
+    for path in named.iter().filter_map(|(_, p)| *p) {
+        for f in policy.model_fields(host, path) {
+            if !fields.iter().any(|x| std::ptr::eq(*x, f)) {
+                fields.push(f);
+            }
+        }
+    }
+    fields
 }
 
 /// Puts what inspection found into the record: pattern names (never the matched text), and
