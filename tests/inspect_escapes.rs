@@ -1104,12 +1104,10 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     let rec = proxy.audit_path("/v1/files?pasted").await;
     assert_eq!(rec["model"], "gpt-4o-mini,[redacted]", "{rec}");
     // An eval run samples the model its data source names.
-    let r = fetch(
-        proxy
-            .client()
-            .post("http://api.openai.com/v1/evals/eval_1/runs?eval")
-            .header("content-type", "application/json")
-            .body(r#"{"name":"r","data_source":{"type":"completions","model":"o1-pro"}}"#),
+    let r = post_json(
+        &proxy,
+        "http://api.openai.com/v1/evals/eval_1/runs?eval",
+        r#"{"name":"r","data_source":{"type":"completions","model":"o1-pro"}}"#,
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
@@ -1140,14 +1138,7 @@ async fn a_key_shaped_segment_does_not_hide_the_path_from_the_body_check() {
             "/v1/sk-proj-aaaaaaaaaaaaaaaaaaaaaaaa%2F..%2Fchat%2Fcompletions",
         ),
     ] {
-        let r = fetch(
-            proxy
-                .client()
-                .post(format!("http://api.openai.com{path}?{tag}"))
-                .header("content-type", "application/json")
-                .body(twice),
-        )
-        .await;
+        let r = post_json(&proxy, format!("http://api.openai.com{path}?{tag}"), twice).await;
         assert_eq!(r.status, 403, "{tag}: {}", r.body);
         assert!(r.body.contains("body_not_inspectable"), "{tag}: {}", r.body);
     }
@@ -1155,12 +1146,10 @@ async fn a_key_shaped_segment_does_not_hide_the_path_from_the_body_check() {
     // Let through, it is recorded as the chat request an origin routing on the decoded path
     // serves, not as an unknown path.
     let path = "/v1/sk-proj-aaaaaaaaaaaaaaaaaaaaaaaa%2F..%2Fchat%2Fcompletions?allowed";
-    let r = fetch(
-        proxy
-            .client()
-            .post(format!("http://api.openai.com{path}"))
-            .header("content-type", "application/json")
-            .body(r#"{"model":"gpt-4.1","messages":[]}"#),
+    let r = post_json(
+        &proxy,
+        format!("http://api.openai.com{path}"),
+        r#"{"model":"gpt-4.1","messages":[]}"#,
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -1210,14 +1199,7 @@ async fn a_fallback_model_list_is_decided_on_each_model() {
             200,
         ),
     ] {
-        let r = fetch(
-            proxy
-                .client()
-                .post(format!("http://openrouter.ai{path}?{tag}"))
-                .header("content-type", "application/json")
-                .body(body),
-        )
-        .await;
+        let r = post_json(&proxy, format!("http://openrouter.ai{path}?{tag}"), body).await;
         assert_eq!(r.status, status, "{tag}: {}", r.body);
         let rec = proxy.audit_path(&format!("{path}?{tag}")).await;
         if status == 403 {
@@ -1270,15 +1252,29 @@ async fn bedrock_jobs_are_decided_on_the_model_their_body_names() {
             200,
         ),
     ] {
-        let r = fetch(
-            proxy
-                .client()
-                .post(format!("http://{host}.us-east-1.amazonaws.com{path}?{tag}"))
-                .header("content-type", "application/json")
-                .body(body),
+        let r = post_json(
+            &proxy,
+            format!("http://{host}.us-east-1.amazonaws.com{path}?{tag}"),
+            body,
         )
         .await;
         assert_eq!(r.status, status, "{tag}: {}", r.body);
     }
     assert_eq!(origin.requests().len(), 1);
+}
+
+/// A JSON POST through the proxy.
+async fn post_json(
+    proxy: &Proxy,
+    url: impl reqwest::IntoUrl,
+    body: impl Into<reqwest::Body>,
+) -> Raw {
+    fetch(
+        proxy
+            .client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body),
+    )
+    .await
 }
