@@ -1081,7 +1081,7 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("body_not_inspectable"), "{}", r.body);
-    let pdf = b"%PDF-1.7\n{\x00\x01\xc2\x85\r\x0b}\n\xff\xfe{\x00\n%%EOF";
+    let pdf = b"%PDF-1.7\n{\x00\x01\xc2\x85\r\x0b}\nFinal disposition\n\xff\xfe{\x00\n%%EOF";
     let r = fetch(form(
         "pdf",
         "assistants",
@@ -1093,6 +1093,22 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     // Sent elsewhere, but to an origin that routes on X-Original-URL it is the same upload.
     let r = fetch(upload("elsewhere", blocked.clone()).header("x-original-url", "/v1/files")).await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // A boundary with a backslash escape frames other parts for Werkzeug and python-multipart
+    // than for RFC 9110; a type with a non-ASCII space is multipart to Werkzeug only.
+    for (tag, ctype) in [
+        ("escaped", "multipart/form-data; boundary=\"b0und\\ary\""),
+        ("nbsp", "multipart/form-data\u{a0}; boundary=b0undary"),
+    ] {
+        let r = fetch(
+            proxy
+                .client()
+                .post(format!("http://api.openai.com/v1/audio/transcriptions?{tag}"))
+                .header("content-type", reqwest::header::HeaderValue::from_bytes(ctype.as_bytes()).unwrap())
+                .body("--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b0undary--\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{tag}: {}", r.body);
+    }
     // A key pasted as one model is hidden in the record; the others still show.
     let pasted = [
         line("a", "gpt-4o-mini"),
@@ -1108,6 +1124,14 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
         &proxy,
         "http://api.openai.com/v1/evals/eval_1/runs?eval",
         r#"{"name":"r","data_source":{"type":"completions","model":"o1-pro"}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // So does a grader run on its own.
+    let r = post_json(
+        &proxy,
+        "http://api.openai.com/v1/fine_tuning/alpha/graders/run?grader",
+        r#"{"grader":{"type":"score_model","model":"o1-pro"},"model_sample":"x"}"#,
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);

@@ -660,10 +660,21 @@ pub(crate) fn utf8_charset(name: &[u8]) -> bool {
         .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
 }
 
+/// Whether a part is the `purpose` field.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    #[default]
+    No,
+    Yes,
+    /// Named so only once unescaped or decoded (`purp\ose`, `name*=`, `%70urpose`).
+    LooksLike,
+}
+
 /// What one part's headers say.
 #[derive(Default)]
 struct PartHead {
     name: Option<Name>,
+    purpose: Purpose,
     /// What makes a `model` part's value doubtful: it is a file, or has a transfer encoding
     /// or a charset other than UTF-8.
     odd: bool,
@@ -685,6 +696,19 @@ fn part_head(block: &[u8]) -> Result<PartHead, ()> {
             dispositions += 1;
             head.name = disposition_name(value)?;
             let (_, ps) = params(value).ok_or(())?;
+            for (n, v, escaped) in ps.iter().filter(|(n, _, _)| n.starts_with(b"name")) {
+                let loose: Vec<u8> = percent_decode(v, false)
+                    .iter()
+                    .filter(|&&c| c != b'\\')
+                    .map(u8::to_ascii_lowercase)
+                    .collect();
+                if memchr::memmem::find(&loose, b"purpose").is_some() {
+                    head.purpose = match (n.as_slice(), escaped, v.as_slice()) {
+                        (b"name", false, b"purpose") if head.purpose == Purpose::No => Purpose::Yes,
+                        _ => Purpose::LooksLike,
+                    };
+                }
+            }
             head.odd |= ps
                 .iter()
                 .any(|(n, _, _)| n == b"filename" || n == b"filename*");
@@ -748,20 +772,85 @@ fn disposition_name(value: &[u8]) -> Result<Option<Name>, ()> {
 /// that is a file or transfer-encoded): those are ambiguous. `complete`: `body` is the whole
 /// body; else its end is a cut, not an error.
 pub fn multipart_model(body: &[u8], boundary: &[u8], complete: bool) -> Field {
-    if boundary.is_empty() || boundary.len() > 70 || !boundary.iter().all(|&c| bchar(c)) {
-        return Field::doubtful();
-    }
-    // Where the prefix runs out: complete, that is a malformed body; cut, nothing more known.
-    let cut = |out: Field| if complete { Field::doubtful() } else { out };
     let mut out = Field::default();
+    let mut doubt = false;
+    let end = each_part(body, boundary, |head, content| match head.name {
+        Some(Name::LooksLike) => {
+            doubt = true;
+            false
+        }
+        Some(Name::Model) if out.named || head.odd => {
+            doubt = true;
+            false
+        }
+        Some(Name::Model) => {
+            out.named = true;
+            out.model = field_value(content);
+            // Named, and not a value we can read (too long, not UTF-8): not "no model".
+            out.ambiguous = out.model.is_none();
+            true
+        }
+        _ => true,
+    });
+    match end {
+        _ if doubt => Field::doubtful(),
+        Parts::Closed | Parts::Stopped => out,
+        // Where the prefix runs out: complete, that is a malformed body; cut, nothing more known.
+        Parts::Cut if !complete => out,
+        Parts::Cut | Parts::Doubtful => Field::doubtful(),
+    }
+}
+
+/// The one `purpose` field of a whole `multipart/form-data` body (OpenAI's Files API and its
+/// imitators), when it is sure: read as [`multipart_model`] reads `model`, so that a body
+/// framed or spelled where parsers differ, a second field that is or may be `purpose`, or a
+/// transfer-encoded one, gives `None`.
+pub fn multipart_purpose<'b>(body: &'b [u8], boundary: &[u8]) -> Option<&'b [u8]> {
+    let mut found = None;
+    let mut doubt = false;
+    let end = each_part(body, boundary, |head, content| {
+        match head.purpose {
+            Purpose::No => {}
+            Purpose::Yes if found.is_none() && !head.odd => found = Some(content),
+            _ => doubt = true,
+        }
+        !doubt
+    });
+    match end {
+        Parts::Closed if !doubt => found,
+        _ => None,
+    }
+}
+
+/// How a walk over a multipart body's parts ended.
+enum Parts {
+    /// At the close delimiter: every part was seen.
+    Closed,
+    /// The visitor asked to stop.
+    Stopped,
+    /// The prefix ran out first.
+    Cut,
+    /// Framing or headers where parsers differ.
+    Doubtful,
+}
+
+/// Calls `visit` with each part's headers and content, in order, while it returns `true`.
+fn each_part<'b>(
+    body: &'b [u8],
+    boundary: &[u8],
+    mut visit: impl FnMut(&PartHead, &'b [u8]) -> bool,
+) -> Parts {
+    if boundary.is_empty() || boundary.len() > 70 || !boundary.iter().all(|&c| bchar(c)) {
+        return Parts::Doubtful;
+    }
     // The first delimiter: at the start, or after a preamble and CRLF.
     let mut i = if body.starts_with(b"--") && body[2..].starts_with(boundary) {
         0
     } else {
         match next_delimiter(body, 0, boundary) {
             Ok(Some(at)) => at + 2,
-            Ok(None) => return cut(out),
-            Err(()) => return Field::doubtful(),
+            Ok(None) => return Parts::Cut,
+            Err(()) => return Parts::Doubtful,
         }
     };
     loop {
@@ -770,7 +859,7 @@ pub fn multipart_model(body: &[u8], boundary: &[u8], complete: bool) -> Field {
         let rest = &body[i..];
         if rest.starts_with(b"--") {
             // The close delimiter: an epilogue after it is ignored by every parser.
-            return out;
+            return Parts::Closed;
         }
         let pad = rest
             .iter()
@@ -778,35 +867,28 @@ pub fn multipart_model(body: &[u8], boundary: &[u8], complete: bool) -> Field {
             .count();
         match &rest[pad..] {
             [b'\r', b'\n', ..] => i += pad + 2,
-            [] | [b'\r'] | [b'-'] => return cut(out),
-            _ => return Field::doubtful(),
+            [] | [b'\r'] | [b'-'] => return Parts::Cut,
+            _ => return Parts::Doubtful,
         }
         // The header block, up to the blank line (which may come at once: no headers).
         let (block, content) = if body[i..].starts_with(b"\r\n") {
             (&body[i..i], i + 2)
         } else {
             let Some(k) = body[i..].windows(4).position(|w| w == b"\r\n\r\n") else {
-                return cut(out);
+                return Parts::Cut;
             };
             (&body[i..i + k + 2], i + k + 4)
         };
         let Ok(head) = part_head(block) else {
-            return Field::doubtful();
+            return Parts::Doubtful;
         };
         let end = match next_delimiter(body, content, boundary) {
             Ok(Some(at)) => at,
-            Ok(None) => return cut(out),
-            Err(()) => return Field::doubtful(),
+            Ok(None) => return Parts::Cut,
+            Err(()) => return Parts::Doubtful,
         };
-        match head.name {
-            Some(Name::LooksLike) => return Field::doubtful(),
-            Some(Name::Model) if out.named || head.odd => return Field::doubtful(),
-            Some(Name::Model) => {
-                out.named = true;
-                out.model = field_value(&body[content..end]);
-                out.ambiguous = out.model.is_none();
-            }
-            _ => {}
+        if !visit(&head, &body[content..end]) {
+            return Parts::Stopped;
         }
         i = end + 2;
     }

@@ -84,6 +84,12 @@ fn declared(headers: &HeaderMap) -> Declared {
             d.unreadable = Some("a Content-Type that cannot be parsed".into());
             continue;
         };
+        // A byte past ASCII in the type (`multipart/form-data\u{a0}`) is white space that
+        // Python's str.strip() removes and ours does not: read two ways, so not read at all.
+        if !essence.is_ascii() {
+            d.unreadable = Some("a Content-Type that cannot be parsed".into());
+            continue;
+        }
         let essence = essence.to_ascii_lowercase();
         if essence == b"application/x-www-form-urlencoded" {
             d.form = true;
@@ -98,8 +104,10 @@ fn declared(headers: &HeaderMap) -> Declared {
             // One plain `boundary` or none read: with two, or an RFC 2231 `boundary*`, parsers
             // pick different ones (Werkzeug the last), and an empty one makes the body doubtful.
             let mut named = ps.iter().filter(|(n, _, _)| n.starts_with(b"boundary"));
+            // Nor one with a backslash escape: `"X\yZ"` is `XyZ` to RFC 9110 and to us, and
+            // stays `X\yZ` to Werkzeug and python-multipart, which frame other parts.
             let boundary = match (named.next(), named.next()) {
-                (Some((n, v, _)), None) if n == b"boundary" => v.clone(),
+                (Some((n, v, false)), None) if n == b"boundary" => v.clone(),
                 _ => Vec::new(),
             };
             d.multipart.push(boundary);
@@ -239,7 +247,7 @@ pub async fn inspect(
         let complete = !out.partial;
         read_model(&mut out, &prefix, &declared, complete, &ins.scanner);
         for field in fields {
-            read_nested_models(&mut out, &prefix, field, &ins.scanner);
+            read_nested_models(&mut out, &prefix, &declared, field, &ins.scanner);
         }
     }
     let rest = (!ended).then_some(body);
@@ -303,10 +311,11 @@ pub fn query_model(path_q: &str) -> Option<String> {
 fn read_nested_models(
     out: &mut Inspected,
     prefix: &[u8],
+    declared: &Declared,
     field: &model::FieldPath,
     scanner: &crate::inspect::dlp::Scanner,
 ) {
-    let nested = model::models_at(prefix, field);
+    let nested = model::models_at(prefix, field, &declared.multipart);
     out.ambiguous |= nested.ambiguous;
     for m in nested.models {
         let secret = crate::audit::looks_like_key(&m) || !scanner.scan(m.as_bytes()).is_empty();

@@ -79,14 +79,17 @@ pub struct Nested {
 
 /// The models `body` (which may be a truncated prefix) names at `path`. What the prefix cuts
 /// off is not seen, as for the top-level `model`: the prefix cap is the limit of body rules.
-pub fn models_at(body: &[u8], path: &FieldPath) -> Nested {
+///
+/// `boundaries`: those of the body's `multipart/form-data` Content-Type fields, for a path
+/// read line by line (see [`not_a_batch_upload`]).
+pub fn models_at(body: &[u8], path: &FieldPath, boundaries: &[Vec<u8>]) -> Nested {
     let mut out = Nested::default();
     let start = match body.starts_with(b"\xEF\xBB\xBF") {
         true => 3,
         false => 0,
     };
     if path.per_line {
-        lines_at(&body[start..], &path.steps, &mut out);
+        lines_at(&body[start..], &path.steps, boundaries, &mut out);
     } else if walk(body, skip_ws(body, start), &path.steps, &mut out) == Err(Stop::Malformed) {
         out.ambiguous = true;
     }
@@ -97,9 +100,9 @@ pub fn models_at(body: &[u8], path: &FieldPath) -> Nested {
 /// multipart upload's boundaries and part headers, and its other fields, are lines too.
 ///
 /// Lines end at LF (a CR before it is white space to JSON). Python's `str.splitlines` also
-/// ends them at CR, VT, FF, the file, group and record separators, NEL and U+2028/U+2029, so
-/// a line holding one of those inside could be two requests to the vendor and one to us: it
-/// is ambiguous, as is a line that is an object followed by more than white space. A line cut
+/// ends them at CR, VT, FF and the file, group and record separators, so a line holding one
+/// of those inside could be two requests to the vendor and one to us: it is ambiguous, as is
+/// a line that is an object followed by more than white space (see [`splits_in_python`]). A line cut
 /// short is ambiguous too unless the prefix ends there (the body past the cap is the limit of
 /// body rules, as for the top-level `model`). White space and invisible characters before
 /// the object (a byte-order mark, U+00A0, U+3000, control characters) are skipped, as a
@@ -110,8 +113,8 @@ pub fn models_at(body: &[u8], path: &FieldPath) -> Nested {
 /// A multipart upload whose `purpose` says it is not a batch input (an assistant's PDF,
 /// fine-tuning data) is not read: it is never run as requests, and a binary file would only
 /// trip these checks. See [`not_a_batch_upload`].
-fn lines_at(body: &[u8], steps: &[Step], out: &mut Nested) {
-    if not_a_batch_upload(body) {
+fn lines_at(body: &[u8], steps: &[Step], boundaries: &[Vec<u8>], out: &mut Nested) {
+    if not_a_batch_upload(body, boundaries) {
         return;
     }
     let mut lines = body.split(|&c| c == b'\n').peekable();
@@ -193,73 +196,17 @@ fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
         .then(|| &line[colon + 1..])
 }
 
-/// Whether a multipart upload says, without doubt, that its file is not a batch input: one
-/// form field named `purpose` (OpenAI's and its imitators' Files API), whose value is a plain
-/// word other than `batch`. Any doubt reads the file: two such fields, a name that is
-/// `purpose` only once unescaped or decoded (`name*=`, `purp\ose`, `%70urpose`), a
-/// disposition that cannot be parsed, a transfer encoding anywhere (a base64 `purpose` can
-/// say `batch`).
-fn not_a_batch_upload(body: &[u8]) -> bool {
-    let mut purpose: Option<&[u8]> = None;
-    let mut at = 0;
-    for line in body.split_inclusive(|&c| c == b'\n') {
-        let start = at;
-        at += line.len();
-        let line = line.trim_ascii();
-        if transfer_coded(line) {
-            return false;
-        }
-        let lower = line.to_ascii_lowercase();
-        if memchr::memmem::find(&lower, b"disposition").is_none() {
-            continue;
-        }
-        let Some(value) = header_value(line, b"content-disposition") else {
-            return false;
-        };
-        let Some((_, ps)) = super::params(value) else {
-            return false;
-        };
-        let mut names_purpose = false;
-        for (n, v, escaped) in &ps {
-            if !n.starts_with(b"name") {
-                continue;
-            }
-            let loose: Vec<u8> = super::percent_decode(v, false)
-                .iter()
-                .filter(|&&c| c != b'\\')
-                .map(u8::to_ascii_lowercase)
-                .collect();
-            if memchr::memmem::find(&loose, b"purpose").is_some() {
-                if n != b"name" || *escaped || v != b"purpose" {
-                    return false;
-                }
-                names_purpose = true;
-            }
-        }
-        if !names_purpose {
-            continue;
-        }
-        if purpose.is_some() {
-            return false;
-        }
-        // The value: after the part's header block, up to the line's end.
-        let Some(k) = memchr::memmem::find(&body[start..], b"\r\n\r\n") else {
-            return false;
-        };
-        // Read as every parser reads it, or not at all: CRLF line ends, no delimiter between.
-        let block = &body[start..start + k + 2];
-        let bare_lf = block
-            .iter()
-            .enumerate()
-            .any(|(j, &c)| c == b'\n' && (j == 0 || block[j - 1] != b'\r'));
-        if bare_lf || memchr::memmem::find(block, b"\n--").is_some() {
-            return false;
-        }
-        let from = start + k + 4;
-        let to = memchr::memmem::find(&body[from..], b"\r\n").map_or(body.len(), |e| from + e);
-        purpose = Some(&body[from..to]);
-    }
-    purpose.is_some_and(|v| {
+/// Whether a multipart upload says, without doubt, that its file is not a batch input: its
+/// one `purpose` field (OpenAI's and its imitators' Files API), read by the same strict
+/// part parser as a form's `model`, is a plain word other than `batch`. Any doubt reads the
+/// file: two boundaries, framing or headers parsers read differently, two fields that are or
+/// may be `purpose` (`name*=`, `purp\ose`), a transfer-encoded one (a base64 `purpose` can
+/// say `batch`), a body cut at the inspection cap.
+fn not_a_batch_upload(body: &[u8], boundaries: &[Vec<u8>]) -> bool {
+    let [boundary] = boundaries else {
+        return false;
+    };
+    super::multipart_purpose(body, boundary).is_some_and(|v| {
         !v.is_empty()
             && v.iter()
                 .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-')
@@ -267,13 +214,15 @@ fn not_a_batch_upload(body: &[u8]) -> bool {
     })
 }
 
-/// Whether `str.splitlines` would end a line inside `line` (already cut at LF and trimmed).
+/// Whether `str.splitlines` would end a line inside `line` (already cut at LF and trimmed)
+/// where JSON allows it: CR is white space between tokens. VT, FF and the file, group and
+/// record separators are not JSON anywhere, nor are NEL and U+2028/U+2029 outside strings:
+/// a line split at one of those inside a string leaves a first piece with an open string,
+/// which no JSON reader takes, so those are not counted (`json.dumps(ensure_ascii=False)`
+/// writes U+2028 raw inside strings).
 fn splits_in_python(line: &[u8]) -> bool {
     line.iter()
         .any(|&c| matches!(c, b'\r' | 0x0b | 0x0c | 0x1c..=0x1e))
-        || memchr::memmem::find(line, "\u{85}".as_bytes()).is_some()
-        || memchr::memmem::find(line, "\u{2028}".as_bytes()).is_some()
-        || memchr::memmem::find(line, "\u{2029}".as_bytes()).is_some()
 }
 
 /// Walks `steps` from the value at `i`. A value of another type than a step needs (a string
@@ -405,7 +354,7 @@ mod tests {
     }
 
     fn models(body: &str, path: &FieldPath) -> (Vec<String>, bool) {
-        let n = models_at(body.as_bytes(), path);
+        let n = models_at(body.as_bytes(), path, &[]);
         (n.models, n.ambiguous)
     }
 
@@ -473,6 +422,12 @@ mod tests {
             .1
         );
         assert!(models(r#"{"body":{"model":"a","model":"b"}}"#, &jsonl()).1);
+        // U+2028 inside a string (json.dumps with ensure_ascii=False) is no doubt either.
+        let raw = "{\"custom_id\":\"a\",\"body\":{\"model\":\"gpt-4o-mini\",\"x\":\"a\u{2028}b\u{85}\"}}\n";
+        assert_eq!(
+            models(raw, &jsonl()),
+            (vec!["gpt-4o-mini".to_string()], false)
+        );
         // White space before the object is no doubt.
         assert_eq!(
             models(&format!("  \t{hidden}\n"), &jsonl()),
@@ -490,6 +445,10 @@ mod tests {
         b
     }
 
+    fn xyz() -> Vec<Vec<u8>> {
+        vec![b"XyZ".to_vec()]
+    }
+
     const BATCH: &str = "Content-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n";
 
     /// What the vendor decodes and we do not is ambiguous: a transfer-encoded part, another
@@ -498,7 +457,7 @@ mod tests {
     #[test]
     fn a_batch_file_is_read_as_the_vendor_decodes_it() {
         let hidden = r#"{"custom_id":"b","body":{"model":"o1-pro"}}"#;
-        let doubt = |b: &[u8]| models_at(b, &jsonl()).ambiguous;
+        let doubt = |b: &[u8]| models_at(b, &jsonl(), &xyz()).ambiguous;
         assert!(doubt(&form(
             BATCH,
             "Content-Transfer-Encoding: base64\r\n",
@@ -524,7 +483,7 @@ mod tests {
                 + "\n"
                 + lead
                 + hidden;
-            let n = models_at(&form(BATCH, "", file.as_bytes()), &jsonl());
+            let n = models_at(&form(BATCH, "", file.as_bytes()), &jsonl(), &xyz());
             assert_eq!(n.models, ["gpt-4o-mini", "o1-pro"], "{lead:?}");
             assert!(!n.ambiguous, "{lead:?}");
         }
@@ -534,13 +493,23 @@ mod tests {
     /// bytes would only look like doubtful lines. Any doubt about the purpose reads it.
     #[test]
     fn only_a_batch_upload_is_read_line_by_line() {
-        let pdf = b"%PDF-1.7\n{\x00\x01\xc2\x85 junk\r\x0b}\n{\"body\":{\"model\":\"o1-pro\"}}\n";
+        let pdf = b"%PDF-1.7\n{\x00\x01\xc2\x85 junk\r\x0b}\nFinal disposition\n{\"body\":{\"model\":\"o1-pro\"}}\n";
         let assistants = "Content-Disposition: form-data; name=\"purpose\"\r\n\r\nassistants\r\n";
         let n = models_at(
             &form(assistants, "Content-Type: application/pdf\r\n", pdf),
             &jsonl(),
+            &xyz(),
         );
         assert_eq!((n.models.len(), n.ambiguous), (0, false));
+        // The same body framed by another boundary, or by two, is not sure of its purpose.
+        for boundaries in [
+            vec![b"Other".to_vec()],
+            vec![b"XyZ".to_vec(), b"XyZ".to_vec()],
+            vec![],
+        ] {
+            let n = models_at(&form(assistants, "", pdf), &jsonl(), &boundaries);
+            assert!(n.ambiguous, "{boundaries:?}");
+        }
         for purpose in [
             BATCH.to_string(),
             String::new(),
@@ -550,7 +519,7 @@ mod tests {
             "Content-Disposition: form-data; name=\"purpose\"\r\nContent-Transfer-Encoding: base64\r\n\r\nYmF0Y2g=\r\n".into(),
             "Content-Disposition: form-data; name=\"purpose\"\n\nbatch\n--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nassistants\r\n".into(),
         ] {
-            let n = models_at(&form(&purpose, "", pdf), &jsonl());
+            let n = models_at(&form(&purpose, "", pdf), &jsonl(), &xyz());
             assert!(n.ambiguous, "{purpose:?}");
         }
     }
