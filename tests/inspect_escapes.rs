@@ -1098,6 +1098,16 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     for (tag, ctype) in [
         ("escaped", "multipart/form-data; boundary=\"b0und\\ary\""),
         ("nbsp", "multipart/form-data\u{a0}; boundary=b0undary"),
+        // A second boundary inside a quoted value for us, a parameter to python-multipart
+        // (which counts quotes) or to Werkzeug (which quotes only right after `key=`).
+        (
+            "quotes",
+            "multipart/form-data; boundary=b0undary; x=\"a\\\\\"; y=\"; boundary=FAKE; z=\"",
+        ),
+        (
+            "space",
+            "multipart/form-data; boundary=b0undary; y= \"; boundary=FAKE; z=\"",
+        ),
     ] {
         let r = fetch(
             proxy

@@ -577,6 +577,35 @@ fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize
     }
 }
 
+/// Whether a `;`-separated parameter list (a Content-Type, a part's Content-Disposition) is
+/// spelled so that every parser splits it alike. python-multipart decides what is quoted by
+/// counting quotes (a `\\"` hides one from it, not from RFC 9110), and Werkzeug opens a
+/// quoted value only straight after a token and `=`: a backslash or a `;` inside quotes,
+/// white space after `=`, or a name that is not a token lets a `; name=model` (or a second
+/// `boundary=`) hide inside a value for one parser and stand as a parameter for another.
+pub(crate) fn plainly_spelled(v: &[u8]) -> bool {
+    let Some((_, ps)) = params(v) else {
+        return false;
+    };
+    let token = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
+    if ps
+        .iter()
+        .any(|(n, _, escaped)| *escaped || !n.iter().all(token))
+    {
+        return false;
+    }
+    let mut quoted = false;
+    for (i, &c) in v.iter().enumerate() {
+        match c {
+            b'"' => quoted = !quoted,
+            b';' | b'\\' if quoted => return false,
+            b'=' if !quoted && matches!(v.get(i + 1), Some(b' ' | b'\t')) => return false,
+            _ => {}
+        }
+    }
+    !quoted
+}
+
 /// A parameter: its lowercased name, its value, and whether the value had an escape.
 pub(crate) type Param = (Vec<u8>, Vec<u8>, bool);
 
@@ -692,6 +721,11 @@ fn part_head(block: &[u8]) -> Result<PartHead, ()> {
         }
         let colon = line.iter().position(|&c| c == b':').ok_or(())?;
         let (field, value) = (line[..colon].trim_ascii(), &line[colon + 1..]);
+        let has_params = field.eq_ignore_ascii_case(b"content-disposition")
+            || field.eq_ignore_ascii_case(b"content-type");
+        if has_params && !plainly_spelled(value) {
+            return Err(());
+        }
         if field.eq_ignore_ascii_case(b"content-disposition") {
             dispositions += 1;
             head.name = disposition_name(value)?;

@@ -80,7 +80,9 @@ fn declared(headers: &HeaderMap) -> Declared {
     let mut binary = 0;
     for v in headers.get_all(CONTENT_TYPE) {
         fields += 1;
-        let Some((essence, ps)) = model::params(v.as_bytes()) else {
+        let Some((essence, ps)) =
+            model::params(v.as_bytes()).filter(|_| model::plainly_spelled(v.as_bytes()))
+        else {
             d.unreadable = Some("a Content-Type that cannot be parsed".into());
             continue;
         };

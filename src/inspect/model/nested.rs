@@ -501,6 +501,19 @@ mod tests {
             &xyz(),
         );
         assert_eq!((n.models.len(), n.ambiguous), (0, false));
+        // A second purpose hidden inside a quoted value for us, and a parameter to
+        // python-multipart (which counts quotes) or Werkzeug (which quotes only after `key=`).
+        for hidden in [
+            "x=\"a\\\\\"; y=\"; name=purpose; z=\"",
+            "y= \"; name=purpose; z=\"",
+            "y@=\"; name=purpose; z=\"",
+        ] {
+            let second = format!(
+                "{assistants}--XyZ\r\nContent-Disposition: form-data; {hidden}\r\n\r\nbatch\r\n"
+            );
+            let n = models_at(&form(&second, "", pdf), &jsonl(), &xyz());
+            assert!(n.ambiguous, "{hidden}");
+        }
         // The same body framed by another boundary, or by two, is not sure of its purpose.
         for boundaries in [
             vec![b"Other".to_vec()],
