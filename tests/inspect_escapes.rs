@@ -1119,6 +1119,21 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
         .await;
         assert_eq!(r.status, 403, "{tag}: {}", r.body);
     }
+    // A file name with `;` and `\` in quotes, as httpx writes it, is read alike by every
+    // parser: no doubt.
+    let r = fetch(
+        proxy
+            .client()
+            .post("http://api.openai.com/v1/files?filename")
+            .header("content-type", "multipart/form-data; boundary=b0undary")
+            .body(format!(
+                "--b0undary\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+                 --b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a; b\\\\c.jsonl\"\r\n\r\n{}\r\n--b0undary--\r\n",
+                line("a", "gpt-4o-mini")
+            )),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     // A key pasted as one model is hidden in the record; the others still show.
     let pasted = [
         line("a", "gpt-4o-mini"),
@@ -1147,7 +1162,7 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(
         origin.requests().len(),
-        3,
+        4,
         "only the allowed uploads reached the origin"
     );
 }

@@ -578,32 +578,80 @@ fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize
 }
 
 /// Whether a `;`-separated parameter list (a Content-Type, a part's Content-Disposition) is
-/// spelled so that every parser splits it alike. python-multipart decides what is quoted by
-/// counting quotes (a `\\"` hides one from it, not from RFC 9110), and Werkzeug opens a
-/// quoted value only straight after a token and `=`: a backslash or a `;` inside quotes,
-/// white space after `=`, or a name that is not a token lets a `; name=model` (or a second
-/// `boundary=`) hide inside a value for one parser and stand as a parameter for another.
+/// spelled so that every parser splits it alike: RFC 9110's grammar with nothing the
+/// lenient readers take otherwise. Werkzeug keeps only the leading token of a bare value
+/// (`name=model/x` is `model` to it) and opens a quoted value only straight after a token and
+/// `=`; Go trims Unicode white space around values; python-multipart decides what is quoted
+/// by counting quotes, so a `\\"` inside one hides a quote from it. So: every name and bare
+/// value a token, no white space after `=`, no `\\"` inside a quoted value, and no escape at
+/// all but in a file name. Otherwise a `; name=model`, a `; name=purpose` or a second
+/// `; boundary=` could stand as a parameter for one parser and not for another.
 pub(crate) fn plainly_spelled(v: &[u8]) -> bool {
-    let Some((_, ps)) = params(v) else {
+    let Some((essence, ps)) = params(v) else {
         return false;
     };
     let token = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
-    if ps
-        .iter()
-        .any(|(n, _, escaped)| *escaped || !n.iter().all(token))
+    if !essence.iter().all(|c| token(c) || *c == b'/')
+        || ps
+            .iter()
+            .any(|(n, _, escaped)| *escaped && !n.starts_with(b"filename"))
     {
         return false;
     }
-    let mut quoted = false;
-    for (i, &c) in v.iter().enumerate() {
-        match c {
-            b'"' => quoted = !quoted,
-            b';' | b'\\' if quoted => return false,
-            b'=' if !quoted && matches!(v.get(i + 1), Some(b' ' | b'\t')) => return false,
-            _ => {}
+    let ows = |v: &[u8], mut i: usize| {
+        while matches!(v.get(i), Some(b' ' | b'\t')) {
+            i += 1;
+        }
+        i
+    };
+    let Some(mut i) = memchr::memchr(b';', v) else {
+        return true;
+    };
+    while i < v.len() {
+        // At a `;`.
+        i = ows(v, i + 1);
+        if i == v.len() {
+            return true;
+        }
+        let name = i;
+        while v.get(i).is_some_and(token) {
+            i += 1;
+        }
+        i = ows(v, i);
+        if i == name || v.get(i) != Some(&b'=') {
+            return false;
+        }
+        i += 1;
+        if v.get(i) == Some(&b'"') {
+            let open = i;
+            i += 1;
+            loop {
+                match v.get(i) {
+                    None => return false,
+                    Some(b'"') => break,
+                    Some(b'\\') => i += 2,
+                    Some(_) => i += 1,
+                }
+            }
+            if memchr::memmem::find(&v[open + 1..i], b"\\\"").is_some() {
+                return false;
+            }
+            i += 1;
+        } else {
+            let value = i;
+            while v.get(i).is_some_and(token) {
+                i += 1;
+            }
+            if i == value {
+                return false;
+            }
+        }
+        i = ows(v, i);
+        if i < v.len() && v[i] != b';' {
+            return false;
         }
     }
-    !quoted
+    true
 }
 
 /// A parameter: its lowercased name, its value, and whether the value had an escape.
@@ -721,6 +769,12 @@ fn part_head(block: &[u8]) -> Result<PartHead, ()> {
         }
         let colon = line.iter().position(|&c| c == b':').ok_or(())?;
         let (field, value) = (line[..colon].trim_ascii(), &line[colon + 1..]);
+        // A name with bytes Werkzeug strips and we do not (`Content-Disposition\x0b`) would be
+        // a header to it and none to us.
+        let token = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
+        if field.is_empty() || !field.iter().all(token) {
+            return Err(());
+        }
         let has_params = field.eq_ignore_ascii_case(b"content-disposition")
             || field.eq_ignore_ascii_case(b"content-type");
         if has_params && !plainly_spelled(value) {
@@ -931,6 +985,44 @@ fn each_part<'b>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What every parser splits alike passes; what Werkzeug, Go or python-multipart split
+    /// otherwise does not (each spelling was a bypass found by the red team).
+    #[test]
+    fn parameters_spelled_for_every_parser() {
+        for ok in [
+            &b"multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxk"[..],
+            b"multipart/form-data; boundary=\"a b/c\"",
+            b" form-data; name=\"file\"; filename=\"report; final.pdf\"",
+            b" form-data; name=\"file\"; filename=\"C:\\\\dir\\\\f.pdf\"",
+            b" form-data; name=\"purpose\";",
+            b"application/json; charset=utf-8",
+            b" form-data",
+        ] {
+            assert!(plainly_spelled(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b" form-data; x=\"a\\\\\"; y=\"; name=purpose; z=\""[..],
+            b" form-data; y= \"; name=purpose; z=\"",
+            b" form-data; y@=\"; name=purpose; z=\"",
+            b" form-data; name=model/x",
+            b" form-data; name=model=1",
+            b" form-data; name=\xc2\xa0model",
+            b" form-data; name=model\xc2\xa0",
+            b"multipart/form-data; boundary=AAA/B",
+            b" form-data; name=\"mo\\del\"",
+            b" form-data;; name=model",
+            b" form-data; name",
+            b" form-data; name=\"model",
+            b" form-data; name = \"model\"",
+        ] {
+            assert!(!plainly_spelled(bad), "{}", String::from_utf8_lossy(bad));
+        }
+        // A header name Werkzeug strips and we would not.
+        assert!(part_head(b"Content-Disposition\x0b: form-data; name=\"model\"\r\n").is_err());
+        assert!(part_head(b"\x1cContent-Disposition: form-data; name=\"model\"\r\n").is_err());
+        assert!(part_head(b"Content-Disposition : form-data; name=\"model\"\r\n").is_ok());
+    }
 
     fn m(body: &str) -> Option<String> {
         model(body.as_bytes()).map(Cow::into_owned)
