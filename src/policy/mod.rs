@@ -130,14 +130,6 @@ impl Decision<'_> {
         }
     }
 
-    /// One decision for a request that can be read two ways (two spellings of its path, or
-    /// the method an override header names), when which reading the origin acts on is not
-    /// known here. A block on either reading blocks. A reading that holds nothing back
-    /// yields to the other. Two different rules that each restrict the request both apply:
-    /// the limit rule's limits (there is one) and the other's tenant restriction and headers
-    /// ([`Decision::also`]), so the client cannot choose by its spelling which one it meets.
-    /// What cannot be applied together (two limit rules, a third restricting rule) is refused
-    /// as ambiguous.
     /// This decision, with `other`'s endpoint class where this reading of the path named
     /// none: `/v1/x%2F..%2Fchat%2Fcompletions` is recorded and counted as the `chat` request
     /// an origin routing on the decoded path serves, not as `unknown`.
@@ -151,6 +143,14 @@ impl Decision<'_> {
         }
     }
 
+    /// One decision for a request that can be read two ways (two spellings of its path, or
+    /// the method an override header names), when which reading the origin acts on is not
+    /// known here. A block on either reading blocks. A reading that holds nothing back
+    /// yields to the other. Two different rules that each restrict the request both apply:
+    /// the limit rule's limits (there is one) and the other's tenant restriction and headers
+    /// ([`Decision::also`]), so the client cannot choose by its spelling which one it meets.
+    /// What cannot be applied together (two limit rules, a third restricting rule) is refused
+    /// as ambiguous.
     pub fn merge(self, other: Self) -> Self {
         let same_rule = match (self.rule, other.rule) {
             (Some(a), Some(b)) => std::ptr::eq(a, b),
