@@ -577,6 +577,11 @@ fn next_delimiter(b: &[u8], from: usize, boundary: &[u8]) -> Result<Option<usize
     }
 }
 
+/// An RFC 9110 `tchar`: what a header name, a parameter name or a bare value is made of.
+fn token(c: &u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c)
+}
+
 /// Whether a `;`-separated parameter list (a Content-Type, a part's Content-Disposition) is
 /// spelled so that every parser splits it alike: RFC 9110's grammar with nothing the
 /// lenient readers take otherwise. Werkzeug keeps only the leading token of a bare value
@@ -590,7 +595,6 @@ pub(crate) fn plainly_spelled(v: &[u8]) -> bool {
     let Some((essence, ps)) = params(v) else {
         return false;
     };
-    let token = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
     if !essence.iter().all(|c| token(c) || *c == b'/')
         || ps
             .iter()
@@ -771,7 +775,6 @@ fn part_head(block: &[u8]) -> Result<PartHead, ()> {
         let (field, value) = (line[..colon].trim_ascii(), &line[colon + 1..]);
         // A name with bytes Werkzeug strips and we do not (`Content-Disposition\x0b`) would be
         // a header to it and none to us.
-        let token = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
         if field.is_empty() || !field.iter().all(token) {
             return Err(());
         }
