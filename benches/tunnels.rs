@@ -5,7 +5,9 @@
 //!   cargo bench --bench tunnels                 # 10,000 tunnels
 //!   TUNNELS=2000 cargo bench --bench tunnels
 //!
-//! Needs ~2 descriptors per tunnel in each process: as root it raises its own limit.
+//! Needs 2 descriptors per tunnel in each process (client and sink here; client side and
+//! upstream side in the proxy): it raises its own limit as far as the hard limit allows, and
+//! opens as many tunnels as both processes' limits leave room for once warmed up.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -17,6 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+/// Tunnels opened before the first reading, so the allocator's and runtime's first growth is
+/// not counted as the tunnels'.
+const WARM: usize = 16;
 
 /// Raises the open-files limit as far as allowed; returns the soft limit now in force.
 fn raise_nofile(want: u64) -> u64 {
@@ -37,6 +42,24 @@ fn raise_nofile(want: u64) -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
+}
+
+/// Descriptors `pid` has open now.
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count() as u64
+}
+
+/// The soft open-files limit `pid` runs under.
+fn fd_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("proc limits");
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -130,10 +153,6 @@ async fn main() {
         .unwrap_or(10_000);
     // Each process holds two descriptors per tunnel; a container may cap the hard limit.
     let limit = raise_nofile(2 * want as u64 + 1024);
-    let n = want.min((limit.saturating_sub(512) / 2) as usize);
-    if n < want {
-        println!("tunnels: open-files limit {limit} allows {n} tunnels, not {want}");
-    }
 
     let sink = TcpListener::bind("127.0.0.1:0").await.expect("sink");
     let sink_addr = sink.local_addr().expect("sink addr");
@@ -165,7 +184,7 @@ async fn main() {
          [[rule]]\nid = \"block-deepseek\"\nvendor = \"deepseek\"\naction = \"block\"\n",
         vendors = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendors.toml"),
         // Open tunnels hold their places: the warm-up ones, the measured ones, and room.
-        max = n + 200,
+        max = want + WARM + 200,
         audit = dir.path().join("audit.jsonl").display(),
     )
     .expect("write config");
@@ -189,10 +208,23 @@ async fn main() {
     let hello = Arc::new(client_hello("tunnel.test"));
     // Warm up the allocator and runtime, then measure from there.
     let mut warm = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..WARM {
         warm.push(open_tunnel(proxy_addr, &hello).await.expect("warm tunnel"));
     }
     let before = settle(pid).await;
+    // Room left in each process once warm, less a few descriptors for what the proxy opens on
+    // the side (a log rotation, a resolver socket).
+    let room = |limit: u64, open: u64| (limit.saturating_sub(open + 8) / 2) as usize;
+    let own = std::process::id();
+    let n = want
+        .min(room(limit, open_fds(own)))
+        .min(room(fd_limit(pid), open_fds(pid)));
+    if n < want {
+        println!(
+            "tunnels: the open-files limits (here {limit}, the proxy's {}) leave room for {n} tunnels, not {want}",
+            fd_limit(pid)
+        );
+    }
 
     let start = Instant::now();
     let mut tunnels = Vec::with_capacity(n);
