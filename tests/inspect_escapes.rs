@@ -1160,10 +1160,49 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // And each grader of a multi-grader, keyed by a name the client picks, run on its own
+    // or as a reinforcement fine-tuning job's.
+    let multi = |judge: &str| {
+        format!(
+            r#"{{"type":"multi","graders":{{"exact":{{"type":"string_check","name":"e"}},"judge":{{"type":"score_model","model":"{judge}"}}}},"calculate_output":"judge"}}"#
+        )
+    };
+    for (tag, path, body, models) in [
+        (
+            "multi-run",
+            "/v1/fine_tuning/alpha/graders/run",
+            format!(r#"{{"grader":{},"model_sample":"x"}}"#, multi("o1-pro")),
+            "o1-pro",
+        ),
+        (
+            "multi-job",
+            "/v1/fine_tuning/jobs",
+            format!(
+                r#"{{"model":"o4-mini","training_file":"file-1","method":{{"type":"reinforcement","reinforcement":{{"grader":{}}}}}}}"#,
+                multi("o1-pro")
+            ),
+            "o4-mini,o1-pro",
+        ),
+    ] {
+        let r = post_json(&proxy, format!("http://api.openai.com{path}?{tag}"), body).await;
+        assert_eq!(r.status, 403, "{tag}: {}", r.body);
+        let rec = proxy.audit_path(&format!("{path}?{tag}")).await;
+        assert_eq!(rec["model"], models, "{tag}: {rec}");
+    }
+    let r = post_json(
+        &proxy,
+        "http://api.openai.com/v1/fine_tuning/alpha/graders/run?multi-allowed",
+        format!(
+            r#"{{"grader":{},"model_sample":"x"}}"#,
+            multi("gpt-4o-mini")
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         origin.requests().len(),
-        4,
-        "only the allowed uploads reached the origin"
+        5,
+        "only the allowed uploads and grader run reached the origin"
     );
 }
 

@@ -20,7 +20,9 @@ pub const MAX_MODELS: usize = 16;
 
 /// Where a body names its models: object keys joined by `.`, with `[]` after a key whose value
 /// is an array, each element of which is walked on (`requests[].params.model`), or is a model
-/// itself when the path ends there (OpenRouter's fallback list, `models[]`). Read in each
+/// itself when the path ends there (OpenRouter's fallback list, `models[]`), and `{}` after a
+/// key whose value is an object keyed by names the client chooses, each member's value walked
+/// on (OpenAI's multi-grader, `grader.graders{}.model`). Read in each
 /// line of the body instead of the body as one document when [`FieldPath::per_line`]: a file
 /// of batch requests is JSON Lines (OpenAI's `{"custom_id":…,"body":{"model":…}}`), uploaded
 /// whole or as the file part of a multipart form.
@@ -33,26 +35,31 @@ pub struct FieldPath {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
     Key(Box<str>),
+    /// Each element of an array.
     Each,
+    /// Each member's value of an object, whatever its key.
+    EachValue,
 }
 
 impl FieldPath {
     pub fn parse(spec: &str) -> Result<FieldPath, String> {
         let mut steps = Vec::new();
         for part in spec.split('.') {
-            let (name, each) = match part.strip_suffix("[]") {
-                Some(n) => (n, true),
-                None => (part, false),
+            let (name, each) = match (part.strip_suffix("[]"), part.strip_suffix("{}")) {
+                (Some(n), _) => (n, Some(Step::Each)),
+                (_, Some(n)) => (n, Some(Step::EachValue)),
+                _ => (part, None),
             };
-            if name.is_empty() || name.len() > MAX_KEY || name.contains(['[', ']', '"', '\\']) {
+            if name.is_empty()
+                || name.len() > MAX_KEY
+                || name.contains(['[', ']', '{', '}', '"', '\\'])
+            {
                 return Err(format!(
-                    "model field {spec:?}: each step is a key of 1 to {MAX_KEY} bytes, with [] after it for each element of an array (\"requests[].params.model\")"
+                    "model field {spec:?}: each step is a key of 1 to {MAX_KEY} bytes, with [] after it for each element of an array (\"requests[].params.model\") or {{}} for each value of an object (\"graders{{}}.model\")"
                 ));
             }
             steps.push(Step::Key(name.into()));
-            if each {
-                steps.push(Step::Each);
-            }
+            steps.extend(each);
         }
         Ok(FieldPath {
             steps: steps.into(),
@@ -279,6 +286,20 @@ fn walk(b: &[u8], i: usize, steps: &[Step], out: &mut Nested) -> Result<(), Stop
             match stop {
                 Stop::Closed => Ok(()),
                 other => Err(other),
+            }
+        }
+        Some((Step::EachValue, rest)) => {
+            if first != b'{' {
+                return Ok(());
+            }
+            // Two members of one name are both walked: whichever the vendor keeps is decided.
+            let mut members = Members::at(b, i);
+            loop {
+                match members.next() {
+                    Ok(m) => walk(b, m.value, rest, out)?,
+                    Err(Stop::Closed) => return Ok(()),
+                    Err(stop) => return Err(stop),
+                }
             }
         }
         Some((Step::Each, rest)) => {
@@ -641,11 +662,51 @@ mod tests {
         assert!(!folds_to("séssion".as_bytes(), "session"));
     }
 
+    /// OpenAI's multi-grader keys its graders by names the client picks.
+    #[test]
+    fn each_value_of_an_object_keyed_by_free_names_is_walked() {
+        let graders = FieldPath::parse("grader.graders{}.model").unwrap();
+        let body = r#"{"grader":{"type":"multi","graders":{"tone":{"type":"score_model","model":"gpt-4o"},"exact":{"type":"string_check"},"judge":{"model":"o3-pro"},"again":{"model":"gpt-4o"}},"calculate_output":"tone"}}"#;
+        assert_eq!(
+            models(body, &graders),
+            (vec!["gpt-4o".into(), "o3-pro".into()], false)
+        );
+        // Keys of one name twice: both values are decided, whichever the vendor keeps.
+        let twice = r#"{"grader":{"graders":{"a":{"model":"x"},"a":{"model":"y"}}}}"#;
+        assert_eq!(
+            models(twice, &graders),
+            (vec!["x".into(), "y".into()], false)
+        );
+        for none in [
+            r#"{"grader":{"graders":[{"model":"an array is not this field"}]}}"#,
+            r#"{"grader":{"graders":{}}}"#,
+            r#"{"grader":{"model":"top of the grader is another field"}}"#,
+        ] {
+            assert_eq!(models(none, &graders), (vec![], false), "{none}");
+        }
+        let malformed = r#"{"grader":{"graders":{"a":{"model":"x"} "b":{"model":"y"}}}}"#;
+        assert!(models(malformed, &graders).1);
+        let cut = r#"{"grader":{"graders":{"a":{"model":"x"},"b":{"mod"#;
+        assert_eq!(models(cut, &graders), (vec!["x".into()], false));
+    }
+
     #[test]
     fn field_paths_name_keys_and_arrays() {
         assert!(FieldPath::parse("requests[].params.model").is_ok());
         assert!(FieldPath::parse("models[]").is_ok());
-        for bad in ["", "[]", "models[][]", "a..model", "a[0].model", "a.\"b\""] {
+        assert!(FieldPath::parse("graders{}.model").is_ok());
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            "models[][]",
+            "g{}{}",
+            "g[]{}",
+            "a..model",
+            "a[0].model",
+            "a.\"b\"",
+            "a{x}.m",
+        ] {
             assert!(FieldPath::parse(bad).is_err(), "{bad}");
         }
     }
