@@ -1199,9 +1199,26 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // The Uploads API sends a file in parts that cut its lines anywhere: a batch input cannot
+    // be read that way, so creating one is refused; other purposes pass.
+    let r = post_json(
+        &proxy,
+        "http://api.openai.com/v1/uploads?batch-in-parts",
+        r#"{"purpose":"batch","filename":"in.jsonl","bytes":1000000,"mime_type":"application/jsonl"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("body_not_inspectable"), "{}", r.body);
+    let r = post_json(
+        &proxy,
+        "http://api.openai.com/v1/uploads?assistants",
+        r#"{"purpose":"assistants","filename":"a.pdf","bytes":1000000,"mime_type":"application/pdf"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         origin.requests().len(),
-        5,
+        6,
         "only the allowed uploads and grader run reached the origin"
     );
 }

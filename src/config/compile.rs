@@ -223,7 +223,11 @@ fn add_vendor(
             .map_err(|e| src.error(src.at(file, &f.path), e))?;
         let field = crate::inspect::model::FieldPath::parse(f.field.get_ref())
             .map_err(|e| src.error(src.at(file, &f.field), e))?;
-        model_fields.push((path, if f.lines { field.per_line() } else { field }));
+        let field = match f.lines {
+            true => field.per_line(),
+            false => field,
+        };
+        model_fields.push((path, field.unreadable_when(&f.unreadable_when)));
     }
     let vid = catalog.push_vendor(
         Vendor::new(id, def.name.as_deref().unwrap_or(id), endpoints)

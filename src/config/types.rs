@@ -162,6 +162,11 @@ pub struct ModelFieldDef {
     /// file: `field` is read in each line.
     #[serde(default)]
     pub lines: bool,
+    /// Values of `field` saying the models are sent where they cannot be read: refused where
+    /// a model rule is in play (`{ path = "/v1/uploads", field = "purpose", unreadable_when =
+    /// ["batch"] }`).
+    #[serde(default)]
+    pub unreadable_when: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -30,6 +30,10 @@ pub const MAX_MODELS: usize = 16;
 pub struct FieldPath {
     steps: Box<[Step]>,
     per_line: bool,
+    /// Values of the field that say the body's models are sent where they cannot be read
+    /// (an Uploads API file whose `purpose` is `batch` arrives in parts that cut its lines):
+    /// the field is then a doubt, not a model.
+    unreadable_when: Box<[Box<str>]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +68,15 @@ impl FieldPath {
         Ok(FieldPath {
             steps: steps.into(),
             per_line: false,
+            unreadable_when: Box::default(),
         })
+    }
+
+    /// The field names no model: one of `values` there (in any case) makes the body's models
+    /// unreadable, anything else is passed over.
+    pub fn unreadable_when(mut self, values: &[impl AsRef<str>]) -> FieldPath {
+        self.unreadable_when = values.iter().map(|v| v.as_ref().into()).collect();
+        self
     }
 
     /// The same field, read in every line of the body (JSON Lines).
@@ -99,6 +111,14 @@ pub fn models_at(body: &[u8], path: &FieldPath, boundaries: &[Vec<u8>]) -> Neste
         lines_at(&body[start..], &path.steps, boundaries, &mut out);
     } else if walk(body, skip_ws(body, start), &path.steps, &mut out) == Err(Stop::Malformed) {
         out.ambiguous = true;
+    }
+    if !path.unreadable_when.is_empty() {
+        let values = std::mem::take(&mut out.models);
+        out.ambiguous |= values.iter().any(|v| {
+            path.unreadable_when
+                .iter()
+                .any(|u| v.trim().eq_ignore_ascii_case(u))
+        });
     }
     out
 }
@@ -688,6 +708,31 @@ mod tests {
         assert!(models(malformed, &graders).1);
         let cut = r#"{"grader":{"graders":{"a":{"model":"x"},"b":{"mod"#;
         assert_eq!(models(cut, &graders), (vec!["x".into()], false));
+    }
+
+    /// OpenAI's Uploads API sends a file in parts that cut its lines anywhere: a batch input
+    /// sent that way cannot be read, so its creation is the doubt. Other purposes pass.
+    #[test]
+    fn a_field_value_can_make_the_models_unreadable() {
+        let purpose = FieldPath::parse("purpose")
+            .unwrap()
+            .unreadable_when(&["batch"]);
+        for (body, doubt) in [
+            (
+                r#"{"purpose":"batch","filename":"in.jsonl","bytes":9}"#,
+                true,
+            ),
+            (r#"{"purpose":" Batch ","filename":"in.jsonl"}"#, true),
+            (r#"{"purpose":"batch"}"#, true),
+            (r#"{"purpose":"fine-tune","filename":"t.jsonl"}"#, false),
+            (r#"{"purpose":"assistants"}"#, false),
+            (r#"{"filename":"no purpose"}"#, false),
+            // Named twice, or in another case: which one the vendor keeps is a doubt too.
+            (r#"{"purpose":"assistants","purpose":"user_data"}"#, true),
+            (r#"{"Purpose":"assistants"}"#, true),
+        ] {
+            assert_eq!(models(body, &purpose), (vec![], doubt), "{body}");
+        }
     }
 
     #[test]
