@@ -538,7 +538,15 @@ pub fn form_model(body: &[u8], complete: bool) -> Field {
         match name_kind(&percent_decode(name, true)) {
             Name::Other => {}
             Name::LooksLike => return Field::doubtful(),
-            Name::Model if out.named => return Field::doubtful(),
+            // The same value again (`?model=x&model=x`, as a client that appends to a URL
+            // may send) is read alike by first-wins and last-wins parsers. Not across a `;`,
+            // which Python since 3.10 does not split at: to it the first value runs on.
+            Name::Model if out.named => {
+                let again = field_value(&percent_decode(value, true));
+                if again.is_none() || again != out.model || body.contains(&b';') {
+                    return Field::doubtful();
+                }
+            }
             Name::Model => {
                 out.named = true;
                 out.model = field_value(&percent_decode(value, true));
@@ -1681,9 +1689,13 @@ mod tests {
             "model=gpt-4o-mini&Model=gpt-4o",
             "MODEL=gpt-4o",
             "mod%2565l=gpt-4o",
+            "model=gpt-4o;model=gpt-4o",
+            "model=%ff&model=%ff",
         ] {
             assert!(form(body).ambiguous, "{body}");
         }
+        // The same value twice is read alike by every parser.
+        assert_eq!(form("model=gpt-4o&x=1&mod%65l=gpt%2D4o"), one("gpt-4o"));
     }
 
     #[test]
