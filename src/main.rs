@@ -138,22 +138,41 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The most some dependencies may log, whatever the level asked for (a cap, not a level:
+/// under `warn` they stay at `warn`).
+fn log_caps() -> tracing_subscriber::filter::Targets {
+    use tracing::Level;
+    tracing_subscriber::filter::Targets::new()
+        .with_default(Level::TRACE)
+        // The file watcher traces every inotify event; with the log written to a file in a
+        // watched directory each line would be an event, and so on without end, starving the
+        // request threads of the log's lock.
+        .with_target("notify", Level::INFO)
+        // At debug, h2 writes out the pseudo-headers of a request it refuses (a key in a
+        // `:path` with a space, a password in an `:authority`), and hyper-util the requests it
+        // sends; rustls's trace holds whole handshake messages. Secrets reach no log at any
+        // level.
+        .with_target("h2", Level::INFO)
+        .with_target("hyper_util", Level::INFO)
+        .with_target("rustls", Level::DEBUG)
+}
+
 fn run(path: Option<&Path>) -> ExitCode {
     let loaded = match load(path) {
         Ok(l) => l,
         Err(code) => return code,
     };
     // Process logs go to stderr (the audit log may be stdout); RUST_LOG wins over [log] level.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.settings.log_level))
-                // The file watcher traces every inotify event; with the log written to a file
-                // in a watched directory each line would be an event, and so on without end,
-                // starving the request threads of the log's lock.
-                .add_directive("notify=info".parse().expect("static directive")),
+    use tracing_subscriber::prelude::*;
+    let level = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.settings.log_level));
+    tracing_subscriber::registry()
+        .with(level)
+        .with(log_caps())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
     raise_open_files_limit();

@@ -1557,3 +1557,101 @@ async fn a_refused_connect_to_an_intercepted_vendor_is_recorded_as_a_tunnel() {
         .await;
     assert_eq!(rec["tls"], "intercept", "{rec}");
 }
+
+/// One HTTP/2 frame: 9-byte header, then the payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A HEADERS block of literal fields (HPACK "without indexing", no Huffman), each name and
+/// value under 127 bytes: what a client sends when it does not check what it puts in `:path`.
+fn h2_literal_headers(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127);
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// h2 refuses a request whose `:path` or `:authority` holds a byte a URI may not (a space a
+/// careless client left in a query) and, at debug, used to write the raw value to the process
+/// log: a key in the query, a password in the authority. Dependencies' logs are capped so that
+/// no level shows them. Found by the red team.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_http2_request_leaves_no_secret_in_the_trace_log() {
+    const KEY: &str = "sk-proj-h2LeakCanaryAAAAAAAAAAAAAAAAAAAAAAAA";
+    const PASSWORD: &str = "h2AuthorityCanaryPw";
+    let ca = OrgCa::new();
+    let origin = Origin::https_h2().await;
+    let roots = TempDir::new().expect("tempdir");
+    let mut proxy = Proxy::spawn(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail("[log]\nlevel = \"trace\"\n")
+            .tail(&ca.section("vendors = [\"openai\"]")),
+    )
+    .await;
+    let mut tls = intercepted(proxy.addr, &ca, b"h2").await;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    let bad_path = format!("/v1/models?key={KEY}&q=a b");
+    let bad_authority = format!("u:{PASSWORD}@api.openai.com ");
+    for (stream, path, authority) in [
+        (1, bad_path.as_str(), "api.openai.com"),
+        (3, "/v1/models", bad_authority.as_str()),
+    ] {
+        let block = h2_literal_headers(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", authority),
+            (":path", path),
+        ]);
+        // END_STREAM | END_HEADERS
+        out.extend(h2_frame(0x1, 0x5, stream, &block));
+    }
+    tls.write_all(&out).await.expect("send frames");
+    // Each stream is reset (RST_STREAM, type 3) once h2 has looked at it.
+    let mut got = Vec::new();
+    let mut reset = std::collections::HashSet::new();
+    within("both streams reset", async {
+        let mut buf = [0u8; 4096];
+        while reset.len() < 2 {
+            let n = tls.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before both streams were reset");
+            got.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            while got.len() >= at + 9 {
+                let len = (usize::from(got[at]) << 16)
+                    | (usize::from(got[at + 1]) << 8)
+                    | usize::from(got[at + 2]);
+                if got.len() < at + 9 + len {
+                    break;
+                }
+                if got[at + 3] == 0x3 {
+                    reset.insert(u32::from_be_bytes(got[at + 5..at + 9].try_into().unwrap()));
+                }
+                at += 9 + len;
+            }
+        }
+    })
+    .await;
+    drop(tls);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(proxy.stop().await.map(|s| s.success()), Some(true));
+    let output = proxy.output();
+    assert!(output.contains("TRACE"), "level trace not in effect");
+    for secret in [KEY, PASSWORD] {
+        assert!(!output.contains(secret), "the log holds {secret}: {output}");
+    }
+    assert!(origin.requests().is_empty());
+}
