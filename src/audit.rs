@@ -295,8 +295,11 @@ fn secret_name(name: &str) -> bool {
 
 /// How vendors' API keys and tokens begin, as issued: one of them as a whole path segment
 /// (`/v1/keys/sk-…`) is a credential whatever the path around it.
-const KEY_PREFIXES: [&str; 22] = [
+const KEY_PREFIXES: [&str; 25] = [
     "sk-",
+    "fw_",
+    "csk-",
+    "tgp_v1_",
     "sk_live_",
     "rk_live_",
     "AIza",
@@ -354,19 +357,61 @@ pub fn looks_like_key(seg: &str) -> bool {
     }
 }
 
-/// Whether a piece of a path is a credential by its shape, as sent or percent-decoded: an
-/// origin that decodes `%2F` reads `a%2Fsk-…` as a segment that is a key.
+/// Whether a piece of a path or a query value holds a credential by its shape, as sent or
+/// percent-decoded (an origin that decodes `%2F` reads `a%2Fsk-…` as a segment that is a
+/// key): see [`holds_key`].
 fn hides_key(piece: &str) -> bool {
-    if looks_like_key(piece) {
+    if holds_key(piece) {
         return true;
     }
     if !piece.contains('%') {
         return false;
     }
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(piece).collect();
-    String::from_utf8_lossy(&decoded)
-        .split(['/', '\\', ';'])
-        .any(looks_like_key)
+    holds_key(&String::from_utf8_lossy(&decoded))
+}
+
+/// The piece is a key (see [`looks_like_key`]), or holds one among other text: a run of key
+/// characters shaped like one (`ids=sk-…,sk-…`, `Bearer+sk-…`, `sk-….json`, a nested URL's
+/// `?key=AIza…`), a JWT or a Google OAuth access token.
+fn holds_key(s: &str) -> bool {
+    s.len() >= MIN_KEY_LEN
+        && (looks_like_key(s)
+            || s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                .any(looks_like_key)
+            || holds_token(s))
+}
+
+/// A JWT (`eyJ…` header, `.`, payload) or a Google OAuth access token (`ya29.…`) in `s`: their
+/// dots split them into runs no prefix marks.
+fn holds_token(s: &str) -> bool {
+    let b = s.as_bytes();
+    let run = |from: usize| {
+        b.get(from..).map_or(0, |t| {
+            t.iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || **c == b'-' || **c == b'_')
+                .count()
+        })
+    };
+    let jwt = memchr::memmem::find_iter(b, b"eyJ").any(|i| {
+        let head = run(i);
+        head >= 10 && b.get(i + head) == Some(&b'.') && run(i + head + 1) >= 10
+    });
+    jwt || memchr::memmem::find_iter(b, b"ya29.").any(|i| run(i + 5) >= 20)
+}
+
+/// A query value that is itself a URL or query (`?u=https://host/x?api_key=…`) whose own
+/// parameters carry a credential by name.
+fn nests_secret(value: &str) -> bool {
+    if !value.contains(['=', '%']) {
+        return false;
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
+    let decoded = String::from_utf8_lossy(&decoded);
+    decoded
+        .split(['?', '&', ';'])
+        .filter_map(|pair| pair.split_once('='))
+        .any(|(name, v)| !v.is_empty() && secret_name(name))
 }
 
 /// Whether a `;` parameter of a path segment hides a credential: by its name, as query
@@ -451,8 +496,9 @@ pub fn redact_path(path_and_query: &str) -> Box<str> {
             Some((name, value)) => {
                 out.push_str(name);
                 out.push('=');
-                // By its name, or by its shape (`?model=sk-…`, a key where none is expected).
-                let secret = secret_name(name) || hides_key(value);
+                // By its name, or by its shape (`?model=sk-…`, a key where none is expected),
+                // or by a name inside it (a URL passed as a value).
+                let secret = secret_name(name) || hides_key(value) || nests_secret(value);
                 out.push_str(if secret { REDACTED } else { value });
             }
             None => out.push_str(if hides_key(pair) { REDACTED } else { pair }),
@@ -1634,6 +1680,63 @@ mod tests {
         assert_eq!(&*redact_path("/p?key"), "/p?key");
         assert_eq!(&*redact_path("/p?key="), "/p?key=REDACTED");
         assert_eq!(&*redact_path("/p?key=a=b;c=d"), "/p?key=REDACTED;c=d");
+    }
+
+    /// Keys among other text in a value or segment, in shapes the red team sent: lists,
+    /// `Bearer` prefixes, file names, URLs passed as values, JWTs, vendors' newer prefixes.
+    #[test]
+    fn keys_inside_longer_values_are_redacted() {
+        let k = "sk-proj-ZQXinside0123456789abcd";
+        for (sent, logged) in [
+            (format!("/v1/x?ids={k},{k}"), "/v1/x?ids=REDACTED"),
+            (format!("/v1/x?h=Bearer+{k}"), "/v1/x?h=REDACTED"),
+            (format!("/v1/x?h=Bearer%20{k}"), "/v1/x?h=REDACTED"),
+            (format!("/v1/{k}.json"), "/v1/REDACTED"),
+            (format!("/v1/x?x={k}."), "/v1/x?x=REDACTED"),
+            (
+                "/v1/x?u=https://g.example/v1/x?key=AIzaSyZQXnested0123456789".into(),
+                "/v1/x?u=REDACTED",
+            ),
+            (
+                "/v1/x?u=https%3A%2F%2Fg.example%2Fv1%3Fapi_key%3Dplainsecret".into(),
+                "/v1/x?u=REDACTED",
+            ),
+            (
+                "/v1/x?json=%7B%22k%22%3A%22sk-ant-api03-ZQXjson0123456789%22%7D".into(),
+                "/v1/x?json=REDACTED",
+            ),
+            (
+                "/v1/files/fw_ZQXfireworks0123456789ab".into(),
+                "/v1/files/REDACTED",
+            ),
+            (
+                "/v1/x?c=csk-ZQXcerebras0123456789abc".into(),
+                "/v1/x?c=REDACTED",
+            ),
+            (
+                "/v1/x?t=tgp_v1_ZQXtogether0123456789a".into(),
+                "/v1/x?t=REDACTED",
+            ),
+            (
+                "/v1/x?t=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl".into(),
+                "/v1/x?t=REDACTED",
+            ),
+            (
+                "/v1/x?t=ya29.a0AfH6SMZQXgoogle0123456789".into(),
+                "/v1/x?t=REDACTED",
+            ),
+        ] {
+            assert_eq!(&*redact_path(&sent), logged, "{sent}");
+        }
+        // Text that only looks like it: kept.
+        for kept in [
+            "/v1/x?q=ask-me-anything-about-rust-today",
+            "/v1/x?redirect=https://g.example/next?page=2",
+            "/v1/models/gpt-4o-mini-2024-07-18:predict?alt=sse",
+            "/v1/x?t=eyJshort.x",
+        ] {
+            assert_eq!(&*redact_path(kept), kept);
+        }
     }
 
     /// One case per part of a name that marks a credential, in the spellings vendors use.
