@@ -77,6 +77,18 @@ endpoint = "app"
 action = "block"
 
 [[rule]]
+id = "cohere-per-key"
+vendor = "cohere"
+action = "limit"
+limit = { requests = 3, per = "1h", by = "key" }
+
+[[rule]]
+id = "cohere-bytes"
+vendor = "cohere"
+action = "limit"
+limit = { bytes = "1GiB", per = "1d", by = "client" }
+
+[[rule]]
 id = "no-deepseek"
 vendor = "deepseek"
 action = "block"
@@ -87,7 +99,7 @@ action = "block"
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
     let stderr = String::from_utf8(out.stderr).unwrap();
     let notes: Vec<&str> = stderr.lines().collect();
-    assert_eq!(notes.len(), 2, "{stderr}");
+    assert_eq!(notes.len(), 3, "{stderr}");
     assert!(
         notes[0].contains("note: rule cap-batches") && notes[0].ends_with(": openai)"),
         "{stderr}"
@@ -96,12 +108,20 @@ action = "block"
         notes[1].contains("rule no-pro") && notes[1].ends_with(": anthropic, google-gemini)"),
         "{stderr}"
     );
+    // A request count and a per-key limit on a vendor not intercepted count tunnels by client
+    // address there (found by the red team); a byte limit works on tunnels alike.
+    assert!(
+        notes[2].contains("rule cohere-per-key limits requests by API key")
+            && notes[2].contains("counts tunnels opened, by client address")
+            && notes[2].ends_with(": cohere)"),
+        "{stderr}"
+    );
 
     // With the vendors intercepted: nothing to note.
     let ca = tempfile::tempdir().unwrap();
     portcullis::ca::init(ca.path(), "test CA").unwrap();
     let intercepted = format!(
-        "{rules}\n[intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\nvendors = [\"openai\", \"anthropic\", \"google-gemini\"]\n",
+        "{rules}\n[intercept]\nca_cert = \"{}\"\nca_key = \"{}\"\nvendors = [\"openai\", \"anthropic\", \"google-gemini\", \"cohere\"]\n",
         ca.path().join("ca.pem").display(),
         ca.path().join("ca.key").display()
     );

@@ -289,11 +289,6 @@ impl Policy {
         let seen_in_tunnels = Endpoint::App.bit() | Endpoint::Unknown.bit();
         let mut out = Vec::new();
         for r in &self.rules {
-            let needs_inside =
-                r.needs_inside() || (r.endpoints != 0 && r.endpoints & seen_in_tunnels == 0);
-            if r.action == Action::Allow || !needs_inside {
-                continue;
-            }
             let opaque: Vec<&str> = r
                 .vendors
                 .iter()
@@ -307,14 +302,48 @@ impl Policy {
                 })
                 .map(|&v| &*self.catalog.vendor(v).id)
                 .collect();
+            let these = match opaque.len() {
+                1 => "this vendor is",
+                _ => "these vendors are",
+            };
+            // A tunnel shows neither its requests nor their keys: a request count counts
+            // tunnels there, and a key falls back to the client address.
+            let rate = r
+                .limits
+                .iter()
+                .any(|l| matches!(l.kind, crate::limits::LimitKind::Rate { .. }));
+            let by_key = r
+                .limits
+                .iter()
+                .any(|l| l.by.contains(&crate::limits::KeyPart::Key));
+            let needs_inside =
+                r.needs_inside() || (r.endpoints != 0 && r.endpoints & seen_in_tunnels == 0);
+            if r.action == Action::Limit && (rate || by_key) && !needs_inside && !opaque.is_empty()
+            {
+                out.push(format!(
+                    "rule {} limits {}, but {these} not intercepted: in HTTPS tunnels it counts {} (add to [intercept] vendors: {})",
+                    r.id,
+                    match (rate, by_key) {
+                        (true, true) => "requests by API key",
+                        (true, false) => "requests",
+                        _ => "by API key",
+                    },
+                    match (rate, by_key) {
+                        (true, true) => "tunnels opened, by client address",
+                        (true, false) => "tunnels opened, however many requests each carries",
+                        _ => "by client address, a tunnel's keys being unseen",
+                    },
+                    opaque.join(", ")
+                ));
+            }
+            if r.action == Action::Allow || !needs_inside {
+                continue;
+            }
             if !opaque.is_empty() {
                 out.push(format!(
                     "rule {} looks inside requests (path, endpoint, model or body), but {} not intercepted: it applies to plain HTTP only, not to HTTPS tunnels (add to [intercept] vendors: {})",
                     r.id,
-                    match opaque.len() {
-                        1 => "this vendor is",
-                        _ => "these vendors are",
-                    },
+                    these,
                     opaque.join(", ")
                 ));
             }
