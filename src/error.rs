@@ -156,6 +156,20 @@ impl ProxyError {
         }
     }
 
+    /// The reason the client is told. The guard's refusal leaves out the address: a client
+    /// that names an internal host must not learn what it resolves to (the audit record and
+    /// the log keep it).
+    pub fn client_reason(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            ProxyError::AddressDenied(d) => format!(
+                "the destination's address is {} and not allowed",
+                d.class.describe()
+            )
+            .into(),
+            e => e.to_string().into(),
+        }
+    }
+
     /// Counted in `portcullis_upstream_errors_total`: failures on the way to the origin.
     pub fn is_upstream(&self) -> bool {
         matches!(

@@ -207,7 +207,12 @@ async fn resolve_override_is_guarded_like_dns() {
     let proxy = Proxy::start(Config::new().resolve("api.openai.com:80", origin.addr)).await;
     let r = fetch(proxy.client().get("http://api.openai.com/v1/models")).await;
     assert_error(&r, 403, "address_denied");
+    // The client is not told what the name resolves to; the record keeps it.
+    let addr = origin.addr.to_string();
+    assert!(!r.body.contains(&addr), "{}", r.body);
+    assert!(r.body.contains("loopback"), "{}", r.body);
     let rec = proxy.audit_path("/v1/models").await;
+    assert!(rec["reason"].as_str().unwrap().contains(&addr), "{rec}");
     assert_eq!(rec["status"], 403);
     assert_eq!(
         rec["action"], "block",

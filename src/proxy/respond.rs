@@ -147,7 +147,7 @@ pub fn limited(
 /// The response for a request-path error; 407 carries the challenge.
 pub fn error(e: &ProxyError, realm: Option<&str>, html: bool) -> Response<ProxyBody> {
     let status = e.status();
-    let body = json!({ "error": e.kind(), "reason": e.to_string() });
+    let body = json!({ "error": e.kind(), "reason": e.client_reason() });
     let title = status.canonical_reason().unwrap_or("Error");
     let mut resp = build(status, html, body, title);
     if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
