@@ -173,9 +173,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     });
 
     let interceptor = match &settings.intercept {
-        Some(a) => Some(proxy::intercept::Interceptor::new(Arc::new(
+        Some(a) => Some(Arc::new(proxy::intercept::Interceptor::new(Arc::new(
             crate::tls::ca::Authority::load(a)?,
-        ))),
+        )))),
         None => None,
     };
 
@@ -192,7 +192,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         metrics,
         auth,
         keys,
-        interceptor,
+        interceptor: arc_swap::ArcSwapOption::new(interceptor),
         ready: AtomicBool::new(false),
         shutdown: proxy::shutdown::Shutdown::default(),
         source: loaded.source,

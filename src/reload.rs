@@ -11,7 +11,9 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::config::{self, ConfigError, Settings};
+use crate::proxy::intercept::Interceptor;
 use crate::proxy::State;
+use crate::tls::ca::Authority;
 
 /// What a reload did.
 #[derive(Debug)]
@@ -94,8 +96,16 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
         },
         Err(e) => Err(e),
     };
+    // And the CA, when `[intercept]` is there: one that does not load fails the reload too.
+    let loaded = match loaded {
+        Ok((l, users)) => match next_interceptor(state, &l.settings).await {
+            Ok(icp) => Ok((l, users, icp)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     match loaded {
-        Ok((l, users)) => {
+        Ok((l, users, interceptor)) => {
             let needs_restart = changed_settings(&state.settings, &l.settings);
             if let (Some(auth), Some(users)) = (&state.auth, users) {
                 auth.htpasswd.store(Arc::new(users));
@@ -106,6 +116,9 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
                 needs_restart,
             };
             set_policy_files(&state.source, l.files);
+            // Before the policy that lists what to intercept: a tunnel opened between the two
+            // stores meets the new CA and the old lists, never new lists and no CA.
+            state.interceptor.store(interceptor);
             for note in l.policy.blind_rules() {
                 tracing::warn!("{note}");
             }
@@ -141,6 +154,36 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
             Err(e)
         }
     }
+}
+
+/// The interceptor the reloaded settings call for: the running one while its CA files and
+/// settings are unchanged (its leaf cache and TLS sessions stay), a new one when `[intercept]`
+/// was added or its CA changed, none when it was removed.
+async fn next_interceptor(
+    state: &State,
+    settings: &Settings,
+) -> Result<Option<Arc<Interceptor>>, ConfigError> {
+    let Some(ca) = settings.intercept.clone() else {
+        return Ok(None);
+    };
+    let config_file = state
+        .source
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+    let authority = tokio::task::spawn_blocking(move || Authority::load(&ca))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|loaded| loaded.map_err(|e| e.to_string()))
+        .map_err(|msg| ConfigError {
+            file: config_file,
+            line: 0,
+            col: 0,
+            msg: format!("[intercept]: {msg}"),
+        })?;
+    Ok(Some(match state.interceptor.load_full() {
+        Some(running) if running.authority.same_as(&authority) => running,
+        _ => Arc::new(Interceptor::new(Arc::new(authority))),
+    }))
 }
 
 /// Sections that are wired into listeners, sockets and tasks at start.

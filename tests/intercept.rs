@@ -1655,3 +1655,63 @@ async fn a_malformed_http2_request_leaves_no_secret_in_the_trace_log() {
     }
     assert!(origin.requests().is_empty());
 }
+
+/// `[intercept]` added by a reload applies from the next CONNECT on: before, the rules that
+/// look inside requests could not see into the vendor's tunnels; after, they decide each
+/// request. A CA that does not load fails the reload and changes nothing. Found by the red
+/// team: the CA was read at start only, so the reload's vendor list was silently a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interception_added_by_a_reload_applies_to_the_next_tunnel() {
+    let ca = OrgCa::new();
+    let origin = Origin::https_h2().await;
+    let roots = TempDir::new().expect("tempdir");
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", origin.addr)
+            .upstream(&upstream_roots(roots.path()))
+            .tail("[[rule]]\nid = \"no-model-list\"\nvendor = \"openai\"\nendpoint = \"models\"\naction = \"block\"\n"),
+    )
+    .await;
+    let s = Setup {
+        ca,
+        origin,
+        proxy,
+        _roots: roots,
+    };
+    let c = client(&s, false);
+    // Opaque: the client, trusting only the org CA, meets the origin's own certificate.
+    assert!(c
+        .get("https://api.openai.com/v1/models")
+        .send()
+        .await
+        .is_err());
+    assert!(s.origin.requests().is_empty());
+
+    // A CA that does not load: the reload fails and the tunnel stays opaque.
+    let missing = "[intercept]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\nvendors = [\"openai\"]\n";
+    assert_ne!(
+        s.proxy.reload_edited(|t| format!("{t}\n{missing}")).await,
+        200
+    );
+    assert!(c
+        .get("https://api.openai.com/v1/models")
+        .send()
+        .await
+        .is_err());
+
+    let section = s.ca.section("vendors = [\"openai\"]");
+    assert_eq!(
+        s.proxy
+            .reload_edited(|t| format!("{}\n{section}", t.replace(missing, "")))
+            .await,
+        200
+    );
+    let r = fetch(c.get("https://api.openai.com/v1/models")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["rule"], "no-model-list");
+    let r = fetch(c.get("https://api.openai.com/v1/files")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(s.origin.requests().len(), 1);
+    let rec = s.proxy.audit_path("/v1/models").await;
+    assert_eq!(rec["tls"], "intercept", "{rec}");
+}

@@ -79,7 +79,7 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
         body: Default::default(),
     });
     // Listed vendors and hosts are opened (when a CA is configured); the rest stay opaque.
-    let intercept = state.interceptor.is_some()
+    let intercept = state.interceptor.load().is_some()
         && !policy.intercept.is_empty()
         && policy
             .intercept
@@ -557,7 +557,7 @@ impl Tunnel {
             }
         }
         let vendor = self.policy.catalog.lookup(host).map(|h| h.vendor);
-        let intercepted = self.state.interceptor.is_some()
+        let intercepted = self.state.interceptor.load().is_some()
             && !self.policy.intercept.is_empty()
             && self.policy.intercept.intercepts(host, vendor);
         intercepted.then_some("interception")

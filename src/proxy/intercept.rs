@@ -67,7 +67,7 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(icp) = &state.interceptor else {
+    let Some(icp) = state.interceptor.load_full() else {
         return Err("intercept_unavailable: no CA configured".into());
     };
     let config = match &inside.sni {

@@ -72,7 +72,9 @@ pub struct State {
     /// Plain-HTTP exchanges of requests without a body.
     pub direct: Arc<crate::upstream::direct::DirectPool>,
     /// The interception CA, when `[intercept]` is configured.
-    pub interceptor: Option<intercept::Interceptor>,
+    /// Built from `[intercept]`'s CA at start and again at a reload that adds the section or
+    /// changes its CA: the vendors a reload lists are intercepted from then on.
+    pub interceptor: arc_swap::ArcSwapOption<intercept::Interceptor>,
     pub audit: AuditSink,
     pub metrics: Arc<Metrics>,
     pub auth: Option<Auth>,

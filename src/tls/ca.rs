@@ -105,6 +105,14 @@ impl Authority {
         Authority::new(ca_der, issuer, ca_key, settings.clone())
     }
 
+    /// Whether `other` signs with the same CA under the same settings: a reload that read
+    /// the same files keeps the running authority, its leaf cache and TLS sessions.
+    pub fn same_as(&self, other: &Authority) -> bool {
+        self.ca_der == other.ca_der
+            && self.settings == other.settings
+            && self.ca_key.public_key_der() == other.ca_key.public_key_der()
+    }
+
     /// A CA made in memory (tests, benchmarks).
     pub fn generate(settings: AuthoritySettings) -> Result<Authority, CaError> {
         let err = |e: rcgen::Error| CaError::Issue {
