@@ -169,6 +169,9 @@ async fn check_names_file_line_and_column_of_each_error() {
         ("\n[defaults]\naction = \"limit\"\n", 7, 10, "defaults"),
         ("\n[[rule]]\nid = \"r1\"\nhost = []\naction = \"block\"\n", 8, 8, "host = []"),
         ("\n[[rule]]\nid = \"r1\"\nport = 0\naction = \"block\"\n", 8, 8, "port"),
+        // A catalog entry cut short after its id (a save in progress): refused, not a vendor
+        // that matches nothing under a rule that then blocks nothing.
+        ("\n[[vendor]]\nid = \"cut\"\nname = \"Cut\"\n", 7, 6, "names no host"),
     ];
     for &(body, line, col, word) in cases {
         let (l, c, msg) = check_error(dir.path(), body).await;

@@ -178,6 +178,14 @@ fn add_vendor(
     if catalog.find_vendor(id).is_some() {
         return Err(src.error(src.at(file, &def.id), format!("duplicate vendor id {id:?}")));
     }
+    // A vendor with no host matches nothing, and a rule naming it blocks nothing: what a
+    // catalog cut short mid-save (an `id` line and no more) looks like, never what is meant.
+    if def.hosts.is_empty() && def.app_hosts.is_empty() {
+        return Err(src.error(
+            src.at(file, &def.id),
+            format!("vendor {id:?} names no host: give it hosts or app_hosts"),
+        ));
+    }
     let mut endpoints = Vec::new();
     if let Some(eps) = &def.endpoints {
         for (class, patterns) in eps.get_ref() {
