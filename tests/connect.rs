@@ -286,6 +286,61 @@ async fn an_audit_or_shadow_rule_on_the_server_name_is_what_the_tunnel_records()
     }
 }
 
+/// A CONNECT to an address whose ClientHello names a vendor host that does not resolve to
+/// that address is not put on the vendor's record: the client would otherwise choose whose
+/// record, metrics and bulk signals any destination's traffic lands on (found by the red
+/// team: a blocked vendor's address, recorded as OpenAI's). The name's own rules still apply:
+/// a blocked name is refused wherever it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_that_leads_elsewhere_does_not_name_the_tunnels_vendor() {
+    let elsewhere = Origin::https().await;
+    let reached = Origin::https().await;
+    let proxy = Proxy::start(
+        Config::new()
+            .vendor("api.openai.com", elsewhere.addr)
+            .vendor("api.anthropic.com", elsewhere.addr)
+            .resolve("127.0.0.1:443", reached.addr)
+            .tail(
+                "[[rule]]\nid = \"watch-openai\"\nvendor = \"openai\"\naction = \"audit\"\n\n\
+                   [[rule]]\nid = \"no-anthropic\"\nvendor = \"anthropic\"\naction = \"block\"\n",
+            ),
+    )
+    .await;
+    let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
+    assert_eq!(status, 200);
+    // The origin's certificate is for 127.0.0.1: the handshake's outcome does not matter,
+    // what the record says of the tunnel does.
+    let _ = within("TLS naming OpenAI", tls_handshake(tunnel, "api.openai.com")).await;
+    let rec = proxy.audit_connect("127.0.0.1").await;
+    assert_eq!(rec["sni"], "api.openai.com", "{rec}");
+    assert!(rec["vendor"].is_null(), "{rec}");
+    assert!(rec["rule"].is_null(), "{rec}");
+    assert_eq!(rec["action"], "allow", "{rec}");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "portcullis_requests_total", &[("vendor", "openai")]),
+        0.0,
+        "{m}"
+    );
+    // A blocked name is refused, wherever it leads.
+    let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
+    assert_eq!(status, 200);
+    let handshake = within(
+        "TLS naming Anthropic",
+        tls_handshake(tunnel, "api.anthropic.com"),
+    )
+    .await;
+    assert!(handshake.is_err());
+    let rec = proxy
+        .audit_where("the blocked name", |r| {
+            r["method"] == "CONNECT" && r["sni"] == "api.anthropic.com"
+        })
+        .await;
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_eq!(rec["rule"], "no-anthropic", "{rec}");
+    assert_eq!(elsewhere.connections(), 0);
+}
+
 /// One vendor's host with another vendor's name in the ClientHello is fronting: no client
 /// does it otherwise, and let through, the client would choose which vendor's limits, record
 /// and bulk signals the tunnel is charged to. A limit shared by both vendors (`by = "vendor"`

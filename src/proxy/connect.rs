@@ -202,6 +202,7 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
         admitted_by,
         _permits: permits,
         meter,
+        sni_unvouched: false,
     };
     tokio::spawn(tunnel.run(on_upgrade, upstream));
     let mut resp = Response::new(Either::Left(Full::default()));
@@ -212,6 +213,39 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
 /// What [`Tunnel::check_sni`] refuses a server name of another vendor than the CONNECT host's
 /// for.
 const ANOTHER_VENDOR: &str = "another vendor";
+
+/// What a tunnel's record says of whose it is and why it passed, kept to put back when the
+/// SNI that changed it turns out not to lead where the tunnel goes.
+struct Attribution {
+    vendor: Option<Arc<str>>,
+    endpoint: &'static str,
+    rule: Option<Arc<str>>,
+    action: &'static str,
+    mode: &'static str,
+    reason: Arc<str>,
+}
+
+impl Attribution {
+    fn of(rec: &Record) -> Attribution {
+        Attribution {
+            vendor: rec.vendor.clone(),
+            endpoint: rec.endpoint,
+            rule: rec.rule.clone(),
+            action: rec.action,
+            mode: rec.mode,
+            reason: rec.reason.clone(),
+        }
+    }
+
+    fn restore(self, rec: &mut Record) {
+        rec.vendor = self.vendor;
+        rec.endpoint = self.endpoint;
+        rec.rule = self.rule;
+        rec.action = self.action;
+        rec.mode = self.mode;
+        rec.reason = self.reason;
+    }
+}
 
 /// The CONNECT decision a tunnel was let through on: its rule, its vendor (whose keys any
 /// limits were charged to), and whether limits were charged at all.
@@ -236,6 +270,10 @@ struct Tunnel {
     /// In-flight slots of `concurrent` limits: a tunnel holds one for its whole life.
     _permits: Vec<crate::limits::Permit>,
     meter: Option<ByteMeter>,
+    /// The SNI named a vendor the CONNECT did not, and does not resolve to the address
+    /// dialled: the tunnel is not put on that vendor's record (see [`Tunnel::sni_leads_to`]),
+    /// at a reload either.
+    sni_unvouched: bool,
 }
 
 impl Tunnel {
@@ -275,10 +313,18 @@ impl Tunnel {
                 tls_sni = Some(info.sni.clone());
                 hello_len = info.len;
                 if let Some(sni) = info.sni {
+                    let named_none = self.rec.vendor.is_none();
+                    let as_admitted = Attribution::of(&self.rec);
                     if let Some(refusal) = self.check_sni(&sni, upstream.is_some()) {
                         self.rec.sni = Some(sni.into());
                         self.close(refusal);
                         return;
+                    }
+                    if let (true, Some(_), Some(up)) = (named_none, &self.rec.vendor, &upstream) {
+                        if !self.sni_leads_to(&sni, up).await {
+                            as_admitted.restore(&mut self.rec);
+                            self.sni_unvouched = true;
+                        }
                     }
                     self.rec.sni = Some(sni.into());
                 }
@@ -485,6 +531,9 @@ impl Tunnel {
             _ => self.unmet_by_tunnel(&d, &sni_host),
         };
         if d.enforced() != Action::Block && unmet.is_none() {
+            if self.sni_unvouched {
+                return None;
+            }
             // Let through under both names. A CONNECT that named no vendor (an address, a
             // CDN's name) is the vendor's whose name the server is asked for; and an audit or
             // shadow rule on that name is what the record shows over a plain allow, or a
@@ -526,6 +575,27 @@ impl Tunnel {
                 d.rule_id().map_or("default", |r| &**r),
             ),
         })
+    }
+
+    /// Whether `sni` resolves to the address this opaque tunnel dialled. A CONNECT to an
+    /// address, or to a name no vendor has, is the vendor's whose name the server is asked
+    /// for only if that name leads there too: otherwise any destination's traffic could be put
+    /// on the record, the metrics and the bulk signals of a vendor the client picks. (A name
+    /// that is blocked is refused whatever it resolves to.)
+    async fn sni_leads_to(&self, sni: &str, upstream: &TcpStream) -> bool {
+        let (Ok(host), Ok(dialled)) = (Host::parse(sni), upstream.peer_addr()) else {
+            return false;
+        };
+        self.state
+            .upstream
+            .resolve(&host, self.port)
+            .await
+            .is_ok_and(|addrs| {
+                addrs.iter().any(|a| {
+                    a.ip().to_canonical() == dialled.ip().to_canonical()
+                        && a.port() == dialled.port()
+                })
+            })
     }
 
     /// Whether the CONNECT was let through as a plain allow: by default or an `allow` rule,

@@ -80,7 +80,8 @@ impl Upstream {
             .unwrap_or(ProxyError::NoAddress))
     }
 
-    async fn resolve(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, ProxyError> {
+    /// The addresses `host` is dialled at: the `resolve` override, the literal, or DNS.
+    pub async fn resolve(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, ProxyError> {
         if let Some(a) = self.overrides.get(&(host.clone(), port)) {
             return Ok(vec![*a]);
         }
