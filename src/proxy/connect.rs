@@ -321,7 +321,9 @@ impl Tunnel {
                         return;
                     }
                     if let (true, Some(_), Some(up)) = (named_none, &self.rec.vendor, &upstream) {
-                        if !self.sni_leads_to(&sni, up).await {
+                        // Boxed: a lookup's state would otherwise sit in every tunnel's task
+                        // (see the boxed `intercept` below), for a check few tunnels need.
+                        if !Box::pin(self.sni_leads_to(&sni, up)).await {
                             as_admitted.restore(&mut self.rec);
                             self.sni_unvouched = true;
                         }
