@@ -287,12 +287,13 @@ async fn an_audit_or_shadow_rule_on_the_server_name_is_what_the_tunnel_records()
 }
 
 /// A CONNECT to an address whose ClientHello names a vendor host that does not resolve to
-/// that address is not put on the vendor's record: the client would otherwise choose whose
-/// record, metrics and bulk signals any destination's traffic lands on (found by the red
-/// team: a blocked vendor's address, recorded as OpenAI's). The name's own rules still apply:
-/// a blocked name is refused wherever it leads.
+/// that address is fronting too: refused. Let through, it was put on the record, metrics and
+/// bulk signals of a vendor the client picked (found by the red team: a blocked vendor's
+/// address with SNI api.openai.com, recorded as OpenAI's); let through unattributed, it would
+/// dodge that vendor's audit and shadow rules by address. A name that leads there passes and
+/// is the vendor's (see above); a blocked name is refused by its rule, wherever it leads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_name_that_leads_elsewhere_does_not_name_the_tunnels_vendor() {
+async fn a_server_name_that_leads_elsewhere_is_refused() {
     let elsewhere = Origin::https().await;
     let reached = Origin::https().await;
     let proxy = Proxy::start(
@@ -308,21 +309,20 @@ async fn a_server_name_that_leads_elsewhere_does_not_name_the_tunnels_vendor() {
     .await;
     let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
     assert_eq!(status, 200);
-    // The origin's certificate is for 127.0.0.1: the handshake's outcome does not matter,
-    // what the record says of the tunnel does.
-    let _ = within("TLS naming OpenAI", tls_handshake(tunnel, "api.openai.com")).await;
+    let handshake = within("TLS naming OpenAI", tls_handshake(tunnel, "api.openai.com")).await;
+    assert!(handshake.is_err(), "the fronted handshake completed");
     let rec = proxy.audit_connect("127.0.0.1").await;
     assert_eq!(rec["sni"], "api.openai.com", "{rec}");
-    assert!(rec["vendor"].is_null(), "{rec}");
-    assert!(rec["rule"].is_null(), "{rec}");
-    assert_eq!(rec["action"], "allow", "{rec}");
-    let m = proxy.metrics().await;
+    assert_eq!(rec["vendor"], "openai", "{rec}");
+    assert_eq!(rec["action"], "block", "{rec}");
+    assert_reason(&rec, "sni_mismatch");
     assert_eq!(
-        metric(&m, "portcullis_requests_total", &[("vendor", "openai")]),
-        0.0,
-        "{m}"
+        reached.connections(),
+        1,
+        "dialled, then closed before the hello went on"
     );
-    // A blocked name is refused, wherever it leads.
+    assert_eq!(reached.requests().len(), 0);
+    // A blocked name is refused by its rule.
     let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
     assert_eq!(status, 200);
     let handshake = within(
@@ -338,7 +338,67 @@ async fn a_server_name_that_leads_elsewhere_does_not_name_the_tunnels_vendor() {
         .await;
     assert_eq!(rec["action"], "block", "{rec}");
     assert_eq!(rec["rule"], "no-anthropic", "{rec}");
+    // A name no vendor has passes unattributed, as before.
+    let (status, _, tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
+    assert_eq!(status, 200);
+    let _ = within(
+        "TLS naming no vendor",
+        tls_handshake(tunnel, "www.example.org"),
+    )
+    .await;
+    let rec = proxy
+        .audit_where("the unknown name", |r| {
+            r["method"] == "CONNECT" && r["sni"] == "www.example.org"
+        })
+        .await;
+    assert!(rec["vendor"].is_null(), "{rec}");
+    assert_ne!(rec["action"], "block", "{rec}");
     assert_eq!(elsewhere.connections(), 0);
+
+    // A tunnel whose name a reload gives to a vendor is not put on that vendor's record: its
+    // address was never checked against the name (found by the red team).
+    let (status, _, mut tunnel) = raw_connect(proxy.addr, "127.0.0.1:443", &[]).await;
+    assert_eq!(status, 200);
+    tunnel
+        .write_all(&client_hello("foo.example"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let status = proxy
+        .reload_edited(|t| {
+            format!(
+                "{t}\n[[vendor]]\nid = \"fooco\"\nhosts = [\"foo.example\"]\n\n\
+                 [[rule]]\nid = \"watch-fooco\"\nvendor = \"fooco\"\naction = \"audit\"\n"
+            )
+        })
+        .await;
+    assert_eq!(status, 200);
+    drop(tunnel);
+    let rec = proxy
+        .audit_where("the tunnel open across the reload", |r| {
+            r["method"] == "CONNECT" && r["sni"] == "foo.example"
+        })
+        .await;
+    assert!(rec["vendor"].is_null(), "{rec}");
+    assert!(rec["rule"].is_null(), "{rec}");
+}
+
+/// A ClientHello as rustls sends it for `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("hello");
+    }
+    out
 }
 
 /// One vendor's host with another vendor's name in the ClientHello is fronting: no client

@@ -202,7 +202,7 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
         admitted_by,
         _permits: permits,
         meter,
-        sni_unvouched: false,
+        sni_vouched: false,
     };
     tokio::spawn(tunnel.run(on_upgrade, upstream));
     let mut resp = Response::new(Either::Left(Full::default()));
@@ -213,39 +213,6 @@ pub async fn handle(arrived: Arrived) -> Response<ProxyBody> {
 /// What [`Tunnel::check_sni`] refuses a server name of another vendor than the CONNECT host's
 /// for.
 const ANOTHER_VENDOR: &str = "another vendor";
-
-/// What a tunnel's record says of whose it is and why it passed, kept to put back when the
-/// SNI that changed it turns out not to lead where the tunnel goes.
-struct Attribution {
-    vendor: Option<Arc<str>>,
-    endpoint: &'static str,
-    rule: Option<Arc<str>>,
-    action: &'static str,
-    mode: &'static str,
-    reason: Arc<str>,
-}
-
-impl Attribution {
-    fn of(rec: &Record) -> Attribution {
-        Attribution {
-            vendor: rec.vendor.clone(),
-            endpoint: rec.endpoint,
-            rule: rec.rule.clone(),
-            action: rec.action,
-            mode: rec.mode,
-            reason: rec.reason.clone(),
-        }
-    }
-
-    fn restore(self, rec: &mut Record) {
-        rec.vendor = self.vendor;
-        rec.endpoint = self.endpoint;
-        rec.rule = self.rule;
-        rec.action = self.action;
-        rec.mode = self.mode;
-        rec.reason = self.reason;
-    }
-}
 
 /// The CONNECT decision a tunnel was let through on: its rule, its vendor (whose keys any
 /// limits were charged to), and whether limits were charged at all.
@@ -270,10 +237,10 @@ struct Tunnel {
     /// In-flight slots of `concurrent` limits: a tunnel holds one for its whole life.
     _permits: Vec<crate::limits::Permit>,
     meter: Option<ByteMeter>,
-    /// The SNI named a vendor the CONNECT did not, and does not resolve to the address
-    /// dialled: the tunnel is not put on that vendor's record (see [`Tunnel::sni_leads_to`]),
-    /// at a reload either.
-    sni_unvouched: bool,
+    /// The SNI names a vendor the CONNECT did not, and resolves to the address dialled (see
+    /// [`Tunnel::sni_leads_to`]): only then is the tunnel put on that vendor's record, at a
+    /// reload too.
+    sni_vouched: bool,
 }
 
 impl Tunnel {
@@ -313,22 +280,17 @@ impl Tunnel {
                 tls_sni = Some(info.sni.clone());
                 hello_len = info.len;
                 if let Some(sni) = info.sni {
-                    let named_none = self.rec.vendor.is_none();
-                    let as_admitted = Attribution::of(&self.rec);
-                    if let Some(refusal) = self.check_sni(&sni, upstream.is_some()) {
-                        self.rec.sni = Some(sni.into());
+                    let mut refusal = self.check_sni(&sni, upstream.is_some());
+                    if let (None, Some(up)) = (&refusal, &upstream) {
+                        // Boxed: a lookup's state would otherwise sit in every tunnel's task
+                        // (see the boxed `intercept` below), for a check few tunnels need.
+                        refusal = Box::pin(self.vouch_for_sni(&sni, up)).await;
+                    }
+                    self.rec.sni = Some(sni.into());
+                    if let Some(refusal) = refusal {
                         self.close(refusal);
                         return;
                     }
-                    if let (true, Some(_), Some(up)) = (named_none, &self.rec.vendor, &upstream) {
-                        // Boxed: a lookup's state would otherwise sit in every tunnel's task
-                        // (see the boxed `intercept` below), for a check few tunnels need.
-                        if !Box::pin(self.sni_leads_to(&sni, up)).await {
-                            as_admitted.restore(&mut self.rec);
-                            self.sni_unvouched = true;
-                        }
-                    }
-                    self.rec.sni = Some(sni.into());
                 }
             }
             Ok(Err(SniError::NotTls)) if !settings.tunnel_require_tls => {}
@@ -535,7 +497,8 @@ impl Tunnel {
             _ => self.unmet_by_tunnel(&d, &sni_host),
         };
         if d.enforced() != Action::Block && unmet.is_none() {
-            if self.sni_unvouched {
+            // Whose the tunnel is, by a name the CONNECT did not give: only once vouched for.
+            if self.admitted_by.vendor.is_none() && !self.sni_vouched {
                 return None;
             }
             // Let through under both names. A CONNECT that named no vendor (an address, a
@@ -581,11 +544,36 @@ impl Tunnel {
         })
     }
 
-    /// Whether `sni` resolves to the address this opaque tunnel dialled. A CONNECT to an
-    /// address, or to a name no vendor has, is the vendor's whose name the server is asked
-    /// for only if that name leads there too: otherwise any destination's traffic could be put
-    /// on the record, the metrics and the bulk signals of a vendor the client picks. (A name
-    /// that is blocked is refused whatever it resolves to.)
+    /// A CONNECT to an address, or to a name no vendor has, whose ClientHello names a vendor's
+    /// host: the tunnel is that vendor's if the name resolves to the address dialled (then
+    /// `check_sni` again, to put it on the vendor's record and rules), and is refused if not.
+    /// Let through unattributed, any destination's traffic could dodge the vendor's audit and
+    /// shadow rules and bulk signals by address; attributed unchecked, it could be put on the
+    /// record of a vendor the client picks. (A name that is blocked was refused already.)
+    async fn vouch_for_sni(&mut self, sni: &str, upstream: &TcpStream) -> Option<String> {
+        let Ok(sni_host) = Host::parse(sni) else {
+            return None;
+        };
+        let vendor = self.policy.catalog.lookup(&sni_host).map(|h| h.vendor);
+        if self.admitted_by.vendor.is_some() || sni_host == self.host || vendor.is_none() {
+            return None;
+        }
+        if !self.sni_leads_to(sni, upstream).await {
+            let vendor = vendor.map(|v| self.policy.catalog.vendor(v).id.clone());
+            self.rec.vendor = vendor.clone();
+            self.rec.action = "block";
+            return Some(format!(
+                "sni_mismatch: SNI {sni} is {}'s and does not resolve to {}, the address the CONNECT to {} reached",
+                vendor.as_deref().unwrap_or(""),
+                upstream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+                self.host,
+            ));
+        }
+        self.sni_vouched = true;
+        self.check_sni(sni, true)
+    }
+
+    /// Whether `sni` resolves to the address this opaque tunnel dialled.
     async fn sni_leads_to(&self, sni: &str, upstream: &TcpStream) -> bool {
         let (Ok(host), Ok(dialled)) = (Host::parse(sni), upstream.peer_addr()) else {
             return false;
