@@ -1167,6 +1167,17 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
             r#"{{"type":"multi","graders":{{"exact":{{"type":"string_check","name":"e"}},"judge":{{"type":"score_model","model":"{judge}"}}}},"calculate_output":"judge"}}"#
         )
     };
+    // The shapes OpenAI's own reference and SDK write `graders` in: an array, one grader.
+    let listed = |judge: &str| {
+        format!(
+            r#"{{"type":"multi","graders":[{{"type":"score_model","name":"j","model":"{judge}"}}],"calculate_output":"j"}}"#
+        )
+    };
+    let single = |judge: &str| {
+        format!(
+            r#"{{"type":"multi","graders":{{"type":"score_model","name":"j","model":"{judge}"}},"calculate_output":"j"}}"#
+        )
+    };
     for (tag, path, body, models) in [
         (
             "multi-run",
@@ -1182,6 +1193,30 @@ async fn a_batch_file_naming_a_blocked_model_is_blocked_at_upload() {
                 multi("o1-pro")
             ),
             "o4-mini,o1-pro",
+        ),
+        (
+            "listed-run",
+            "/v1/fine_tuning/alpha/graders/run",
+            format!(r#"{{"grader":{},"model_sample":"x"}}"#, listed("o1-pro")),
+            "o1-pro",
+        ),
+        (
+            "single-job",
+            "/v1/fine_tuning/jobs",
+            format!(
+                r#"{{"model":"o4-mini","training_file":"file-1","method":{{"type":"reinforcement","reinforcement":{{"grader":{}}}}}}}"#,
+                single("o1-pro")
+            ),
+            "o4-mini,o1-pro",
+        ),
+        (
+            "listed-eval",
+            "/v1/evals",
+            format!(
+                r#"{{"name":"e","testing_criteria":[{}]}}"#,
+                listed("o1-pro")
+            ),
+            "o1-pro",
         ),
     ] {
         let r = post_json(&proxy, format!("http://api.openai.com{path}?{tag}"), body).await;

@@ -20,9 +20,9 @@ pub const MAX_MODELS: usize = 16;
 
 /// Where a body names its models: object keys joined by `.`, with `[]` after a key whose value
 /// is an array, each element of which is walked on (`requests[].params.model`), or is a model
-/// itself when the path ends there (OpenRouter's fallback list, `models[]`), and `{}` after a
-/// key whose value is an object keyed by names the client chooses, each member's value walked
-/// on (OpenAI's multi-grader, `grader.graders{}.model`). Read in each
+/// itself when the path ends there (OpenRouter's fallback list, `models[]`), and `**` for the
+/// value there and every value nested in it (OpenAI's graders: a multi-grader's `graders` are
+/// a map, an array or one grader, and may be multi-graders: `grader.**.model`). Read in each
 /// line of the body instead of the body as one document when [`FieldPath::per_line`]: a file
 /// of batch requests is JSON Lines (OpenAI's `{"custom_id":…,"body":{"model":…}}`), uploaded
 /// whole or as the file part of a multipart form.
@@ -41,29 +41,41 @@ enum Step {
     Key(Box<str>),
     /// Each element of an array.
     Each,
-    /// Each member's value of an object, whatever its key.
-    EachValue,
+    /// The value here and every value nested in it, to [`MAX_DEPTH`] levels.
+    Deep,
 }
 
 impl FieldPath {
     pub fn parse(spec: &str) -> Result<FieldPath, String> {
         let mut steps = Vec::new();
+        let bad = || {
+            format!(
+                "model field {spec:?}: each step is a key of 1 to {MAX_KEY} bytes, with [] after it for each element of an array (\"requests[].params.model\"), or ** for any depth below (\"grader.**.model\")"
+            )
+        };
         for part in spec.split('.') {
-            let (name, each) = match (part.strip_suffix("[]"), part.strip_suffix("{}")) {
-                (Some(n), _) => (n, Some(Step::Each)),
-                (_, Some(n)) => (n, Some(Step::EachValue)),
-                _ => (part, None),
+            if part == "**" {
+                if matches!(steps.last(), Some(Step::Deep)) {
+                    return Err(bad());
+                }
+                steps.push(Step::Deep);
+                continue;
+            }
+            let (name, each) = match part.strip_suffix("[]") {
+                Some(n) => (n, true),
+                None => (part, false),
             };
-            if name.is_empty()
-                || name.len() > MAX_KEY
-                || name.contains(['[', ']', '{', '}', '"', '\\'])
+            if name.is_empty() || name.len() > MAX_KEY || name.contains(['[', ']', '"', '\\', '*'])
             {
-                return Err(format!(
-                    "model field {spec:?}: each step is a key of 1 to {MAX_KEY} bytes, with [] after it for each element of an array (\"requests[].params.model\") or {{}} for each value of an object (\"graders{{}}.model\")"
-                ));
+                return Err(bad());
             }
             steps.push(Step::Key(name.into()));
-            steps.extend(each);
+            if each {
+                steps.push(Step::Each);
+            }
+        }
+        if matches!(steps.last(), Some(Step::Deep)) {
+            return Err(bad());
         }
         Ok(FieldPath {
             steps: steps.into(),
@@ -308,20 +320,7 @@ fn walk(b: &[u8], i: usize, steps: &[Step], out: &mut Nested) -> Result<(), Stop
                 other => Err(other),
             }
         }
-        Some((Step::EachValue, rest)) => {
-            if first != b'{' {
-                return Ok(());
-            }
-            // Two members of one name are both walked: whichever the vendor keeps is decided.
-            let mut members = Members::at(b, i);
-            loop {
-                match members.next() {
-                    Ok(m) => walk(b, m.value, rest, out)?,
-                    Err(Stop::Closed) => return Ok(()),
-                    Err(stop) => return Err(stop),
-                }
-            }
-        }
+        Some((Step::Deep, rest)) => deep(b, i, rest, out, 0),
         Some((Step::Each, rest)) => {
             if first != b'[' {
                 return Ok(());
@@ -341,6 +340,58 @@ fn walk(b: &[u8], i: usize, steps: &[Step], out: &mut Nested) -> Result<(), Stop
                 }
             }
         }
+    }
+}
+
+/// Levels `**` descends before the reading is a doubt: graders nest two or three deep, and
+/// each level scans what is below it again.
+const MAX_DEPTH: usize = 16;
+
+/// `rest` walked from the value at `i` and from every value nested in it. Two members of one
+/// name are both descended into: whichever the vendor keeps is decided.
+fn deep(b: &[u8], i: usize, rest: &[Step], out: &mut Nested, depth: usize) -> Result<(), Stop> {
+    // A cut here is a cut below too: what comes before it is still read.
+    let here = walk(b, i, rest, out);
+    if here == Err(Stop::Malformed) {
+        return here;
+    }
+    below(b, i, rest, out, depth).and(here)
+}
+
+fn below(b: &[u8], i: usize, rest: &[Step], out: &mut Nested, depth: usize) -> Result<(), Stop> {
+    let nested = matches!(b.get(i), Some(b'{' | b'['));
+    if nested && depth == MAX_DEPTH {
+        out.ambiguous = true;
+        return Ok(());
+    }
+    match b.get(i) {
+        Some(b'{') => {
+            let mut members = Members::at(b, i);
+            loop {
+                match members.next() {
+                    Ok(m) => deep(b, m.value, rest, out, depth + 1)?,
+                    Err(Stop::Closed) => return Ok(()),
+                    Err(stop) => return Err(stop),
+                }
+            }
+        }
+        Some(b'[') => {
+            let mut j = skip_ws(b, i + 1);
+            if b.get(j) == Some(&b']') {
+                return Ok(());
+            }
+            loop {
+                deep(b, j, rest, out, depth + 1)?;
+                j = skip_ws(b, skip_value(b, j)?);
+                match b.get(j) {
+                    Some(b']') => return Ok(()),
+                    Some(b',') => j = skip_ws(b, j + 1),
+                    Some(_) => return Err(Stop::Malformed),
+                    None => return Err(Stop::Truncated),
+                }
+            }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -682,32 +733,74 @@ mod tests {
         assert!(!folds_to("séssion".as_bytes(), "session"));
     }
 
-    /// OpenAI's multi-grader keys its graders by names the client picks.
+    /// OpenAI's graders: one grader, or a multi-grader whose `graders` are a map keyed by
+    /// names the client picks, an array, or one grader, and may be multi-graders themselves.
     #[test]
-    fn each_value_of_an_object_keyed_by_free_names_is_walked() {
-        let graders = FieldPath::parse("grader.graders{}.model").unwrap();
-        let body = r#"{"grader":{"type":"multi","graders":{"tone":{"type":"score_model","model":"gpt-4o"},"exact":{"type":"string_check"},"judge":{"model":"o3-pro"},"again":{"model":"gpt-4o"}},"calculate_output":"tone"}}"#;
-        assert_eq!(
-            models(body, &graders),
-            (vec!["gpt-4o".into(), "o3-pro".into()], false)
-        );
-        // Keys of one name twice: both values are decided, whichever the vendor keeps.
+    fn every_model_at_any_depth_below_is_read() {
+        let graders = FieldPath::parse("grader.**.model").unwrap();
+        let judge = |m: &str| {
+            format!(
+                r#"{{"type":"score_model","name":"j","model":"{m}","input":[{{"role":"user","content":"model"}}]}}"#
+            )
+        };
+        for (shape, body) in [
+            ("one", format!(r#"{{"grader":{}}}"#, judge("o3-pro"))),
+            (
+                "map",
+                format!(
+                    r#"{{"grader":{{"type":"multi","graders":{{"exact":{{"type":"string_check"}},"judge":{}}},"calculate_output":"judge"}}}}"#,
+                    judge("o3-pro")
+                ),
+            ),
+            (
+                "array",
+                format!(
+                    r#"{{"grader":{{"type":"multi","graders":[{}]}}}}"#,
+                    judge("o3-pro")
+                ),
+            ),
+            (
+                "single",
+                format!(
+                    r#"{{"grader":{{"type":"multi","graders":{}}}}}"#,
+                    judge("o3-pro")
+                ),
+            ),
+            (
+                "nested",
+                format!(
+                    r#"{{"grader":{{"type":"multi","graders":{{"outer":{{"type":"multi","graders":{{"j":{}}}}}}}}}}}"#,
+                    judge("o3-pro")
+                ),
+            ),
+        ] {
+            assert_eq!(
+                models(&body, &graders),
+                (vec!["o3-pro".into()], false),
+                "{shape}"
+            );
+        }
+        // Keys of one name twice: both are read, whichever the vendor keeps.
         let twice = r#"{"grader":{"graders":{"a":{"model":"x"},"a":{"model":"y"}}}}"#;
         assert_eq!(
             models(twice, &graders),
             (vec!["x".into(), "y".into()], false)
         );
-        for none in [
-            r#"{"grader":{"graders":[{"model":"an array is not this field"}]}}"#,
-            r#"{"grader":{"graders":{}}}"#,
-            r#"{"grader":{"model":"top of the grader is another field"}}"#,
-        ] {
-            assert_eq!(models(none, &graders), (vec![], false), "{none}");
-        }
+        assert_eq!(
+            models(r#"{"grader":{"graders":{}}}"#, &graders),
+            (vec![], false)
+        );
+        assert_eq!(
+            models(r#"{"model":"not below grader"}"#, &graders),
+            (vec![], false)
+        );
         let malformed = r#"{"grader":{"graders":{"a":{"model":"x"} "b":{"model":"y"}}}}"#;
         assert!(models(malformed, &graders).1);
         let cut = r#"{"grader":{"graders":{"a":{"model":"x"},"b":{"mod"#;
         assert_eq!(models(cut, &graders), (vec!["x".into()], false));
+        // Deeper than anything a vendor nests: a doubt, not a scan without end.
+        let deep = format!(r#"{{"grader":{}{}}}"#, "[".repeat(40), "]".repeat(40));
+        assert!(models(&deep, &graders).1);
     }
 
     /// OpenAI's Uploads API sends a file in parts that cut its lines anywhere: a batch input
@@ -739,18 +832,19 @@ mod tests {
     fn field_paths_name_keys_and_arrays() {
         assert!(FieldPath::parse("requests[].params.model").is_ok());
         assert!(FieldPath::parse("models[]").is_ok());
-        assert!(FieldPath::parse("graders{}.model").is_ok());
+        assert!(FieldPath::parse("grader.**.model").is_ok());
+        assert!(FieldPath::parse("**.model").is_ok());
         for bad in [
             "",
             "[]",
-            "{}",
             "models[][]",
-            "g{}{}",
-            "g[]{}",
             "a..model",
             "a[0].model",
             "a.\"b\"",
-            "a{x}.m",
+            "a.**",
+            "a.**.**.m",
+            "a**.m",
+            "a.*.m",
         ] {
             assert!(FieldPath::parse(bad).is_err(), "{bad}");
         }
