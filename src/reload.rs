@@ -158,7 +158,10 @@ pub async fn reload(state: &State) -> Result<Outcome, ConfigError> {
 
 /// The interceptor the reloaded settings call for: the running one while its CA files and
 /// settings are unchanged (its leaf cache and TLS sessions stay), a new one when `[intercept]`
-/// was added or its CA changed, none when it was removed.
+/// was added or its CA changed, none when it was removed. CA files that no longer load under
+/// unchanged settings (a key made readable to others, a file half-copied) keep the running
+/// CA, with an error in the log, so that the rest of the reload, an urgent block rule say, is
+/// not held up by them; a CA newly named that does not load fails the reload.
 async fn next_interceptor(
     state: &State,
     settings: &Settings,
@@ -170,20 +173,26 @@ async fn next_interceptor(
         .source
         .as_ref()
         .map_or_else(|| "-".to_string(), |p| p.display().to_string());
-    let authority = tokio::task::spawn_blocking(move || Authority::load(&ca))
+    let wanted = ca.clone();
+    let loaded = tokio::task::spawn_blocking(move || Authority::load(&ca))
         .await
         .map_err(|e| e.to_string())
-        .and_then(|loaded| loaded.map_err(|e| e.to_string()))
-        .map_err(|msg| ConfigError {
+        .and_then(|loaded| loaded.map_err(|e| e.to_string()));
+    let running = state.interceptor.load_full();
+    match (loaded, running) {
+        (Ok(a), Some(running)) if running.authority.same_as(&a) => Ok(Some(running)),
+        (Ok(a), _) => Ok(Some(Arc::new(Interceptor::new(Arc::new(a))))),
+        (Err(msg), Some(running)) if *running.authority.settings() == wanted => {
+            tracing::error!("[intercept]: {msg}; keeping the CA loaded before");
+            Ok(Some(running))
+        }
+        (Err(msg), _) => Err(ConfigError {
             file: config_file,
             line: 0,
             col: 0,
             msg: format!("[intercept]: {msg}"),
-        })?;
-    Ok(Some(match state.interceptor.load_full() {
-        Some(running) if running.authority.same_as(&authority) => running,
-        _ => Arc::new(Interceptor::new(Arc::new(authority))),
-    }))
+        }),
+    }
 }
 
 /// Sections that are wired into listeners, sockets and tasks at start.

@@ -1714,4 +1714,20 @@ async fn interception_added_by_a_reload_applies_to_the_next_tunnel() {
     assert_eq!(s.origin.requests().len(), 1);
     let rec = s.proxy.audit_path("/v1/models").await;
     assert_eq!(rec["tls"], "intercept", "{rec}");
+
+    // The same CA files, no longer loadable (a key made readable to others): the running CA
+    // stays, and the rest of the reload applies.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.ca.key(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let unblock = |t: String| {
+        t.replace(
+            "endpoint = \"models\"\naction = \"block\"",
+            "endpoint = \"models\"\naction = \"allow\"",
+        )
+    };
+    assert_eq!(s.proxy.reload_edited(unblock).await, 200);
+    let r = fetch(c.get("https://api.openai.com/v1/models?after-chmod")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = s.proxy.audit_path("/v1/models?after-chmod").await;
+    assert_eq!(rec["tls"], "intercept", "{rec}");
 }

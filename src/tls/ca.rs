@@ -30,6 +30,9 @@ pub enum CaError {
     Key { path: PathBuf, source: rcgen::Error },
     #[error("issuing a certificate for {name:?}: {message}")]
     Issue { name: String, message: String },
+    /// The key file's permissions: the message names the file.
+    #[error("{0}")]
+    Exposed(String),
 }
 
 /// Where the CA lives and how its leaves are kept.
@@ -81,8 +84,7 @@ impl Authority {
             path: path.to_path_buf(),
             message,
         };
-        crate::secrets::refuse_world_readable(&settings.ca_key)
-            .map_err(|m| file_err(&settings.ca_key, m))?;
+        crate::secrets::refuse_world_readable(&settings.ca_key).map_err(CaError::Exposed)?;
         let cert_pem = std::fs::read_to_string(&settings.ca_cert)
             .map_err(|e| file_err(&settings.ca_cert, e.to_string()))?;
         let key_pem = std::fs::read_to_string(&settings.ca_key)
@@ -96,13 +98,60 @@ impl Authority {
                 path: settings.ca_cert.clone(),
                 source,
             })?;
+        // A leaf certificate passed off as the CA would sign leaves no client chains.
+        if !matches!(params.is_ca, rcgen::IsCa::Ca(_)) {
+            return Err(file_err(
+                &settings.ca_cert,
+                "not a CA certificate (its basicConstraints do not say CA:TRUE)".into(),
+            ));
+        }
         let issuer = params.self_signed(&ca_key).map_err(|source| CaError::Key {
             path: settings.ca_key.clone(),
             source,
         })?;
         let ca_der = first_certificate(&cert_pem)
             .ok_or_else(|| file_err(&settings.ca_cert, "no CERTIFICATE block".into()))?;
-        Authority::new(ca_der, issuer, ca_key, settings.clone())
+        let authority = Authority::new(ca_der, issuer, ca_key, settings.clone())?;
+        authority.signs_for_its_certificate().map_err(|message| {
+            file_err(
+                &settings.ca_key,
+                format!(
+                    "the key does not match {}: {message}",
+                    settings.ca_cert.display()
+                ),
+            )
+        })?;
+        Ok(authority)
+    }
+
+    /// Issues a leaf and checks it chains to the CA certificate as clients will check it: the
+    /// key is the certificate's, or every intercepted handshake would fail.
+    fn signs_for_its_certificate(&self) -> Result<(), String> {
+        const NAME: &str = "portcullis-self-check.invalid";
+        let leaf = self.issue(NAME).map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).map_err(|e| e.to_string())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(NAME).map_err(|e| e.to_string())?;
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &*verifier,
+            &leaf.cert[0],
+            &leaf.cert[1..],
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    pub fn settings(&self) -> &AuthoritySettings {
+        &self.settings
     }
 
     /// Whether `other` signs with the same CA under the same settings: a reload that read
@@ -301,6 +350,55 @@ mod tests {
             })
             .unwrap(),
         )
+    }
+
+    /// Files as `portcullis ca init` writes them, then one of them swapped: a leaf certificate
+    /// passed off as the CA, or another CA's key. Both are refused when loaded: every leaf
+    /// signed with them would fail every client's check (found by the red team).
+    #[test]
+    fn a_ca_file_that_is_no_ca_or_not_the_keys_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        crate::ca::init(dir.path(), "test CA").unwrap();
+        let settings = AuthoritySettings {
+            ca_cert: dir.path().join("ca.pem"),
+            ca_key: dir.path().join("ca.key"),
+            leaf_cache: 8,
+            leaf_validity: Duration::from_secs(3600),
+        };
+        assert!(Authority::load(&settings).is_ok());
+
+        let other = tempfile::tempdir().unwrap();
+        crate::ca::init(other.path(), "another CA").unwrap();
+        let mismatched = AuthoritySettings {
+            ca_key: other.path().join("ca.key"),
+            ..settings.clone()
+        };
+        let e = Authority::load(&mismatched).err().unwrap().to_string();
+        assert!(e.contains("does not match"), "{e}");
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = CertificateParams::new(vec!["api.openai.com".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let leaf_pem = dir.path().join("leaf.pem");
+        let leaf_key = dir.path().join("leaf.key");
+        std::fs::write(&leaf_pem, leaf.pem()).unwrap();
+        std::fs::write(&leaf_key, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&leaf_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let not_ca = AuthoritySettings {
+            ca_cert: leaf_pem,
+            ca_key: leaf_key,
+            ..settings.clone()
+        };
+        let e = Authority::load(&not_ca).err().unwrap().to_string();
+        assert!(e.contains("not a CA certificate"), "{e}");
+
+        // The permission check names the file once.
+        std::fs::set_permissions(&settings.ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Authority::load(&settings).err().unwrap().to_string();
+        assert_eq!(e.matches("ca.key").count(), 1, "{e}");
     }
 
     #[test]
