@@ -357,61 +357,152 @@ pub fn looks_like_key(seg: &str) -> bool {
     }
 }
 
+/// [`looks_like_key`] for a run found among other text, where words after a prefix are more
+/// likely than a key (`sk-hynix-memory-chips-2024`, `xai-org_grok-1_tokenizer`): some piece
+/// after the prefix, between `-` and `_`, is 12 characters or more, as an issued key's random
+/// part is.
+fn key_among_text(run: &str) -> bool {
+    looks_like_key(run)
+        && KEY_PREFIXES
+            .iter()
+            .find(|p| run.starts_with(**p))
+            .is_none_or(|p| {
+                run[p.len()..]
+                    .split(['-', '_'])
+                    .any(|piece| piece.len() >= 12)
+            })
+}
+
 /// Whether a piece of a path or a query value holds a credential by its shape, as sent or
-/// percent-decoded (an origin that decodes `%2F` reads `a%2Fsk-…` as a segment that is a
-/// key): see [`holds_key`].
+/// percent-decoded, up to three times (an origin that decodes `%2F` reads `a%2Fsk-…` as a
+/// segment that is a key; a value may be a URL encoded twice): see [`holds_key`].
 fn hides_key(piece: &str) -> bool {
-    if holds_key(piece) {
-        return true;
-    }
-    if !piece.contains('%') {
-        return false;
-    }
-    let decoded: Vec<u8> = percent_encoding::percent_decode_str(piece).collect();
-    holds_key(&String::from_utf8_lossy(&decoded))
+    decodings(piece).any(|d| holds_key(&d))
+}
+
+/// `s`, then `s` percent-decoded again while it still has escapes: three decodings at most.
+fn decodings(s: &str) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+    let mut next = Some(std::borrow::Cow::Borrowed(s));
+    let mut left = 4;
+    std::iter::from_fn(move || {
+        let cur = next.take()?;
+        left -= 1;
+        if left > 0 && cur.contains('%') {
+            let decoded: Vec<u8> = percent_encoding::percent_decode_str(&cur).collect();
+            let decoded = String::from_utf8_lossy(&decoded).into_owned();
+            if decoded != *cur {
+                next = Some(std::borrow::Cow::Owned(decoded));
+            }
+        }
+        Some(cur)
+    })
 }
 
 /// The piece is a key (see [`looks_like_key`]), or holds one among other text: a run of key
-/// characters shaped like one (`ids=sk-…,sk-…`, `Bearer+sk-…`, `sk-….json`, a nested URL's
-/// `?key=AIza…`), a JWT or a Google OAuth access token.
+/// characters shaped like one, or ending in one after a `-` or `_` (`ids=sk-…,sk-…`,
+/// `Bearer+sk-…`, `sk-….json`, `key_sk-…`, a nested URL's `?key=AIza…`), a JWT, a Google
+/// OAuth access token, or the token after `Bearer`, `Basic` or `Token`.
 fn holds_key(s: &str) -> bool {
-    s.len() >= MIN_KEY_LEN
-        && (looks_like_key(s)
-            || s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-                .any(looks_like_key)
-            || holds_token(s))
+    if s.len() < MIN_KEY_LEN {
+        return false;
+    }
+    let in_run = |run: &str| {
+        key_among_text(run)
+            || run
+                .match_indices(['-', '_'])
+                .any(|(i, _)| key_among_text(&run[i + 1..]))
+    };
+    looks_like_key(s)
+        || s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            .any(in_run)
+        || holds_token(s)
+        || after_scheme_word(s)
 }
 
-/// A JWT (`eyJ…` header, `.`, payload) or a Google OAuth access token (`ya29.…`) in `s`: their
-/// dots split them into runs no prefix marks.
+/// A JWT (`eyJ…` header, payload, signature, joined by dots) or a Google OAuth access token
+/// (`ya29.…`) in `s`: their dots split them into runs no prefix marks. Two dotted parts only
+/// (a base64 pagination cursor) are not a JWT.
 fn holds_token(s: &str) -> bool {
     let b = s.as_bytes();
-    let run = |from: usize| {
+    let run = |from: usize, dots: bool| {
         b.get(from..).map_or(0, |t| {
             t.iter()
-                .take_while(|c| c.is_ascii_alphanumeric() || **c == b'-' || **c == b'_')
+                .take_while(|c| {
+                    c.is_ascii_alphanumeric() || **c == b'-' || **c == b'_' || (dots && **c == b'.')
+                })
                 .count()
         })
     };
     let jwt = memchr::memmem::find_iter(b, b"eyJ").any(|i| {
-        let head = run(i);
-        head >= 10 && b.get(i + head) == Some(&b'.') && run(i + head + 1) >= 10
+        let head = run(i, false);
+        let body = i + head + 1;
+        let payload = run(body, false);
+        head >= 10
+            && b.get(i + head) == Some(&b'.')
+            && b.get(body + payload) == Some(&b'.')
+            && run(body + payload + 1, false) >= 10
     });
-    jwt || memchr::memmem::find_iter(b, b"ya29.").any(|i| run(i + 5) >= 20)
+    jwt || memchr::memmem::find_iter(b, b"ya29.").any(|i| run(i + 5, true) >= 20)
 }
 
-/// A query value that is itself a URL or query (`?u=https://host/x?api_key=…`) whose own
-/// parameters carry a credential by name.
+/// The token after an authorization scheme word (`Bearer abc…`, `Basic dXNl…`, `Token …`):
+/// a header's value passed along as a query value.
+fn after_scheme_word(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    ["bearer", "basic", "token"].iter().any(|word| {
+        lower.match_indices(word).any(|(i, _)| {
+            let rest = &s[i + word.len()..];
+            let token = rest.trim_start_matches([' ', '+', '\t', ':', '=']);
+            token.len() < rest.len()
+                && token
+                    .bytes()
+                    .take_while(|c| c.is_ascii_alphanumeric() || b"-_.~+/=".contains(c))
+                    .count()
+                    >= 16
+        })
+    })
+}
+
+/// A query value that carries a credential by name inside it: a URL or query whose own
+/// parameters name one (`?u=https://host/x?api_key=…`, encoded once or twice), JSON or a
+/// header line passed as a value (`{"api_key":"…"}`, `x-api-key: …`), or a URL with a
+/// password in it (`https://admin:pw@host/`).
 fn nests_secret(value: &str) -> bool {
-    if !value.contains(['=', '%']) {
+    if !value.contains(['=', '%', ':']) {
         return false;
     }
-    let decoded: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
-    let decoded = String::from_utf8_lossy(&decoded);
-    decoded
-        .split(['?', '&', ';'])
-        .filter_map(|pair| pair.split_once('='))
-        .any(|(name, v)| !v.is_empty() && secret_name(name))
+    decodings(value).any(|d| {
+        let query_like = d.contains(['?', '&']);
+        let pairs = query_like
+            && d.split(['?', '&', ';'])
+                .filter_map(|pair| pair.split_once('='))
+                .any(|(name, v)| !v.is_empty() && secret_name(name));
+        pairs || named_with_colon(&d) || userinfo_password(&d)
+    })
+}
+
+/// `"name": "value"` or `name: value` with a credential's name: JSON or a header line.
+fn named_with_colon(s: &str) -> bool {
+    s.match_indices(':').any(|(i, _)| {
+        let before = s[..i].trim_end().trim_end_matches('"');
+        let name_at = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            .map_or(0, |k| k + 1);
+        let after = s[i + 1..].trim_start().trim_start_matches('"');
+        !after.is_empty() && !after.starts_with('/') && secret_name(&before[name_at..])
+    })
+}
+
+/// `scheme://user:password@host`: a URL carrying its password.
+fn userinfo_password(s: &str) -> bool {
+    s.match_indices("://").any(|(i, _)| {
+        let authority = s[i + 3..].split(['/', '?', '#']).next().unwrap_or_default();
+        authority.rsplit_once('@').is_some_and(|(userinfo, _)| {
+            userinfo
+                .split_once(':')
+                .is_some_and(|(_, pw)| !pw.is_empty())
+        })
+    })
 }
 
 /// Whether a `;` parameter of a path segment hides a credential: by its name, as query
@@ -494,7 +585,8 @@ pub fn redact_path(path_and_query: &str) -> Box<str> {
         };
         match pair.split_once('=') {
             Some((name, value)) => {
-                out.push_str(name);
+                // A key pasted as the name (`?sk-…=1`) goes too.
+                out.push_str(if hides_key(name) { REDACTED } else { name });
                 out.push('=');
                 // By its name, or by its shape (`?model=sk-…`, a key where none is expected),
                 // or by a name inside it (a URL passed as a value).
@@ -1728,12 +1820,81 @@ mod tests {
         ] {
             assert_eq!(&*redact_path(&sent), logged, "{sent}");
         }
-        // Text that only looks like it: kept.
+        // More the red team sent: encoded twice, a Basic header's value, JSON and a header
+        // line by name, a password in a URL, a key after `key_`, a key as the name, a JWT
+        // with a short or an empty payload, a Google token with dots in it.
+        let basic = "dXNlcjpzay1wcm9qLVpRWGJhc2ljMDEyMzQ1Njc4OWFiY2Q=";
+        for (sent, logged) in [
+            (
+                "/v1/x?k=sk%252Dproj-ZQXtwice0123456789abcd".to_string(),
+                "/v1/x?k=REDACTED",
+            ),
+            (
+                "/v1/sk%252Dproj-ZQXtwice0123456789abcd".into(),
+                "/v1/REDACTED",
+            ),
+            (
+                "/v1/x?u=https%253A%252F%252Fh%252Fx%253Fapi_key%253Dplainsecret".into(),
+                "/v1/x?u=REDACTED",
+            ),
+            (format!("/v1/x?h=Basic%20{basic}"), "/v1/x?h=REDACTED"),
+            (
+                "/v1/x?h=Authorization:%20Bearer%20ZQXnoprefix0123456789".into(),
+                "/v1/x?h=REDACTED",
+            ),
+            (
+                "/v1/x?h=x-api-key:ZQXheader0123456789".into(),
+                "/v1/x?h=REDACTED",
+            ),
+            (
+                "/v1/x?cfg=%7B%22api_key%22%3A%22ZQXjsonenc%22%7D".into(),
+                "/v1/x?cfg=REDACTED",
+            ),
+            (
+                "/v1/x?cfg=%7B%22apiKey%22:%20%22ZQXjson%22%7D".into(),
+                "/v1/x?cfg=REDACTED",
+            ),
+            (
+                "/v1/x?next=https://admin:hunter2@internal.example/".into(),
+                "/v1/x?next=REDACTED",
+            ),
+            (
+                "/v1/x?v=key_sk-proj-ZQXkeyprefix0123456789".into(),
+                "/v1/x?v=REDACTED",
+            ),
+            (
+                "/v1/x?sk-proj-ZQXbarename0123456789ab=1".into(),
+                "/v1/x?REDACTED=1",
+            ),
+            (
+                "/v1/x?t=eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJlMDEy".into(),
+                "/v1/x?t=REDACTED",
+            ),
+            (
+                "/v1/x?t=eyJhbGciOiJIUzI1NiJ9..c2lnbmF0dXJlMDEy".into(),
+                "/v1/x?t=REDACTED",
+            ),
+            (
+                "/v1/x?p=ya29.a0AfH6SMZQX.google0123456789".into(),
+                "/v1/x?p=REDACTED",
+            ),
+        ] {
+            assert_eq!(&*redact_path(&sent), logged, "{sent}");
+        }
+        // Text that only looks like it: kept. Words after a key's prefix are not a key, a
+        // cursor of two dotted parts is not a JWT, a nested name=value that is no URL or
+        // query is not a parameter.
         for kept in [
             "/v1/x?q=ask-me-anything-about-rust-today",
             "/v1/x?redirect=https://g.example/next?page=2",
             "/v1/models/gpt-4o-mini-2024-07-18:predict?alt=sse",
             "/v1/x?t=eyJshort.x",
+            "/v1/x?q=tell+me+about+sk-hynix-memory-chips-2024",
+            "/v1/x?file=xai-org_grok-1_tokenizer_config.json",
+            "/v1/x?after=eyJpZCI6ImFiY2RlZmcifQ.eyJwYWdlIjoiMiJ9",
+            "/v1/x?filter=author%3Dbob",
+            "/v1/x?u=https://g.example/x",
+            "/v1/files/file-abc123XYZ456def789",
         ] {
             assert_eq!(&*redact_path(kept), kept);
         }
