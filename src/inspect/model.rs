@@ -558,6 +558,21 @@ pub fn form_model(body: &[u8], complete: bool) -> Field {
     out
 }
 
+/// The values of the fields of a urlencoded body named `name` (decoded, in any case).
+pub fn form_fields<'b>(body: &'b [u8], name: &'b str) -> impl Iterator<Item = Cow<'b, [u8]>> {
+    body.split(|&c| c == b'&' || c == b';')
+        .filter_map(move |pair| {
+            let (n, v) = match pair.iter().position(|&c| c == b'=') {
+                Some(k) => (&pair[..k], &pair[k + 1..]),
+                None => (pair, &b""[..]),
+            };
+            percent_decode(n, true)
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| percent_decode(v, true))
+        })
+}
+
 /// RFC 2046 boundary characters (`bchars`).
 fn bchar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&c)

@@ -126,11 +126,25 @@ pub fn models_at(body: &[u8], path: &FieldPath, boundaries: &[Vec<u8>]) -> Neste
     }
     if !path.unreadable_when.is_empty() {
         let values = std::mem::take(&mut out.models);
-        out.ambiguous |= values.iter().any(|v| {
+        let unreadable = |v: &[u8]| {
             path.unreadable_when
                 .iter()
-                .any(|u| v.trim().eq_ignore_ascii_case(u))
-        });
+                .any(|u| v.trim_ascii().eq_ignore_ascii_case(u.as_bytes()))
+        };
+        out.ambiguous |= values.iter().any(|v| unreadable(v.as_bytes()));
+        // The same field sent as a form, should the vendor read one there: a multipart
+        // form's `purpose` (by the strict part parser), a urlencoded body's field of that name.
+        if let ([Step::Key(name)], false) =
+            (&*path.steps, body.get(skip_ws(body, start)) == Some(&b'{'))
+        {
+            out.ambiguous |= match boundaries {
+                [b] if &**name == "purpose" => {
+                    super::multipart_purpose(body, b).is_some_and(unreadable)
+                }
+                [] => super::form_fields(body, name).any(|v| unreadable(&v)),
+                _ => false,
+            };
+        }
     }
     out
 }
@@ -823,9 +837,21 @@ mod tests {
             // Named twice, or in another case: which one the vendor keeps is a doubt too.
             (r#"{"purpose":"assistants","purpose":"user_data"}"#, true),
             (r#"{"Purpose":"assistants"}"#, true),
+            // As a form, should the vendor take one.
+            ("purpose=batch&filename=a.jsonl", true),
+            ("filename=a.jsonl&PURPOSE=%62atch", true),
+            ("purpose=assistants&filename=a.pdf", false),
         ] {
             assert_eq!(models(body, &purpose), (vec![], doubt), "{body}");
         }
+        let form = |p: &str| {
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{p}\r\n--XyZ--\r\n")
+        };
+        let doubt = |body: &str| models_at(body.as_bytes(), &purpose, &xyz()).ambiguous;
+        assert!(doubt(&form("batch")));
+        assert!(!doubt(&form("assistants")));
+        // An upload's part (`/v1/uploads/{id}/parts`) names no purpose: not a doubt.
+        assert!(!doubt("--XyZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n{\"custom_id\":1}\r\n--XyZ--\r\n"));
     }
 
     #[test]
