@@ -339,20 +339,29 @@ fn walk(b: &[u8], i: usize, steps: &[Step], out: &mut Nested) -> Result<(), Stop
             if first != b'[' {
                 return Ok(());
             }
-            let mut j = skip_ws(b, i + 1);
-            if b.get(j) == Some(&b']') {
-                return Ok(());
-            }
-            loop {
-                walk(b, j, rest, out)?;
-                j = skip_ws(b, skip_value(b, j)?);
-                match b.get(j) {
-                    Some(b']') => return Ok(()),
-                    Some(b',') => j = skip_ws(b, j + 1),
-                    Some(_) => return Err(Stop::Malformed),
-                    None => return Err(Stop::Truncated),
-                }
-            }
+            each_element(b, i, |j| walk(b, j, rest, out))
+        }
+    }
+}
+
+/// Calls `visit` with where each element of the array whose `[` is at `i` starts.
+fn each_element(
+    b: &[u8],
+    i: usize,
+    mut visit: impl FnMut(usize) -> Result<(), Stop>,
+) -> Result<(), Stop> {
+    let mut j = skip_ws(b, i + 1);
+    if b.get(j) == Some(&b']') {
+        return Ok(());
+    }
+    loop {
+        visit(j)?;
+        j = skip_ws(b, skip_value(b, j)?);
+        match b.get(j) {
+            Some(b']') => return Ok(()),
+            Some(b',') => j = skip_ws(b, j + 1),
+            Some(_) => return Err(Stop::Malformed),
+            None => return Err(Stop::Truncated),
         }
     }
 }
@@ -372,6 +381,7 @@ fn deep(b: &[u8], i: usize, rest: &[Step], out: &mut Nested, depth: usize) -> Re
     below(b, i, rest, out, depth).and(here)
 }
 
+/// [`deep`] into each member or element of the value at `i`.
 fn below(b: &[u8], i: usize, rest: &[Step], out: &mut Nested, depth: usize) -> Result<(), Stop> {
     let nested = matches!(b.get(i), Some(b'{' | b'['));
     if nested && depth == MAX_DEPTH {
@@ -389,22 +399,7 @@ fn below(b: &[u8], i: usize, rest: &[Step], out: &mut Nested, depth: usize) -> R
                 }
             }
         }
-        Some(b'[') => {
-            let mut j = skip_ws(b, i + 1);
-            if b.get(j) == Some(&b']') {
-                return Ok(());
-            }
-            loop {
-                deep(b, j, rest, out, depth + 1)?;
-                j = skip_ws(b, skip_value(b, j)?);
-                match b.get(j) {
-                    Some(b']') => return Ok(()),
-                    Some(b',') => j = skip_ws(b, j + 1),
-                    Some(_) => return Err(Stop::Malformed),
-                    None => return Err(Stop::Truncated),
-                }
-            }
-        }
+        Some(b'[') => each_element(b, i, |j| deep(b, j, rest, out, depth + 1)),
         _ => Ok(()),
     }
 }
