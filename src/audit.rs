@@ -448,18 +448,25 @@ fn holds_token(s: &str) -> bool {
 /// The token after an authorization scheme word (`Bearer abc…`, `Basic dXNl…`, `Token …`):
 /// a header's value passed along as a query value.
 fn after_scheme_word(s: &str) -> bool {
-    let lower = s.to_ascii_lowercase();
+    let b = s.as_bytes();
     ["bearer", "basic", "token"].iter().any(|word| {
-        lower.match_indices(word).any(|(i, _)| {
-            let rest = &s[i + word.len()..];
-            let token = rest.trim_start_matches([' ', '+', '\t', ':', '=']);
-            token.len() < rest.len()
-                && token
-                    .bytes()
-                    .take_while(|c| c.is_ascii_alphanumeric() || b"-_.~+/=".contains(c))
-                    .count()
-                    >= 16
-        })
+        // Case-insensitive without a lowered copy: this runs on the request path.
+        let at = |i: usize| {
+            b.get(i..i + word.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+        };
+        (0..b.len().saturating_sub(word.len()))
+            .filter(|&i| at(i))
+            .any(|i| {
+                let rest = &s[i + word.len()..];
+                let token = rest.trim_start_matches([' ', '+', '\t', ':', '=']);
+                token.len() < rest.len()
+                    && token
+                        .bytes()
+                        .take_while(|c| c.is_ascii_alphanumeric() || b"-_.~+/=".contains(c))
+                        .count()
+                        >= 16
+            })
     })
 }
 
